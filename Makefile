@@ -1,0 +1,43 @@
+# Two entry points a new user needs (see README): `make quickstart` and `make test`.
+# Both create .venv on first use; on a machine without an NVIDIA GPU they install the CPU build of torch
+# first (torch==2.13.0; set TORCH_INDEX_URL, e.g. https://download.pytorch.org/whl/cpu, where PyPI's
+# default wheel for your platform is a CUDA build), so the package's `torch>=2.4` pulls nothing more.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+TORCH_CPU_VERSION ?= 2.13.0
+SPEC ?= search_spaces/quickstart.yaml
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+# pip prints one warning per package for this machine's empty local indexes; hide only those lines.
+QUIET_PIP := { grep -v "is ignored: it is neither" || true; }
+
+.PHONY: setup quickstart test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "GPU found: installing the default (CUDA) torch build"; \
+	else \
+	  echo "No GPU found: installing the CPU build of torch $(TORCH_CPU_VERSION)"; \
+	  $(PIP) install "torch==$(TORCH_CPU_VERSION)" $${TORCH_INDEX_URL:+--index-url $$TORCH_INDEX_URL} 2>&1 | $(QUIET_PIP); \
+	fi
+	$(PIP) install -e '.[test]' 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import sweep, torch, ray, optuna, mlflow" 
+	touch $@
+
+quickstart: setup
+	$(VENV)/bin/sweep run $(SPEC)
+
+test: setup
+	$(VENV)/bin/ruff check sweep tests benchmarks
+	$(PY) -m pytest -q -rs tests
+
+lint: setup
+	$(VENV)/bin/ruff check sweep tests benchmarks
+	$(VENV)/bin/ruff format --check sweep tests benchmarks
+
+clean:
+	rm -rf $(VENV) fwsweep-runs .pytest_cache

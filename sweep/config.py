@@ -1,0 +1,448 @@
+"""Every configuration the user writes, as pydantic models, checked before anything starts.
+
+Two documents:
+- `TrialConfig` (task + model + train): one training run. `sweep train --config` reads it and
+  `sweep export` writes it, so an exported config re-runs exactly.
+- `SweepSpec` (a file in `search_spaces/`): a base TrialConfig plus the search space, searcher, scheduler,
+  budget, resources, retries and tracking of a sweep.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializeAsAny,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sweep.errors import Problem, UserError
+from sweep.models.params import ModelParams
+from sweep.models.registry import MODELS, model_names, params_class
+from sweep.tasks.registry import task_names
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------- trial
+
+
+class TaskConfig(Strict):
+    name: str = Field("art", description="art (Ba et al.) or mart (keys first, then values)")
+    pairs: int = Field(4, ge=1, description="K, key-value pairs per sequence (the difficulty knob)")
+    num_keys: int = Field(26, ge=1, le=1000, description="size of the key alphabet (letters a-z)")
+    num_values: int = Field(10, ge=2, le=1000, description="size of the value alphabet (digits 0-9)")
+    train_size: int = Field(100_000, ge=1)
+    val_size: int = Field(10_000, ge=1)
+    test_size: int = Field(20_000, ge=1)
+    seed: int = Field(0, ge=0, description="data seed: the same seed gives the same data everywhere")
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in task_names():
+            raise ValueError(f"unknown task {v!r}; use one of: {', '.join(task_names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _enough_keys(self) -> TaskConfig:
+        if self.pairs > self.num_keys:
+            raise ValueError(
+                f"pairs={self.pairs} needs at least that many distinct keys but num_keys={self.num_keys}; "
+                "lower pairs or raise num_keys"
+            )
+        return self
+
+    @property
+    def difficulty(self) -> str:
+        return f"{self.name}-K{self.pairs}"
+
+
+class TrainConfig(Strict):
+    lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate")
+    batch_size: int = Field(128, ge=1, le=65536)
+    epochs: int = Field(20, ge=1, description="maximum epochs; one report (and evaluation) per epoch")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="optimizer steps between evaluations; default: one pass over train_size"
+    )
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
+    target_accuracy: float | None = Field(
+        None, gt=0, le=1, description="stop early once validation accuracy reaches this"
+    )
+    seed: int = Field(0, ge=0, description="seed of initialisation and batch order")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_batch_size: int = Field(2048, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per trial (older ones deleted)")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: what Ray assigned")
+
+
+def _coerce_model(value: Any) -> ModelParams:
+    """Pick the model's own params class by `name`, so unknown or misplaced fields are caught."""
+    if isinstance(value, ModelParams):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping with at least `name:`")
+    name = value.get("name")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; use one of: {', '.join(model_names())}")
+    return params_class(name).model_validate(value)
+
+
+class TrialConfig(Strict):
+    """One training run: what `sweep train` runs and what `sweep export` writes."""
+
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: SerializeAsAny[ModelParams] = Field(default_factory=lambda: params_class("fw_lstm")())
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, v: Any) -> ModelParams:
+        return _coerce_model(v)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------- space
+
+
+class Distribution(Strict):
+    """One searchable hyperparameter; exactly one of the keys is set. A plain value means 'fixed'."""
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    int: tuple[int, int] | None = None
+    logint: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+    step: float | None = Field(None, gt=0, description="quantisation step for uniform/int")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Distribution:
+        kinds = [k for k in ("uniform", "loguniform", "int", "logint", "choice") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                "give exactly one of uniform: [lo, hi], loguniform: [lo, hi], int: [lo, hi], "
+                "logint: [lo, hi] or choice: [...]" + (f" (got {', '.join(kinds)})" if kinds else "")
+            )
+        kind = kinds[0]
+        if kind == "choice":
+            if not self.choice:
+                raise ValueError("choice: needs at least one value")
+            return self
+        lo, hi = getattr(self, kind)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{kind}: bounds must be finite numbers")
+        if lo > hi:
+            raise ValueError(f"{kind}: [{lo}, {hi}] is inverted; write the lower bound first")
+        if kind in ("loguniform", "logint") and lo <= 0:
+            raise ValueError(f"{kind}: a log range needs a lower bound > 0 (got {lo})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("uniform", "loguniform", "int", "logint", "choice") if getattr(self, k) is not None)
+
+    def values(self) -> list[Any]:
+        """The bounds or choices, to check them against the target field's own constraints."""
+        return list(self.choice) if self.kind == "choice" else list(getattr(self, self.kind))
+
+
+def _param_kind(value: Any) -> str:
+    return "distribution" if isinstance(value, dict | Distribution) else "fixed"
+
+
+# A mapping is a distribution to search; anything else is a fixed value (one clear error either way).
+ParamSpec = Annotated[
+    Annotated[Distribution, Tag("distribution")] | Annotated[int | float | str | bool, Tag("fixed")],
+    Discriminator(_param_kind),
+]
+
+
+class Metric(Strict):
+    name: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+
+
+class SearcherConfig(Strict):
+    name: Literal["optuna", "random"] = Field(
+        "optuna", description="optuna (OptunaSearch); 'random' is Tune's basic variant generator"
+    )
+    sampler: Literal["tpe", "random", "cmaes", "gp", "qmc"] = "tpe"
+    seed: int = Field(0, ge=0)
+    n_startup_trials: int | None = Field(None, ge=0, description="random trials before TPE/GP model")
+
+
+class SchedulerConfig(Strict):
+    name: Literal["asha", "hyperband", "median", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1, description="epochs every trial gets before it can be stopped")
+    reduction_factor: float = Field(3, gt=1)
+    brackets: int = Field(1, ge=1)
+
+
+class BudgetConfig(Strict):
+    num_samples: int = Field(8, ge=1, description="trials to run")
+    max_epochs: int | None = Field(None, ge=1, description="epochs per trial; default: train.epochs")
+    time_budget_s: float | None = Field(None, gt=0, description="stop starting trials after this long")
+    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+
+
+class ResourcesConfig(Strict):
+    cpu: float = Field(1, gt=0, description="CPUs per trial")
+    gpu: float = Field(0, ge=0, description="GPUs per trial: a fraction in [0, 1] packs trials on one GPU")
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu_fraction(cls, v: float) -> float:
+        if v > 1 and not float(v).is_integer():
+            raise ValueError(f"gpu={v}: above 1 a trial must ask for whole GPUs; use a fraction <= 1 or an integer")
+        return v
+
+
+class RetriesConfig(Strict):
+    max_failures: int = Field(0, ge=-1, description="retries of a failed trial from its last checkpoint")
+
+
+class TrackingConfig(Strict):
+    experiment: str | None = Field(None, description="MLflow experiment; default: the sweep name")
+    uri: str | None = Field(None, description="MLflow server URL; default: start/reuse the local server")
+
+
+class SweepSpec(Strict):
+    """A search-space file. Every field is checked before Ray starts."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="sweep name, used on disk")
+    description: str = ""
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    metric: Metric = Field(default_factory=Metric)
+    models: list[str] = Field(min_length=1, description="the models to search over (a categorical choice)")
+    space: dict[str, dict[str, ParamSpec]] = Field(
+        default_factory=dict, description="'common' and one section per model: param -> distribution"
+    )
+    searcher: SearcherConfig = Field(default_factory=SearcherConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    retries: RetriesConfig = Field(default_factory=RetriesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in MODELS]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; use any of: {', '.join(model_names())}")
+        if len(set(v)) != len(v):
+            raise ValueError("a model is listed twice")
+        return v
+
+    @property
+    def max_epochs(self) -> int:
+        return self.budget.max_epochs or self.train.epochs
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        problems = space_problems(self)
+        if self.scheduler.name in ("asha", "hyperband") and self.scheduler.grace_period > self.max_epochs:
+            problems.append(
+                f"scheduler.grace_period: {self.scheduler.grace_period} exceeds the {self.max_epochs} epochs a "
+                "trial runs (budget.max_epochs or train.epochs); lower grace_period"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+# Where a short space name lands in the trial config. Model fields win only for model sections.
+def resolve_param(name: str, model: str | None) -> tuple[str, str] | None:
+    """Map a space key ('lr', 'fast_lr', 'train.lr') to (section, field) of TrialConfig, or None."""
+    if "." in name:
+        section, field = name.split(".", 1)
+        fields = _section_fields(section, model)
+        return (section, field) if fields is not None and field in fields else None
+    model_fields = params_class(model).model_fields if model else ModelParams.model_fields
+    if name in model_fields and name != "name":
+        return ("model", name)
+    if name in TrainConfig.model_fields:
+        return ("train", name)
+    return None
+
+
+def _section_fields(section: str, model: str | None) -> dict[str, Any] | None:
+    if section == "train":
+        return TrainConfig.model_fields
+    if section == "task":
+        return TaskConfig.model_fields
+    if section == "model":
+        return params_class(model).model_fields if model else ModelParams.model_fields
+    return None
+
+
+def space_problems(spec: SweepSpec) -> list[str]:
+    """Every inconsistency between `space` and the models, collected rather than stopping at the first."""
+    problems: list[str] = []
+    for section, params in spec.space.items():
+        if section != "common" and section not in spec.models:
+            problems.append(
+                f"space.{section}: not a listed model; sections are 'common' or one of {spec.models}"
+            )
+            continue
+        models = spec.models if section == "common" else [section]
+        for pname, dist in params.items():
+            for model in models:
+                target = resolve_param(pname, model)
+                if target is None:
+                    known = sorted((set(params_class(model).model_fields) | set(TrainConfig.model_fields)) - {"name"})
+                    problems.append(f"space.{section}.{pname}: not a hyperparameter of {model}; known: {', '.join(known)}")
+                    break
+                problems.extend(_check_values(spec, section, pname, target, dist, model))
+    return problems
+
+
+def _check_values(spec: SweepSpec, section: str, pname: str, target: tuple[str, str], dist: Any,
+                  model: str) -> list[str]:
+    """Try every bound/choice against the target field's own validation (e.g. decay in (0, 1))."""
+    where = f"space.{section}.{pname}"
+    values = dist.values() if isinstance(dist, Distribution) else [dist]
+    out: list[str] = []
+    for value in values:
+        try:
+            trial_from_params(spec, model, {pname: value}, section_hint=target)
+        except ValidationError as err:
+            msg = err.errors()[0]["msg"]
+            out.append(f"{where}: value {value!r} is invalid for {target[0]}.{target[1]} ({msg})")
+            break
+    return out
+
+
+def trial_from_params(spec: SweepSpec, model: str, params: dict[str, Any],
+                      section_hint: tuple[str, str] | None = None) -> TrialConfig:
+    """The TrialConfig a sweep trial runs: the spec's base config with the sampled values applied."""
+    base = {
+        "task": spec.task.model_dump(),
+        "model": {"name": model},
+        "train": spec.train.model_dump() | {"epochs": spec.max_epochs},
+    }
+    for pname, value in params.items():
+        target = section_hint or resolve_param(pname, model)
+        if target is None:
+            continue  # belongs to another model's section
+        base[target[0]][target[1]] = value
+    return TrialConfig.model_validate(base)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Safe-load a YAML mapping; every failure becomes a UserError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(Problem(str(p), "file not found", "check the path (relative to the current folder)"))
+    if p.is_dir():
+        raise UserError(Problem(str(p), "is a folder, not a YAML file", "name the .yaml file inside it"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(Problem(str(p), f"cannot be read ({err})", "check its permissions and encoding")) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        raise UserError(Problem(where, f"malformed YAML ({getattr(err, 'problem', err)})",
+                                "fix the syntax at that line")) from None
+    if not isinstance(data, dict):
+        raise UserError(Problem(str(p), "must be a YAML mapping (key: value lines) at the top level",
+                                "see search_spaces/quickstart.yaml for the layout"))
+    return data
+
+
+_UNION_TAGS = {"distribution", "fixed", "int", "float", "str", "bool"}
+
+
+def problems_from(err: ValidationError) -> list[Problem]:
+    """One Problem per pydantic error, with the dotted field path."""
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if str(x) not in _UNION_TAGS)
+        msg = e["msg"].removeprefix("Value error, ")
+        fix = ""
+        if e["type"] == "extra_forbidden":
+            msg, fix = "unknown field", "remove it or check its spelling (see the docs for the field names)"
+        elif e["type"] == "missing":
+            fix = "add this field"
+        for part in msg.split("\n"):
+            where = loc
+            if not where and ": " in part:  # cross-field checks write "field.path: message"
+                where, part = part.split(": ", 1)
+            out.append(Problem(where or "(top level)", part, fix))
+    return out
+
+
+def validate_as(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    """Validate, reporting every problem at once.
+
+    pydantic skips cross-field checks when a field fails; so each failing top-level section is dropped
+    (back to its default) and validation retried, until only the cross-field problems are left.
+    """
+    problems: list[Problem] = []
+    attempt = copy.deepcopy(data)
+    for _ in range(50):
+        try:
+            result = model.model_validate(attempt)
+        except ValidationError as err:
+            problems += [p for p in problems_from(err) if p not in problems]
+            if not any([_drop(attempt, [x for x in e["loc"] if str(x) not in _UNION_TAGS]) for e in err.errors()]):
+                break
+        else:
+            if not problems:
+                return result
+            break
+    raise UserError(problems, source=source)
+
+
+def _drop(data: Any, loc: list[Any]) -> bool:
+    """Remove the value at `loc` (so its default applies); False if there is nothing to remove."""
+    for depth in range(len(loc), 0, -1):
+        parent = data
+        for key in loc[: depth - 1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and loc[depth - 1] in parent:
+            del parent[loc[depth - 1]]
+            return True
+    return False
+
+
+def load_trial_config(path: str | Path) -> TrialConfig:
+    return validate_as(TrialConfig, read_yaml(path), str(path))
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    return validate_as(SweepSpec, read_yaml(path), str(path))
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
