@@ -1,0 +1,35 @@
+"""The wrapper every model shares: embedding -> recurrent layer over T -> final state -> ReLU head.
+
+The paper's ART setup (Ba et al. §4.1): a learned embedding, one recurrent layer, and the final hidden
+state fed to a ReLU layer and a softmax over the answers. Each model only supplies its recurrent layer,
+a module mapping embedded inputs [B, T, E] to the final hidden state [B, H].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sweep.models.params import ModelParams
+
+
+class SequenceClassifier(nn.Module):
+    """Token ids [B, T] (long) -> logits [B, num_classes] (softmax is left to the loss)."""
+
+    def __init__(self, recurrent: nn.Module, params: ModelParams, vocab_size: int, num_classes: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, params.embed_size)
+        self.recurrent = recurrent
+        self.head = nn.Sequential(
+            nn.Linear(params.hidden_size, params.head_size),
+            nn.ReLU(),
+            nn.Linear(params.head_size, num_classes),
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.recurrent(self.embed(tokens)))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of scalar parameters (trainable ones by default), the figure reported as num_params."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
