@@ -225,6 +225,65 @@ class TrackingConfig(Strict):
     uri: str | None = Field(None, description="MLflow server URL; default: start/reuse the local server")
 
 
+class Difficulty(Strict):
+    """One difficulty level of a comparison: a task variant and its number of key-value pairs."""
+
+    task: str = Field(description="art or mart")
+    pairs: int = Field(ge=1, description="K, key-value pairs per sequence")
+
+    @property
+    def label(self) -> str:
+        return f"{self.task}-K{self.pairs}"
+
+
+class CompareSpec(Strict):
+    """`compare:` section: a fair multi-model comparison (equal tuning budget, several seeds)."""
+
+    models: list[str] | None = Field(None, description="models to compare; default: the spec's `models`")
+    tasks: list[str] | None = Field(None, description="task variants (art, mart); default: task.name")
+    pairs: list[int] | None = Field(None, description="difficulty levels K; default: task.pairs")
+    seeds: int | list[int] = Field(5, description="retraining seeds of each best config: a count or a list")
+    retrain_epochs: int | None = Field(None, ge=1, description="epochs of each seed run; default: max_epochs")
+    thresholds: list[float] = Field([0.95, 0.99], description="val accuracies whose steps-to-reach we report")
+    test: Literal["welch", "mannwhitney"] = Field("welch", description="significance test against the best")
+    alpha: float = Field(0.05, gt=0, lt=1, description="family-wise error rate (Holm-Bonferroni)")
+    max_concurrent: int | None = Field(None, ge=1, description="seed runs at once; default: budget's")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str] | None) -> list[str] | None:
+        unknown = [t for t in v or [] if t not in task_names()]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; use any of: {', '.join(task_names())}")
+        return v
+
+    @field_validator("pairs")
+    @classmethod
+    def _positive_pairs(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError("pairs: give at least one level, each >= 1")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: int | list[int]) -> int | list[int]:
+        seeds = list(range(v)) if isinstance(v, int) else v
+        if len(seeds) < 2 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError("seeds: need at least 2 distinct seeds >= 0 for a confidence interval")
+        return v
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: list[float]) -> list[float]:
+        if any(not 0 < t <= 1 for t in v):
+            raise ValueError("thresholds: accuracies must be in (0, 1]")
+        return v
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+
 class SweepSpec(Strict):
     """A search-space file. Every field is checked before Ray starts."""
 
@@ -243,6 +302,7 @@ class SweepSpec(Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    compare: CompareSpec | None = Field(None, description="a fair multi-model comparison (`sweep compare`)")
 
     @field_validator("models")
     @classmethod
@@ -270,9 +330,35 @@ class SweepSpec(Strict):
                 f"scheduler.grace_period: {self.scheduler.grace_period} exceeds the {self.max_epochs} epochs a "
                 "trial runs (budget.max_epochs or train.epochs); lower grace_period"
             )
+        if self.compare is not None:
+            problems += compare_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def difficulties(self) -> list[Difficulty]:
+        """The comparison's difficulty levels (task x pairs); the spec's own task when none are given."""
+        cmp = self.compare or CompareSpec()
+        return [Difficulty(task=t, pairs=k) for t in (cmp.tasks or [self.task.name])
+                for k in (cmp.pairs or [self.task.pairs])]
+
+    def compared_models(self) -> list[str]:
+        return (self.compare.models if self.compare and self.compare.models else None) or list(self.models)
+
+
+def compare_problems(spec: SweepSpec) -> list[str]:
+    """The compare section must name listed models and feasible difficulty levels."""
+    assert spec.compare is not None
+    problems = []
+    extra = [m for m in spec.compare.models or [] if m not in spec.models]
+    if extra:
+        problems.append(f"compare.models: {extra} are not in the spec's models {spec.models}; add them there")
+    if spec.compare.models is not None and len(set(spec.compare.models)) != len(spec.compare.models):
+        problems.append("compare.models: a model is listed twice")
+    too_many = [k for k in spec.compare.pairs or [] if k > spec.task.num_keys]
+    if too_many:
+        problems.append(f"compare.pairs: {too_many} exceed task.num_keys={spec.task.num_keys}; lower them")
+    return problems
 
 
 # Where a short space name lands in the trial config. Model fields win only for model sections.
