@@ -1,0 +1,327 @@
+"""Render a multi-seed comparison: tables (Markdown, CSV), learning curves, a difficulty plot, provenance.
+
+Input is a list of `SeedRun`s (one retraining of a tuned config with one seed) plus a provenance mapping;
+output is a folder of files. Knows nothing of Ray; `sweep.compare` gathers the runs and logs the folder
+to MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sweep.stats import compare_samples, first_reach, holm, mean_band, mean_ci
+
+REPORT_MD = "report.md"
+SUMMARY_CSV = "summary.csv"
+SEEDS_CSV = "seed_runs.csv"
+DIFFICULTY_PNG = "difficulty.png"
+REPRODUCE_YAML = "reproduce.yaml"
+
+
+@dataclass
+class SeedRun:
+    """One seed's retraining of the best config of one model at one difficulty."""
+
+    model: str
+    task: str
+    pairs: int
+    seed: int
+    status: str
+    history: list[dict[str, Any]]  # one dict per evaluation: step, val_accuracy, elapsed_s, ...
+    final: dict[str, Any]  # the last report: test_accuracy, test_error, num_params, ...
+    run_id: str | None = None
+
+    @property
+    def difficulty(self) -> str:
+        return f"{self.task}-K{self.pairs}"
+
+    @property
+    def test_error_pct(self) -> float:
+        """Test error in percent, as the papers print it (from test_accuracy, the unambiguous metric)."""
+        acc = self.final.get("test_accuracy")
+        if acc is not None:
+            return 100.0 * (1.0 - float(acc))
+        err = self.final.get("test_error")
+        return math.nan if err is None else 100.0 * float(err)
+
+    @property
+    def num_params(self) -> int | None:
+        for row in [self.final, *reversed(self.history)]:
+            if row.get("num_params") is not None:
+                return int(row["num_params"])
+        return None
+
+
+@dataclass
+class Reach:
+    """Steps and wall time to a validation accuracy, over the seeds that reached it."""
+
+    threshold: float
+    steps: float  # mean over the seeds that reached it; NaN if none did
+    seconds: float
+    reached: int
+    n: int
+
+
+@dataclass
+class ModelRow:
+    """One line of a difficulty's table."""
+
+    task: str
+    pairs: int
+    model: str
+    num_params: int | None
+    n: int
+    error_mean: float
+    error_ci: float
+    error_std: float
+    reach: list[Reach] = field(default_factory=list)
+    best: bool = False
+    p_value: float = math.nan
+    p_holm: float = math.nan
+    significant: bool | None = None
+
+
+def steps_to_reach(runs: Sequence[SeedRun], threshold: float) -> Reach:
+    hits = [first_reach(r.history, threshold) for r in runs]
+    got = [h for h in hits if h is not None]
+    steps = [float(h["step"]) for h in got if h.get("step") is not None]
+    secs = [float(h["elapsed_s"]) for h in got if h.get("elapsed_s") is not None]
+    return Reach(threshold, _mean(steps), _mean(secs), len(got), len(runs))
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def summarize(runs: Sequence[SeedRun], thresholds: Sequence[float] = (0.95, 0.99), test: str = "welch",
+              alpha: float = 0.05) -> list[ModelRow]:
+    """One row per (difficulty, model); each model tested against the difficulty's best (lowest mean error),
+    p-values Holm-corrected within the difficulty (the family is the comparisons one table makes)."""
+    groups: dict[tuple[str, int], dict[str, list[SeedRun]]] = {}
+    for r in runs:
+        groups.setdefault((r.task, r.pairs), {}).setdefault(r.model, []).append(r)
+    rows: list[ModelRow] = []
+    for (task, pairs), by_model in sorted(groups.items()):
+        table = []
+        for model, model_runs in by_model.items():
+            ci = mean_ci([r.test_error_pct for r in model_runs])
+            params = next((r.num_params for r in model_runs if r.num_params is not None), None)
+            table.append(ModelRow(task, pairs, model, params, ci.n, ci.mean, ci.half_width, ci.std,
+                                  [steps_to_reach(model_runs, t) for t in thresholds]))
+        scored = [row for row in table if not math.isnan(row.error_mean)]
+        if scored:
+            best = min(scored, key=lambda row: row.error_mean)
+            best.best = True
+            best_errors = [r.test_error_pct for r in by_model[best.model]]
+            others = [row for row in table if row is not best]
+            raw = [compare_samples([r.test_error_pct for r in by_model[row.model]], best_errors, test)
+                   for row in others]
+            for row, p, adj in zip(others, raw, holm(raw), strict=True):
+                row.p_value, row.p_holm = p, adj
+                row.significant = None if math.isnan(adj) else adj < alpha
+        rows += sorted(table, key=lambda row: (not row.best, row.error_mean))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _fmt_p(p: float) -> str:
+    return "–" if math.isnan(p) else (f"{p:.2e}" if p < 1e-3 else f"{p:.3f}")
+
+
+def _reach_cell(reach: Reach, seconds: bool = False) -> str:
+    if reach.reached == 0:
+        return f"not reached (0/{reach.n})"
+    value = f"{reach.seconds:.1f} s" if seconds else f"{reach.steps:,.0f}"
+    return value if reach.reached == reach.n else f"{value} ({reach.reached}/{reach.n})"
+
+
+def markdown_tables(rows: Sequence[ModelRow], test: str, alpha: float) -> str:
+    out = []
+    test_name = {"welch": "Welch's t-test", "mannwhitney": "Mann-Whitney U"}[test]
+    for (task, pairs) in dict.fromkeys((r.task, r.pairs) for r in rows):
+        table = [r for r in rows if (r.task, r.pairs) == (task, pairs)]
+        thresholds = [f"{x.threshold:.0%}" for x in table[0].reach]
+        head = ["model", "params", "test error % (mean ± 95% CI)", "seeds"]
+        head += [f"steps to {t}" for t in thresholds] + [f"time to {t}" for t in thresholds]
+        head += ["p vs best", "p (Holm)", f"significant (α={alpha})"]
+        out += [f"### {task.upper()}, K = {pairs}", "", "| " + " | ".join(head) + " |",
+                "|" + "---|" * len(head)]
+        for r in table:
+            sig = "best" if r.best else {True: "yes", False: "no", None: "–"}[r.significant]
+            cells = [f"**{r.model}**" if r.best else r.model, f"{r.num_params:,}" if r.num_params else "–",
+                     f"{_fmt(r.error_mean)} ± {_fmt(r.error_ci)}", str(r.n)]
+            cells += [_reach_cell(x) for x in r.reach] + [_reach_cell(x, seconds=True) for x in r.reach]
+            cells += [_fmt_p(r.p_value), _fmt_p(r.p_holm), sig]
+            out.append("| " + " | ".join(cells) + " |")
+        out += ["", f"p: two-sided {test_name} of each model's per-seed test error against the best "
+                "model's, Holm-Bonferroni corrected within this table. Steps/time: first evaluation at or "
+                "above the threshold, mean over the seeds that reached it.", ""]
+    return "\n".join(out)
+
+
+def summary_records(rows: Sequence[ModelRow]) -> list[dict[str, Any]]:
+    records = []
+    for r in rows:
+        rec = {"task": r.task, "pairs": r.pairs, "model": r.model, "num_params": r.num_params, "seeds": r.n,
+               "test_error_pct_mean": r.error_mean, "test_error_pct_ci95": r.error_ci,
+               "test_error_pct_std": r.error_std}
+        for x in r.reach:
+            tag = f"{round(100 * x.threshold)}"
+            rec |= {f"steps_to_{tag}": x.steps, f"seconds_to_{tag}": x.seconds, f"reached_{tag}": x.reached}
+        rec |= {"best": r.best, "p_value": r.p_value, "p_holm": r.p_holm, "significant": r.significant}
+        records.append(rec)
+    return records
+
+
+def seed_records(runs: Sequence[SeedRun], thresholds: Sequence[float]) -> list[dict[str, Any]]:
+    records = []
+    for r in sorted(runs, key=lambda r: (r.task, r.pairs, r.model, r.seed)):
+        rec = {"task": r.task, "pairs": r.pairs, "model": r.model, "seed": r.seed, "status": r.status,
+               "num_params": r.num_params, "test_error_pct": r.test_error_pct, "run_id": r.run_id}
+        for t in thresholds:
+            hit = first_reach(r.history, t)
+            rec[f"steps_to_{round(100 * t)}"] = None if hit is None else hit.get("step")
+        records.append(rec)
+    return records
+
+
+def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(records[0]) if records else [])
+        writer.writeheader()
+        writer.writerows(records)
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window (also on Ray workers and CI)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curves_png_name(task: str, pairs: int) -> str:
+    return f"curves_{task}-K{pairs}.png"
+
+
+def plot_learning_curves(runs: Sequence[SeedRun], task: str, pairs: int, path: Path,
+                         thresholds: Sequence[float] = ()) -> None:
+    """Validation accuracy against optimizer steps: the mean over seeds with a 95% t-band, per model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    models = sorted({r.model for r in runs if (r.task, r.pairs) == (task, pairs)})
+    for model in models:
+        seeds = [r for r in runs if (r.task, r.pairs, r.model) == (task, pairs, model)]
+        curves = [[(row["step"], row.get("val_accuracy")) for row in r.history if "step" in row]
+                  for r in seeds]
+        steps, mean, half = mean_band(curves)
+        if len(steps) == 0:
+            continue
+        (line,) = ax.plot(steps, mean, label=f"{model} (n={len(seeds)})")
+        ax.fill_between(steps, mean - half, mean + half, alpha=0.2, color=line.get_color())
+    for t in thresholds:
+        ax.axhline(t, color="grey", linestyle=":", linewidth=0.8)
+    ax.set(xlabel="optimizer steps", ylabel="validation accuracy", title=f"{task.upper()}, K = {pairs}",
+           ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_difficulty(rows: Sequence[ModelRow], path: Path) -> None:
+    """Test error against the number of pairs, one line per model, one panel per task (the paper's figure)."""
+    plt = _pyplot()
+    tasks = sorted({r.task for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for model in sorted({r.model for r in rows}):
+            pts = sorted((r.pairs, r.error_mean, r.error_ci) for r in rows
+                         if (r.task, r.model) == (task, model))
+            if not pts:
+                continue
+            xs, ys, es = zip(*pts, strict=True)
+            ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in es], marker="o", capsize=3,
+                        label=model)
+        ax.set(xlabel="key-value pairs K", ylabel="test error % (mean ± 95% CI)", title=task.upper())
+        ax.set_xticks(sorted({r.pairs for r in rows if r.task == task}))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def write_report(runs: Sequence[SeedRun], out_dir: Path, provenance: dict[str, Any],
+                 thresholds: Sequence[float] = (0.95, 0.99), test: str = "welch",
+                 alpha: float = 0.05, title: str = "Comparison") -> list[Path]:
+    """Write every report file into out_dir (replacing an older report) and return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("curves_*.png"):
+        old.unlink()
+    rows = summarize(runs, thresholds, test, alpha)
+    files = [out_dir / REPORT_MD, out_dir / SUMMARY_CSV, out_dir / SEEDS_CSV, out_dir / REPRODUCE_YAML]
+    write_csv(out_dir / SUMMARY_CSV, summary_records(rows))
+    write_csv(out_dir / SEEDS_CSV, seed_records(runs, thresholds))
+    (out_dir / REPRODUCE_YAML).write_text(yaml.safe_dump(provenance, sort_keys=False), encoding="utf-8")
+    for task, pairs in dict.fromkeys((r.task, r.pairs) for r in rows):
+        path = out_dir / curves_png_name(task, pairs)
+        plot_learning_curves(runs, task, pairs, path, thresholds)
+        files.append(path)
+    plot_difficulty(rows, out_dir / DIFFICULTY_PNG)
+    files.append(out_dir / DIFFICULTY_PNG)
+    md = [f"# {title}", "", _provenance_md(provenance), "", "## Results", "",
+          markdown_tables(rows, test, alpha), "## Plots", "",
+          f"![test error vs difficulty]({DIFFICULTY_PNG})", ""]
+    md += [f"![learning curves {t}-K{k}]({curves_png_name(t, k)})" for t, k in dict.fromkeys(
+        (r.task, r.pairs) for r in rows)]
+    md += ["", f"Per-seed numbers: `{SEEDS_CSV}`; summary: `{SUMMARY_CSV}`; "
+           f"reproduce: `{REPRODUCE_YAML}`.", ""]
+    (out_dir / REPORT_MD).write_text("\n".join(md), encoding="utf-8")
+    return files
+
+
+def _provenance_md(prov: dict[str, Any]) -> str:
+    keys = [("models", "models"), ("difficulties", "difficulties"), ("seeds", "seeds"),
+            ("tuning_budget", "tuning budget per model and difficulty"), ("git_commit", "git commit"),
+            ("versions", "package versions"), ("tracking", "MLflow")]
+    lines = []
+    for key, label in keys:
+        if key in prov:
+            value = prov[key]
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, list):
+                value = ", ".join(str(v) for v in value)
+            lines.append(f"- **{label}**: {value}")
+    return "\n".join(lines)
+
+
+def seed_run_from_dict(data: dict[str, Any]) -> SeedRun:
+    return SeedRun(**{k: data[k] for k in SeedRun.__dataclass_fields__ if k in data})
+
+
+def seed_run_to_dict(run: SeedRun) -> dict[str, Any]:
+    return asdict(run)

@@ -1,0 +1,64 @@
+"""The report's files exist and their numbers are the runs' numbers."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from sweep.report import SeedRun, summarize, write_report
+
+
+def _run(model: str, seed: int, error_pct: float, reach95_step: int, pairs: int = 8, params: int = 1000):
+    p = {"num_params": params}
+    history = [
+        {"epoch": 1, "step": 100, "val_accuracy": 0.5, "elapsed_s": 1.0, **p},
+        {"epoch": 2, "step": reach95_step, "val_accuracy": 0.96, "elapsed_s": 2.0 + seed, **p},
+        {"epoch": 3, "step": reach95_step + 100, "val_accuracy": 0.97, "elapsed_s": 3.0, **p},
+    ]
+    final = {"test_accuracy": 1 - error_pct / 100, "test_error": error_pct / 100, "num_params": params}
+    return SeedRun(model, "art", pairs, seed, "completed", history, final, run_id=f"{model}-{seed}")
+
+
+@pytest.fixture
+def runs():
+    good = [_run("fw_lstm", s, e, 200) for s, e in enumerate([1.0, 1.2, 0.8, 1.1, 0.9])]
+    bad = [_run("ln_lstm", s, e, 400, params=2000) for s, e in enumerate([6.0, 6.5, 5.5, 6.2, 5.8])]
+    same = [_run("fw_rnn", s, e, 300) for s, e in enumerate([1.0, 1.2, 0.8, 1.1, 0.9])]
+    hard = [_run(m, s, 20.0 + s + (5 if m == "ln_lstm" else 0), 900, pairs=12) for m in ("fw_lstm", "ln_lstm")
+            for s in range(3)]
+    return good + bad + same + hard
+
+
+def test_summary_numbers_and_significance(runs):
+    rows = {(r.pairs, r.model): r for r in summarize(runs, thresholds=(0.95, 0.99))}
+    best = rows[(8, "fw_lstm")]
+    assert best.best and best.error_mean == pytest.approx(1.0) and best.n == 5
+    assert best.error_ci == pytest.approx(2.7764451 * 0.158113883 / 5 ** 0.5, rel=1e-5)
+    assert rows[(8, "ln_lstm")].significant is True and rows[(8, "ln_lstm")].p_holm < 0.05
+    assert rows[(8, "fw_rnn")].significant is False  # identical errors: no difference
+    assert rows[(8, "ln_lstm")].num_params == 2000
+    reach95, reach99 = rows[(8, "ln_lstm")].reach
+    assert (reach95.steps, reach95.reached, reach95.seconds) == (400, 5, pytest.approx(4.0))
+    assert reach99.reached == 0
+    assert rows[(12, "fw_lstm")].best and rows[(12, "ln_lstm")].error_mean == pytest.approx(26.0)
+
+
+def test_report_files_exist_and_match_the_runs(runs, tmp_path):
+    prov = {"models": ["fw_lstm", "fw_rnn", "ln_lstm"], "seeds": [0, 1, 2, 3, 4], "git_commit": "abc"}
+    files = write_report(runs, tmp_path, prov, title="test")
+    names = {p.name for p in files}
+    assert {"report.md", "summary.csv", "seed_runs.csv", "reproduce.yaml", "difficulty.png",
+            "curves_art-K8.png", "curves_art-K12.png"} <= names
+    for p in files:
+        assert p.stat().st_size > 0
+    assert (tmp_path / "curves_art-K8.png").read_bytes()[:4] == b"\x89PNG"
+    summary = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    ln = next(r for r in summary if (r["model"], r["pairs"]) == ("ln_lstm", "8"))
+    assert float(ln["test_error_pct_mean"]) == pytest.approx(6.0)
+    assert ln["steps_to_95"] == "400.0" and ln["significant"] == "True"
+    seeds = list(csv.DictReader((tmp_path / "seed_runs.csv").open()))
+    assert len(seeds) == len(runs)
+    md = (tmp_path / "report.md").read_text()
+    assert "### ART, K = 8" in md and "1.00 ± 0.20" in md and "not reached (0/5)" in md
+    assert "git commit**: abc" in md
