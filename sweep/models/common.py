@@ -11,6 +11,9 @@ import torch
 from torch import nn
 
 from sweep.models.params import ModelParams
+from sweep.models.registry import count_parameters
+
+__all__ = ["SequenceClassifier", "count_parameters", "init_uniform_"]
 
 
 class SequenceClassifier(nn.Module):
@@ -30,6 +33,8 @@ class SequenceClassifier(nn.Module):
         return self.head(self.recurrent(self.embed(tokens)))
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of scalar parameters (trainable ones by default), the figure reported as num_params."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+def init_uniform_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
+    """U(-√(2/fan_in), √(2/fan_in)): the initialisation of the authors' TF cells."""
+    bound = (2.0 / fan_in) ** 0.5
+    with torch.no_grad():
+        return weight.uniform_(-bound, bound)

@@ -25,7 +25,9 @@ class ModelEntry:
 
 
 MODELS: dict[str, ModelEntry] = {
-    "fw_lstm": ModelEntry(FWLSTMParams, "sweep.models.fw_lstm:build", "Fast Weight LSTM (Keller et al. 2018)"),
+    "fw_lstm": ModelEntry(
+        FWLSTMParams, "sweep.models.fw_lstm:build", "Fast Weight LSTM (Keller et al. 2018)"
+    ),
     "fw_rnn": ModelEntry(FWRNNParams, "sweep.models.fw_rnn:build", "Fast-weight RNN (Ba et al. 2016)"),
     "ln_lstm": ModelEntry(LNLSTMParams, "sweep.models.ln_lstm:build", "Layer-normalised LSTM"),
     "lstm": ModelEntry(LSTMParams, "sweep.models.lstm:build", "torch.nn.LSTM baseline"),
@@ -48,3 +50,8 @@ def build_model(params: ModelParams, vocab_size: int, num_classes: int) -> nn.Mo
     module_name, func_name = MODELS[params.name].builder.split(":")
     builder = getattr(importlib.import_module(module_name), func_name)
     return builder(params, vocab_size, num_classes)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of scalar parameters (trainable ones by default): the num_params each trial reports."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,68 @@
+"""Fast-weight RNN (Ba et al. 2016, "Using Fast Weights to Attend to the Recent Past").
+
+    A(0) = 0,   A(t) = λ A(t-1) + η h(t) h(t)ᵀ
+    h_0(t+1) = ReLU(W h(t) + C x(t))
+    h_{s+1}(t+1) = ReLU(LN[W h(t) + C x(t) + A(t) h_s(t+1)]),   s = 0 .. S-1
+    h(t+1) = h_S(t+1)
+
+variant="authors" follows the authors' TF cell (akandykeller/fast_weights, lnfw_rnn_cell.py): the
+preliminary vector u = h_0(t+1) is written into A before the inner loop reads it, and the inner loop
+uses W u instead of W h(t):
+
+    u = ReLU(W h(t) + C x(t)),   A(t+1) = λ A(t) + η u uᵀ
+    h_{s+1} = ReLU(LN[W u + C x(t) + A(t+1) h_s]),   h_0 = u
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sweep.models.common import SequenceClassifier, init_uniform_
+from sweep.models.fast_weights import new_memory
+from sweep.models.params import FWRNNParams
+
+
+class FastWeightRNN(nn.Module):
+    """Embedded inputs [B, T, E] -> last hidden state h(T) [B, H]."""
+
+    def __init__(self, p: FWRNNParams):
+        super().__init__()
+        self.input_proj = nn.Linear(p.embed_size, p.hidden_size)  # C x + b
+        self.recurrent = nn.Linear(p.hidden_size, p.hidden_size, bias=False)  # W, slow weights
+        self.norm = nn.LayerNorm(p.hidden_size)
+        self.fast_lr, self.decay, self.inner_steps = p.fast_lr, p.decay, p.inner_steps
+        self.fw_form, self.variant = p.fw_form, p.variant
+        init_uniform_(self.input_proj.weight, p.embed_size)
+        nn.init.zeros_(self.input_proj.bias)
+        with torch.no_grad():
+            self.recurrent.weight.copy_(p.slow_init_scale * torch.eye(p.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        Cx = self.input_proj(x)  # C x(t) for every t at once
+        h = Cx.new_zeros(B, self.recurrent.in_features)
+        memory = new_memory(self.fw_form, self.fast_lr, self.decay, T, like=Cx)
+        for t in range(T):
+            if self.variant == "ba":
+                slow = self.recurrent(h) + Cx[:, t]  # W h(t) + C x(t)
+                h_s = F.relu(slow)
+                for _ in range(self.inner_steps):
+                    h_s = F.relu(self.norm(slow + memory.read(h_s)))
+                h = h_s
+                if t < T - 1:  # A(T) is never read
+                    memory.write(h)
+            else:  # the authors' cell
+                u = F.relu(self.recurrent(h) + Cx[:, t])
+                memory.write(u)
+                slow = self.recurrent(u) + Cx[:, t]
+                h_s = u
+                for _ in range(self.inner_steps):
+                    h_s = F.relu(self.norm(slow + memory.read(h_s)))
+                h = h_s
+        return h
+
+
+def build(params: FWRNNParams, vocab_size: int, num_classes: int) -> nn.Module:
+    return SequenceClassifier(FastWeightRNN(params), params, vocab_size, num_classes)

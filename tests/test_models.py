@@ -1,0 +1,201 @@
+"""The models of the paper: shapes, the two exact fast-weight forms, the authors' cells, trainability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sweep.models import build_model, model_names, params_class
+from sweep.models.common import count_parameters
+from sweep.models.fast_weights import AttentionMemory, MatrixMemory
+
+VOCAB, CLASSES = 37, 10
+SMALL = {"hidden_size": 6, "embed_size": 5, "head_size": 7}
+
+
+def make(name: str, dtype=torch.float64, seed: int = 0, **fields):
+    torch.manual_seed(seed)
+    return build_model(params_class(name)(**{**SMALL, **fields}), VOCAB, CLASSES).to(dtype)
+
+
+def tokens(batch: int = 3, length: int = 9, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def outputs_and_grads(model, x):
+    model.zero_grad()
+    logits = model(x)
+    (logits * torch.linspace(-1, 1, CLASSES, dtype=logits.dtype)).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_every_model_maps_tokens_to_logits(name):
+    model = make(name, dtype=torch.float32, hidden_size=20)
+    logits = model(tokens(batch=4, length=11))
+    assert logits.shape == (4, CLASSES) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters()) > 0
+    assert make(name)(tokens()).dtype == torch.float64
+
+
+def test_memory_forms_equal_the_explicit_sum():
+    torch.manual_seed(0)
+    B, D, T, eta, lam = 2, 5, 6, 0.5, 0.9
+    v = torch.randn(T, B, D, dtype=torch.float64)
+    q = torch.randn(B, D, dtype=torch.float64)
+    matrix, attention = MatrixMemory(eta, lam), AttentionMemory(eta, lam, T, like=q)
+    assert matrix.read(q).abs().max() == 0 and attention.read(q).abs().max() == 0  # A(0) = 0
+    for t in range(T):
+        matrix.write(v[t])
+        attention.write(v[t])
+        A = sum(eta * lam ** (t - s) * v[s, :, :, None] * v[s, :, None, :] for s in range(t + 1))
+        expected = (A @ q[:, :, None])[:, :, 0]
+        assert rel_err(matrix.read(q), expected) < 1e-12
+        assert rel_err(attention.read(q), expected) < 1e-12
+
+
+FAST_WEIGHT_MODELS = [
+    ("fw_rnn", {"variant": "ba"}),
+    ("fw_rnn", {"variant": "authors"}),
+    ("fw_lstm", {"memory": "gates"}),
+    ("fw_lstm", {"memory": "candidate"}),
+]
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+@pytest.mark.parametrize(("name", "fields"), FAST_WEIGHT_MODELS)
+def test_attention_form_equals_matrix_form_with_gradients(name, fields, inner_steps):
+    # eta and lambda larger than the defaults so that the memory dominates the slow path
+    kw = {**fields, "inner_steps": inner_steps, "fast_lr": 0.9, "decay": 0.95}
+    matrix, attention = make(name, fw_form="matrix", **kw), make(name, fw_form="attention", **kw)
+    x = tokens()
+    out_m, grads_m = outputs_and_grads(matrix, x)
+    out_a, grads_a = outputs_and_grads(attention, x)
+    assert rel_err(out_a, out_m) < 1e-9
+    for param_name, grad in grads_m.items():
+        assert rel_err(grads_a[param_name], grad) < 1e-9, param_name
+
+
+def authors_fw_lstm_cell(layer, x):
+    """The authors' TF FastWeightsLSTMCell (S = 1), transcribed line by line with an explicit A."""
+    B, T, _ = x.shape
+    H = layer.hidden_size
+    W = torch.cat([layer.hidden_proj.weight, layer.input_proj.weight], dim=1).T  # [h, x] W
+    h = c = x.new_zeros(B, H)
+    A = x.new_zeros(B, 4 * H, 4 * H)
+    for t in range(T):
+        ifoj = torch.cat([h, x[:, t]], dim=1) @ W + layer.input_proj.bias
+        ifoj = F.layer_norm(ifoj, (4 * H,), layer.gate_norm.weight, layer.gate_norm.bias)
+        i, f, o, j = ifoj.split(H, dim=1)
+        h_s = F.relu(ifoj)[:, None, :]
+        A = layer.decay * A + layer.fast_lr * h_s.transpose(1, 2) @ h_s
+        i_A, f_A, o_A, j_A = (h_s @ A)[:, 0].split(H, dim=1)
+        g = F.relu(j + j_A)
+        c = c * torch.sigmoid(f + f_A + layer.forget_bias) + torch.sigmoid(i + i_A) * g
+        c = F.layer_norm(c, (H,), layer.cell_norm.weight, layer.cell_norm.bias)
+        h = F.relu(c) * torch.sigmoid(o + o_A)
+    return h
+
+
+@pytest.mark.parametrize("fw_form", ["matrix", "attention"])
+def test_fw_lstm_with_one_inner_step_is_the_authors_cell(fw_form):
+    model = make("fw_lstm", fw_form=fw_form, inner_steps=1)
+    x = model.embed(tokens())
+    assert rel_err(model.recurrent(x), authors_fw_lstm_cell(model.recurrent, x)) < 1e-12
+
+
+def test_authors_inner_loop_makes_more_steps_change_nothing():
+    x = tokens()
+    one = make("fw_lstm", inner_steps=1)(x)
+    assert rel_err(make("fw_lstm", inner_steps=3, authors_inner_loop=True)(x), one) < 1e-15
+    assert rel_err(make("fw_lstm", inner_steps=3)(x), one) > 1e-6  # the real loop re-reads A
+
+
+def ba_fw_rnn(layer, x, authors: bool):
+    """Ba et al.'s equations (or the authors' TF cell) with an explicit A, for FW-RNN."""
+    B, T, _ = x.shape
+    H = layer.recurrent.in_features
+    W, C, b = layer.recurrent.weight, layer.input_proj.weight, layer.input_proj.bias
+    h, A = x.new_zeros(B, H), x.new_zeros(B, H, H)
+    for t in range(T):
+        u = F.relu(h @ W.T + x[:, t] @ C.T + b)
+        if authors:
+            A = layer.decay * A + layer.fast_lr * u[:, :, None] * u[:, None, :]
+        h_s = u
+        for _ in range(layer.inner_steps):
+            pre = (u if authors else h) @ W.T + x[:, t] @ C.T + b + (A @ h_s[:, :, None])[:, :, 0]
+            h_s = F.relu(layer.norm(pre))
+        h = h_s
+        if not authors:
+            A = layer.decay * A + layer.fast_lr * h[:, :, None] * h[:, None, :]
+    return h
+
+
+@pytest.mark.parametrize("variant", ["ba", "authors"])
+@pytest.mark.parametrize("fw_form", ["matrix", "attention"])
+def test_fw_rnn_follows_its_equations(variant, fw_form):
+    model = make("fw_rnn", fw_form=fw_form, variant=variant, inner_steps=2, slow_init_scale=0.5)
+    x = model.embed(tokens())
+    expected = ba_fw_rnn(model.recurrent, x, authors=variant == "authors")
+    assert rel_err(model.recurrent(x), expected) < 1e-12
+
+
+def test_fw_rnn_slow_weights_start_at_a_scaled_identity():
+    W = make("fw_rnn", slow_init_scale=0.05).recurrent.recurrent.weight
+    assert torch.allclose(W, 0.05 * torch.eye(W.shape[0], dtype=W.dtype))
+
+
+@pytest.mark.parametrize("memory", ["gates", "candidate"])
+@pytest.mark.parametrize("hidden_size", [20, 50, 100])
+def test_fast_weights_add_no_parameters(memory, hidden_size):
+    fw = make("fw_lstm", hidden_size=hidden_size, memory=memory, embed_size=100, head_size=100)
+    ln = make("ln_lstm", hidden_size=hidden_size, embed_size=100, head_size=100)
+    assert count_parameters(fw) == count_parameters(ln)
+
+
+ALL_VARIANTS = [("lstm", {}), ("ln_lstm", {}), *FAST_WEIGHT_MODELS]
+
+
+@pytest.mark.parametrize(("name", "fields"), ALL_VARIANTS)
+def test_gradients_reach_every_parameter(name, fields):
+    model = make(name, **fields)
+    _, grads = outputs_and_grads(model, tokens(batch=8, length=11))
+    for param_name, grad in grads.items():
+        assert grad.abs().max() > 0, f"no gradient reaches {param_name}"
+
+
+def art_batch(n: int, pairs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n ART sequences (Ba et al.): k1 v1 .. kK vK ? ? q -> value of q. Letters 0-25, digits 26-35, ? 36."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.stack([torch.randperm(26, generator=g)[:pairs] for _ in range(n)])
+    values = torch.randint(0, 10, (n, pairs), generator=g)
+    which = torch.randint(0, pairs, (n,), generator=g)
+    body = torch.stack([keys, values + 26], dim=2).reshape(n, 2 * pairs)
+    query = keys.gather(1, which[:, None])
+    seq = torch.cat([body, torch.full((n, 2), 36), query], dim=1)
+    return seq, values.gather(1, which[:, None])[:, 0]
+
+
+@pytest.mark.parametrize(("name", "fields"), ALL_VARIANTS)
+def test_each_model_overfits_a_tiny_batch(name, fields):
+    torch.manual_seed(0)
+    x, y = art_batch(16, pairs=4, seed=0)
+    model = build_model(
+        params_class(name)(hidden_size=32, embed_size=16, head_size=32, **fields), VOCAB, CLASSES
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.01:
+            break
+    accuracy = (model(x).argmax(1) == y).float().mean().item()
+    assert accuracy == 1.0, f"{name} {fields}: train accuracy {accuracy:.2f}, loss {loss.item():.3f}"
