@@ -131,6 +131,8 @@ CASES = [
          {"FWSWEEP_HOME": "{tmp}/afile"}),
     Case("env-home-unwritable", ["run", S], ["FWSWEEP_HOME", "fix"], {S: TINY},
          {"FWSWEEP_HOME": "/proc/fwsweep-home"}),
+    Case("env-mlflow-uri-dead", ["run", S], ["127.0.0.1:{port}", "MLFLOW_TRACKING_URI", "fix"], {S: TINY},
+         {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}),
     Case("env-ray-address-dead", ["run", S], ["127.0.0.1:{port}", "RAY_ADDRESS"], {S: TINY},
          {"RAY_ADDRESS": "127.0.0.1:{port}"}),
 ]
@@ -145,13 +147,14 @@ def _commands() -> set[str]:
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every path under root with its size and modification time."""
+    """Every path under root, with size and modification time for files (a folder's own mtime moves
+    when a probe file comes and goes, which changes nothing the user sees)."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath) / name
             st = p.lstat()
-            out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns)
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns) if p.is_file() else (0, 0)
     return out
 
 
