@@ -1,0 +1,413 @@
+"""A fair multi-model comparison: equal tuning budgets, then every best config retrained over seeds.
+
+For each (model, difficulty) the spec is narrowed to that model and task (same trials, scheduler, searcher
+and epochs for every model) and tuned with `sweep.runner.run_sweep`. The best config of each is then
+retrained once per seed as Ray tasks (`retrain_seed`, in the package so workers import it), each a child
+run of one comparison parent run in MLflow. State lives in sweep.paths.sweep_dir(NAME):
+
+    comparison.json   manifest: spec, tuning sweeps, best configs, MLflow parent run (rerun skips done work)
+    seed_runs.jsonl   one line per finished seed run: history and final metrics
+    seed_runs/        per-seed working folders (checkpoints)
+    report/           what `sweep report NAME` writes (also logged to the parent run under report/)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sweep import paths
+from sweep.config import Difficulty, SweepSpec, TrialConfig, dump_yaml
+from sweep.errors import Problem, TrialDiverged, UserError
+from sweep.report import SeedRun, seed_run_from_dict, seed_run_to_dict, write_report
+
+MANIFEST = "comparison.json"
+SEED_RUNS = "seed_runs.jsonl"
+REPORT_DIR = "report"
+ROLE_TAG = "fwsweep.role"  # comparison | seed
+VERSIONED = ("fwsweep", "torch", "ray", "optuna", "mlflow", "numpy", "scipy", "pydantic")
+
+
+# ---------------------------------------------------------------------------------------------- specs
+
+
+def tuning_name(spec: SweepSpec, model: str, difficulty: Difficulty) -> str:
+    return f"{spec.name}.{model}.{difficulty.label}"
+
+
+def tuning_spec(spec: SweepSpec, model: str, difficulty: Difficulty) -> SweepSpec:
+    """The spec narrowed to one model and one difficulty; budget, scheduler and searcher stay the same."""
+    data = spec.model_dump(mode="json", exclude={"compare"})
+    data["name"] = tuning_name(spec, model, difficulty)
+    data["models"] = [model]
+    data["space"] = {k: v for k, v in data["space"].items() if k in ("common", model)}
+    data["task"] |= {"name": difficulty.task, "pairs": difficulty.pairs}
+    data["tracking"]["experiment"] = spec.experiment
+    return SweepSpec.model_validate(data)
+
+
+def seed_config(best: TrialConfig, seed: int, epochs: int) -> TrialConfig:
+    """The tuned config with another initialisation/batch-order seed; the data stay the same for all."""
+    data = best.to_dict()
+    data["train"] |= {"seed": seed, "epochs": epochs}
+    return TrialConfig.model_validate(data)
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class Manifest:
+    name: str
+    spec: dict[str, Any]
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    tuning: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> sweep name, best config
+    started: float = field(default_factory=time.time)
+
+    @staticmethod
+    def path(name: str) -> Path:
+        return paths.sweep_dir(name) / MANIFEST
+
+    def save(self) -> None:
+        p = self.path(self.name)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=1), encoding="utf-8")
+        tmp.replace(p)  # never a half-written manifest
+
+    @classmethod
+    def load(cls, name: str) -> Manifest:
+        p = cls.path(name)
+        if not p.exists():
+            raise UserError(Problem(name, f"no comparison of that name under {paths.sweeps_dir()}",
+                                    "run `sweep compare SPEC` first, or check the name and FWSWEEP_HOME"))
+        return cls(**json.loads(p.read_text(encoding="utf-8")))
+
+
+def key(model: str, difficulty: Difficulty) -> str:
+    return f"{model}/{difficulty.label}"
+
+
+def load_seed_runs(name: str) -> list[SeedRun]:
+    p = paths.sweep_dir(name) / SEED_RUNS
+    if not p.exists():
+        return []
+    lines = p.read_text(encoding="utf-8").splitlines()
+    return [seed_run_from_dict(json.loads(line)) for line in lines if line.strip()]
+
+
+def _append_seed_run(name: str, run: SeedRun) -> None:
+    with (paths.sweep_dir(name) / SEED_RUNS).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(seed_run_to_dict(run)) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- mlflow
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _parent_run(manifest: Manifest, spec: SweepSpec) -> None:
+    """Create (or reuse, on a rerun) the comparison's parent run."""
+    client = _client(manifest.tracking_uri)
+    exp = client.get_experiment_by_name(spec.experiment)
+    manifest.experiment_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
+    if manifest.parent_run_id:
+        run = client.get_run(manifest.parent_run_id)
+        if run.info.lifecycle_stage == "active":
+            client.update_run(manifest.parent_run_id, status="RUNNING")
+            return
+    cmp = spec.compare
+    run = client.create_run(manifest.experiment_id, run_name=f"compare {spec.name}",
+                            tags={ROLE_TAG: "comparison", "comparison": spec.name, "sweep": spec.name,
+                                  "git_commit": git_commit() or "unknown",
+                                  "fwsweep_version": _version("fwsweep") or "unknown"})
+    manifest.parent_run_id = run.info.run_id
+    params = {"models": ",".join(spec.compared_models()),
+              "difficulties": ",".join(d.label for d in spec.difficulties()),
+              "seeds": ",".join(map(str, cmp.seed_list)), "num_samples": spec.budget.num_samples,
+              "max_epochs": spec.max_epochs, "scheduler": spec.scheduler.name, "searcher": spec.searcher.name,
+              "sampler": spec.searcher.sampler, "test": cmp.test, "alpha": cmp.alpha}
+    for k, v in params.items():
+        client.log_param(manifest.parent_run_id, k, str(v))
+    client.log_text(manifest.parent_run_id, dump_yaml(spec.model_dump(mode="json")), "spec.yaml")
+
+
+def _adopt_tuning_runs(manifest: Manifest, sweep_name: str) -> None:
+    """Nest a tuning sweep's parent run under the comparison run (MLflow's UI nests by this tag)."""
+    client = _client(manifest.tracking_uri)
+    runs = client.search_runs([manifest.experiment_id], filter_string=f"tags.sweep = '{sweep_name}'")
+    for run in runs:
+        if "mlflow.parentRunId" not in run.data.tags:
+            client.set_tag(run.info.run_id, "mlflow.parentRunId", manifest.parent_run_id)
+            client.set_tag(run.info.run_id, "comparison", manifest.name)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+class MlflowSeedReporter:
+    """A Reporter that keeps the history and logs each report as one batch to the seed's child run."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
+        self.history: list[dict[str, Any]] = []
+        self.run_id = run_id
+        self.client = _client(tracking_uri) if tracking_uri and run_id else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        self.history.append(dict(metrics))
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        step = int(metrics.get("step", len(self.history)))
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def restore_dir(self) -> Path | None:
+        return None
+
+
+def retrain_seed(config: dict[str, Any], workdir: str, tracking_uri: str | None, experiment_id: str | None,
+                 parent_run_id: str | None, tags: dict[str, str]) -> dict[str, Any]:
+    """One seed run (a Ray task, or called directly): train, log to its MLflow child run, return it."""
+    from sweep.train import run_trial
+
+    trial = TrialConfig.model_validate(config)
+    run_id = None
+    client = _client(tracking_uri) if tracking_uri else None
+    if client is not None:
+        run_name = f"{tags['model']} {tags['difficulty']} seed {tags['seed']}"
+        run = client.create_run(experiment_id, run_name=run_name,
+                                tags=tags | {ROLE_TAG: "seed", "mlflow.parentRunId": parent_run_id})
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in _flatten(trial.to_dict()).items()])
+        client.log_text(run_id, dump_yaml(trial.to_dict()), "trial_config.yaml")
+    reporter = MlflowSeedReporter(tracking_uri, run_id)
+    status = "FINISHED"
+    try:
+        outcome = run_trial(trial, reporter, Path(workdir))
+        result = outcome.status
+    except TrialDiverged:
+        result, status = "diverged", "FAILED"
+    except BaseException:
+        if client is not None:
+            client.set_terminated(run_id, status="FAILED")
+        raise
+    if client is not None:
+        client.set_terminated(run_id, status=status)
+    final = dict(reporter.history[-1]) if reporter.history else {}
+    return {"model": trial.model.name, "task": trial.task.name, "pairs": trial.task.pairs,
+            "seed": trial.train.seed, "status": result, "history": reporter.history, "final": final,
+            "run_id": run_id}
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provenance(manifest: Manifest) -> dict[str, Any]:
+    """Everything needed to rerun the comparison: spec, budgets, seeds, tuned configs, versions, commit."""
+    spec = SweepSpec.model_validate(manifest.spec)
+    cmp = spec.compare
+    return {
+        "comparison": spec.name,
+        "models": spec.compared_models(),
+        "difficulties": [d.label for d in spec.difficulties()],
+        "seeds": cmp.seed_list,
+        "tuning_budget": {"trials": spec.budget.num_samples, "max_epochs": spec.max_epochs,
+                          "scheduler": spec.scheduler.name, "searcher": f"{spec.searcher.name}/"
+                          f"{spec.searcher.sampler} seed {spec.searcher.seed}",
+                          "retrain_epochs": cmp.retrain_epochs or spec.max_epochs},
+        "git_commit": git_commit() or "unknown",
+        "versions": {p: _version(p) for p in VERSIONED},
+        "tracking": {"uri": manifest.tracking_uri, "experiment": spec.experiment,
+                     "parent_run_id": manifest.parent_run_id},
+        "reproduce": "save `spec` below as a YAML file and run `sweep compare FILE`; or retrain one tuned "
+                     "config with `sweep train --config best_configs/MODEL.DIFFICULTY.yaml`",
+        "tuning_sweeps": {k: v["sweep"] for k, v in manifest.tuning.items()},
+        "best_configs": {k: v.get("best_config") for k, v in manifest.tuning.items()},
+        "spec": manifest.spec,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri: str | None = None,
+                   log=print) -> list[Path]:
+    """Tune every (model, difficulty) with the same budget, retrain the best over seeds, write the report.
+
+    A rerun with the same name skips the tuning sweeps and seed runs already done (it resumes).
+    """
+    from ray import tune
+
+    from sweep.runner import run_sweep
+    from sweep.tracking import ensure_server
+
+    if spec.compare is None:
+        raise UserError(Problem("compare", "the spec has no compare: section",
+                                "add one (see docs/reports.md) or use `sweep run` for a single sweep"))
+    server = ensure_server(tracking_uri or spec.tracking.uri)
+    manifest = Manifest.load(spec.name) if Manifest.path(spec.name).exists() else Manifest(spec.name, {})
+    if manifest.spec and manifest.spec != spec.model_dump(mode="json"):
+        raise UserError(Problem(spec.name, "a different comparison with this name already exists",
+                                f"give the spec another name, or delete {paths.sweep_dir(spec.name)}"))
+    manifest.spec, manifest.tracking_uri = spec.model_dump(mode="json"), server.url
+    _parent_run(manifest, spec)
+    manifest.save()
+    try:
+        for difficulty in spec.difficulties():
+            for model in spec.compared_models():
+                k = key(model, difficulty)
+                if manifest.tuning.get(k, {}).get("best_config"):
+                    continue
+                sub = tuning_spec(spec, model, difficulty)
+                log(f"tuning {k}: {sub.budget.num_samples} trials ({sub.scheduler.name}, "
+                    f"{sub.max_epochs} epochs max)")
+                resume = tune.Tuner.can_restore(str(paths.sweep_dir(sub.name)))  # an interrupted rerun
+                manifest.tuning[k] = {"sweep": sub.name}
+                manifest.save()
+                result = run_sweep(sub, address=address, tracking_uri=server.url, resume=resume)
+                _adopt_tuning_runs(manifest, sub.name)
+                if result.best is None:
+                    raise UserError(Problem(k, "no tuning trial finished with a result",
+                                            f"check its trials with `sweep show {sub.name}`"))
+                manifest.tuning[k] |= {"best_config": result.best.config.to_dict(),
+                                       "best_trial": result.best.trial_id,
+                                       "best_value": result.best.value(spec.metric.name)}
+                manifest.save()
+        _retrain_all(spec, manifest, address, log)
+        files = make_report(spec.name, tracking_uri=server.url)
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        _client(server.url).set_terminated(manifest.parent_run_id, status=status)
+        raise
+    _client(server.url).set_terminated(manifest.parent_run_id, status="FINISHED")
+    return files
+
+
+def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) -> None:
+    """Every (model, difficulty, seed) not yet done, as Ray tasks with the spec's per-trial resources."""
+    import ray
+
+    cmp = spec.compare
+    epochs = cmp.retrain_epochs or spec.max_epochs
+    done = {(r.model, r.task, r.pairs, r.seed) for r in load_seed_runs(spec.name)}
+    jobs = []
+    for difficulty in spec.difficulties():
+        for model in spec.compared_models():
+            best = TrialConfig.model_validate(manifest.tuning[key(model, difficulty)]["best_config"])
+            for seed in cmp.seed_list:
+                if (model, difficulty.task, difficulty.pairs, seed) in done:
+                    continue
+                tags = {"model": model, "task": difficulty.task, "difficulty": difficulty.label,
+                        "seed": str(seed), "comparison": spec.name, "sweep": spec.name}
+                workdir = paths.sweep_dir(spec.name) / "seed_runs" / f"{model}.{difficulty.label}.s{seed}"
+                config = seed_config(best, seed, epochs)
+                threads = config.train.num_threads or max(1, int(spec.resources.cpu))
+                config.train.num_threads = threads
+                config.train.device = "cuda" if spec.resources.gpu > 0 else "cpu"  # Ray gives GPUs as asked
+                jobs.append((config.to_dict(), str(workdir), tags))
+    if not jobs:
+        return
+    log(f"retraining {len(jobs)} seed runs (best config x {len(cmp.seed_list)} seeds)")
+    from sweep.runner import connect_ray
+
+    started = connect_ray(address)
+    try:
+        task = ray.remote(retrain_seed).options(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu,
+                                                max_retries=max(spec.retries.max_failures, 0))
+        limit = cmp.max_concurrent or spec.budget.max_concurrent
+        pending: list[Any] = []
+        for config, workdir, tags in jobs:
+            if len(pending) >= limit:
+                pending = _collect(spec.name, pending, log)
+            pending.append(task.remote(config, workdir, manifest.tracking_uri, manifest.experiment_id,
+                                       manifest.parent_run_id, tags))
+        while pending:
+            pending = _collect(spec.name, pending, log)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _collect(name: str, pending: list[Any], log) -> list[Any]:
+    import ray
+
+    ready, rest = ray.wait(pending, num_returns=1)
+    record = ray.get(ready[0])
+    _append_seed_run(name, seed_run_from_dict(record))
+    run = seed_run_from_dict(record)
+    log(f"  {run.model} {run.difficulty} seed {run.seed}: {run.status}, test error {run.test_error_pct:.2f}%")
+    return rest
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def make_report(name: str, tracking_uri: str | None = None) -> list[Path]:
+    """Write the report of comparison NAME into its folder and log it to the comparison's parent run."""
+    manifest = Manifest.load(name)
+    spec = SweepSpec.model_validate(manifest.spec)
+    runs = load_seed_runs(name)
+    if not runs:
+        raise UserError(Problem(name, "has no finished seed runs yet", "run `sweep compare` on its spec"))
+    cmp = spec.compare
+    out = paths.sweep_dir(name) / REPORT_DIR
+    files = write_report(runs, out, provenance(manifest), thresholds=cmp.thresholds, test=cmp.test,
+                         alpha=cmp.alpha, title=f"Comparison {name}")
+    best_dir = out / "best_configs"
+    best_dir.mkdir(exist_ok=True)
+    for k, v in manifest.tuning.items():
+        if v.get("best_config"):
+            path = best_dir / (k.replace("/", ".") + ".yaml")
+            path.write_text(dump_yaml(v["best_config"]), encoding="utf-8")
+            files.append(path)
+    if manifest.parent_run_id:
+        from sweep.tracking import ensure_server
+
+        server = ensure_server(tracking_uri or spec.tracking.uri)
+        _client(server.url).log_artifacts(manifest.parent_run_id, str(out), artifact_path=REPORT_DIR)
+    return files
