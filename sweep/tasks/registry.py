@@ -13,7 +13,9 @@ class TaskEntry:
 
 TASKS: dict[str, TaskEntry] = {
     "art": TaskEntry("sweep.tasks.retrieval:make_art_splits", "associative retrieval (Ba et al. 2016)"),
-    "mart": TaskEntry("sweep.tasks.retrieval:make_mart_splits", "modified ART: keys, then values (Keller et al.)"),
+    "mart": TaskEntry(
+        "sweep.tasks.retrieval:make_mart_splits", "modified ART: keys, then values (Keller et al.)"
+    ),
 }
 
 
