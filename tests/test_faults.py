@@ -1,0 +1,258 @@
+"""Faults injected for real into running sweeps, and what survives them.
+
+Every sweep here is the tiny spec search_spaces/tests/faults_tiny.yaml (LSTM, hidden 8, 256 sequences,
+3 epochs of 4 steps) run by the real `sweep` CLI in a subprocess against a real MLflow server on a free
+loopback port; faults come from sweep/testing_faults.py (FWSWEEP_FAULT), from signals sent to real
+processes, or from stopping real servers. Afterwards Ray Tune's experiment state, the Optuna study and
+the MLflow runs are read back and compared. docs/reliability.md records the results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = Path(sys.executable).with_name("sweep")
+TINY_SPEC = ROOT / "search_spaces/tests/faults_tiny.yaml"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def write_spec(folder: Path, name: str, **sections: dict[str, Any]) -> Path:
+    """The tiny spec under a new name, with some sections updated."""
+    data = yaml.safe_load(TINY_SPEC.read_text())
+    data["name"] = name
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class SweepProcess:
+    """`sweep ARGS` in its own session with FWSWEEP_HOME=home; output goes to a log file."""
+
+    def __init__(self, args: list[str], home: Path, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.log = home.parent / f"sweep-{int(time.monotonic() * 1000)}.log"
+        full_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+        full_env |= {"FWSWEEP_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
+        full_env |= env or {}
+        self.started = time.monotonic()
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([str(SWEEP), *args], cwd=home.parent, env=full_env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tail = self.output()[-3000:]
+            raise AssertionError(f"`sweep` still running after {timeout} s:\n{tail}") from None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+
+def kill_processes_of(home: Path) -> list[int]:
+    """SIGKILL every process whose environment carries FWSWEEP_HOME=home: the sweep, its local Ray
+    (GCS, raylet, workers) and anything else it started. Matching on our own unique folder never touches
+    another helper's processes."""
+    marker = f"FWSWEEP_HOME={home}".encode() + b"\0"
+    killed = []
+    for env_file in glob.glob("/proc/[0-9]*/environ"):
+        pid = int(env_file.split("/")[2])
+        if pid == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if marker in Path(env_file).read_bytes() + b"\0":
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    root = tmp_path / "home"
+    root.mkdir()
+    yield root
+    kill_processes_of(root)
+
+
+class MlflowServer:
+    """A real `mlflow server` (SQLite + artifact folder) that can be stopped and restarted on its port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port: int | None = None
+        self.pid: int | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from sweep.tracking import start_server
+
+        server = start_server(self.folder, port=self.port)
+        self.port = int(server.url.rsplit(":", 1)[1])
+        self.pid = server.pid
+
+    def stop(self) -> None:
+        from sweep.tracking import stop_process_tree
+
+        if self.pid:
+            stop_process_tree(self.pid, grace_s=5)
+            self.pid = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path / "mlflow")
+    yield server
+    server.stop()
+
+
+# -- reading the three records back
+
+
+def experiment_dir(home: Path, name: str) -> Path:
+    return home / "sweeps" / name
+
+
+def tune_trials(home: Path, name: str) -> dict[str, dict[str, Any]]:
+    """trial_id -> {status, num_failures, epochs (every result row, in order), checkpoints} from Tune's
+    experiment state and trial folders on disk."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(experiment_dir(home, name)))
+    out = {}
+    for trial in analysis.trials:
+        folder = Path(trial.local_path) if trial.local_path else experiment_dir(home, name)
+        rows = []
+        result_file = folder / "result.json"
+        if result_file.exists():
+            rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        out[trial.trial_id] = {
+            "status": trial.status,
+            "num_failures": trial.num_failures,
+            "epochs": [r.get("epoch") for r in rows],
+            "diverged": any(r.get("diverged") for r in rows),
+            "checkpoints": sorted(p.name for p in folder.glob("checkpoint_*")),
+        }
+    return out
+
+
+def optuna_trials(home: Path, name: str) -> list[Any]:
+    """The Optuna study's trials, from the newest searcher state Tune saved."""
+    files = sorted(experiment_dir(home, name).glob("searcher-state-*.pkl"), key=os.path.getmtime)
+    assert files, f"no saved searcher state in {experiment_dir(home, name)}"
+    with open(files[-1], "rb") as fh:
+        state = pickle.load(fh)
+    return state["_ot_study"].get_trials(deepcopy=False)
+
+
+def mlflow_runs(url: str, experiment: str) -> tuple[list[Any], list[Any]]:
+    """(parent runs, trial runs) of a sweep's experiment."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if "trial_id" in r.data.tags]
+    parents = [r for r in runs if "trial_id" not in r.data.tags]
+    return parents, children
+
+
+def metric_steps(url: str, run_id: str, key: str) -> list[int]:
+    from mlflow import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(url).get_metric_history(run_id, key))
+
+
+# ---------------------------------------------------------------------------------------------- disk
+
+
+def _tiny_state() -> dict[str, Any]:
+    import torch
+
+    return {"w": torch.arange(1000, dtype=torch.float32)}
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails half-way (disk full) leaves the earlier checkpoint whole and no partial one."""
+    import torch
+
+    from sweep import checkpoint as ck
+
+    good = ck.save_checkpoint(tmp_path, 1, _tiny_state(), {"epoch": 1}, "a: 1\n")
+    real_save = torch.save
+
+    def disk_full(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:  # leave a truncated file behind, as a full disk does
+            fh.truncate(100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", disk_full)
+    for step in (2, 1):  # a new step, and the same step written again after a resume
+        with pytest.raises(OSError, match="No space left"):
+            ck.save_checkpoint(tmp_path, step, {"w": torch.zeros(1000)}, {"epoch": step}, "a: 1\n")
+        assert ck.list_checkpoints(tmp_path) == [good]
+        assert ck.find_checkpoint(tmp_path) == good
+        assert sorted(p.name for p in tmp_path.iterdir()) == [good.name], "a partial checkpoint was left"
+        state, meta = ck.load_checkpoint(good)
+        assert torch.equal(state["w"], _tiny_state()["w"]) and meta == {"epoch": 1}
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path: Path) -> None:
+    from sweep import checkpoint as ck
+
+    for step in range(1, 6):
+        ck.save_checkpoint(tmp_path, step, _tiny_state(), {"epoch": step}, "")
+        ck.prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == [ck.checkpoint_name(4), ck.checkpoint_name(5)]
+
+
+def test_keep_checkpoints_reaches_tune(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.keep_checkpoints is Tune's CheckpointConfig(num_to_keep) too, so Tune's copies stay bounded."""
+    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path))
+    from sweep.config import load_spec
+    from sweep.runner import build_tuner
+
+    spec = load_spec(TINY_SPEC).model_copy(deep=True)
+    spec.train.keep_checkpoints = 3
+    tuner = build_tuner(spec, tracking_url=None)
+    assert tuner._local_tuner.get_run_config().checkpoint_config.num_to_keep == 3
