@@ -1,0 +1,334 @@
+"""A SweepSpec -> one ray.tune.Tuner (OptunaSearch + a Tune scheduler + the MLflow callback) -> results.
+
+Only this module talks to Ray Tune. Everything here is glue: search, scheduling, retries, checkpoints
+and experiment state are Tune's and Optuna's own machinery.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sweep import paths
+from sweep.config import SweepSpec, TrialConfig, dump_yaml, validate_as
+from sweep.errors import Problem, TrialDiverged, UserError
+from sweep.space import MODEL_KEY, DefineByRun, trial_config
+
+SPEC_FILE = "sweep_spec.yaml"
+
+
+@dataclass
+class SweepResult:
+    name: str
+    path: Path
+    status_counts: dict[str, int]
+    best: Any | None = None  # sweep.export.TrialRecord
+    metric: str = "val_accuracy"
+    mlflow_url: str | None = None
+    exported: list[Path] = field(default_factory=list)
+    wall_s: float = 0.0
+    interrupted: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- trainable
+
+
+def trial_threads(spec: SweepSpec, trial: TrialConfig) -> int:
+    """Torch CPU threads of a trial: the config's own value, else the CPUs Ray reserves for it."""
+    return trial.train.num_threads or max(1, int(spec.resources.cpu))
+
+
+class TuneReporter:
+    """The Reporter protocol on top of Tune's session: one tune.report per epoch, checkpoints persisted."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(dict(metrics), checkpoint=checkpoint)
+
+    def restore_dir(self) -> Path | None:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        return Path(checkpoint.to_directory()) if checkpoint else None
+
+
+def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None) -> None:
+    """The Tune trainable: the sampled config -> TrialConfig -> sweep.train.run_trial on this worker."""
+    import ray
+    import torch
+
+    from sweep.train import run_trial
+
+    sweep_spec = SweepSpec.model_validate(spec)
+    trial = trial_config(sweep_spec, config)
+    threads = trial_threads(sweep_spec, trial)
+    torch.set_num_threads(threads)
+    device = "cuda" if ray.get_gpu_ids() else "cpu"  # CUDA only when Ray assigned this trial a GPU
+    trial = trial.model_copy(update={"train": trial.train.model_copy(update={"device": device,
+                                                                               "num_threads": threads})})
+    workdir = Path(tempfile.mkdtemp(prefix="fwsweep-trial-"))
+    try:
+        run_trial(trial, TuneReporter(), workdir)
+    except TrialDiverged:
+        pass  # reported with `diverged: 1`; ending normally keeps Tune from retrying a hopeless trial
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+
+
+def _probe(address: str) -> None:
+    """Fail fast on an address where nothing listens (ray.init would retry for a minute)."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(Problem("--address", f"{address!r} is not HOST:PORT",
+                                "give the Ray head's GCS address, e.g. 10.0.0.5:6379, or ray://HOST:10001"))
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            pass
+    except OSError as err:
+        raise UserError(Problem("--address", f"no Ray cluster answers at {address} ({err.strerror or err})",
+                                "start the head (`ray start --head`), check the host/port and firewall, or "
+                                "drop --address / RAY_ADDRESS to run on this machine")) from None
+
+
+def connect_ray(address: str | None = None) -> bool:
+    """Start a local Ray (all cores here) or join `address` / RAY_ADDRESS. True if this call started it."""
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the compact trial table, not a log line per result
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # 1 ckpt/epoch
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _probe(address)
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except Exception as err:  # auth or version mismatch: name the flag and the env knobs
+            raise UserError(Problem("--address", f"cannot join the Ray cluster at {address}: {err}",
+                                    "use the same Ray version and RAY_AUTH_MODE (and RAY_AUTH_TOKEN) as the "
+                                    "head")) from None
+        return True
+    # A private local cluster. With RAY_AUTH_MODE unset, ray.init turns token auth on itself (making
+    # ~/.ray/auth_token on first use) and exports RAY_AUTH_MODE=token to the workers it starts. Setting
+    # the variable here would be too late for Ray's already-loaded config, so only its notice is hushed.
+    import logging
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- Tuner
+
+
+def _sampler(spec: SweepSpec) -> Any:
+    import optuna
+
+    cfg = spec.searcher
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    startup = {} if cfg.n_startup_trials is None else {"n_startup_trials": cfg.n_startup_trials}
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if cfg.name == "random" or cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.seed)
+    if cfg.sampler == "tpe":  # multivariate + group: TPE models the conditional per-model subspaces jointly
+        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, group=True, constant_liar=True,
+                                          **startup)
+    if cfg.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=cfg.seed, **startup)
+    if cfg.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=cfg.seed, warn_independent_sampling=False)
+    try:
+        import cmaes  # noqa: F401
+    except ImportError:
+        raise UserError(Problem("searcher.sampler", "cmaes needs the `cmaes` package",
+                                "pip install cmaes, or use sampler: tpe")) from None
+    return optuna.samplers.CmaEsSampler(seed=cfg.seed, warn_independent_sampling=False, **startup)
+
+
+def _scheduler(spec: SweepSpec) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+
+    s, metric, mode = spec.scheduler, spec.metric.name, spec.metric.mode
+    common = {"time_attr": "training_iteration", "metric": metric, "mode": mode}  # one iteration = one epoch
+    if s.name == "asha":
+        return ASHAScheduler(max_t=spec.max_epochs, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor, brackets=s.brackets, **common)
+    if s.name == "hyperband":
+        return HyperBandScheduler(max_t=spec.max_epochs, reduction_factor=s.reduction_factor, **common)
+    if s.name == "median":
+        return MedianStoppingRule(grace_period=s.grace_period, **common)
+    return FIFOScheduler()
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _trial_name(trial: Any) -> str:
+    return f"{trial.config.get(MODEL_KEY, 'trial')}_{trial.trial_id}"
+
+
+def _progress_reporter(spec: SweepSpec) -> Any:
+    from ray.tune import CLIReporter
+
+    params = {MODEL_KEY: "model"}
+    for key in ("lr", "hidden_size"):
+        if key in spec.space.get("common", {}):
+            params[key] = key
+    reporter = CLIReporter(
+        metric_columns={"training_iteration": "epoch", spec.metric.name: spec.metric.name,
+                        "val_loss": "val_loss", "time_total_s": "time (s)"},
+        parameter_columns=params, max_report_frequency=15, sort_by_metric=True,
+        metric=spec.metric.name, mode=spec.metric.mode, max_progress_rows=20, max_error_rows=5,
+    )
+    return reporter
+
+
+def _trainable(spec: SweepSpec) -> Any:
+    from ray import tune
+
+    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    return tune.with_resources(tune.with_parameters(tune_trial, spec=spec.model_dump(mode="json")), resources)
+
+
+def _callbacks(spec: SweepSpec, tracking_url: str | None) -> list[Any]:
+    if tracking_url is None:
+        return []
+    from sweep.mlflow_callback import MlflowSweepCallback
+
+    tags = {"searcher": f"{spec.searcher.name}/{spec.searcher.sampler}", "scheduler": spec.scheduler.name,
+            "task": spec.task.name, "difficulty": spec.task.difficulty}
+    return [MlflowSweepCallback(tracking_url, spec.experiment, spec.name, spec.model_dump(mode="json"), tags,
+                                trial_config_fn=functools.partial(trial_config, spec))]
+
+
+def build_tuner(spec: SweepSpec, tracking_url: str | None = None) -> Any:
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(space=DefineByRun(spec), metric=spec.metric.name, mode=spec.metric.mode,
+                            sampler=_sampler(spec))
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.budget.max_concurrent)
+    run_config = tune.RunConfig(
+        name=spec.name,
+        storage_path=str(paths.sweeps_dir()),
+        failure_config=tune.FailureConfig(max_failures=spec.retries.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+        callbacks=_callbacks(spec, tracking_url),
+        progress_reporter=_progress_reporter(spec),
+        verbose=1,
+    )
+    tune_config = tune.TuneConfig(
+        search_alg=searcher, scheduler=_scheduler(spec), num_samples=spec.budget.num_samples,
+        time_budget_s=spec.budget.time_budget_s, reuse_actors=False, trial_dirname_creator=_trial_dirname,
+        trial_name_creator=_trial_name,
+    )
+    return tune.Tuner(_trainable(spec), tune_config=tune_config, run_config=run_config)
+
+
+def restore_tuner(spec: SweepSpec, tracking_url: str | None = None) -> Any:
+    from ray import tune
+
+    tuner = tune.Tuner.restore(str(paths.sweep_dir(spec.name)), trainable=_trainable(spec),
+                               resume_unfinished=True, resume_errored=True)
+    # The callbacks were pickled with the old run; the tracking server may now live at another URL.
+    run_config = tuner._local_tuner.get_run_config()
+    run_config.callbacks = _callbacks(spec, tracking_url)
+    run_config.progress_reporter = _progress_reporter(spec)
+    return tuner
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+def saved_spec(name: str) -> SweepSpec | None:
+    """The spec a sweep on disk was started with (saved next to Tune's experiment state)."""
+    path = paths.sweep_dir(name) / SPEC_FILE
+    if not path.exists():
+        return None
+    return validate_as(SweepSpec, yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+
+
+def _check_start(spec: SweepSpec, resume: bool) -> None:
+    from ray import tune
+
+    folder = paths.sweep_dir(spec.name)
+    restorable = folder.exists() and tune.Tuner.can_restore(str(folder))
+    if resume:
+        if not restorable:
+            raise UserError(Problem(spec.name, f"no sweep state to resume in {folder}",
+                                    "start it with `sweep run SPEC` (see `sweep list`)"))
+        old = saved_spec(spec.name)
+        if old is not None and old.model_dump() != spec.model_dump():
+            raise UserError(Problem(spec.name, "this sweep was started from a different spec",
+                                    f"resume with the saved spec ({folder / SPEC_FILE}) or start a new sweep "
+                                    "with another --name"))
+    elif restorable:
+        raise UserError(Problem(spec.name, f"a sweep with this name already exists in {folder}",
+                                f"continue it with `sweep resume {spec.name}`, or pass --name NEW_NAME"))
+
+
+def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str | None = None,
+              resume: bool = False) -> SweepResult:
+    """Run (or resume) a sweep to the end, export its best config, and say where everything is."""
+    from ray import tune  # noqa: F401  (fail early if Ray is broken)
+
+    from sweep import export
+    from sweep.tracking import ensure_server
+
+    start = time.monotonic()
+    _check_start(spec, resume)
+    uri = tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    tracking_url = ensure_server(uri).url
+    mlflow_url = tracking_url
+    started = connect_ray(address)
+    try:
+        folder = paths.sweep_dir(spec.name)
+        if resume:
+            tuner = restore_tuner(spec, tracking_url)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / SPEC_FILE).write_text(dump_yaml(spec.model_dump(mode="json")), encoding="utf-8")
+            tuner = build_tuner(spec, tracking_url)
+        callbacks = tuner._local_tuner.get_run_config().callbacks
+        tuner.fit()
+        mlflow_url = next((cb.parent_run_url for cb in callbacks if getattr(cb, "parent_run_url", None)),
+                          tracking_url)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    records = export.load_trials(spec.name)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    interrupted = any(r.status in ("PENDING", "RUNNING", "PAUSED") for r in records) or \
+        len(records) < spec.budget.num_samples and spec.budget.time_budget_s is None
+    best = export.best_trials(records, spec.metric.name, spec.metric.mode, k=1)
+    exported = export.write_exports(spec.name, records=records) if best else []
+    return SweepResult(
+        name=spec.name, path=paths.sweep_dir(spec.name), status_counts=counts, best=best[0] if best else None,
+        metric=spec.metric.name, mlflow_url=mlflow_url, exported=exported,
+        wall_s=time.monotonic() - start, interrupted=interrupted,
+    )
