@@ -69,6 +69,7 @@ def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None) -> No
     import ray
     import torch
 
+    from sweep import testing_faults
     from sweep.train import run_trial
 
     sweep_spec = SweepSpec.model_validate(spec)
@@ -80,7 +81,7 @@ def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None) -> No
                                                                                "num_threads": threads})})
     workdir = Path(tempfile.mkdtemp(prefix="fwsweep-trial-"))
     try:
-        run_trial(trial, TuneReporter(), workdir)
+        run_trial(trial, testing_faults.wrap(TuneReporter()), workdir)  # no-op unless FWSWEEP_FAULT
     except TrialDiverged:
         pass  # reported with `diverged: 1`; ending normally keeps Tune from retrying a hopeless trial
     finally:
@@ -297,6 +298,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     from sweep.tracking import ensure_server
 
     start = time.monotonic()
+    paths.check_home()
     _check_start(spec, resume)
     uri = tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     tracking_url = ensure_server(uri).url
