@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from fixtures_mlflow import mlflow_server  # noqa: F401  (a real MLflow server on a free loopback port)
 
 from sweep.config import TrialConfig
 

@@ -1,0 +1,251 @@
+"""Find or start the MLflow tracking server a sweep logs to.
+
+Without a URI, fwsweep runs one local `mlflow server` per FWSWEEP_HOME (SQLite database + artifact folder
+under `sweep.paths.mlflow_dir()`), bound to 127.0.0.1 on a free port, detached so later commands
+(`sweep ui`, the next sweep) reuse it. Its pid and URL live in `server.json` in that folder.
+With a URI, the server must already answer its `/health` endpoint: a sweep that cannot log is refused
+before any trial starts, rather than training for hours and losing the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sweep import paths
+from sweep.errors import Problem, UserError
+
+HEALTH_TIMEOUT_S = 3.0  # one /health probe of a given server
+START_TIMEOUT_S = 90.0  # a fresh local server is usually healthy in 4-10 s; a loaded machine is slower
+STATE_FILE = "server.json"
+LOG_FILE = "server.log"
+LOCK_FILE = "server.lock"
+
+
+@dataclass(frozen=True)
+class TrackingServer:
+    """Where runs are logged. `started_here`: this call launched the local server (vs. reused/given)."""
+
+    url: str
+    started_here: bool = False
+    pid: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------- health
+
+
+def is_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
+    """True when an MLflow server answers `GET <url>/health` with 200."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
+            return resp.status == 200
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+
+
+def ensure_server(uri: str | None) -> TrackingServer:
+    """The server to log to: check a given URI, else reuse or start the local one.
+
+    `uri` None falls back to $MLFLOW_TRACKING_URI, then to the local server. Non-HTTP URIs
+    (`sqlite:///...`, `file:...`) need no server and are returned as they are.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        return ensure_local_server()
+    if not uri.startswith(("http://", "https://")):
+        return TrackingServer(url=uri)
+    if not is_healthy(uri):
+        raise UserError(Problem(
+            "--tracking-uri / MLFLOW_TRACKING_URI / tracking.uri",
+            f"no MLflow server answers at {uri} (GET {uri.rstrip('/')}/health failed)",
+            "start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`), correct the URL, or leave the URI "
+            "unset so fwsweep starts its own local server",
+        ))
+    return TrackingServer(url=uri.rstrip("/"))
+
+
+# ---------------------------------------------------------------------------------------------- local server
+
+
+def ensure_local_server(folder: Path | None = None) -> TrackingServer:
+    """Reuse the local server recorded in `folder` (default mlflow_dir()) when alive, else start one."""
+    folder = folder or paths.mlflow_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder):  # two sweeps starting at once must not start two servers
+        state = read_state(folder)
+        if state and _is_mlflow_process(state.get("pid")) and is_healthy(state["url"]):
+            return TrackingServer(url=state["url"], started_here=False, pid=state["pid"])
+        if state:  # stale record: its server died (or its pid now belongs to something else)
+            _kill_tree(state.get("pid"))
+            (folder / STATE_FILE).unlink(missing_ok=True)
+        server = start_server(folder)
+        (folder / STATE_FILE).write_text(json.dumps(asdict(server) | {"started_at": time.time()}))
+        return server
+
+
+def read_state(folder: Path | None = None) -> dict | None:
+    """The recorded local server ({url, pid, ...}) or None."""
+    path = (folder or paths.mlflow_dir()) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and "url" in state and "pid" in state else None
+
+
+def start_server(folder: Path, host: str = "127.0.0.1", port: int | None = None,
+                 timeout: float = START_TIMEOUT_S) -> TrackingServer:
+    """Launch `mlflow server` detached (own process group) on `folder`, and wait until it is healthy.
+
+    Lean on purpose: one worker and no job-execution processes (2 processes, ~0.5 GB, instead of 15 and
+    3 GB). Raises RuntimeError with the server log's tail if it does not come up.
+    """
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    port = port or free_port(host)
+    url = f"http://{host}:{port}"
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination", str(folder / "artifacts"),
+        "--serve-artifacts",
+        "--host", host, "--port", str(port), "--workers", "1",
+    ]
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
+    with open(folder / LOG_FILE, "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_healthy(url, timeout=1.0):
+            return TrackingServer(url=url, started_here=True, pid=proc.pid)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.25)
+    _kill_tree(proc.pid)
+    proc.wait(timeout=10)
+    raise RuntimeError(
+        f"the local MLflow server did not become healthy at {url} within {timeout:.0f} s; "
+        f"last lines of {folder / LOG_FILE}:\n{_tail(folder / LOG_FILE)}"
+    )
+
+
+def stop_local_server(folder: Path | None = None) -> bool:
+    """Stop the recorded local server and its whole process tree; False if none was running."""
+    folder = folder or paths.mlflow_dir()
+    state = read_state(folder)
+    if not state:
+        return False
+    alive = _is_mlflow_process(state.get("pid"))
+    if alive:
+        _kill_tree(state["pid"])
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    return alive
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def stop_process_tree(pid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group led by `pid` and every descendant, then SIGKILL what is left."""
+    _kill_tree(pid, grace_s)
+
+
+def _kill_tree(pid: int | None, grace_s: float = 10.0) -> None:
+    if not pid or not _exists(pid):
+        return
+    victims = [pid, *_descendants(pid)]
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)  # the server runs in its own session: pgid == pid
+    for p in victims:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_exists(p) for p in victims):
+        _reap(victims)
+        time.sleep(0.1)
+    for p in victims:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
+    _reap(victims)
+
+
+def _reap(pids: list[int]) -> None:
+    """Collect our own exited children so they do not linger as zombies (and look alive)."""
+    for p in pids:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(p, os.WNOHANG)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError, IndexError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
+    return True
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every descendant of `pid` (Linux /proc; elsewhere the process group kill covers it)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _is_mlflow_process(pid: int | None) -> bool:
+    """Alive and still an mlflow server (a recorded pid may have been reused by another program)."""
+    if not pid or not _exists(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return True  # no /proc (macOS): trust the pid plus the health check
+    return b"mlflow" in cmdline and b"server" in cmdline
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    with open(folder / LOCK_FILE, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
