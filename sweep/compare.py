@@ -283,7 +283,7 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
     """
     from ray import tune
 
-    from sweep.runner import run_sweep
+    from sweep.runner import connect_ray, run_sweep
     from sweep.tracking import ensure_server
 
     if spec.compare is None:
@@ -297,6 +297,7 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
     manifest.spec, manifest.tracking_uri = spec.model_dump(mode="json"), server.url
     _parent_run(manifest, spec)
     manifest.save()
+    ray_started = connect_ray(address)  # one Ray for every sweep and the seed runs
     try:
         for difficulty in spec.difficulties():
             for model in spec.compared_models():
@@ -324,6 +325,11 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         _client(server.url).set_terminated(manifest.parent_run_id, status=status)
         raise
+    finally:
+        if ray_started:
+            import ray
+
+            ray.shutdown()
     _client(server.url).set_terminated(manifest.parent_run_id, status="FINISHED")
     return files
 

@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import typer
-from rich.markdown import Markdown
+from rich.table import Table
 
 from sweep.cli import app
 from sweep.cli.output import console
 
 
+def _num(value: str, fmt: str) -> str:
+    try:
+        x = float(value)
+    except ValueError:
+        return "–"
+    return "–" if x != x else format(x, fmt)
+
+
 def _show(files: list[Path]) -> None:
+    """A compact view of summary.csv per difficulty; the full tables are in report.md."""
     report = next(p for p in files if p.name == "report.md")
-    text = report.read_text(encoding="utf-8")
-    results = text.split("## Results", 1)[-1].split("## Plots", 1)[0]
-    console.print(Markdown(results))
+    rows = list(csv.DictReader((report.parent / "summary.csv").open(encoding="utf-8")))
+    for task, pairs in dict.fromkeys((r["task"], r["pairs"]) for r in rows):
+        table = Table(title=f"{task.upper()}, K = {pairs}", title_justify="left")
+        reach = [c for c in rows[0] if c.startswith("steps_to_")]
+        columns = ["model", "params", "test error %", *[f"steps to {c[9:]}%" for c in reach], "p (Holm)", ""]
+        for col in columns:
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for r in (r for r in rows if (r["task"], r["pairs"]) == (task, pairs)):
+            verdict = {"True": "worse*", "False": "n.s."}.get(r["significant"], "")
+            error = f"{_num(r['test_error_pct_mean'], '.2f')} ± {_num(r['test_error_pct_ci95'], '.2f')}"
+            table.add_row(r["model"], r["num_params"] or "–", error,
+                          *[_num(r[c], ',.0f') for c in reach], _num(r["p_holm"], '.3g'),
+                          "best" if r["best"] == "True" else verdict)
+        console.print(table)
+    console.print("* significantly worse than the best (Holm-corrected); n.s.: not significant")
     console.print(f"report written to [bold]{report.parent}[/] ({len(files)} files), also logged to MLflow")
 
 
