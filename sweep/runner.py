@@ -52,10 +52,13 @@ class TuneReporter:
     """The Reporter protocol on top of Tune's session: one tune.report per epoch, checkpoints persisted."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        import ray
         from ray import tune
 
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        tune.report(dict(metrics), checkpoint=checkpoint)
+        # node_id: the Ray node that ran the epoch (Tune's hostname/node_ip coincide for nodes on one host).
+        node = {"node_id": ray.get_runtime_context().get_node_id()}
+        tune.report(dict(metrics) | node, checkpoint=checkpoint)
 
     def restore_dir(self) -> Path | None:
         from ray import tune
