@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from sweep import paths
-from sweep.config import SweepSpec, TrialConfig, dump_yaml, validate_as
+from sweep.config import Distribution, SweepSpec, TrialConfig, dump_yaml, validate_as
 from sweep.errors import Problem, TrialDiverged, UserError
 from sweep.space import MODEL_KEY, DefineByRun, trial_config
 
@@ -194,9 +194,9 @@ def _trial_name(trial: Any) -> str:
 def _progress_reporter(spec: SweepSpec) -> Any:
     from ray.tune import CLIReporter
 
-    params = {MODEL_KEY: "model"}
-    for key in ("lr", "hidden_size"):
-        if key in spec.space.get("common", {}):
+    params = {MODEL_KEY: "model"}  # and the searched common params (per-model ones would leave gaps)
+    for key, value in spec.space.get("common", {}).items():
+        if isinstance(value, Distribution) and len(params) < 4:
             params[key] = key
     reporter = CLIReporter(
         metric_columns={"training_iteration": "epoch", spec.metric.name: spec.metric.name,

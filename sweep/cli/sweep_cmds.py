@@ -1,3 +1,236 @@
-"""Commands: placeholder until this area lands."""
+"""Commands: `run`, `resume`, `export`, `ui`, `list`, `show` (sweeps on Ray Tune, tracked in MLflow)."""
 
-from sweep.cli import app  # noqa: F401
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from sweep.cli import app
+from sweep.cli.output import console
+
+ADDRESS_HELP = "Ray cluster address HOST:PORT (or ray://HOST:10001); default: $RAY_ADDRESS, else local Ray"
+TRACKING_HELP = ("MLflow server URL; default: the spec's tracking.uri, $MLFLOW_TRACKING_URI, else the local "
+                 "server")
+
+
+def _summary(result) -> None:  # noqa: ANN001  (sweep.runner.SweepResult; imported lazily for a fast CLI)
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(result.status_counts.items())) or "no trials"
+    console.print(f"\n[bold]sweep {result.name}[/]: {counts} in {result.wall_s:.0f} s")
+    best = result.best
+    if best is not None:
+        value = best.value(result.metric)
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
+        console.print(f"best trial: {best.trial_id} ({best.model}) {result.metric}={value:.4f} "
+                      f"after {best.epochs} epoch(s): {escape(params)}", soft_wrap=True)
+    if result.mlflow_url:
+        console.print(f"MLflow:     {result.mlflow_url}", soft_wrap=True)
+    for path in result.exported:
+        console.print(f"exported:   {path}", soft_wrap=True)
+        console.print(f"re-run it:  sweep train --config {path}", soft_wrap=True)
+    if result.interrupted:
+        console.print(f"[yellow]interrupted[/]: continue with `sweep resume {result.name}`")
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="search-space YAML (see search_spaces/ and docs/sweeps.md)"),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+    name: str | None = typer.Option(None, "--name", help="sweep name (default: the spec's name:)"),
+) -> None:
+    """Run a sweep: Optuna proposes trials, Ray Tune runs and early-stops them, MLflow records them."""
+    from sweep.config import SweepSpec, load_spec, validate_as
+    from sweep.runner import run_sweep
+
+    sweep_spec = load_spec(spec)
+    if name:
+        sweep_spec = validate_as(SweepSpec, sweep_spec.model_dump(mode="json") | {"name": name}, "--name")
+    result = run_sweep(sweep_spec, address=address, tracking_uri=tracking_uri)
+    _summary(result)
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
+def resume(
+    name: str = typer.Argument(..., help="the sweep's name (see `sweep list`)"),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+) -> None:
+    """Continue an interrupted sweep: finished trials are kept, unfinished ones go on from a checkpoint."""
+    from sweep.export import load_spec_of
+    from sweep.runner import run_sweep
+
+    result = run_sweep(load_spec_of(name), address=address, tracking_uri=tracking_uri, resume=True)
+    _summary(result)
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
+def export(
+    name: str = typer.Argument(..., help="the sweep's name (see `sweep list`)"),
+    top_k: int = typer.Option(1, "--top-k", help="also write the k best trials as top1..topk"),
+    per_model: bool = typer.Option(False, "--per-model", help="also write the best trial of each model"),
+    fmt: str = typer.Option("yaml", "--format", help="yaml (with a provenance header) or json"),
+    out: Path | None = typer.Option(None, "--out", help="output folder; default: <sweep folder>/exports"),
+) -> None:
+    """Write the best configs of a sweep as TrialConfig files that `sweep train --config` re-runs."""
+    from sweep.export import write_exports
+
+    for path in write_exports(name, top_k=top_k, per_model=per_model, fmt=fmt, out=out):
+        console.print(str(path))
+
+
+@app.command()
+def ui(
+    detach: bool = typer.Option(False, "--detach", help="leave the server running and return"),
+    stop: bool = typer.Option(False, "--stop", help="stop the local MLflow server and return"),
+) -> None:
+    """Start (or find) the local MLflow server and print its URL; it stays up until Ctrl-C."""
+    from sweep.tracking import ensure_server, stop_local_server
+
+    if stop:
+        stopped = stop_local_server()
+        console.print("local MLflow server stopped" if stopped else "no local MLflow server running")
+        return
+    server = ensure_server(None)  # $MLFLOW_TRACKING_URI if set, else the local server
+    console.print(f"MLflow UI: [bold]{server.url}[/]")
+    if detach:
+        console.print("running in the background; stop it with `sweep ui --stop`")
+        return
+    console.print("Ctrl-C to stop it" if server.started_here else "Ctrl-C to return (the server keeps going)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        if server.started_here:
+            stop_local_server()
+            console.print("local MLflow server stopped")
+
+
+def _sweep_rows(name: str) -> dict[str, str]:
+    from sweep.export import best_trials, load_spec_of, load_trials
+
+    spec = load_spec_of(name)
+    records = load_trials(name)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    done = counts.get("TERMINATED", 0) + counts.get("ERROR", 0)
+    if done >= spec.budget.num_samples:
+        status = "finished"
+    elif counts.get("RUNNING") or counts.get("PENDING") or records:
+        status = "interrupted" if not _is_running(name) else "running"
+    else:
+        status = "not started"
+    best = best_trials(records, spec.metric.name, spec.metric.mode)
+    return {
+        "name": name, "status": status, "trials": f"{len(records)}/{spec.budget.num_samples}",
+        "errors": str(counts.get("ERROR", 0)), "models": ",".join(spec.models),
+        "best": f"{best[0].value(spec.metric.name):.4f} ({best[0].model})" if best else "-",
+        "metric": spec.metric.name,
+    }
+
+
+def _is_running(name: str) -> bool:
+    """A Tune driver updates the experiment state at least every few seconds while it runs."""
+    from sweep import paths
+
+    states = list(paths.sweep_dir(name).glob("experiment_state-*.json"))
+    return bool(states) and time.time() - max(p.stat().st_mtime for p in states) < 30
+
+
+def _sweeps_on_disk() -> list[str]:
+    from sweep import paths
+    from sweep.runner import SPEC_FILE
+
+    root = paths.sweeps_dir()
+    return sorted(p.parent.name for p in root.glob(f"*/{SPEC_FILE}")) if root.exists() else []
+
+
+def _mlflow_runs(tracking_uri: str | None) -> dict[str, str]:
+    """sweep name -> parent run status in MLflow; only asks a server that is already up (never starts one)."""
+    from sweep import tracking
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        state = tracking.read_state()
+        uri = state["url"] if state and tracking.is_healthy(state["url"]) else None
+    if uri is None or (uri.startswith("http") and not tracking.is_healthy(uri)):
+        return {}
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    out: dict[str, str] = {}
+    for exp in client.search_experiments():
+        runs = client.search_runs([exp.experiment_id], "tags.`mlflow.parentRunId` IS NULL", max_results=500)
+        for run in runs:
+            sweep = run.data.tags.get("sweep")
+            if sweep and "trial_id" not in run.data.tags:
+                out[sweep] = run.info.status
+    return out
+
+
+@app.command("list")
+def list_sweeps(
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+) -> None:
+    """The sweeps on disk (and their parent runs in MLflow, when its server is up)."""
+    from sweep import paths
+
+    names = _sweeps_on_disk()
+    try:
+        in_mlflow = _mlflow_runs(tracking_uri)
+    except Exception:  # listing must work with MLflow down
+        in_mlflow = {}
+    if not names and not in_mlflow:
+        console.print(f"no sweeps in {paths.sweeps_dir()} (try: sweep run search_spaces/quickstart.yaml)")
+        return
+    table = Table("name", "status", "trials", "errors", "best", "models", "MLflow")
+    for name in names:
+        row = _sweep_rows(name)
+        table.add_row(row["name"], row["status"], row["trials"], row["errors"], row["best"], row["models"],
+                      in_mlflow.get(name, "-"))
+    for name in sorted(set(in_mlflow) - set(names)):
+        table.add_row(name, "only in MLflow", "-", "-", "-", "-", in_mlflow[name])
+    console.print(table)
+
+
+@app.command()
+def show(
+    name: str = typer.Argument(..., help="the sweep's name (see `sweep list`)"),
+    top: int = typer.Option(10, "--top", help="trials to list, best first"),
+) -> None:
+    """One sweep: its status, where it is stored, and its best trials."""
+    from sweep import paths
+    from sweep.export import best_trials, load_spec_of, load_trials
+
+    spec = load_spec_of(name)
+    row = _sweep_rows(name)
+    console.print(f"[bold]{name}[/] ({row['status']}): {row['trials']} trials, {row['errors']} errors; "
+                  f"best {spec.metric.name} {row['best']}")
+    console.print(f"folder: {paths.sweep_dir(name)}")
+    records = load_trials(name)
+    ranked = best_trials(records, spec.metric.name, spec.metric.mode, k=top)
+    table = Table("trial", "model", spec.metric.name, "epochs", "status", "params")
+    for r in ranked:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in r.params.items() if k != "model")
+        early = " (early stop)" if r.stopped_early(spec.max_epochs) else ""
+        table.add_row(r.trial_id, r.model, f"{r.value(spec.metric.name):.4f}", f"{r.epochs}{early}", r.status,
+                      params)
+    console.print(table)
+    index = paths.sweep_dir(name) / "exports" / "index.json"
+    if index.exists():
+        files = [e["file"] for e in json.loads(index.read_text())["exports"]]
+        console.print(f"exports: {index.parent} ({', '.join(files)})")
