@@ -56,8 +56,10 @@ class TuneReporter:
         from ray import tune
 
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        # node_id: the Ray node that ran the epoch (Tune's hostname/node_ip coincide for nodes on one host).
-        node = {"node_id": ray.get_runtime_context().get_node_id()}
+        # Where the epoch ran: the Ray node (Tune's hostname/node_ip coincide for nodes on one host) and the
+        # GPU ids Ray assigned this trial ("" without a GPU).
+        node = {"node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids())}
         tune.report(dict(metrics) | node, checkpoint=checkpoint)
 
     def restore_dir(self) -> Path | None:
