@@ -9,6 +9,7 @@ Two documents:
 
 from __future__ import annotations
 
+import builtins
 import copy
 import math
 from pathlib import Path
@@ -129,8 +130,9 @@ class Distribution(Strict):
 
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
-    int: tuple[int, int] | None = None
-    logint: tuple[int, int] | None = None
+    # builtins.int: inside this class the name `int` is the field below, not the type
+    int: tuple[builtins.int, builtins.int] | None = None
+    logint: tuple[builtins.int, builtins.int] | None = None
     choice: list[Any] | None = None
     step: float | None = Field(None, gt=0, description="quantisation step for uniform/int")
 
