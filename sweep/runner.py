@@ -304,7 +304,11 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
 
     start = time.monotonic()
     paths.check_home()
-    _check_start(spec, resume)
+    _check_start(spec, resume)  # every cheap check first: nothing starts or is written on a mistake
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _probe(address)
+    _sampler(spec)
     uri = tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     tracking_url = ensure_server(uri).url
     mlflow_url = tracking_url
