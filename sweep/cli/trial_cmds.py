@@ -64,7 +64,7 @@ _COMMON_MODEL_FIELDS = ("hidden_size", "embed_size", "head_size")
 @app.command()
 def train(
     config_arg: Path | None = typer.Argument(
-        None, metavar="[CONFIG]", help="trial config YAML (same as --config)"
+        None, metavar="CONFIG", help="trial config YAML (same as --config)"
     ),
     config_opt: Path | None = typer.Option(
         None, "--config", "-c", help="trial config YAML (e.g. from `sweep export`)"

@@ -1,0 +1,92 @@
+"""`sweep train` end to end: run folder contents, resume, and Ctrl-C (a real SIGINT to a real process)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweep.cli import main
+
+SWEEP = Path(sys.executable).with_name("sweep")
+SETS = ["task.train_size=2000", "task.val_size=400", "task.test_size=400", "train.batch_size=64",
+        "train.num_threads=1", "train.target_accuracy=null", "model.embed_size=16", "model.head_size=16"]
+TINY = ["--model", "lstm", "--pairs", "2", "--hidden-size", "16", "--lr", "0.003", "--device", "cpu",
+        *[arg for s in SETS for arg in ("--set", s)]]
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["sweep", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    out = capsys.readouterr()
+    return (0 if info.value.code is None else int(info.value.code)), out.out + out.err
+
+
+def trajectory(history: list[dict]) -> list[dict]:
+    """What must match between runs: no timings, and test results only where they were measured last."""
+    timings = {"steps_per_s", "sequences_per_s", "elapsed_s"}
+    tests = {"test_loss", "test_accuracy", "test_error"}
+    return [{k: v for k, v in h.items() if k not in timings | tests} for h in history[:-1]] + [
+        {k: v for k, v in history[-1].items() if k not in timings}]
+
+
+def test_train_writes_the_run_folder_and_resume_extends_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    run = tmp_path / "run"
+    code, out = run_cli(["train", *TINY, "--epochs", "2", "--out", str(run)], monkeypatch, capsys)
+    assert code == 0, out
+    assert "test accuracy" in out and str(run) in out
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"] == {"name": "lstm", "hidden_size": 16, "embed_size": 16, "head_size": 16}
+    assert config["train"]["epochs"] == 2 and config["task"]["pairs"] == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert 0 <= metrics["final"]["test_accuracy"] <= 1
+    assert len(list((run / "checkpoints").iterdir())) == 2
+
+    code, out = run_cli(["train", "--resume", str(run), "--epochs", "3"], monkeypatch, capsys)
+    assert code == 0, out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3
+
+    straight = tmp_path / "straight"
+    assert run_cli(["train", *TINY, "--epochs", "3", "--out", str(straight)], monkeypatch, capsys)[0] == 0
+    assert trajectory(json.loads((straight / "metrics.json").read_text())["history"]) == trajectory(
+        metrics["history"])
+
+
+def test_default_run_folder_under_fwsweep_home(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path / "home"))
+    code, out = run_cli(["train", *TINY, "--epochs", "1"], monkeypatch, capsys)
+    assert code == 0, out
+    (run,) = (tmp_path / "home" / "train").iterdir()
+    assert run.name.startswith("lstm-art-K2-") and (run / "metrics.json").is_file()
+
+
+def test_ctrl_c_saves_and_the_printed_command_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [str(SWEEP), "train", *TINY, "--epochs", "4", "--set", "task.train_size=20000", "--out", str(run)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not list((run / "checkpoints").glob("step-*")) and time.monotonic() < deadline:  # epoch 1 done
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "state saved" in out
+    command = next(line for line in out.splitlines() if line.startswith("resume with: "))
+    assert command == f"resume with: sweep train --resume {run}"
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+
+    done = subprocess.run([str(SWEEP), *command.removeprefix("resume with: sweep").split()],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
