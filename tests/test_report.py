@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 
 import pytest
+import yaml
 
 from sweep.report import SeedRun, summarize, write_report
 
@@ -62,3 +66,34 @@ def test_report_files_exist_and_match_the_runs(runs, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "### ART, K = 8" in md and "1.00 ± 0.20" in md and "not reached (0/5)" in md
     assert "git commit**: abc" in md
+
+
+@pytest.mark.parametrize("compare, field", [
+    ({"tasks": ["art", "nope"]}, "compare.tasks"),
+    ({"seeds": 1}, "compare.seeds"),
+    ({"seeds": [3, 3]}, "compare.seeds"),
+    ({"models": ["fw_rnn"]}, "compare.models"),
+    ({"pairs": [30]}, "compare.pairs"),
+    ({"thresholds": [1.5]}, "compare.thresholds"),
+    ({"test": "ttest"}, "compare.test"),
+    ({"seed": 3}, "compare.seed"),
+])
+def test_bad_compare_section_is_a_user_error_naming_the_field(tmp_path, compare, field):
+    from sweep.config import load_spec
+    from sweep.errors import UserError
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "models": ["fw_lstm", "ln_lstm"], "compare": compare}))
+    with pytest.raises(UserError) as err:
+        load_spec(path)
+    assert any(p.where.startswith(field) for p in err.value.problems), err.value.render()
+
+
+def test_compare_without_compare_section_exits_2(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "plain", "models": ["lstm"]}))
+    env = dict(os.environ, FWSWEEP_HOME=str(tmp_path / "home"))
+    cli = [sys.executable, "-c", "from sweep.cli import main; main()"]
+    done = subprocess.run([*cli, "compare", str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "compare:" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "home" / "sweeps" / "plain").exists()  # nothing half-written
