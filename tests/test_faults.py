@@ -137,7 +137,8 @@ class MlflowServer:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+def own_mlflow(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A server of this test's own (the shared session server must not be stopped by a test)."""
     server = MlflowServer(tmp_path / "mlflow")
     yield server
     server.stop()
@@ -158,7 +159,7 @@ def tune_trials(home: Path, name: str) -> dict[str, dict[str, Any]]:
     analysis = ExperimentAnalysis(str(experiment_dir(home, name)))
     out = {}
     for trial in analysis.trials:
-        folder = Path(trial.local_path) if trial.local_path else experiment_dir(home, name)
+        folder = experiment_dir(home, name) / trial.storage.trial_dir_name
         rows = []
         result_file = folder / "result.json"
         if result_file.exists():
@@ -256,3 +257,85 @@ def test_keep_checkpoints_reaches_tune(tmp_path: Path, monkeypatch: pytest.Monke
     spec.train.keep_checkpoints = 3
     tuner = build_tuner(spec, tracking_url=None)
     assert tuner._local_tuner.get_run_config().checkpoint_config.num_to_keep == 3
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+
+
+def run_to_end(args: list[str], home: Path, env: dict[str, str] | None = None, timeout: float = 240) -> str:
+    proc = SweepProcess(args, home, env)
+    rc = proc.wait(timeout)
+    out = proc.output()
+    assert rc == 0, f"`sweep {' '.join(args)}` exited {rc}:\n{out[-4000:]}"
+    return out  # (tracebacks of failed trials in this log are Tune's error report, expected here)
+
+
+def trial_runs_by_id(url: str, experiment: str) -> dict[str, Any]:
+    parents, children = mlflow_runs(url, experiment)
+    ids = [r.data.tags["trial_id"] for r in children]
+    assert len(ids) == len(set(ids)), f"duplicated MLflow runs: {sorted(ids)}"
+    return {r.data.tags["trial_id"]: r for r in children}
+
+
+def artifact_text(url: str, run_id: str, path: str) -> str:
+    from mlflow.artifacts import download_artifacts
+
+    return Path(download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=url)).read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_failing_trials_are_recorded_everywhere_and_retried_from_checkpoints(
+        own_mlflow: MlflowServer, home: Path, tmp_path: Path) -> None:
+    """One sweep, four trials run one at a time, three faults (retries.max_failures: 1):
+    a trial whose loss goes NaN at epoch 1 (not retried), one that raises at epoch 2 twice (retried once,
+    then failed), one whose worker process dies at epoch 3 (retried from its epoch-2 checkpoint, finishes),
+    and one untouched. The sweep must go on past all of them."""
+    spec = write_spec(tmp_path, "faults-fail", budget={"num_samples": 4, "max_concurrent": 1},
+                      retries={"max_failures": 1})
+    env = {"FWSWEEP_FAULT": "nan@1x1;raise@2x2;crash@3x1", "FWSWEEP_FAULT_STATE": str(tmp_path / "faults")}
+    run_to_end(["run", str(spec), "--tracking-uri", own_mlflow.url], home, env)
+
+    trials = tune_trials(home, "faults-fail")
+    assert len(trials) == 4
+    diverged = [t for t, v in trials.items() if v["diverged"]]
+    errored = [t for t, v in trials.items() if v["status"] == "ERROR"]
+    crashed = [t for t, v in trials.items() if v["status"] == "TERMINATED" and v["num_failures"] == 1]
+    clean = [t for t, v in trials.items() if v["num_failures"] == 0 and not v["diverged"]]
+    assert len(diverged) == len(errored) == len(crashed) == len(clean) == 1, trials
+    nan_trial = trials[diverged[0]]
+    assert (nan_trial["status"], nan_trial["num_failures"], nan_trial["epochs"]) == ("TERMINATED", 0, [1])
+    assert trials[errored[0]]["num_failures"] == 2 and trials[errored[0]]["epochs"] == [1]
+    assert trials[crashed[0]]["epochs"] == [1, 2, 3], "the retry did not continue from the epoch-2 checkpoint"
+    assert trials[clean[0]]["epochs"] == [1, 2, 3]
+    assert all(len(v["checkpoints"]) <= 2 for v in trials.values()), "more than keep_checkpoints kept"
+
+    study = optuna_by_tune_trial(home, "faults-fail")
+    assert set(study) == set(trials)
+    assert study[errored[0]].state.name == "FAIL"
+    assert all(study[t].state.name == "COMPLETE" for t in (crashed[0], clean[0]))
+
+    runs = trial_runs_by_id(own_mlflow.url, "faults-fail")
+    assert set(runs) == set(trials)
+    failed = runs[errored[0]]
+    assert failed.info.status == "FAILED"
+    assert "InjectedFault" in failed.data.tags.get("error", "")
+    assert "fault injected on purpose" in artifact_text(own_mlflow.url, failed.info.run_id, "error.txt")
+    assert runs[crashed[0]].info.status == "FINISHED" and runs[crashed[0]].data.tags.get("retries") == "1"
+    assert "worker process has died" in runs[crashed[0]].data.tags.get("last_error", "")
+    for tid in (crashed[0], clean[0]):
+        assert metric_steps(own_mlflow.url, runs[tid].info.run_id, "val_accuracy") == [1, 2, 3]
+    nan_run = runs[diverged[0]]
+    assert nan_run.info.status == "FAILED", "a diverged trial must be FAILED in MLflow"
+    assert "diverged" in nan_run.data.tags.get("error", "").lower()
+    parents, _ = mlflow_runs(own_mlflow.url, "faults-fail")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+
+
+def optuna_by_tune_trial(home: Path, name: str) -> dict[str, Any]:
+    """Tune trial id -> its Optuna trial, from the searcher state Tune saved."""
+    files = sorted(experiment_dir(home, name).glob("searcher-state-*.pkl"), key=os.path.getmtime)
+    with open(files[-1], "rb") as fh:
+        state = pickle.load(fh)
+    study_trials = {t.number: t for t in state["_ot_study"].get_trials(deepcopy=False)}
+    return {tid: study_trials[ot.number] for tid, ot in state["_ot_trials"].items()}

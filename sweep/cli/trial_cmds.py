@@ -150,12 +150,14 @@ def validate(
     files: list[Path] = typer.Argument(..., help="trial configs and/or sweep specs (a spec has `models:`)"),
 ) -> None:
     """Check files without running anything: every problem in every file at once (exit 2), else a summary."""
-    from sweep.config import load_spec, load_trial_config, read_yaml
+    from sweep.config import SweepSpec, TrialConfig, load_spec, load_trial_config, read_yaml
 
     errors: list[UserError] = []
     for path in files:
         try:
-            if "models" in read_yaml(path):
+            data = read_yaml(path)
+            # a spec has `models:` or another key only a spec has (so a spec missing `models` says so)
+            if "models" in data or set(data) & (set(SweepSpec.model_fields) - set(TrialConfig.model_fields)):
                 spec = load_spec(path)
                 summary = (
                     f"sweep spec '{spec.name}': {', '.join(spec.models)} on {spec.task.difficulty}, "
