@@ -97,3 +97,23 @@ def test_compare_without_compare_section_exits_2(tmp_path):
     done = subprocess.run([*cli, "compare", str(path)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "compare:" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "home" / "sweeps" / "plain").exists()  # nothing half-written
+
+
+def test_each_tuning_sweep_gets_the_same_budget_and_only_its_models_space():
+    from sweep.compare import seed_config, tuning_spec
+    from sweep.config import load_spec
+
+    spec = load_spec("search_spaces/paper_compare.yaml")
+    subs = [tuning_spec(spec, m, d) for d in spec.difficulties() for m in spec.compared_models()]
+    assert len(subs) == 3 * 6 and len({s.name for s in subs}) == len(subs)
+    for sub in subs:
+        assert sub.compare is None and len(sub.models) == 1
+        assert (sub.budget, sub.scheduler, sub.searcher, sub.train) == (spec.budget, spec.scheduler,
+                                                                        spec.searcher, spec.train)
+        assert set(sub.space) <= {"common", sub.models[0]}
+    hard = next(s for s in subs if s.name == "paper-compare.fw_rnn.mart-K16")
+    assert (hard.task.name, hard.task.pairs, hard.experiment) == ("mart", 16, "paper-compare")
+    from sweep.config import TrialConfig
+
+    cfg = seed_config(TrialConfig(), seed=3, epochs=7)
+    assert (cfg.train.seed, cfg.train.epochs, cfg.task.seed) == (3, 7, TrialConfig().task.seed)
