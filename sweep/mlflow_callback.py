@@ -227,6 +227,7 @@ class _RunState:
     final_tags: dict[str, str] = field(default_factory=dict)
     terminated: bool = False
     retries: int = 0
+    max_epochs: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------- callback
@@ -393,8 +394,7 @@ class MlflowSweepCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         state = self._trials.get(trial.trial_id) or self._trials.setdefault(
             trial.trial_id, self._new_trial_state(trial))
-        last = trial.last_result or {}
-        stopped = self._stopped_early(last)
+        stopped = self._stopped_early(trial.last_result or {}, state)
         state.final_status = "FINISHED"
         state.final_tags = {"stopped_early": str(stopped).lower(),
                             "end_reason": "stopped early by the scheduler" if stopped else "completed"}
@@ -482,8 +482,10 @@ class MlflowSweepCallback(Callback):
             tags["task"] = str(task.get("name", tags.get("task", "")))
             if task.get("pairs") is not None:
                 tags["difficulty"] = f"{task.get('name')}-K{task.get('pairs')}"
-        state = _RunState(name=f"{model}-{trial.trial_id}", tags=tags, params=_params(flatten(data)),
-                          model=model)
+        flat = flatten(data)
+        epochs = flat.get("train.epochs")
+        state = _RunState(name=f"{model}-{trial.trial_id}", tags=tags, params=_params(flat), model=model,
+                          max_epochs=int(epochs) if _is_number(epochs) else None)
         state.tags["config_source"] = "TrialConfig" if trial_config is not None else "tune_config"
         self._write_upload(state, "config.yaml", _yaml(data))
         return state
@@ -492,16 +494,17 @@ class MlflowSweepCallback(Callback):
         self._trial_ids.update(t.trial_id for t in trials or [])
         self._ready = True
 
-    def _stopped_early(self, last: Mapping[str, Any]) -> bool:
-        """Ended by the scheduler (ASHA), not by running all its epochs or reaching its target."""
-        if last.get("done"):
-            return False
-        if last.get("status") in ("target_reached", "diverged") or last.get("diverged"):
+    def _stopped_early(self, last: Mapping[str, Any], state: _RunState) -> bool:
+        """Ended by the scheduler (ASHA): before its last epoch and without the final (test) report that
+        `run_trial` makes when it completes or reaches its target. Tune marks both `done`."""
+        if "test_accuracy" in last or last.get("diverged"):
             return False
         budget, train = self.spec.get("budget") or {}, self.spec.get("train") or {}
-        max_epochs = budget.get("max_epochs") or train.get("epochs")
+        max_epochs = state.max_epochs or budget.get("max_epochs") or train.get("epochs")
         epoch = last.get("epoch", last.get("training_iteration"))
-        return not (max_epochs and epoch is not None and epoch >= max_epochs)
+        with contextlib.suppress(TypeError, ValueError):
+            return int(epoch) < int(max_epochs)
+        return False
 
     def _error_text(self, trial: Any) -> str:
         with contextlib.suppress(Exception):

@@ -85,10 +85,12 @@ def ensure_local_server(folder: Path | None = None) -> TrackingServer:
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder):  # two sweeps starting at once must not start two servers
         state = read_state(folder)
-        if state and _is_mlflow_process(state.get("pid")) and is_healthy(state["url"]):
-            return TrackingServer(url=state["url"], started_here=False, pid=state["pid"])
-        if state:  # stale record: its server died (or its pid now belongs to something else)
-            _kill_tree(state.get("pid"))
+        if state:
+            alive = _is_mlflow_process(state.get("pid"))
+            if alive and is_healthy(state["url"]):
+                return TrackingServer(url=state["url"], started_here=False, pid=state["pid"])
+            if alive:  # hung: replace it (a pid now owned by another program is left alone)
+                _kill_tree(state["pid"])
             (folder / STATE_FILE).unlink(missing_ok=True)
         server = start_server(folder)
         (folder / STATE_FILE).write_text(json.dumps(asdict(server) | {"started_at": time.time()}))
@@ -231,7 +233,7 @@ def _is_mlflow_process(pid: int | None) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:
         return True  # no /proc (macOS): trust the pid plus the health check
-    return b"mlflow" in cmdline and b"server" in cmdline
+    return b"mlflow server " in cmdline
 
 
 @contextlib.contextmanager
