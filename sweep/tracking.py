@@ -157,6 +157,24 @@ def stop_local_server(folder: Path | None = None) -> bool:
     return alive
 
 
+def stop_servers_under(folder: Path) -> list[int]:
+    """Stop every `mlflow server` whose store lies under `folder` (Linux); their pids.
+
+    For test sessions: a test that runs a sweep with FWSWEEP_HOME in a temporary folder starts a detached
+    local server there, which would outlive the session.
+    """
+    marker = str(Path(folder).resolve()).encode()
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError, ValueError):
+            text = cmdline.read_bytes().replace(b"\0", b" ")
+            if b"mlflow server " in text and marker in text:
+                found.append(int(cmdline.parent.name))
+    for pid in found:
+        _kill_tree(pid, grace_s=5.0)
+    return found
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fixtures_mlflow import mlflow_server  # noqa: F401  (a real MLflow server on a free loopback port)
+from fixtures_mlflow import mlflow_server, stop_leftover_mlflow_servers  # noqa: F401  (real MLflow server)
 
 from sweep.config import TrialConfig
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sweep.tracking import start_server, stop_process_tree
+from sweep.tracking import start_server, stop_process_tree, stop_servers_under
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +22,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         stop_process_tree(server.pid)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_leftover_mlflow_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end of the session, stop local servers that sweeps started under the session's temp folders
+    (`ensure_server(None)` with FWSWEEP_HOME=tmp_path starts a detached server meant to be reused)."""
+    yield
+    stop_servers_under(tmp_path_factory.getbasetemp())
