@@ -1,0 +1,185 @@
+"""Sweeps end to end on real parts: a local Ray (2 CPUs), a real MLflow server on a free loopback port,
+real Optuna. A tiny ART task so a trial takes seconds; ASHA must stop the slow learners early."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from sweep import paths, tracking
+from sweep.config import SweepSpec, load_trial_config
+from sweep.export import load_trials
+from sweep.reporter import NullReporter
+from sweep.runner import run_sweep
+
+pytestmark = pytest.mark.slow
+
+# The learning rate spans 300x: the low-rate trials are far behind after one epoch, so ASHA (rung at
+# epoch 1, keep the top half) stops some of them, whatever order the trials finish in.
+TINY_SPEC = {
+    "name": "e2e",
+    "task": {"name": "art", "pairs": 2, "train_size": 2000, "val_size": 300, "test_size": 300, "seed": 1},
+    "train": {"batch_size": 64, "steps_per_epoch": 25, "eval_batch_size": 300, "seed": 0,
+              "keep_checkpoints": 1},
+    "models": ["lstm", "fw_lstm"],
+    "space": {
+        "common": {"lr": {"loguniform": [1.0e-4, 3.0e-2]}, "hidden_size": 16, "embed_size": 16,
+                   "head_size": 16},
+        "fw_lstm": {"decay": {"uniform": [0.8, 0.95]}},
+    },
+    "searcher": {"name": "optuna", "sampler": "tpe", "seed": 0, "n_startup_trials": 3},
+    "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+    "budget": {"num_samples": 6, "max_epochs": 4, "max_concurrent": 2},
+    "resources": {"cpu": 1, "gpu": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = tracking.start_server(tmp_path_factory.mktemp("mlflow"))
+    yield server.url
+    tracking.stop_process_tree(server.pid)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One FWSWEEP_HOME for the module: the last test reuses the first one's sweep folder."""
+    folder = tmp_path_factory.mktemp("fwsweep") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FWSWEEP_HOME", str(folder))
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield folder
+
+
+def _runs(url: str, sweep: str) -> tuple[list, list]:
+    client = mlflow.MlflowClient(url)
+    exp = client.get_experiment_by_name(sweep)
+    runs = client.search_runs([exp.experiment_id], f"tags.sweep = '{sweep}'", max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("fwsweep_role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("fwsweep_role") == "trial"]
+    return parents, children
+
+
+def test_sweep_end_to_end_tracks_stops_early_and_exports(home, mlflow_server):
+    spec = SweepSpec.model_validate(TINY_SPEC)
+    result = run_sweep(spec, tracking_uri=mlflow_server)
+
+    n = spec.budget.num_samples
+    assert result.status_counts == {"TERMINATED": n}, result.status_counts
+    assert not result.interrupted
+    records = load_trials(spec.name)
+    assert len(records) == n and len({r.trial_id for r in records}) == n
+    assert {r.model for r in records} == {"lstm", "fw_lstm"}
+    stopped = [r for r in records if r.stopped_early(spec.max_epochs)]
+    assert stopped, "ASHA stopped no trial: " + str([(r.epochs, r.value("val_accuracy")) for r in records])
+    assert any(r.epochs == spec.max_epochs for r in records)
+
+    # MLflow: one parent, one child per trial under it, every run terminal, metrics per epoch, artifacts
+    parents, children = _runs(mlflow_server, spec.name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == n
+    assert {c.data.tags["trial_id"] for c in children} == {r.trial_id for r in records}
+    assert all(c.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for c in children)
+    assert all(c.info.status == "FINISHED" for c in children), [c.info.status for c in children]
+    client = mlflow.MlflowClient(mlflow_server)
+    by_id = {r.trial_id: r for r in records}
+    for child in children:
+        record = by_id[child.data.tags["trial_id"]]
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert len(history) == record.epochs
+        assert child.data.metrics["val_accuracy"] == pytest.approx(record.value("val_accuracy"))
+        assert client.list_artifacts(child.info.run_id), "a trial run has no artifacts"
+    assert result.mlflow_url and parents[0].info.run_id in result.mlflow_url
+
+    # Export: the best config re-runs to the same validation accuracy (same seed, same device)
+    best = result.best
+    assert best.value("val_accuracy") == max(r.value("val_accuracy") for r in records)
+    assert result.exported and result.exported[0].name == "best.yaml"
+    text = result.exported[0].read_text()
+    assert text.startswith("# fwsweep export") and best.trial_id in text
+    config = load_trial_config(result.exported[0])
+    assert config.train.epochs == best.epochs
+    from sweep.train import run_trial
+
+    reporter = NullReporter()
+    run_trial(config, reporter, home / "rerun")
+    assert reporter.history[-1]["val_accuracy"] == pytest.approx(best.value("val_accuracy"), abs=1e-9)
+
+
+def _finished_trials(folder: Path) -> dict[str, int]:
+    """trial dir -> reported epochs, for the trials whose last report says done."""
+    out = {}
+    for result in folder.glob("trial_*/result.json"):
+        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        if lines and lines[-1].get("done"):
+            out[result.parent.name] = len(lines)
+    return out
+
+
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(home, mlflow_server, tmp_path):
+    data = TINY_SPEC | {"name": "e2e-resume"}
+    data["budget"] = data["budget"] | {"num_samples": 6}
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    folder = home / "sweeps" / "e2e-resume"
+    env = os.environ | {"FWSWEEP_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-c", "from sweep.cli import main; main()", "run", str(spec_file),
+           "--tracking-uri", mlflow_server]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(_finished_trials(folder)) < 2:  # interrupt once some trials have finished
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out
+    assert "sweep resume e2e-resume" in out
+    before = _finished_trials(folder)
+    assert 2 <= len(before) < 6
+
+    parents, children = _runs(mlflow_server, "e2e-resume")
+    assert all(r.info.status != "RUNNING" for r in parents + children)  # closed as KILLED, not left open
+
+    from sweep.export import load_spec_of
+
+    result = run_sweep(load_spec_of("e2e-resume"), tracking_uri=mlflow_server, resume=True)
+    assert result.status_counts == {"TERMINATED": 6}, result.status_counts
+    after = _finished_trials(folder)
+    assert len(after) == 6
+    for trial, epochs in before.items():
+        assert after[trial] == epochs, f"{trial} was re-run after resume"
+
+    parents, children = _runs(mlflow_server, "e2e-resume")
+    assert len(parents) == 1, "resume created a second parent run"
+    assert len(children) == 6 and len({c.data.tags["trial_id"] for c in children}) == 6
+    assert all(r.info.status == "FINISHED" for r in parents + children), \
+        [(r.data.tags.get("trial_id"), r.info.status) for r in parents + children]
+
+
+def test_resume_refuses_another_spec(home, mlflow_server):
+    """A finished sweep's folder + a changed spec under the same name: a UserError, nothing re-run."""
+    from sweep.errors import UserError
+
+    if not (paths.sweep_dir("e2e") / "sweep_spec.yaml").exists():
+        pytest.skip("needs the end-to-end sweep's folder")
+    changed = SweepSpec.model_validate(TINY_SPEC | {"budget": TINY_SPEC["budget"] | {"num_samples": 9}})
+    with pytest.raises(UserError, match="different spec"):
+        run_sweep(changed, tracking_uri=mlflow_server, resume=True)
+    with pytest.raises(UserError, match="already exists"):
+        run_sweep(SweepSpec.model_validate(TINY_SPEC), tracking_uri=mlflow_server)
