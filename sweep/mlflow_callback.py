@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +172,9 @@ def mark_orphans_killed(client: MlflowClient, experiment: str, sweep: str) -> li
 
 
 def _params(flat: Mapping[str, Any]) -> dict[str, str]:
-    return {_key(k): json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in flat.items()}
+    """MLflow params are strings of at most 6000 characters (a longer one fails the whole batch)."""
+    return {_key(k): (json.dumps(v) if isinstance(v, list | dict) else str(v))[:6000]
+            for k, v in flat.items()}
 
 
 def _yaml(data: Mapping[str, Any]) -> str:
@@ -278,7 +280,8 @@ class MlflowSweepCallback(Callback):
     # Tune pickles the RunConfig (and so this callback) into the experiment folder: keep only settings.
     def __getstate__(self) -> dict[str, Any]:
         keys = ("tracking_uri", "experiment", "sweep_name", "spec", "extra_tags", "request_timeout_s",
-                "retry_after_s", "max_retry_after_s", "close_timeout_s", "max_pending_reports")
+                "retry_after_s", "max_retry_after_s", "close_timeout_s", "max_pending_reports",
+                "trial_config_fn")
         state = {k: getattr(self, k) for k in keys}
         state["tags"] = state.pop("extra_tags")
         return state
@@ -469,7 +472,7 @@ class MlflowSweepCallback(Callback):
         config = dict(getattr(trial, "config", None) or {})
         trial_config = None
         with contextlib.suppress(Exception):
-            trial_config = (self.trial_config_fn or (lambda c: trial_config_of(c, self.spec)))(config)
+            trial_config = self._trial_config(trial)
         if trial_config is not None:
             data = trial_config.to_dict() if hasattr(trial_config, "to_dict") else dict(trial_config)
         else:
@@ -489,6 +492,10 @@ class MlflowSweepCallback(Callback):
         state.tags["config_source"] = "TrialConfig" if trial_config is not None else "tune_config"
         self._write_upload(state, "config.yaml", _yaml(data))
         return state
+
+    def _trial_config(self, trial: Any) -> Any:
+        config = dict(getattr(trial, "config", None) or {})
+        return self.trial_config_fn(config) if self.trial_config_fn else trial_config_of(config, self.spec)
 
     def _note_trials(self, trials: list) -> None:
         self._trial_ids.update(t.trial_id for t in trials or [])
@@ -518,7 +525,7 @@ class MlflowSweepCallback(Callback):
 
     def _add_trial_artifacts(self, state: _RunState, trial: Any, checkpoint: bool) -> None:
         with contextlib.suppress(Exception):
-            history = self._full_history(state, trial)
+            history = self._full_history(state.history, trial)
             if history:
                 path = self._file_path(state, "learning_curve.png")
                 plot_learning_curve(history, path, title=f"{state.name} ({self.sweep_name})")
@@ -532,9 +539,9 @@ class MlflowSweepCallback(Callback):
                         local = Path(ckpt.to_directory(str(self._file_path(state, "checkpoint"))))
                     state.uploads.append(_Upload(local, "checkpoint"))
 
-    def _full_history(self, state: _RunState, trial: Any) -> list[dict[str, Any]]:
+    def _full_history(self, history: list[dict[str, Any]], trial: Any) -> list[dict[str, Any]]:
         """This session's reports, or Tune's result.json when it holds more (a resumed trial)."""
-        rows = list(state.history)
+        rows = list(history)
         with contextlib.suppress(Exception):
             path = Path(trial.local_path) / "result.json"
             disk = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -572,32 +579,50 @@ class MlflowSweepCallback(Callback):
     def _all_states(self) -> list[_RunState]:
         return ([self._parent] if self._parent else []) + list(self._trials.values())
 
+    def _outcomes(self, trials: list) -> dict[str, tuple[str, str, list[dict[str, Any]], Any]]:
+        """trial_id -> (model, outcome, history, Tune trial) over this session's trials and the ones a
+        resumed sweep restored already ended (those get no hooks)."""
+        out: dict[str, tuple[str, str, list[dict[str, Any]], Any]] = {}
+        tune_trials = {t.trial_id: t for t in trials or []}
+        for tid, state in self._trials.items():
+            outcome = ("stopped_early" if state.final_tags.get("stopped_early") == "true"
+                       else (state.final_status or "KILLED").lower())
+            out[tid] = (state.model, outcome, self._full_history(state.history, tune_trials.get(tid)),
+                        tune_trials.get(tid))
+        for tid, trial in tune_trials.items():
+            if tid in out or trial.status not in ("TERMINATED", "ERROR"):
+                continue  # never started in any session: not an outcome
+            model = "trial"
+            with contextlib.suppress(Exception):
+                model = self._trial_config(trial).model.name
+            probe = _RunState(name=tid, tags={}, params={}, model=model)
+            last = trial.last_result or {}
+            outcome = "failed" if trial.status == "ERROR" else (
+                "stopped_early" if self._stopped_early(last, probe) else "finished")
+            out[tid] = (model, outcome, self._full_history([], trial), trial)
+        return out
+
     def _log_summary(self, trials: list) -> None:
         """Best metric per model and trial counts, on the parent run (metrics, summary.json, a plot)."""
         with contextlib.suppress(Exception):
             metric_cfg = self.spec.get("metric") or {}
             metric, mode = metric_cfg.get("name", "val_accuracy"), metric_cfg.get("mode", "max")
             better = max if mode == "max" else min
+            outcomes = self._outcomes(trials)
             best: dict[str, tuple[float, str]] = {}
-            for tid, state in self._trials.items():
-                values = [r[metric] for r in state.history if _is_number(r.get(metric)) and
-                          math.isfinite(r[metric])]
-                trial = next((t for t in trials or [] if t.trial_id == tid), None)
+            for tid, (model, _, history, trial) in outcomes.items():
+                values = [float(r[metric]) for r in history if _is_number(r.get(metric))]
                 with contextlib.suppress(Exception):
                     values.append(float(trial.metric_analysis[metric][mode]))
+                values = [v for v in values if math.isfinite(v)]
                 if values:
                     value = better(values)
-                    if state.model not in best or better(value, best[state.model][0]) == value:
-                        best[state.model] = (value, tid)
-            states = list(self._trials.values())
-            early = [s.final_tags.get("stopped_early") == "true" for s in states]
-            counts = {
-                "trials_finished": sum(s.final_status == "FINISHED" for s in states) - sum(early),
-                "trials_stopped_early": sum(early),
-                "trials_failed": sum(s.final_status == "FAILED" for s in states),
-                "trials_killed": sum(s.final_status == "KILLED" for s in states),
-                "trials_total": len(states),
-            }
+                    if model not in best or better(value, best[model][0]) == value:
+                        best[model] = (value, tid)
+            kinds = Counter(outcome for _, outcome, _, _ in outcomes.values())
+            counts = {f"trials_{k}": kinds.get(k, 0)
+                      for k in ("finished", "stopped_early", "failed", "killed")}
+            counts["trials_total"] = len(outcomes)
             now_ms = int(time.time() * 1000)
             metrics = [Metric(k, float(v), now_ms, 0) for k, v in counts.items()]
             metrics += [Metric(_key(f"best_{metric}/{m}"), v, now_ms, 0) for m, (v, _) in best.items()]
@@ -609,9 +634,10 @@ class MlflowSweepCallback(Callback):
             parent = self._parent_state()
             parent.batches.append((metrics, tags))
             summary = {"metric": metric, "mode": mode, **counts,
-                       "best": {m: {"value": v, "trial_id": t} for m, (v, t) in best.items()}}
+                       "best": {m: {"value": v, "trial_id": t} for m, (v, t) in best.items()},
+                       "trials": {tid: {"model": m, "outcome": o} for tid, (m, o, _, _) in outcomes.items()}}
             self._write_upload(parent, "summary.json", json.dumps(summary, indent=2))
-            histories = {tid: (s.model, s.history) for tid, s in self._trials.items() if s.history}
+            histories = {tid: (m, h) for tid, (m, _, h, _) in outcomes.items() if h}
             if histories:
                 path = self._file_path(parent, f"{metric}_curves.png")
                 plot_sweep_curves(histories, metric, path, title=f"{self.sweep_name}: {metric} per trial")

@@ -205,7 +205,10 @@ def _kill_tree(pid: int | None, grace_s: float = 10.0) -> None:
     for p in victims:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, signal.SIGKILL)
-    _reap(victims)
+    deadline = time.monotonic() + 5.0  # SIGKILL is delivered asynchronously
+    while time.monotonic() < deadline and any(_exists(p) for p in victims):
+        _reap(victims)
+        time.sleep(0.05)
 
 
 def _reap(pids: list[int]) -> None:

@@ -215,6 +215,9 @@ def test_resume_reuses_runs_and_reopens_the_failed_one(first_sweep: dict[str, An
     assert rerun.data.params == params_before
     assert children["lstm"].info.status == "FINISHED"
     assert parent.info.status == "FINISHED"
+    m = parent.data.metrics  # the summary covers the trials ended in the first session too
+    counts = (m["trials_finished"], m["trials_stopped_early"], m["trials_failed"], m["trials_total"])
+    assert counts == (2, 1, 0, 3)
     assert "rejected" not in caplog.text and "Changing param values" not in caplog.text
 
 
