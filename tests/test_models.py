@@ -14,6 +14,15 @@ VOCAB, CLASSES = 37, 10
 SMALL = {"hidden_size": 6, "embed_size": 5, "head_size": 7}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is fastest and does not fight other jobs on a shared CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make(name: str, dtype=torch.float64, seed: int = 0, **fields):
     torch.manual_seed(seed)
     return build_model(params_class(name)(**{**SMALL, **fields}), VOCAB, CLASSES).to(dtype)
@@ -80,6 +89,18 @@ def test_attention_form_equals_matrix_form_with_gradients(name, fields, inner_st
     assert rel_err(out_a, out_m) < 1e-9
     for param_name, grad in grads_m.items():
         assert rel_err(grads_a[param_name], grad) < 1e-9, param_name
+
+
+def test_attention_form_gradients_survive_a_second_backward():
+    # the attention form accumulates gradients in a buffer: a retained graph must not double them
+    model = make("fw_lstm", fw_form="attention")
+    loss = model(tokens()).square().sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss.backward()
+    for before, p in zip(first, model.parameters(), strict=True):
+        assert rel_err(p.grad, before) < 1e-12
 
 
 def authors_fw_lstm_cell(layer, x):

@@ -61,8 +61,8 @@ class FastWeightLSTM(nn.Module):
         xW = self.input_proj(x)  # x(t) W_x + b for every t at once
         h = c = xW.new_zeros(B, H)
         memory = new_memory(self.fw_form, self.fast_lr, self.decay, T, like=xW)
-        for t in range(T):
-            z_hat = self.gate_norm(xW[:, t] + self.hidden_proj(h))
+        for xW_t in xW.unbind(1):  # unbind: one backward node instead of T slices
+            z_hat = self.gate_norm(xW_t + self.hidden_proj(h))
             if self.memory_kind == "gates":
                 gates = z_hat + self.read_memory(memory, z_hat)  # î+i_A, f̂+f_A, ô+o_A, ĵ+j_A
             else:

@@ -44,9 +44,9 @@ class FastWeightRNN(nn.Module):
         Cx = self.input_proj(x)  # C x(t) for every t at once
         h = Cx.new_zeros(B, self.recurrent.in_features)
         memory = new_memory(self.fw_form, self.fast_lr, self.decay, T, like=Cx)
-        for t in range(T):
+        for t, Cx_t in enumerate(Cx.unbind(1)):  # unbind: one backward node, not T
             if self.variant == "ba":
-                slow = self.recurrent(h) + Cx[:, t]  # W h(t) + C x(t)
+                slow = self.recurrent(h) + Cx_t  # W h(t) + C x(t)
                 h_s = F.relu(slow)
                 for _ in range(self.inner_steps):
                     h_s = F.relu(self.norm(slow + memory.read(h_s)))
@@ -54,9 +54,9 @@ class FastWeightRNN(nn.Module):
                 if t < T - 1:  # A(T) is never read
                     memory.write(h)
             else:  # the authors' cell
-                u = F.relu(self.recurrent(h) + Cx[:, t])
+                u = F.relu(self.recurrent(h) + Cx_t)
                 memory.write(u)
-                slow = self.recurrent(u) + Cx[:, t]
+                slow = self.recurrent(u) + Cx_t
                 h_s = u
                 for _ in range(self.inner_steps):
                     h_s = F.relu(self.norm(slow + memory.read(h_s)))

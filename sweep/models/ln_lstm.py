@@ -52,8 +52,8 @@ class LayerNormLSTM(nn.Module):
         B, T, _ = x.shape
         xW = self.input_proj(x)
         h = c = xW.new_zeros(B, self.hidden_size)
-        for t in range(T):
-            i, j, f, o = self.gate_norm(xW[:, t] + self.hidden_proj(h)).unbind(1)
+        for xW_t in xW.unbind(1):  # unbind: one backward node instead of T slices
+            i, j, f, o = self.gate_norm(xW_t + self.hidden_proj(h)).unbind(1)
             g = torch.tanh(j)
             c = self.cell_norm(c * torch.sigmoid(f + self.forget_bias) + torch.sigmoid(i) * g)
             h = torch.tanh(c) * torch.sigmoid(o)
