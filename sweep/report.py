@@ -87,6 +87,7 @@ class ModelRow:
     p_value: float = math.nan
     p_holm: float = math.nan
     significant: bool | None = None
+    failed: int = 0  # seeds without a test error (diverged): left out of the mean, shown in the table
 
 
 def steps_to_reach(runs: Sequence[SeedRun], threshold: float) -> Reach:
@@ -115,7 +116,8 @@ def summarize(runs: Sequence[SeedRun], thresholds: Sequence[float] = (0.95, 0.99
             ci = mean_ci([r.test_error_pct for r in model_runs])
             params = next((r.num_params for r in model_runs if r.num_params is not None), None)
             table.append(ModelRow(task, pairs, model, params, ci.n, ci.mean, ci.half_width, ci.std,
-                                  [steps_to_reach(model_runs, t) for t in thresholds]))
+                                  [steps_to_reach(model_runs, t) for t in thresholds],
+                                  failed=len(model_runs) - ci.n))
         scored = [row for row in table if not math.isnan(row.error_mean)]
         if scored:
             best = min(scored, key=lambda row: row.error_mean)
@@ -163,7 +165,8 @@ def markdown_tables(rows: Sequence[ModelRow], test: str, alpha: float) -> str:
         for r in table:
             sig = "best" if r.best else {True: "yes", False: "no", None: "–"}[r.significant]
             cells = [f"**{r.model}**" if r.best else r.model, f"{r.num_params:,}" if r.num_params else "–",
-                     f"{_fmt(r.error_mean)} ± {_fmt(r.error_ci)}", str(r.n)]
+                     f"{_fmt(r.error_mean)} ± {_fmt(r.error_ci)}",
+                     str(r.n) + (f" (+{r.failed} diverged)" if r.failed else "")]
             cells += [_reach_cell(x) for x in r.reach] + [_reach_cell(x, seconds=True) for x in r.reach]
             cells += [_fmt_p(r.p_value), _fmt_p(r.p_holm), sig]
             out.append("| " + " | ".join(cells) + " |")
@@ -178,7 +181,7 @@ def summary_records(rows: Sequence[ModelRow]) -> list[dict[str, Any]]:
     for r in rows:
         rec = {"task": r.task, "pairs": r.pairs, "model": r.model, "num_params": r.num_params, "seeds": r.n,
                "test_error_pct_mean": r.error_mean, "test_error_pct_ci95": r.error_ci,
-               "test_error_pct_std": r.error_std}
+               "test_error_pct_std": r.error_std, "failed_seeds": r.failed}
         for x in r.reach:
             tag = f"{round(100 * x.threshold)}"
             rec |= {f"steps_to_{tag}": x.steps, f"seconds_to_{tag}": x.seconds, f"reached_{tag}": x.reached}

@@ -117,3 +117,11 @@ def test_each_tuning_sweep_gets_the_same_budget_and_only_its_models_space():
 
     cfg = seed_config(TrialConfig(), seed=3, epochs=7)
     assert (cfg.train.seed, cfg.train.epochs, cfg.task.seed) == (3, 7, TrialConfig().task.seed)
+
+
+def test_a_diverged_seed_is_left_out_of_the_mean_and_counted(runs):
+    history = [{"step": 100, "val_accuracy": 0.1}]
+    diverged = SeedRun("fw_lstm", "art", 8, 9, "diverged", history, {"diverged": 1})
+    rows = {(r.pairs, r.model): r for r in summarize([*runs, diverged])}
+    assert rows[(8, "fw_lstm")].n == 5 and rows[(8, "fw_lstm")].failed == 1
+    assert rows[(8, "fw_lstm")].error_mean == pytest.approx(1.0)
