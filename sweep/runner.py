@@ -6,7 +6,9 @@ and experiment state are Tune's and Optuna's own machinery.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import shutil
 import socket
@@ -51,10 +53,15 @@ def trial_threads(spec: SweepSpec, trial: TrialConfig) -> int:
 class TuneReporter:
     """The Reporter protocol on top of Tune's session: one tune.report per epoch, checkpoints persisted."""
 
+    def __init__(self) -> None:
+        self.restored_epoch = 0  # the epochs Tune already holds results for (a restored trial)
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         import ray
         from ray import tune
 
+        if int(metrics.get("epoch") or 0) <= self.restored_epoch:
+            return  # a finished trial restored by `sweep resume` repeats its last epoch: Tune has it already
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         # Where the epoch ran: the Ray node (Tune's hostname/node_ip coincide for nodes on one host) and the
         # GPU ids Ray assigned this trial ("" without a GPU).
@@ -65,8 +72,15 @@ class TuneReporter:
     def restore_dir(self) -> Path | None:
         from ray import tune
 
+        from sweep.checkpoint import META_FILE
+
         checkpoint = tune.get_checkpoint()
-        return Path(checkpoint.to_directory()) if checkpoint else None
+        if checkpoint is None:
+            return None
+        path = Path(checkpoint.to_directory())
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            self.restored_epoch = int(json.loads((path / META_FILE).read_text(encoding="utf-8"))["epoch"])
+        return path
 
 
 def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None) -> None:
@@ -246,7 +260,7 @@ def build_tuner(spec: SweepSpec, tracking_url: str | None = None) -> Any:
     )
     tune_config = tune.TuneConfig(
         search_alg=searcher, scheduler=_scheduler(spec), num_samples=spec.budget.num_samples,
-        time_budget_s=spec.budget.time_budget_s, reuse_actors=False, trial_dirname_creator=_trial_dirname,
+        time_budget_s=spec.budget.time_budget_s, reuse_actors=True, trial_dirname_creator=_trial_dirname,
         trial_name_creator=_trial_name,
     )
     return tune.Tuner(_trainable(spec), tune_config=tune_config, run_config=run_config)
