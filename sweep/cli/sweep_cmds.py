@@ -41,20 +41,44 @@ def _fmt(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _apply_sets(data: dict, sets: list[str]) -> dict:
+    """`--set task.pairs=16`: one field of the spec, the value read as YAML (16, 0.5, [a, b], true)."""
+    import yaml
+
+    from sweep.errors import Problem, UserError
+
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(Problem("--set", f"{item!r} is not FIELD=VALUE", "e.g. --set task.pairs=16"))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        *parents, last = key.strip().split(".")
+        for part in parents:
+            if not isinstance(node.get(part, {}), dict):
+                raise UserError(Problem("--set", f"{key}: {part} is not a section", "check the field path"))
+            node = node.setdefault(part, {})
+        node[last] = value
+    return data
+
+
 @app.command()
 def run(
     spec: Path = typer.Argument(..., help="search-space YAML (see search_spaces/ and docs/sweeps.md)"),
     address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
     name: str | None = typer.Option(None, "--name", help="sweep name (default: the spec's name:)"),
+    sets: list[str] = typer.Option([], "--set", help="override a spec field: task.pairs=16 (repeatable)"),
 ) -> None:
     """Run a sweep: Optuna proposes trials, Ray Tune runs and early-stops them, MLflow records them."""
-    from sweep.config import SweepSpec, load_spec, validate_as
+    from sweep.config import SweepSpec, read_yaml, validate_as
     from sweep.runner import run_sweep
 
-    sweep_spec = load_spec(spec)
-    if name:
-        sweep_spec = validate_as(SweepSpec, sweep_spec.model_dump(mode="json") | {"name": name}, "--name")
+    data = _apply_sets(read_yaml(spec), sets + ([f"name={name}"] if name else []))
+    sweep_spec = validate_as(SweepSpec, data, str(spec))
     result = run_sweep(sweep_spec, address=address, tracking_uri=tracking_uri)
     _summary(result)
     if result.interrupted:
