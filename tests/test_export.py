@@ -1,0 +1,105 @@
+"""Choosing and writing a sweep's best configs (overall, top-k, per model; YAML with provenance, JSON)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from sweep import paths
+from sweep.config import SweepSpec, dump_yaml, load_trial_config
+from sweep.errors import UserError
+from sweep.export import TrialRecord, best_trials, write_exports
+from sweep.runner import SPEC_FILE
+from sweep.space import trial_config
+
+SPEC = SweepSpec.model_validate({
+    "name": "export-test",
+    "task": {"pairs": 2, "train_size": 100, "val_size": 20, "test_size": 20},
+    "train": {"epochs": 5},
+    "models": ["fw_lstm", "lstm"],
+    "space": {"common": {"lr": {"loguniform": [1e-4, 1e-2]}}, "fw_lstm": {"decay": {"uniform": [0.5, 0.9]}}},
+})
+
+
+def _record(tid: str, model: str, acc: float, epochs: int, status: str = "TERMINATED") -> TrialRecord:
+    params = {"model": model, "lr": 0.001 * (1 + len(tid))}
+    if model == "fw_lstm":
+        params["fw_lstm.decay"] = 0.7
+    config = trial_config(SPEC, params)
+    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
+    return TrialRecord(trial_id=tid, model=model, config=config, status=status, params=params,
+                       metrics={"val_accuracy": acc, "epoch": epochs})
+
+
+RECORDS = [
+    _record("a", "fw_lstm", 0.91, 5),
+    _record("bb", "lstm", 0.60, 5),
+    _record("ccc", "fw_lstm", 0.97, 5),
+    _record("dddd", "lstm", 0.40, 1),  # stopped early by the scheduler
+    _record("eeeee", "fw_lstm", math.nan, 2),  # diverged: never "best"
+    _record("f", "lstm", 0.99, 3, status="ERROR"),  # failed: never "best"
+]
+
+
+@pytest.fixture
+def sweep_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path / "home"))
+    folder = paths.sweep_dir(SPEC.name)
+    folder.mkdir(parents=True)
+    (folder / SPEC_FILE).write_text(dump_yaml(SPEC.model_dump(mode="json")))
+    return folder
+
+
+def test_best_trials_rank_by_final_metric_and_skip_failures():
+    assert [r.trial_id for r in best_trials(RECORDS, "val_accuracy", "max", k=3)] == ["ccc", "a", "bb"]
+    assert [r.trial_id for r in best_trials(RECORDS, "val_accuracy", "min", k=1)] == ["dddd"]
+    per_model = best_trials(RECORDS, "val_accuracy", "max", k=1, per_model=True)
+    assert {(r.model, r.trial_id) for r in per_model} == {("fw_lstm", "ccc"), ("lstm", "bb")}
+    assert RECORDS[3].stopped_early(5) and not RECORDS[0].stopped_early(5)
+
+
+def test_yaml_exports_carry_provenance_and_load_as_trial_configs(sweep_on_disk):
+    files = write_exports(SPEC.name, records=RECORDS, top_k=2, per_model=True)
+    names = [f.name for f in files]
+    assert names == ["best.yaml", "top1.yaml", "top2.yaml", "best_fw_lstm.yaml", "best_lstm.yaml"]
+    assert all(f.parent == sweep_on_disk / "exports" for f in files)
+    best = files[0].read_text()
+    assert best.startswith("# fwsweep export: best trial of sweep 'export-test'")
+    assert "trial ccc (fw_lstm): val_accuracy = 0.97" in best
+    config = load_trial_config(files[0])
+    assert config == RECORDS[2].config  # the exact config the trial ran
+    assert config.model.name == "fw_lstm" and config.model.decay == 0.7
+    assert load_trial_config(files[4]).model.name == "lstm"
+    index = json.loads((sweep_on_disk / "exports" / "index.json").read_text())
+    assert index["exports"][0] == {"file": "best.yaml", "trial_id": "ccc", "model": "fw_lstm",
+                                   "val_accuracy": 0.97, "epochs": 5}
+
+
+def test_json_export_and_custom_folder(sweep_on_disk, tmp_path):
+    out = tmp_path / "out"
+    (path,) = write_exports(SPEC.name, records=RECORDS, fmt="json", out=out)
+    assert path == out / "best.json"
+    data = json.loads(path.read_text())
+    assert data["model"]["name"] == "fw_lstm" and data["train"]["epochs"] == 5
+    assert load_trial_config(path) == RECORDS[2].config  # JSON is YAML: `sweep train` reads it too
+    assert yaml.safe_load((out / "index.json").read_text())["sweep"] == SPEC.name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"fmt": "xml"}, "--format"), ({"top_k": 0}, "--top-k"), ({"records": []}, "no trial")],
+)
+def test_bad_export_requests(sweep_on_disk, kwargs, message):
+    kwargs = {"records": RECORDS} | kwargs
+    with pytest.raises(UserError, match=message):
+        write_exports(SPEC.name, **kwargs)
+    assert not (sweep_on_disk / "exports" / "best.json").exists()
+
+
+def test_unknown_sweep(tmp_path, monkeypatch):
+    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path))
+    with pytest.raises(UserError, match="no sweep named"):
+        write_exports("nope", records=RECORDS)
