@@ -336,6 +336,9 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
             (folder / SPEC_FILE).write_text(dump_yaml(spec.model_dump(mode="json")), encoding="utf-8")
             tuner = build_tuner(spec, tracking_url)
         callbacks = tuner._local_tuner.get_run_config().callbacks
+        # Tune snapshots its experiment state every >= 10 s by default: a driver killed in that window
+        # forgets the trials that finished in it, and `resume` re-runs their last epoch. The state is small.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
         tuner.fit()
         mlflow_url = next((cb.parent_run_url for cb in callbacks if getattr(cb, "parent_run_url", None)),
                           tracking_url)
