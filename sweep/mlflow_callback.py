@@ -12,6 +12,7 @@ Runs in the Tune driver. Written for sweeps that run for hours next to a server 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -178,7 +179,9 @@ def _params(flat: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _yaml(data: Mapping[str, Any]) -> str:
-    return yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=False)
+    """YAML of plain values (a Tune config may hold numpy scalars or objects: written as text)."""
+    plain = json.loads(json.dumps(dict(data), default=str))
+    return yaml.safe_dump(plain, sort_keys=False, default_flow_style=False)
 
 
 def _last_line(text: str) -> str:
@@ -200,6 +203,19 @@ def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) ->
         token = page.token
         if not token:
             return runs
+
+
+def _never_raises(hook: Callable[..., None]) -> Callable[..., None]:
+    """Tune hooks run in the sweep's driver: a bug or surprise here must cost a warning, not the sweep."""
+
+    @functools.wraps(hook)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            hook(self, *args, **kwargs)
+        except Exception:  # noqa: BLE001
+            log.warning("MLflow logging: %s failed; the sweep goes on", hook.__name__, exc_info=True)
+
+    return guarded
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -247,7 +263,7 @@ class MlflowSweepCallback(Callback):
     def __init__(self, tracking_uri: str, experiment: str, sweep_name: str, spec: dict | None = None,
                  tags: dict | None = None, *, client: MlflowClient | None = None,
                  request_timeout_s: float = 10.0, retry_after_s: float = 2.0, max_retry_after_s: float = 30.0,
-                 close_timeout_s: float = 30.0, max_pending_reports: int = 100_000,
+                 close_timeout_s: float = 30.0, max_pending_reports: int = 20_000,
                  trial_config_fn: Callable[[Mapping[str, Any]], Any] | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -274,6 +290,8 @@ class MlflowSweepCallback(Callback):
         self._backoff = retry_after_s
         self._outage_logged = False
         self._closed = False
+        self._started = False
+        self._gave_up_at = -math.inf
         self._workdir: Path | None = None
         self._common_tags: dict[str, str] | None = None
 
@@ -298,6 +316,7 @@ class MlflowSweepCallback(Callback):
             return None
         return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.parent_run_id}"
 
+    @_never_raises
     def log_parent_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Attach a file or folder (e.g. exported best configs) to the sweep's parent run."""
         parent = self._parent_state()
@@ -329,7 +348,19 @@ class MlflowSweepCallback(Callback):
 
     def close(self, status: str | None = None) -> bool:
         """End every run: open trials KILLED, the parent `status` (default FINISHED, or KILLED when trials
-        were cut off). Retries pending results for up to close_timeout_s. Idempotent; never raises."""
+        were cut off). Retries pending results for up to close_timeout_s (a few seconds when the end of
+        the experiment just tried that long). Idempotent; never raises on MLflow errors."""
+        if status is not None and status not in TERMINAL:
+            raise ValueError(f"status must be one of {TERMINAL}, got {status!r}")
+        if not self._started and not self._trials and (self._parent is None or self._parent.run_id is None):
+            return True  # Tune never started: nothing to record
+        try:
+            return self._close(status)
+        except Exception:  # noqa: BLE001
+            log.warning("MLflow logging: close failed", exc_info=True)
+            return False
+
+    def _close(self, status: str | None) -> bool:
         for state in self._trials.values():
             if state.final_status is None:
                 state.final_status = "KILLED"
@@ -337,15 +368,13 @@ class MlflowSweepCallback(Callback):
                 self._add_trial_artifacts(state, None, checkpoint=False)
         self._ready = True
         parent = self._parent_state()
-        if status is not None:
-            if status not in TERMINAL:
-                raise ValueError(f"status must be one of {TERMINAL}, got {status!r}")
-            if parent.final_status != status:
-                parent.final_status, parent.terminated = status, False
+        if status is not None and parent.final_status != status:
+            parent.final_status, parent.terminated = status, False
         elif parent.final_status is None:
             killed = any(s.final_status == "KILLED" for s in self._trials.values())
             parent.final_status = "KILLED" if killed else "FINISHED"
-        done = self._flush_until(time.monotonic() + self.close_timeout_s)
+        just_tried = time.monotonic() - self._gave_up_at < 60
+        done = self._flush_until(time.monotonic() + (2.0 if just_tried else self.close_timeout_s))
         if not done:
             pending = sum(len(s.batches) for s in self._all_states())
             log.warning("MLflow at %s: could not send %d pending report(s) before giving up",
@@ -358,16 +387,19 @@ class MlflowSweepCallback(Callback):
 
     # ------------------------------------------------------------------------------------ Tune hooks
 
+    @_never_raises
     def setup(self, **info: Any) -> None:
-        self._closed = False
+        self._closed, self._started = False, True
         self._parent_state()
         self.flush(force=True)  # creates the experiment; runs wait for the first step (resume needs it)
 
+    @_never_raises
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if not self._ready:
             self._note_trials(trials)
             self.flush()
 
+    @_never_raises
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._note_trials(trials)
         state = self._trials.get(trial.trial_id)
@@ -378,9 +410,11 @@ class MlflowSweepCallback(Callback):
             state.reused = True  # reopen the run (RUNNING again)
         self.flush()
 
+    @_never_raises
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.on_trial_start(iteration, trials, trial)
 
+    @_never_raises
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         state = self._trials.get(trial.trial_id) or self._trials.setdefault(
             trial.trial_id, self._new_trial_state(trial))
@@ -394,16 +428,23 @@ class MlflowSweepCallback(Callback):
         self._bound_queue()
         self.flush()
 
+    @_never_raises
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        state = self._trials.get(trial.trial_id) or self._trials.setdefault(
-            trial.trial_id, self._new_trial_state(trial))
-        stopped = self._stopped_early(trial.last_result or {}, state)
+        last = trial.last_result or {}
+        state = self._trials.get(trial.trial_id)
+        if state is None:
+            if not last:
+                return  # removed before it ever started (a pending trial): no run to record
+            state = self._trials.setdefault(trial.trial_id, self._new_trial_state(trial))
+        stopped = self._stopped_early(last, state)
+        reason = ("diverged" if last.get("diverged") else "stopped early by the scheduler" if stopped
+                  else "completed" if last else "stopped before its first report")
         state.final_status = "FINISHED"
-        state.final_tags = {"stopped_early": str(stopped).lower(),
-                            "end_reason": "stopped early by the scheduler" if stopped else "completed"}
+        state.final_tags = {"stopped_early": str(stopped).lower(), "end_reason": reason}
         self._add_trial_artifacts(state, trial, checkpoint=True)
         self.flush()
 
+    @_never_raises
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         state = self._trials.get(trial.trial_id)
         if state is not None:
@@ -413,6 +454,7 @@ class MlflowSweepCallback(Callback):
             self._write_upload(state, f"errors/attempt-{state.retries}.txt", error)
         self.flush()
 
+    @_never_raises
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         state = self._trials.get(trial.trial_id) or self._trials.setdefault(
             trial.trial_id, self._new_trial_state(trial))
@@ -423,6 +465,7 @@ class MlflowSweepCallback(Callback):
         self._add_trial_artifacts(state, trial, checkpoint=True)
         self.flush()
 
+    @_never_raises
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._ready = True
         for state in self._trials.values():
@@ -655,6 +698,7 @@ class MlflowSweepCallback(Callback):
             if self.flush(force=True):
                 return True
             if time.monotonic() >= deadline:
+                self._gave_up_at = time.monotonic()
                 return False
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 

@@ -323,3 +323,20 @@ def test_server_outage_is_survived_and_caught_up(mlflow_server: str) -> None:
     _, children = _runs(client, name, name)
     assert _steps(client, children["lstm"].info.run_id, "val_accuracy") == [1, 2, 3]
     assert children["lstm"].info.status == "FINISHED"
+
+
+def test_a_server_that_never_comes_back_costs_bounded_time() -> None:
+    from ray.tune.experiment import Trial
+
+    url = f"http://127.0.0.1:{free_port()}"
+    callback = MlflowSweepCallback(url, "gone", "gone", _spec("gone"), close_timeout_s=1.0)
+    trial = Trial("tiny", config={"model": "lstm"}, trial_id="gone_00000", stub=True)
+    start = time.monotonic()
+    callback.setup()
+    callback.on_trial_start(0, [trial], trial)
+    for epoch in range(1, 51):
+        callback.on_trial_result(0, [trial], trial, {"epoch": epoch, "val_accuracy": 0.5})
+    callback.on_trial_complete(0, [trial], trial)
+    callback.on_experiment_end([trial])
+    assert callback.close() is False  # reported, not raised
+    assert time.monotonic() - start < 10
