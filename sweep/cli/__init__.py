@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from sweep.cli.output import console, print_user_error
+from sweep.cli.output import console, err_console, print_user_error
 from sweep.errors import UserError
 
 app = typer.Typer(
@@ -45,3 +45,6 @@ def main() -> None:
     except UserError as err:
         print_user_error(err)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside a sweep's own orderly stop (e.g. while Ray starts)
+        err_console.print("interrupted")
+        sys.exit(130)

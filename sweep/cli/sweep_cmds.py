@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -65,6 +68,23 @@ def _apply_sets(data: dict, sets: list[str]) -> dict:
     return data
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[list[int]]:
+    """SIGTERM (a batch scheduler, `kill`) stops a sweep the way Ctrl-C does: Tune saves its state and the
+    open MLflow runs end KILLED. The list it yields fills when SIGTERM came (exit 143 rather than 130)."""
+    received: list[int] = []
+
+    def to_interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)  # Tune's own SIGINT handler does the orderly stop
+
+    previous = signal.signal(signal.SIGTERM, to_interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @app.command()
 def run(
     spec: Path = typer.Argument(..., help="search-space YAML (see search_spaces/ and docs/sweeps.md)"),
@@ -79,10 +99,11 @@ def run(
 
     data = _apply_sets(read_yaml(spec), sets + ([f"name={name}"] if name else []))
     sweep_spec = validate_as(SweepSpec, data, str(spec))
-    result = run_sweep(sweep_spec, address=address, tracking_uri=tracking_uri)
+    with _stop_on_sigterm() as terminated:
+        result = run_sweep(sweep_spec, address=address, tracking_uri=tracking_uri)
     _summary(result)
     if result.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(143 if terminated else 130)
 
 
 @app.command()
@@ -95,10 +116,11 @@ def resume(
     from sweep.export import load_spec_of
     from sweep.runner import run_sweep
 
-    result = run_sweep(load_spec_of(name), address=address, tracking_uri=tracking_uri, resume=True)
+    with _stop_on_sigterm() as terminated:
+        result = run_sweep(load_spec_of(name), address=address, tracking_uri=tracking_uri, resume=True)
     _summary(result)
     if result.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(143 if terminated else 130)
 
 
 @app.command()
