@@ -741,6 +741,7 @@ class MlflowSweepCallback(Callback):
             by_trial[run.data.tags.get("trial_id")] = run  # the latest wins
         self._known_runs = {tid: run for tid, run in by_trial.items() if tid in self._trial_ids}
         parents = {run.data.tags.get("mlflow.parentRunId") for run in self._known_runs.values()} - {None}
+        parents = {p for p in parents if client.get_run(p).info.lifecycle_stage != "deleted"}
         if parents and self._parent is not None and self._parent.run_id is None:
             self._parent.run_id = sorted(parents)[0]
             self._parent.reused = True

@@ -85,6 +85,7 @@ def ensure_local_server(folder: Path | None = None) -> TrackingServer:
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder):  # two sweeps starting at once must not start two servers
         state = read_state(folder)
+        port = None
         if state:
             alive = _is_mlflow_process(state.get("pid"))
             if alive and is_healthy(state["url"]):
@@ -92,7 +93,9 @@ def ensure_local_server(folder: Path | None = None) -> TrackingServer:
             if alive:  # hung: replace it (a pid now owned by another program is left alone)
                 _kill_tree(state["pid"])
             (folder / STATE_FILE).unlink(missing_ok=True)
-        server = start_server(folder)
+            # Same port when free: a running sweep, an open browser tab and printed links keep working.
+            port = _port_of(state["url"]) if _port_is_free(_port_of(state["url"])) else None
+        server = start_server(folder, port=port)
         (folder / STATE_FILE).write_text(json.dumps(asdict(server) | {"started_at": time.time()}))
         return server
 
@@ -173,6 +176,24 @@ def stop_servers_under(folder: Path) -> list[int]:
     for pid in found:
         _kill_tree(pid, grace_s=5.0)
     return found
+
+
+def _port_of(url: str) -> int | None:
+    with contextlib.suppress(ValueError, IndexError):
+        return int(url.rstrip("/").rsplit(":", 1)[1])
+    return None
+
+
+def _port_is_free(port: int | None, host: str = "127.0.0.1") -> bool:
+    if not port:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:

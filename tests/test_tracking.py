@@ -12,7 +12,15 @@ import pytest
 from sweep import paths
 from sweep.curves import plot_learning_curve, plot_sweep_curves
 from sweep.errors import UserError
-from sweep.tracking import _descendants, _exists, ensure_server, free_port, read_state, stop_local_server
+from sweep.tracking import (
+    _descendants,
+    _exists,
+    ensure_server,
+    free_port,
+    read_state,
+    stop_local_server,
+    stop_process_tree,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -63,12 +71,18 @@ def test_local_server_is_started_on_loopback_reused_and_stopped(tmp_path: Path,
 
         again = ensure_server(None)
         assert (again.url, again.pid, again.started_here) == (first.url, first.pid, False)
-        tree = [first.pid, *_descendants(first.pid)]
-        assert len(tree) >= 2  # the launcher and its uvicorn worker
+        crashed = [first.pid, *_descendants(first.pid)]
+        assert len(crashed) >= 2  # the launcher and its uvicorn worker
+
+        stop_process_tree(first.pid)  # the server dies; its record stays behind
+        revived = ensure_server(None)
+        assert revived.started_here and revived.pid != first.pid
+        assert revived.url == first.url  # same port: running sweeps and open links keep working
+        tree = [revived.pid, *_descendants(revived.pid)]
     finally:
         stopped = stop_local_server()
     assert stopped
-    assert not any(_exists(pid) for pid in tree), "a server process survived stop_local_server"
+    assert not any(_exists(pid) for pid in crashed + tree), "a server process survived"
     assert read_state(paths.mlflow_dir()) is None
     assert stop_local_server() is False
 
