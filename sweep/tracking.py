@@ -47,11 +47,13 @@ class TrackingServer:
 
 
 def is_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
-    """True when an MLflow server answers `GET <url>/health` with 200."""
+    """True when a server answers `GET <url>/health` with 200 (or asks for credentials)."""
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
             return resp.status == 200
-    except (OSError, ValueError, urllib.error.URLError):
+    except urllib.error.HTTPError as err:
+        return err.code in (401, 403)  # up, behind authentication (MLflow's client sends the credentials)
+    except (OSError, ValueError):
         return False
 
 
