@@ -210,11 +210,18 @@ def _trial_name(trial: Any) -> str:
 def _progress_reporter(spec: SweepSpec) -> Any:
     from ray.tune import CLIReporter
 
+    class SweepProgress(CLIReporter):
+        """Tune's trial table, less its 'Result logdir' line (a Ray temp folder, not the sweep's)."""
+
+        def report(self, trials: list, done: bool, *sys_info: str) -> None:
+            lines = self._progress_str(trials, done, *sys_info).splitlines()
+            print("\n".join(ln for ln in lines if not ln.startswith("Result logdir:")), flush=True)
+
     params = {MODEL_KEY: "model"}  # and the searched common params (per-model ones would leave gaps)
     for key, value in spec.space.get("common", {}).items():
         if isinstance(value, Distribution) and len(params) < 4:
             params[key] = key
-    reporter = CLIReporter(
+    reporter = SweepProgress(
         metric_columns={"training_iteration": "epoch", spec.metric.name: spec.metric.name,
                         "val_loss": "val_loss", "time_total_s": "time (s)"},
         parameter_columns=params, max_report_frequency=15, sort_by_metric=True,

@@ -18,7 +18,6 @@ import yaml
 from sweep import paths, tracking
 from sweep.config import SweepSpec, load_trial_config
 from sweep.export import load_trials
-from sweep.reporter import NullReporter
 from sweep.runner import run_sweep
 
 pytestmark = pytest.mark.slow
@@ -109,11 +108,41 @@ def test_sweep_end_to_end_tracks_stops_early_and_exports(home, mlflow_server):
     assert text.startswith("# fwsweep export") and best.trial_id in text
     config = load_trial_config(result.exported[0])
     assert config.train.epochs == best.epochs
-    from sweep.train import run_trial
+    rerun = home / "rerun"
+    _cli(["train", "--config", str(result.exported[0]), "--out", str(rerun)])  # the user's path
+    final = json.loads((rerun / "metrics.json").read_text())["final"]
+    assert final["val_accuracy"] == pytest.approx(best.value("val_accuracy"), abs=1e-9)
 
-    reporter = NullReporter()
-    run_trial(config, reporter, home / "rerun")
-    assert reporter.history[-1]["val_accuracy"] == pytest.approx(best.value("val_accuracy"), abs=1e-9)
+    # the other commands on the finished sweep
+    out = _cli(["export", spec.name, "--per-model", "--top-k", "2"])
+    assert "best_lstm.yaml" in out and "best_fw_lstm.yaml" in out and "top2.yaml" in out
+    out = _cli(["show", spec.name])
+    assert best.trial_id in out and "early stop" in out
+    out = _cli(["list", "--tracking-uri", mlflow_server])
+    assert spec.name in out and "finished" in out and "FINISHED" in out
+
+
+def _cli(args: list[str]) -> str:
+    """Run a `sweep` command in this process; its output (exit code 0 required)."""
+    import contextlib
+    import io
+
+    from sweep.cli import main
+    from sweep.cli.output import console
+
+    buffer = io.StringIO()
+    old_file, old_width = console.file, console.width
+    console.file, console.width = buffer, 250  # wide: table cells unwrapped
+    try:
+        with contextlib.redirect_stdout(buffer), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, "argv", ["sweep", *args])
+            try:
+                main()
+            except SystemExit as exit_:
+                assert exit_.code in (0, None), buffer.getvalue()
+    finally:
+        console.file, console.width = old_file, old_width
+    return buffer.getvalue()
 
 
 def _finished_trials(folder: Path) -> dict[str, int]:
