@@ -38,6 +38,16 @@ def _summary(result) -> None:  # noqa: ANN001  (sweep.runner.SweepResult; import
         console.print(f"re-run it:  sweep train --config {path}", soft_wrap=True)
     if result.interrupted:
         console.print(f"[yellow]interrupted[/]: continue with `sweep resume {result.name}`")
+    if result.status_counts.get("ERROR"):
+        console.print(f"[red]{result.status_counts['ERROR']} trial(s) failed[/]: their errors are in "
+                      f"{result.path}/trial_*/error.txt and in their MLflow runs", soft_wrap=True)
+
+
+def _exit_code(result, terminated: bool) -> None:  # noqa: ANN001
+    if result.interrupted:
+        raise typer.Exit(143 if terminated else 130)
+    if result.best is None:  # no trial produced a result: the sweep failed
+        raise typer.Exit(1)
 
 
 def _fmt(v: object) -> str:
@@ -102,8 +112,7 @@ def run(
     with _stop_on_sigterm() as terminated:
         result = run_sweep(sweep_spec, address=address, tracking_uri=tracking_uri)
     _summary(result)
-    if result.interrupted:
-        raise typer.Exit(143 if terminated else 130)
+    _exit_code(result, bool(terminated))
 
 
 @app.command()
@@ -119,8 +128,7 @@ def resume(
     with _stop_on_sigterm() as terminated:
         result = run_sweep(load_spec_of(name), address=address, tracking_uri=tracking_uri, resume=True)
     _summary(result)
-    if result.interrupted:
-        raise typer.Exit(143 if terminated else 130)
+    _exit_code(result, bool(terminated))
 
 
 @app.command()
