@@ -48,6 +48,8 @@ def test_every_model_maps_tokens_to_logits(name):
     model = make(name, dtype=torch.float32, hidden_size=20)
     logits = model(tokens(batch=4, length=11))
     assert logits.shape == (4, CLASSES) and logits.dtype == torch.float32
+    with torch.no_grad():  # evaluation takes the same path without a graph
+        assert torch.equal(model(tokens(batch=4, length=11)), logits)
     assert torch.isfinite(logits).all()
     assert count_parameters(model) == sum(p.numel() for p in model.parameters()) > 0
     assert make(name)(tokens()).dtype == torch.float64

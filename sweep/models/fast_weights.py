@@ -77,7 +77,7 @@ class AttentionMemory:
             raise ValueError(f"AttentionMemory holds at most max_len={self.max_len} vectors")
         if self.V is None:
             self.V = v.new_empty(v.shape[0], self.max_len, v.shape[1])  # slots are written before read
-            self.dV = torch.zeros_like(self.V)
+            self.dV = torch.zeros_like(self.V) if torch.is_grad_enabled() else None
         self.token = _Store.apply(v, self.token, self.V, self.dV, self.count)
         self.count += 1
 
