@@ -11,6 +11,7 @@ Runs in the Tune driver. Written for sweeps that run for hours next to a server 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
@@ -380,16 +381,23 @@ class MlflowSweepCallback(Callback):
             log.warning("MLflow at %s: could not send %d pending report(s) before giving up",
                         self.tracking_uri, pending)
         self._closed = True
+        atexit.unregister(self._close_at_exit)
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
         return done
+
+    def _close_at_exit(self) -> None:
+        if not self._closed:
+            self.close_timeout_s = min(self.close_timeout_s, 5.0)
+            self.close()
 
     # ------------------------------------------------------------------------------------ Tune hooks
 
     @_never_raises
     def setup(self, **info: Any) -> None:
         self._closed, self._started = False, True
+        atexit.register(self._close_at_exit)  # a driver leaving fit() by a second Ctrl+C still ends its runs
         self._parent_state()
         self.flush(force=True)  # creates the experiment; runs wait for the first step (resume needs it)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -340,3 +342,23 @@ def test_a_server_that_never_comes_back_costs_bounded_time() -> None:
     callback.on_experiment_end([trial])
     assert callback.close() is False  # reported, not raised
     assert time.monotonic() - start < 10
+
+
+def test_a_driver_that_exits_without_closing_ends_its_runs(mlflow_server: str) -> None:
+    """A driver leaving abruptly (e.g. a second Ctrl+C out of fit) ends its open runs on exit."""
+    name = f"exit-{uuid.uuid4().hex[:6]}"
+    script = f"""
+from ray.tune.experiment import Trial
+from sweep.mlflow_callback import MlflowSweepCallback
+cb = MlflowSweepCallback({mlflow_server!r}, {name!r}, {name!r}, {{"name": {name!r}}})
+trial = Trial("tiny", config={{"model": "lstm"}}, trial_id="exit_00000", stub=True)
+cb.setup()
+cb.on_trial_start(0, [trial], trial)
+cb.on_trial_result(0, [trial], trial, {{"epoch": 1, "val_accuracy": 0.5}})
+raise SystemExit(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    parent, children = _runs(MlflowClient(mlflow_server), name, name)
+    assert children["lstm"].info.status == "KILLED"
+    assert parent.info.status == "KILLED"
