@@ -388,7 +388,8 @@ class MlflowSweepCallback(Callback):
         return done
 
     def _close_at_exit(self) -> None:
-        if not self._closed:
+        unfinished = any(s.batches or s.uploads or not s.terminated for s in self._all_states())
+        if not self._closed and unfinished:
             self.close_timeout_s = min(self.close_timeout_s, 5.0)
             self.close()
 
