@@ -72,7 +72,7 @@ def test_default_run_folder_under_fwsweep_home(tmp_path: Path, monkeypatch, caps
 
 def test_ctrl_c_saves_and_the_printed_command_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    args = [str(SWEEP), "train", *TINY, "--epochs", "4", "--set", "task.train_size=20000", "--out", str(run)]
+    args = [str(SWEEP), "train", *TINY, "--epochs", "4", "--set", "task.train_size=8000", "--out", str(run)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     deadline = time.monotonic() + 120
     while not list((run / "checkpoints").glob("step-*")) and time.monotonic() < deadline:  # epoch 1 done
