@@ -346,7 +346,12 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
         # Tune snapshots its experiment state every >= 10 s by default: a driver killed in that window
         # forgets the trials that finished in it, and `resume` re-runs their last epoch. The state is small.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-        tuner.fit()
+        try:
+            tuner.fit()
+        finally:  # whatever happened, no MLflow run stays RUNNING
+            for cb in callbacks:
+                if hasattr(cb, "close"):
+                    cb.close()
         mlflow_url = next((cb.parent_run_url for cb in callbacks if getattr(cb, "parent_run_url", None)),
                           tracking_url)
     finally:
