@@ -72,7 +72,9 @@ def train(
     config_opt: Path | None = typer.Option(
         None, "--config", "-c", help="trial config YAML (e.g. from `sweep export`)"
     ),
-    sets: list[str] = typer.Option([], "--set", help="override one field: section.field=value (repeatable)"),
+    sets: list[str] = typer.Option(
+        [], "--set", metavar="SECTION.FIELD=VALUE", help="override one field (repeatable; value read as YAML)"
+    ),
     model: str | None = typer.Option(None, "--model", help="fw_lstm, fw_rnn, ln_lstm or lstm"),
     task: str | None = typer.Option(None, "--task", help="art or mart"),
     pairs: int | None = typer.Option(None, "--pairs", help="K, key-value pairs per sequence"),
@@ -150,7 +152,9 @@ def train(
 
 @app.command()
 def validate(
-    files: list[Path] = typer.Argument(..., help="trial configs and/or sweep specs (a spec has `models:`)"),
+    files: list[Path] = typer.Argument(
+        ..., metavar="FILE", help="trial configs and/or sweep specs (a spec has `models:`)"
+    ),
 ) -> None:
     """Check files without running anything: every problem in every file at once (exit 2), else a summary."""
     from sweep.config import SweepSpec, TrialConfig, load_spec, load_trial_config, read_yaml
