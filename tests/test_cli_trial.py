@@ -62,6 +62,18 @@ def test_train_writes_the_run_folder_and_resume_extends_it(tmp_path: Path, monke
         metrics["history"])
 
 
+def test_resume_from_a_checkpoint_folder_continues_its_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    run = tmp_path / "run"
+    assert run_cli(["train", *TINY, "--epochs", "2", "--out", str(run)], monkeypatch, capsys)[0] == 0
+    first = json.loads((run / "metrics.json").read_text())["history"]
+    older = sorted((run / "checkpoints").iterdir())[0]  # after epoch 1
+    code, out = run_cli(["train", "--resume", str(older)], monkeypatch, capsys)
+    assert code == 0, out
+    again = json.loads((run / "metrics.json").read_text())["history"]
+    assert trajectory(again) == trajectory(first)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.json"]
+
+
 def test_default_run_folder_under_fwsweep_home(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path / "home"))
     code, out = run_cli(["train", *TINY, "--epochs", "1"], monkeypatch, capsys)

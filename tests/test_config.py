@@ -58,6 +58,7 @@ CASES = [
     ("resume-with-config", ["train", "--resume", "r", "--config", "c.yaml"], {"c.yaml": FW_LSTM},
      ["--config", "--resume"]),
     ("out-is-a-file", ["train", "--out", "f.txt"], {"f.txt": "x"}, ["--out", "is a file"]),
+    ("out-under-a-file", ["train", "--out", "f.txt/run"], {"f.txt": "x"}, ["--out", "cannot write"]),
     ("out-not-empty", ["train", "--out", "d"], {"d/x": "x"}, ["--out", "already holds files", "--resume"]),
     ("too-few-sequences", ["train", "--out", "new", "--set", "task.num_keys=2", "--set", "task.num_values=2",
                            "--pairs", "1", "--set", "task.train_size=20"], {}, ["task.val_size", "distinct"]),

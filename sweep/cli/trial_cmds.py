@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import shlex
+import shutil
 import signal
 import tempfile
 import threading
@@ -114,6 +115,9 @@ def train(
                     f"drop {flag}; to change the number of epochs use --epochs",
                 )
             )
+        restore_from = None
+        if _is_checkpoint_in_run(resume):  # a checkpoint folder: continue its run from that checkpoint
+            restore_from, resume = resume, resume.parent.parent
         run_dir = resume
         base = read_yaml(resume / "config.yaml") if (resume / "config.yaml").exists() else None
         if base is None:
@@ -147,7 +151,8 @@ def train(
         run_dir = out if out is not None else _default_run_dir(config)
         _check_fresh(run_dir, out is not None)
 
-    _train(config, run_dir, resume is not None, dump_yaml(config.to_dict()))
+    _train(config, run_dir, resume is not None, dump_yaml(config.to_dict()),
+           restore_from if resume is not None else None)
 
 
 @app.command()
@@ -318,7 +323,13 @@ class _RunFolderReporter:
         _write_atomic(self.run_dir / "metrics.json", json.dumps(body, indent=1) + "\n")
 
 
-def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str) -> None:
+def _is_checkpoint_in_run(path: Path) -> bool:
+    from sweep.checkpoint import CHECKPOINTS, is_checkpoint
+
+    return is_checkpoint(path) and path.parent.name == CHECKPOINTS
+
+
+def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore_from: Path | None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sweep.checkpoint import find_checkpoint
@@ -328,14 +339,20 @@ def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str) -> None
     created = not run_dir.exists()
     restore, history = None, []
     if resuming:
-        restore = find_checkpoint(run_dir)
+        restore = restore_from or find_checkpoint(run_dir)
         if restore is None:
             raise UserError(
                 Problem("--resume", f"{run_dir} holds no checkpoint yet", "start a new run instead")
             )
         history = json.loads((restore / "meta.json").read_text(encoding="utf-8"))["history"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / "config.yaml", config_yaml)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / "config.yaml", config_yaml)
+    except OSError as err:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise UserError(Problem("--out" if not resuming else "--resume", f"cannot write to {run_dir} ({err})",
+                                "choose a folder you can write to")) from None
 
     total = config.train.epochs * steps_per_epoch(config)
     columns = (
@@ -407,8 +424,6 @@ def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str) -> None
             raise typer.Exit(1) from None
         except UserError:
             if created and find_checkpoint(run_dir) is None:  # nothing trained: leave nothing behind
-                import shutil
-
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         finally:
