@@ -84,7 +84,12 @@ def ensure_server(uri: str | None) -> TrackingServer:
 def ensure_local_server(folder: Path | None = None) -> TrackingServer:
     """Reuse the local server recorded in `folder` (default mlflow_dir()) when alive, else start one."""
     folder = folder or paths.mlflow_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(Problem("FWSWEEP_HOME", f"cannot create {folder} for the local MLflow server "
+                                f"({err})", "point FWSWEEP_HOME at a writable folder, or pass --tracking-uri")
+                        ) from None
     with _locked(folder):  # two sweeps starting at once must not start two servers
         state = read_state(folder)
         port = None
@@ -97,7 +102,11 @@ def ensure_local_server(folder: Path | None = None) -> TrackingServer:
             (folder / STATE_FILE).unlink(missing_ok=True)
             # Same port when free: a running sweep, an open browser tab and printed links keep working.
             port = _port_of(state["url"]) if _port_is_free(_port_of(state["url"])) else None
-        server = start_server(folder, port=port)
+        try:
+            server = start_server(folder, port=port)
+        except RuntimeError as err:
+            fix = f"see {folder / LOG_FILE}; or run your own server and pass --tracking-uri"
+            raise UserError(Problem("local MLflow server", str(err), fix)) from None
         (folder / STATE_FILE).write_text(json.dumps(asdict(server) | {"started_at": time.time()}))
         return server
 

@@ -108,3 +108,12 @@ def test_learning_curve_pngs(tmp_path: Path) -> None:
     empty = plot_learning_curve([], tmp_path / "empty.png")
     for png in (one, many, empty):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unwritable_home_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FWSWEEP_HOME", str(blocker))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(UserError, match="FWSWEEP_HOME"):
+        ensure_server(None)
