@@ -219,10 +219,15 @@ class _Loop:
         raise err
 
     def finished(self) -> bool:
-        """Restored from the last checkpoint of a trial that ended (and is not being extended)."""
-        return self.status == "target_reached" or (
-            self.status == "completed" and self.epoch >= self.config.train.epochs
-        )
+        """Restored from the last checkpoint of a trial that ended, and not extended (more epochs, or a
+        higher target accuracy than the one it reached)."""
+        tc = self.config.train
+        if self.epoch >= tc.epochs:
+            return True
+        if self.status == "target_reached":
+            last = self.history[-1]["val_accuracy"] if self.history else 0.0
+            return tc.target_accuracy is not None and last >= tc.target_accuracy
+        return False
 
     def final_report(self, reporter: Reporter, test: Split) -> TrialOutcome:
         """A finished trial restored again: report its last metrics (with test results) once more."""

@@ -97,6 +97,18 @@ def test_resuming_a_finished_run_extends_it(tiny_trial, tmp_path: Path) -> None:
     assert run_trial(tiny_trial(train={"epochs": 3}), again, tmp_path / "again").metrics == out.metrics
 
 
+def test_a_higher_target_continues_a_run_that_reached_its_target(tiny_trial, tmp_path: Path) -> None:
+    first = NullReporter()
+    out = run_trial(tiny_trial(train={"epochs": 10, "target_accuracy": 0.2}), first, tmp_path / "a")
+    assert out.status == "target_reached"
+    same = run_trial(tiny_trial(train={"epochs": 10, "target_accuracy": 0.2}),
+                     NullReporter(restore=first.checkpoints[-1]), tmp_path / "b")
+    assert same.metrics["epoch"] == out.metrics["epoch"]  # nothing more to do
+    more = run_trial(tiny_trial(train={"epochs": out.metrics["epoch"] + 1, "target_accuracy": 0.999}),
+                     NullReporter(restore=first.checkpoints[-1]), tmp_path / "c")
+    assert more.metrics["epoch"] == out.metrics["epoch"] + 1 and more.status == "completed"
+
+
 def test_target_accuracy_stops_early(tiny_trial, tmp_path: Path) -> None:
     rep = NullReporter()
     out = run_trial(tiny_trial(train={"epochs": 10, "target_accuracy": 0.2}), rep, tmp_path)
