@@ -247,6 +247,7 @@ class _RunState:
     terminated: bool = False
     retries: int = 0
     max_epochs: int | None = None
+    last_steps: dict[str, int] = field(default_factory=dict)  # metric -> highest step MLflow holds
 
 
 # ---------------------------------------------------------------------------------------------- callback
@@ -783,6 +784,7 @@ class MlflowSweepCallback(Callback):
             existing = run.data.params
             state.params = {k: v for k, v in state.params.items() if k not in existing}
             state.params_logged = not state.params
+            self._learn_logged_steps(state, run)
             state.reused = False
         if not state.params_logged:
             items = list(state.params.items())
@@ -794,6 +796,9 @@ class MlflowSweepCallback(Callback):
             state.params_logged = True
         while state.batches:
             metrics, tags = state.batches[0]
+            # A trial resumed from a checkpoint re-reports the epochs after it: keep one value per step.
+            if state is not self._parent:  # (the parent's summary is re-logged at step 0 on purpose)
+                metrics = [m for m in metrics if m.step > state.last_steps.get(m.key, -1)]
             for i in range(0, max(len(metrics), 1), _MAX_METRICS_PER_BATCH):
                 chunk = metrics[i:i + _MAX_METRICS_PER_BATCH]
                 tag_list = [RunTag(k, str(v)[:_MAX_TAG_VALUE]) for k, v in tags.items()] if i == 0 else []
@@ -801,6 +806,8 @@ class MlflowSweepCallback(Callback):
                     self._guarded(lambda c=chunk, t=tag_list: client.log_batch(state.run_id, metrics=c,
                                                                                  tags=t),
                                   f"metrics of {state.name}")
+            for m in metrics:
+                state.last_steps[m.key] = max(m.step, state.last_steps.get(m.key, -1))
             state.batches.popleft()
         while state.uploads:
             up = state.uploads[0]
@@ -811,6 +818,18 @@ class MlflowSweepCallback(Callback):
             state.uploads.popleft()
         if state is not self._parent and state.final_status and not state.terminated:
             self._finish(state)
+
+    def _learn_logged_steps(self, state: _RunState, run: Any) -> None:
+        """The steps an adopted run already holds (every report logs all its metrics at one step, so
+        one metric's history tells them all)."""
+        if state is self._parent or state.last_steps or not run.data.metrics:
+            return
+        metric = (self.spec.get("metric") or {}).get("name")
+        key = metric if metric in run.data.metrics else next(iter(run.data.metrics))
+        history = self._client().get_metric_history(state.run_id, key)
+        if history:
+            top = max(m.step for m in history)
+            state.last_steps = {k: top for k in run.data.metrics}
 
     def _finish(self, state: _RunState) -> None:
         client = self._client()

@@ -17,7 +17,8 @@ def tiny_trainable(config: dict[str, Any]) -> None:
     """Report `epochs` epochs of a curve that rises with `quality`.
 
     Knobs: epochs (3), quality (0.5), sleep_s (0), fail_at_epoch (fails there), fail_once_marker (a path:
-    fail at fail_at_epoch only while the file does not exist, creating it, to test retries and resume).
+    fail at fail_at_epoch only while the file does not exist, creating it, to test retries and resume),
+    checkpoint_epochs (the epochs that save a checkpoint; default all).
     """
     from ray import tune
 
@@ -25,6 +26,7 @@ def tiny_trainable(config: dict[str, Any]) -> None:
     quality = float(config.get("quality", 0.5))
     fail_at = config.get("fail_at_epoch")
     marker = config.get("fail_once_marker")
+    checkpoint_epochs = config.get("checkpoint_epochs")
     start_epoch = 1
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -46,6 +48,9 @@ def tiny_trainable(config: dict[str, Any]) -> None:
             "val_accuracy": val_accuracy,
             "num_params": 1234,
         }
+        if checkpoint_epochs is not None and epoch not in checkpoint_epochs:
+            tune.report(metrics)
+            continue
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "state.json").write_text(json.dumps({"epoch": epoch}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -114,8 +114,10 @@ def first_sweep(mlflow_server: str, local_ray, tmp_path_factory: pytest.TempPath
         "lr": 0.003,
         "quality": tune.sample_from(lambda s: {"lstm": 0.9, "fw_lstm": 0.4, "fw_rnn": 0.6}[s.config.model]),
         "stop_at": tune.sample_from(lambda s: 2 if s.config.model == "fw_lstm" else 99),
-        "fail_at_epoch": tune.sample_from(lambda s: 2 if s.config.model == "fw_rnn" else None),
+        "fail_at_epoch": tune.sample_from(lambda s: 3 if s.config.model == "fw_rnn" else None),
         "fail_once_marker": str(marker),
+        # fw_rnn's only checkpoint is epoch 1: resumed, it reports epoch 2 a second time
+        "checkpoint_epochs": tune.sample_from(lambda s: [1] if s.config.model == "fw_rnn" else None),
     }
     tuner = tune.Tuner(
         tiny_trainable, param_space=param_space,
@@ -162,10 +164,10 @@ def test_metrics_at_every_step_in_one_batch_per_report(first_sweep: dict[str, An
     assert _steps(client, children["lstm"].info.run_id, "val_accuracy") == [1, 2, 3]
     assert _steps(client, children["lstm"].info.run_id, "train_loss") == [1, 2, 3]
     assert _steps(client, children["fw_lstm"].info.run_id, "val_accuracy") == [1, 2]
-    assert _steps(client, children["fw_rnn"].info.run_id, "val_accuracy") == [1]
+    assert _steps(client, children["fw_rnn"].info.run_id, "val_accuracy") == [1, 2]
     batches = first_sweep["client"].metric_batches
     child_batches = sum(batches[r.info.run_id] for r in children.values())
-    assert first_sweep["reports"] == 6
+    assert first_sweep["reports"] == 7
     assert child_batches == first_sweep["reports"]  # one request per report, however many metrics
 
 
@@ -176,7 +178,7 @@ def test_statuses_and_artifacts(first_sweep: dict[str, Any], mlflow_server: str)
     assert (done.info.status, done.data.tags["stopped_early"]) == ("FINISHED", "false")
     assert (stopped.info.status, stopped.data.tags["stopped_early"]) == ("FINISHED", "true")
     assert failed.info.status == "FAILED"
-    assert "planned failure at epoch 2" in failed.data.tags["error"]
+    assert "planned failure at epoch 3" in failed.data.tags["error"]
     assert {"config.yaml", "learning_curve.png", "checkpoint"} <= _artifacts(client, done.info.run_id)
     assert "checkpoint/state.json" in _artifacts(client, done.info.run_id, "checkpoint")
     assert "error.txt" in _artifacts(client, failed.info.run_id)
@@ -213,7 +215,8 @@ def test_resume_reuses_runs_and_reopens_the_failed_one(first_sweep: dict[str, An
     rerun = children["fw_rnn"]
     assert rerun.info.status == "FINISHED"
     assert "error" not in rerun.data.tags and "planned failure" in rerun.data.tags["previous_error"]
-    assert _steps(client, rerun.info.run_id, "val_accuracy") == [1, 2, 3]  # on from its epoch-1 checkpoint
+    # on from its epoch-1 checkpoint: epoch 2 is reported again but logged once
+    assert _steps(client, rerun.info.run_id, "val_accuracy") == [1, 2, 3]
     assert rerun.data.params == params_before
     assert children["lstm"].info.status == "FINISHED"
     assert parent.info.status == "FINISHED"
