@@ -119,6 +119,7 @@ class _DecayedRead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        grad_out = grad_out.contiguous()  # e.g. an expanded gradient: bmm would loop over the batch
         q, scores, weights = ctx.saved_tensors
         t = weights.shape[0]
         past = ctx.V[:, :t]
