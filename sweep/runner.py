@@ -11,8 +11,10 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -333,7 +335,10 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     uri = tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     tracking_url = ensure_server(uri).url
     mlflow_url = tracking_url
+    sigterm = signal.getsignal(signal.SIGTERM)
     started = connect_ray(address)
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init replaced the caller's SIGTERM handler: keep it
     try:
         folder = paths.sweep_dir(spec.name)
         if resume:
