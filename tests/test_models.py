@@ -105,8 +105,9 @@ def test_attention_form_gradients_survive_a_second_backward():
         assert rel_err(p.grad, before) < 1e-12
 
 
-def authors_fw_lstm_cell(layer, x):
-    """The authors' TF FastWeightsLSTMCell (S = 1), transcribed line by line with an explicit A."""
+def authors_fw_lstm_cell(layer, x, inner_steps: int = 1):
+    """The authors' TF FastWeightsLSTMCell, transcribed line by line with an explicit A; inner_steps > 1
+    adds our real inner loop (re-read A with the updated rectified gates)."""
     B, T, _ = x.shape
     H = layer.hidden_size
     W = torch.cat([layer.hidden_proj.weight, layer.input_proj.weight], dim=1).T  # [h, x] W
@@ -118,7 +119,10 @@ def authors_fw_lstm_cell(layer, x):
         i, f, o, j = ifoj.split(H, dim=1)
         h_s = F.relu(ifoj)[:, None, :]
         A = layer.decay * A + layer.fast_lr * h_s.transpose(1, 2) @ h_s
-        i_A, f_A, o_A, j_A = (h_s @ A)[:, 0].split(H, dim=1)
+        ifoj_A = h_s @ A
+        for _ in range(inner_steps - 1):
+            ifoj_A = F.relu(ifoj[:, None, :] + ifoj_A) @ A
+        i_A, f_A, o_A, j_A = ifoj_A[:, 0].split(H, dim=1)
         g = F.relu(j + j_A)
         c = c * torch.sigmoid(f + f_A + layer.forget_bias) + torch.sigmoid(i + i_A) * g
         c = F.layer_norm(c, (H,), layer.cell_norm.weight, layer.cell_norm.bias)
@@ -126,11 +130,13 @@ def authors_fw_lstm_cell(layer, x):
     return h
 
 
+@pytest.mark.parametrize("inner_steps", [1, 2])
 @pytest.mark.parametrize("fw_form", ["matrix", "attention"])
-def test_fw_lstm_with_one_inner_step_is_the_authors_cell(fw_form):
-    model = make("fw_lstm", fw_form=fw_form, inner_steps=1)
+def test_fw_lstm_is_the_authors_cell_with_a_real_inner_loop(fw_form, inner_steps):
+    model = make("fw_lstm", fw_form=fw_form, inner_steps=inner_steps)
     x = model.embed(tokens())
-    assert rel_err(model.recurrent(x), authors_fw_lstm_cell(model.recurrent, x)) < 1e-12
+    expected = authors_fw_lstm_cell(model.recurrent, x, inner_steps)
+    assert rel_err(model.recurrent(x), expected) < 1e-12
 
 
 @pytest.mark.parametrize("inner_steps", [2, 3])
