@@ -451,6 +451,12 @@ class MlflowSweepCallback(Callback):
                   else "completed" if last else "stopped before its first report")
         state.final_status = "FINISHED"
         state.final_tags = {"stopped_early": str(stopped).lower(), "end_reason": reason}
+        if last.get("diverged"):  # ended normally for Tune (no retry of a hopeless trial), failed as a run
+            error = (f"TrialDiverged: the training loss became {last.get('train_loss')} at epoch "
+                     f"{last.get('epoch')}; lower train.lr or set train.grad_clip")
+            state.final_status = "FAILED"
+            state.final_tags["error"] = error
+            self._write_upload(state, "error.txt", error + "\n")
         self._add_trial_artifacts(state, trial, checkpoint=True)
         self.flush()
 
