@@ -176,7 +176,7 @@ def tune_trials(home: Path, name: str) -> dict[str, dict[str, Any]]:
 
 def optuna_trials(home: Path, name: str) -> list[Any]:
     """The Optuna study's trials, from the newest searcher state Tune saved."""
-    files = sorted(experiment_dir(home, name).glob("searcher-state-*.pkl"), key=os.path.getmtime)
+    files = sorted(experiment_dir(home, name).glob("searcher-state-*.pkl"))  # newest session last
     assert files, f"no saved searcher state in {experiment_dir(home, name)}"
     with open(files[-1], "rb") as fh:
         state = pickle.load(fh)
@@ -334,8 +334,220 @@ def test_failing_trials_are_recorded_everywhere_and_retried_from_checkpoints(
 
 def optuna_by_tune_trial(home: Path, name: str) -> dict[str, Any]:
     """Tune trial id -> its Optuna trial, from the searcher state Tune saved."""
-    files = sorted(experiment_dir(home, name).glob("searcher-state-*.pkl"), key=os.path.getmtime)
+    files = sorted(experiment_dir(home, name).glob("searcher-state-*.pkl"))  # newest session last
     with open(files[-1], "rb") as fh:
         state = pickle.load(fh)
     study_trials = {t.number: t for t in state["_ot_study"].get_trials(deepcopy=False)}
     return {tid: study_trials[ot.number] for tid, ot in state["_ot_trials"].items()}
+
+
+def finished_trials_on_disk(home: Path, name: str, epochs: int) -> dict[str, list[int]]:
+    """trial_id -> epochs in result.json, for trials whose last epoch is on disk (read without Ray)."""
+    out = {}
+    for result in experiment_dir(home, name).glob("trial_*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if rows and rows[-1].get("epoch") == epochs:
+            out[result.parent.name.removeprefix("trial_")] = [r.get("epoch") for r in rows]
+    return out
+
+
+def started_trials_on_disk(home: Path, name: str) -> set[str]:
+    return {p.parent.name.removeprefix("trial_")
+            for p in experiment_dir(home, name).glob("trial_*/result.json") if p.stat().st_size}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killed_driver_is_resumed_without_rerunning_or_duplicating(
+        own_mlflow: MlflowServer, home: Path, tmp_path: Path) -> None:
+    """SIGKILL to `sweep run` once a trial has finished and others are mid-way; `sweep resume` then
+    finishes the sweep: the finished trial does not run again, no MLflow run is duplicated or left
+    RUNNING, every metric step is logged once, and Optuna's study holds each trial exactly once."""
+    name, epochs = "faults-driver", 3
+    spec = write_spec(tmp_path, name, budget={"num_samples": 3, "max_concurrent": 2})
+    env = {"FWSWEEP_FAULT": "slow=1.5"}  # ~5 s per trial: time to kill the sweep mid-way
+    run = SweepProcess(["run", str(spec), "--tracking-uri", own_mlflow.url], home, env)
+    wait_until(lambda: finished_trials_on_disk(home, name, epochs) and
+               len(started_trials_on_disk(home, name)) >= 2 or run.proc.poll() is not None,
+               150, "a finished trial and a running one")
+    time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S (2 s): Tune's experiment state now knows the finished trial
+    assert run.proc.poll() is None, f"the sweep ended before it could be killed:\n{run.output()[-3000:]}"
+    run.signal(signal.SIGKILL)
+    run.wait(10)
+    time.sleep(1)
+    kill_processes_of(home)  # the dead driver's local Ray goes with it, as when its machine dies
+    finished_before = finished_trials_on_disk(home, name, epochs)
+    _, runs_before = mlflow_runs(own_mlflow.url, name)
+    running_before = [r.info.run_id for r in runs_before if r.info.status == "RUNNING"]
+    assert running_before, "no MLflow run was RUNNING when the driver died"
+
+    run_to_end(["resume", name, "--tracking-uri", own_mlflow.url], home, env)
+
+    trials = tune_trials(home, name)
+    assert len(trials) == 3 and all(t["status"] == "TERMINATED" for t in trials.values()), trials
+    for tid, epochs_before in finished_before.items():
+        assert trials[tid]["epochs"] == epochs_before, f"finished trial {tid} ran again"
+    for tid, t in trials.items():
+        assert t["epochs"] == [1, 2, 3], f"trial {tid}: epochs {t['epochs']} (repeated or missing)"
+    runs = trial_runs_by_id(own_mlflow.url, name)
+    assert set(runs) == set(trials)
+    assert {r.info.run_id for r in runs_before} <= {r.info.run_id for r in runs.values()}, "runs replaced"
+    parents, children = mlflow_runs(own_mlflow.url, name)
+    assert len(parents) == 1 and all(r.info.status == "FINISHED" for r in parents + children)
+    for tid, run_ in runs.items():  # one value per step, none missing (also for trials in flight at the kill)
+        assert metric_steps(own_mlflow.url, run_.info.run_id, "val_accuracy") == [1, 2, 3], tid
+    study = optuna_by_tune_trial(home, name)
+    assert set(study) == set(trials) and all(t.state.name == "COMPLETE" for t in study.values())
+    assert len(optuna_trials(home, name)) == 3, "the Optuna study lost or repeated a trial"
+
+
+def _free_port() -> int:
+    from sweep.tracking import free_port
+
+    return free_port()
+
+
+class RayNode:
+    """`ray start --block` in its own session; killing it takes its raylet and workers with it."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([str(SWEEP.with_name("ray")), "start", "--block", *args], env=env,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: "Ray runtime started" in log.read_text(errors="replace") or
+                   self.proc.poll() is not None, 90, f"`ray start` ({log.name})")
+        assert self.proc.poll() is None, log.read_text()[-3000:]
+
+    def processes(self) -> set[int]:
+        from sweep.tracking import _descendants
+
+        return {self.proc.pid, *_descendants(self.proc.pid)}
+
+    def kill(self) -> None:
+        """SIGKILL the node's process tree by pid (never `ray stop`: other Ray clusters share this host)."""
+        victims = self.processes()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def trial_rows(home: Path, name: str) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for result in experiment_dir(home, name).glob("trial_*/result.json"):
+        out[result.parent.name.removeprefix("trial_")] = [
+            json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_lost_worker_node_trials_finish_on_the_remaining_node(
+        own_mlflow: MlflowServer, home: Path, tmp_path: Path) -> None:
+    """A two-node local Ray cluster (head + worker, one CPU each); once the trial on the worker node has a
+    checkpoint, the worker node's processes are SIGKILLed. Its trial must be rescheduled on the head
+    from its last checkpoint and finish; the other trial is untouched."""
+    name = "faults-node"
+    temp_dir = Path(f"/tmp/fwr{os.getpid()}")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env |= {"FWSWEEP_HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_health_check_period_ms": "500",
+            "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "4",
+            "FWSWEEP_FAULT": "slow=2"}  # trials run in the nodes' worker processes: their env counts
+    port = _free_port()
+    try:
+        RayNode(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+                 f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}",
+                 "--include-dashboard=false", "--disable-usage-stats"], env, tmp_path / "head.log")
+        worker = RayNode([f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1"], env,
+                         tmp_path / "worker.log")
+        spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2},
+                          train={"epochs": 4}, retries={"max_failures": 2})
+        run = SweepProcess(["run", str(spec), "--address", f"127.0.0.1:{port}",
+                            "--tracking-uri", own_mlflow.url],
+                           home, {"RAY_AUTH_MODE": "disabled"})
+
+        def trial_on_worker() -> str | None:
+            pids = worker.processes()
+            return next((tid for tid, rows in trial_rows(home, name).items()
+                         if rows and rows[-1]["pid"] in pids and rows[-1].get("checkpoint_dir_name")), None)
+
+        lost = wait_until(lambda: trial_on_worker() or run.proc.poll() is not None, 150,
+                          "a checkpointed trial on the worker node")
+        assert run.proc.poll() is None, run.output()[-3000:]
+        lost_node = trial_rows(home, name)[lost][-1]["node_id"]
+        worker.kill()
+        assert run.wait(200) == 0, run.output()[-4000:]
+    finally:
+        kill_processes_of(home)
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+    trials = tune_trials(home, name)
+    assert all(t["status"] == "TERMINATED" for t in trials.values()), trials
+    assert trials[lost]["num_failures"] >= 1, "the lost node's trial was never seen to fail"
+    assert trials[lost]["epochs"] == [1, 2, 3, 4], f"not resumed from a checkpoint: {trials[lost]['epochs']}"
+    nodes = [r["node_id"] for r in trial_rows(home, name)[lost]]
+    assert nodes[0] == lost_node and nodes[-1] != lost_node, f"did not move off the lost node: {nodes}"
+    print(f"lost trial ran its epochs on nodes {[n[:8] for n in nodes]}")
+    runs = trial_runs_by_id(own_mlflow.url, name)
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert metric_steps(own_mlflow.url, runs[lost].info.run_id, "val_accuracy") == [1, 2, 3, 4]
+
+
+def logged_steps(url: str, name: str) -> dict[str, list[int]]:
+    """trial_id -> val_accuracy steps in MLflow; {} while the server does not answer."""
+    try:
+        runs = trial_runs_by_id(url, name)
+        return {tid: metric_steps(url, r.info.run_id, "val_accuracy") for tid, r in runs.items()}
+    except Exception:  # noqa: BLE001 - not there yet, or the server is down
+        return {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tracking_server_outage_loses_no_metric(own_mlflow: MlflowServer, home: Path, tmp_path: Path) -> None:
+    """The MLflow server process tree is stopped for >= 20 s mid-sweep and restarted on the same port and
+    database. Trials keep training meanwhile; what they reported during the outage reaches MLflow once it
+    is back, and no step is missing or logged twice."""
+    name, epochs, outage_s = "faults-mlflow", 10, 20
+    spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2},
+                      train={"epochs": epochs})
+    run = SweepProcess(["run", str(spec), "--tracking-uri", own_mlflow.url], home,
+                       {"FWSWEEP_FAULT": "slow=3"})
+    wait_until(lambda: any(logged_steps(own_mlflow.url, name).values()) or run.proc.poll() is not None, 150,
+               "a first metric in MLflow")
+    assert run.proc.poll() is None, run.output()[-3000:]
+    own_mlflow.stop()
+    down_at = time.monotonic()
+    rows_at_stop = {tid: len(rows) for tid, rows in trial_rows(home, name).items()}
+    time.sleep(outage_s)
+    rows_at_restart = {tid: len(rows) for tid, rows in trial_rows(home, name).items()}
+    own_mlflow.start()
+    down_s = time.monotonic() - down_at
+    assert run.proc.poll() is None, "the sweep ended during the outage: make it longer"
+    assert run.wait(200) == 0, run.output()[-4000:]
+
+    grew = {tid: rows_at_restart.get(tid, 0) - rows_at_stop.get(tid, 0) for tid in rows_at_restart}
+    assert sum(grew.values()) >= 2, f"trials did not train during the outage: {grew}"
+    steps = logged_steps(own_mlflow.url, name)
+    assert len(steps) == 2
+    for tid, logged in steps.items():
+        assert logged == list(range(1, epochs + 1)), f"trial {tid}: steps in MLflow {logged}"
+    parents, children = mlflow_runs(own_mlflow.url, name)
+    assert all(r.info.status == "FINISHED" for r in parents + children)
+    print(f"MLflow down {down_s:.0f} s; epochs reported meanwhile: {grew}")
+
+
+@pytest.mark.slow
+def test_unreachable_tracking_server_refuses_to_start(home: Path, tmp_path: Path) -> None:
+    """An explicit tracking URI nobody answers: exit 2 before Ray starts or anything is written."""
+    spec = write_spec(tmp_path, "faults-nosrv")
+    proc = SweepProcess(["run", str(spec), "--tracking-uri", f"http://127.0.0.1:{_free_port()}"], home)
+    assert proc.wait(60) == 2
+    out = proc.output()
+    assert "no MLflow server answers" in out and "Traceback" not in out, out
+    assert not any(home.iterdir()), "something was written"
