@@ -101,7 +101,8 @@ def best_trials(records: list[TrialRecord], metric: str, mode: str, k: int = 1,
                 per_model: bool = False) -> list[TrialRecord]:
     """The k best trials by their last reported `metric` (the value the trial ended with, re-runnable);
     with per_model, the k best of each model."""
-    scored = [r for r in records if r.value(metric) is not None and r.status != "ERROR"]
+    scored = [r for r in records if r.value(metric) is not None and r.status != "ERROR"
+              and not r.metrics.get("diverged")]  # a NaN model's accuracy is not a result to re-run
     scored.sort(key=lambda r: r.value(metric), reverse=(mode == "max"))
     if not per_model:
         return scored[:k]
