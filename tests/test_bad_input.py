@@ -124,6 +124,8 @@ CASES = [
     Case("run-spec-tracking-uri-down", ["run", S], ["127.0.0.1:{port}", "fix"],
          {S: spec(tracking="{uri: 'http://127.0.0.1:{port}'}")}),
     Case("resume-unknown-sweep", ["resume", "no-such-sweep"], ["no-such-sweep", "fix"]),
+    Case("run-over-existing-sweep", ["run", S], ["faults-tiny", "already exists", "sweep resume faults-tiny"],
+         {S: TINY, "home/sweeps/faults-tiny/tuner.pkl": "", "home/sweeps/faults-tiny/sweep_spec.yaml": TINY}),
     Case("show-unknown-sweep", ["show", "no-such-sweep"], ["no-such-sweep"]),
     Case("export-unknown-sweep", ["export", "no-such-sweep"], ["no-such-sweep"]),
     # ---- environment
