@@ -1,5 +1,6 @@
 """Sweeps on a real multi-node Ray cluster: `ray start` head and worker processes on loopback, token auth on
-every node and driver, `sweep run --address` as a user types it, every trial in a real MLflow server.
+every node and driver, `sweep run SPEC --address HOST:PORT` as a user types it, every trial in a real
+MLflow server.
 
 One machine stands in for several: each node is its own `ray start --block` process group (never `ray stop`,
 which would end every Ray process on the machine, other tests' included), with its own ports and a private
@@ -81,7 +82,8 @@ class LoopbackCluster:
         """What the head, every worker and every driver share: the same RAY_AUTH_MODE and token."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
-        return env | auth | extra
+        path = {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}  # `sweep` on PATH, as in the image
+        return env | auth | path | extra
 
     def start_head(self, *args: str) -> Node:
         node = self._start("head", "--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
