@@ -286,7 +286,7 @@ def artifact_text(url: str, run_id: str, path: str) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_failing_trials_are_recorded_everywhere_and_retried_from_checkpoints(
-        own_mlflow: MlflowServer, home: Path, tmp_path: Path) -> None:
+        mlflow_server: str, home: Path, tmp_path: Path) -> None:
     """One sweep, four trials run one at a time, three faults (retries.max_failures: 1):
     a trial whose loss goes NaN at epoch 1 (not retried), one that raises at epoch 2 twice (retried once,
     then failed), one whose worker process dies at epoch 3 (retried from its epoch-2 checkpoint, finishes),
@@ -294,7 +294,7 @@ def test_failing_trials_are_recorded_everywhere_and_retried_from_checkpoints(
     spec = write_spec(tmp_path, "faults-fail", budget={"num_samples": 4, "max_concurrent": 1},
                       retries={"max_failures": 1})
     env = {"FWSWEEP_FAULT": "nan@1x1;raise@2x2;crash@3x1", "FWSWEEP_FAULT_STATE": str(tmp_path / "faults")}
-    run_to_end(["run", str(spec), "--tracking-uri", own_mlflow.url], home, env)
+    run_to_end(["run", str(spec), "--tracking-uri", mlflow_server], home, env)
 
     trials = tune_trials(home, "faults-fail")
     assert len(trials) == 4
@@ -315,20 +315,20 @@ def test_failing_trials_are_recorded_everywhere_and_retried_from_checkpoints(
     assert study[errored[0]].state.name == "FAIL"
     assert all(study[t].state.name == "COMPLETE" for t in (crashed[0], clean[0]))
 
-    runs = trial_runs_by_id(own_mlflow.url, "faults-fail")
+    runs = trial_runs_by_id(mlflow_server, "faults-fail")
     assert set(runs) == set(trials)
     failed = runs[errored[0]]
     assert failed.info.status == "FAILED"
     assert "InjectedFault" in failed.data.tags.get("error", "")
-    assert "fault injected on purpose" in artifact_text(own_mlflow.url, failed.info.run_id, "error.txt")
+    assert "fault injected on purpose" in artifact_text(mlflow_server, failed.info.run_id, "error.txt")
     assert runs[crashed[0]].info.status == "FINISHED" and runs[crashed[0]].data.tags.get("retries") == "1"
     assert "worker process has died" in runs[crashed[0]].data.tags.get("last_error", "")
     for tid in (crashed[0], clean[0]):
-        assert metric_steps(own_mlflow.url, runs[tid].info.run_id, "val_accuracy") == [1, 2, 3]
+        assert metric_steps(mlflow_server, runs[tid].info.run_id, "val_accuracy") == [1, 2, 3]
     nan_run = runs[diverged[0]]
     assert nan_run.info.status == "FAILED", "a diverged trial must be FAILED in MLflow"
     assert "diverged" in nan_run.data.tags.get("error", "").lower()
-    parents, _ = mlflow_runs(own_mlflow.url, "faults-fail")
+    parents, _ = mlflow_runs(mlflow_server, "faults-fail")
     assert [p.info.status for p in parents] == ["FINISHED"]
 
 
@@ -359,14 +359,14 @@ def started_trials_on_disk(home: Path, name: str) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_killed_driver_is_resumed_without_rerunning_or_duplicating(
-        own_mlflow: MlflowServer, home: Path, tmp_path: Path) -> None:
+        mlflow_server: str, home: Path, tmp_path: Path) -> None:
     """SIGKILL to `sweep run` once a trial has finished and others are mid-way; `sweep resume` then
     finishes the sweep: the finished trial does not run again, no MLflow run is duplicated or left
     RUNNING, every metric step is logged once, and Optuna's study holds each trial exactly once."""
     name, epochs = "faults-driver", 3
     spec = write_spec(tmp_path, name, budget={"num_samples": 3, "max_concurrent": 2})
     env = {"FWSWEEP_FAULT": "slow=1.5"}  # ~5 s per trial: time to kill the sweep mid-way
-    run = SweepProcess(["run", str(spec), "--tracking-uri", own_mlflow.url], home, env)
+    run = SweepProcess(["run", str(spec), "--tracking-uri", mlflow_server], home, env)
     wait_until(lambda: finished_trials_on_disk(home, name, epochs) and
                len(started_trials_on_disk(home, name)) >= 2 or run.proc.poll() is not None,
                150, "a finished trial and a running one")
@@ -377,11 +377,11 @@ def test_killed_driver_is_resumed_without_rerunning_or_duplicating(
     time.sleep(1)
     kill_processes_of(home)  # the dead driver's local Ray goes with it, as when its machine dies
     finished_before = finished_trials_on_disk(home, name, epochs)
-    _, runs_before = mlflow_runs(own_mlflow.url, name)
+    _, runs_before = mlflow_runs(mlflow_server, name)
     running_before = [r.info.run_id for r in runs_before if r.info.status == "RUNNING"]
     assert running_before, "no MLflow run was RUNNING when the driver died"
 
-    run_to_end(["resume", name, "--tracking-uri", own_mlflow.url], home, env)
+    run_to_end(["resume", name, "--tracking-uri", mlflow_server], home, env)
 
     trials = tune_trials(home, name)
     assert len(trials) == 3 and all(t["status"] == "TERMINATED" for t in trials.values()), trials
@@ -389,13 +389,13 @@ def test_killed_driver_is_resumed_without_rerunning_or_duplicating(
         assert trials[tid]["epochs"] == epochs_before, f"finished trial {tid} ran again"
     for tid, t in trials.items():
         assert t["epochs"] == [1, 2, 3], f"trial {tid}: epochs {t['epochs']} (repeated or missing)"
-    runs = trial_runs_by_id(own_mlflow.url, name)
+    runs = trial_runs_by_id(mlflow_server, name)
     assert set(runs) == set(trials)
     assert {r.info.run_id for r in runs_before} <= {r.info.run_id for r in runs.values()}, "runs replaced"
-    parents, children = mlflow_runs(own_mlflow.url, name)
+    parents, children = mlflow_runs(mlflow_server, name)
     assert len(parents) == 1 and all(r.info.status == "FINISHED" for r in parents + children)
     for tid, run_ in runs.items():  # one value per step, none missing (also for trials in flight at the kill)
-        assert metric_steps(own_mlflow.url, run_.info.run_id, "val_accuracy") == [1, 2, 3], tid
+        assert metric_steps(mlflow_server, run_.info.run_id, "val_accuracy") == [1, 2, 3], tid
     study = optuna_by_tune_trial(home, name)
     assert set(study) == set(trials) and all(t.state.name == "COMPLETE" for t in study.values())
     assert len(optuna_trials(home, name)) == 3, "the Optuna study lost or repeated a trial"
@@ -446,7 +446,7 @@ def trial_rows(home: Path, name: str) -> dict[str, list[dict[str, Any]]]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_lost_worker_node_trials_finish_on_the_remaining_node(
-        own_mlflow: MlflowServer, home: Path, tmp_path: Path) -> None:
+        mlflow_server: str, home: Path, tmp_path: Path) -> None:
     """A two-node local Ray cluster (head + worker, one CPU each); once the trial on the worker node has a
     checkpoint, the worker node's processes are SIGKILLed. Its trial must be rescheduled on the head
     from its last checkpoint and finish; the other trial is untouched."""
@@ -466,7 +466,7 @@ def test_lost_worker_node_trials_finish_on_the_remaining_node(
         spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2},
                           train={"epochs": 4}, retries={"max_failures": 2})
         run = SweepProcess(["run", str(spec), "--address", f"127.0.0.1:{port}",
-                            "--tracking-uri", own_mlflow.url],
+                            "--tracking-uri", mlflow_server],
                            home, {"RAY_AUTH_MODE": "disabled"})
 
         def trial_on_worker() -> str | None:
@@ -493,9 +493,9 @@ def test_lost_worker_node_trials_finish_on_the_remaining_node(
     nodes = [r["node_id"] for r in trial_rows(home, name)[lost]]
     assert nodes[0] == lost_node and nodes[-1] != lost_node, f"did not move off the lost node: {nodes}"
     print(f"lost trial ran its epochs on nodes {[n[:8] for n in nodes]}")
-    runs = trial_runs_by_id(own_mlflow.url, name)
+    runs = trial_runs_by_id(mlflow_server, name)
     assert all(r.info.status == "FINISHED" for r in runs.values())
-    assert metric_steps(own_mlflow.url, runs[lost].info.run_id, "val_accuracy") == [1, 2, 3, 4]
+    assert metric_steps(mlflow_server, runs[lost].info.run_id, "val_accuracy") == [1, 2, 3, 4]
 
 
 def logged_steps(url: str, name: str) -> dict[str, list[int]]:

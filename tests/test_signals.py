@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 from test_faults import (
-    MlflowServer,
     SweepProcess,
     experiment_dir,
     home,  # noqa: F401  (fixture)
     metric_steps,
     mlflow_runs,
-    own_mlflow,  # noqa: F401  (fixture)
     run_to_end,
     started_trials_on_disk,
     trial_rows,
@@ -32,12 +30,12 @@ STOP_WITHIN_S = 30  # from the signal to the process exit, on a loaded 2-core ma
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
                          ids=["SIGINT", "SIGTERM"])
-def test_signal_stops_saves_and_resumes(sig: int, code: int, own_mlflow: MlflowServer,  # noqa: F811
+def test_signal_stops_saves_and_resumes(sig: int, code: int, mlflow_server: str,
                                         home: Path, tmp_path: Path) -> None:  # noqa: F811
     name = f"faults-{signal.Signals(sig).name.lower()}"
     spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2})
     env = {"FWSWEEP_FAULT": "slow=2"}
-    run = SweepProcess(["run", str(spec), "--tracking-uri", own_mlflow.url], home, env)
+    run = SweepProcess(["run", str(spec), "--tracking-uri", mlflow_server], home, env)
     wait_until(lambda: len(started_trials_on_disk(home, name)) >= 1 or run.proc.poll() is not None, 150,
                "a trial's first epoch")
     assert run.proc.poll() is None, run.output()[-3000:]
@@ -52,7 +50,7 @@ def test_signal_stops_saves_and_resumes(sig: int, code: int, own_mlflow: MlflowS
     print(f"{signal.Signals(sig).name}: stopped in {stop_s:.1f} s")
 
     assert list(experiment_dir(home, name).glob("experiment_state-*.json")), "no Tune state saved"
-    parents, children = mlflow_runs(own_mlflow.url, name)
+    parents, children = mlflow_runs(mlflow_server, name)
     statuses = sorted(r.info.status for r in parents + children)
     assert "RUNNING" not in statuses, statuses
     assert [p.info.status for p in parents] == ["KILLED"]
@@ -61,13 +59,13 @@ def test_signal_stops_saves_and_resumes(sig: int, code: int, own_mlflow: MlflowS
     if sig == signal.SIGTERM:
         return  # the same orderly stop as SIGINT: resuming it is checked once, below, in the SIGINT case
 
-    run_to_end(["resume", name, "--tracking-uri", own_mlflow.url], home, env)
+    run_to_end(["resume", name, "--tracking-uri", mlflow_server], home, env)
     trials = tune_trials(home, name)
     assert len(trials) == 2 and all(t["status"] == "TERMINATED" for t in trials.values()), trials
     for tid, t in trials.items():
         assert t["epochs"] == [1, 2, 3], f"trial {tid}: {t['epochs']} (before: {rows_before.get(tid)})"
-    parents, children = mlflow_runs(own_mlflow.url, name)
+    parents, children = mlflow_runs(mlflow_server, name)
     assert len(parents) == 1 and len(children) == 2
     assert all(r.info.status == "FINISHED" for r in parents + children)
     for r in children:
-        assert metric_steps(own_mlflow.url, r.info.run_id, "val_accuracy") == [1, 2, 3]
+        assert metric_steps(mlflow_server, r.info.run_id, "val_accuracy") == [1, 2, 3]
