@@ -10,6 +10,7 @@ which would end every Ray process on the machine, other tests' included), with i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -106,6 +107,7 @@ class LoopbackCluster:
     def _start(self, name: str, *args: str) -> Node:
         agent_port = _free_port()
         log = self.temp_dir / f"{name}.log"
+        # Ray swaps a loopback --node-ip-address for the machine's address: all nodes here share one IP.
         cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
                f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={self.temp_dir}",
                "--disable-usage-stats", *args]
@@ -176,6 +178,17 @@ def run_sweep_cli(c: LoopbackCluster, spec: Path, home: Path, tracking_uri: str,
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+def node_roles(c: LoopbackCluster) -> dict[str, str]:
+    """node id -> the custom resource naming the node (head_node, worker_node...), from Ray's state API."""
+    req = urllib.request.Request(f"http://127.0.0.1:{c.dashboard_port}/api/v0/nodes?detail=true",
+                                 headers={"Authorization": f"Bearer {c.token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        body = json.load(resp)
+    rows = body["data"]["result"]["result"]
+    return {row["node_id"]: next((r for r in row["resources_total"] if r.endswith("_node")), "")
+            for row in rows if row["state"] == "ALIVE"}
+
+
 def load_records(home: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> list:
     from sweep.export import load_trials
 
@@ -206,8 +219,9 @@ def test_sweep_runs_trials_on_both_nodes_and_tracks_them_all(
     records = load_records(tmp_path / "home", name, monkeypatch)
     assert len(records) == 2 and {r.status for r in records} == {"TERMINATED"}, [r.status for r in records]
     # One CPU per node and both trials at once: the scheduler had to use both nodes.
-    node_ids = {r.metrics["node_id"] for r in records}
-    assert len(node_ids) == 2, node_ids
+    roles = node_roles(cluster)
+    ran_on = sorted(roles.get(r.metrics["node_id"], "?") for r in records)
+    assert ran_on == ["head_node", "worker_node"], (ran_on, roles)
 
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(name)
@@ -234,6 +248,7 @@ def test_fractional_gpus_pack_four_trials_on_two_logical_gpus(
     gpu_node = cluster.add_node("gpu", "--num-cpus=4", "--num-gpus=2", '--resources={"gpu_node": 1}')
     try:
         cluster.wait_for_nodes()
+        gpu_node_id = next(n for n, role in node_roles(cluster).items() if role == "gpu_node")
         name = f"gpu-packing-{secrets.token_hex(3)}"
         result = run_sweep_cli(cluster, spec_file, tmp_path / "home", mlflow_server, name)
         assert result.returncode == 0, result.stdout[-4000:]
@@ -242,7 +257,7 @@ def test_fractional_gpus_pack_four_trials_on_two_logical_gpus(
         cluster.stop_node(gpu_node)
 
     assert len(records) == 4 and {r.status for r in records} == {"TERMINATED"}, [r.status for r in records]
-    assert len({r.metrics["node_id"] for r in records}) == 1  # all on the GPU node
+    assert {r.metrics["node_id"] for r in records} == {gpu_node_id}  # the only node with GPUs
     # Each trial saw the one GPU id Ray assigned it; each of the two GPUs carried two trials.
     gpu_ids = sorted(r.metrics["gpu_ids"] for r in records)
     assert gpu_ids == ["0", "0", "1", "1"], gpu_ids
