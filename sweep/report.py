@@ -194,7 +194,7 @@ def seed_records(runs: Sequence[SeedRun], thresholds: Sequence[float]) -> list[d
     records = []
     for r in sorted(runs, key=lambda r: (r.task, r.pairs, r.model, r.seed)):
         rec = {"task": r.task, "pairs": r.pairs, "model": r.model, "seed": r.seed, "status": r.status,
-               "num_params": r.num_params, "test_error_pct": r.test_error_pct, "run_id": r.run_id}
+               "num_params": r.num_params, "test_error_pct": round(r.test_error_pct, 6), "run_id": r.run_id}
         for t in thresholds:
             hit = first_reach(r.history, t)
             rec[f"steps_to_{round(100 * t)}"] = None if hit is None else hit.get("step")
