@@ -551,3 +551,26 @@ def test_unreachable_tracking_server_refuses_to_start(home: Path, tmp_path: Path
     out = proc.output()
     assert "no MLflow server answers" in out and "Traceback" not in out, out
     assert not any(home.iterdir()), "something was written"
+
+
+def test_fault_directives_fire_as_often_as_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook itself: `raise@2x1` fails one report of epoch 2 across all reporters, then lets it pass."""
+    from sweep import testing_faults
+    from sweep.reporter import NullReporter
+
+    fault = testing_faults.Fault
+    assert testing_faults.parse("nan@1x1; raise@2x2;crash@3;slow=0.5") == [
+        fault("nan", 1, 1), fault("raise", 2, 2), fault("crash", 3), fault("slow", value=0.5)]
+    with pytest.raises(ValueError, match="KIND"):
+        testing_faults.parse("explode@1")
+    inner = NullReporter()
+    monkeypatch.delenv(testing_faults.ENV, raising=False)
+    assert testing_faults.wrap(inner) is inner  # off unless asked for
+    monkeypatch.setenv(testing_faults.ENV, "raise@2x1")
+    monkeypatch.setenv(testing_faults.STATE_ENV, str(tmp_path))
+    first, second = testing_faults.wrap(inner), testing_faults.wrap(inner)
+    first.report({"epoch": 1})
+    with pytest.raises(testing_faults.InjectedFault):
+        first.report({"epoch": 2})
+    second.report({"epoch": 2})  # the budget of one is spent
+    assert [m["epoch"] for m in inner.history] == [1, 2]
