@@ -239,7 +239,8 @@ def plot_learning_curves(runs: Sequence[SeedRun], task: str, pairs: int, path: P
         if len(steps) == 0:
             continue
         (line,) = ax.plot(steps, mean, label=f"{model} (n={len(seeds)})")
-        ax.fill_between(steps, mean - half, mean + half, alpha=0.2, color=line.get_color())
+        low, high = (mean - half).clip(0, 1), (mean + half).clip(0, 1)  # an accuracy band stays in [0, 1]
+        ax.fill_between(steps, low, high, alpha=0.2, color=line.get_color())
     for t in thresholds:
         ax.axhline(t, color="grey", linestyle=":", linewidth=0.8)
     ax.set(xlabel="optimizer steps", ylabel="validation accuracy", title=f"{task.upper()}, K = {pairs}",
