@@ -8,6 +8,8 @@ exact `mlflow server` command line, started for real (SQLite standing in for Pos
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import copy
 import os
 import re
@@ -18,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,57 +198,62 @@ def test_docker_compose_config_accepts_the_file_and_requires_the_secrets() -> No
     assert re.search(required, missing.stderr), missing.stderr
 
 
-def test_compose_mlflow_command_serves_with_basic_auth_and_host_checks(tmp_path: Path) -> None:
-    """The compose file's own `mlflow server` arguments, run here (SQLite instead of PostgreSQL)."""
-    pytest.importorskip("flask_wtf", reason="MLflow basic auth needs mlflow[auth] (Flask-WTF)")
+@contextlib.contextmanager
+def compose_mlflow_server(folder: Path) -> Iterator[tuple[str, str]]:
+    """The compose file's own `mlflow server` arguments, run here (SQLite instead of PostgreSQL, loopback,
+    one worker); yields (url, admin password). Needs mlflow[auth] (Flask-WTF)."""
     from sweep.tracking import stop_process_tree
 
-    mlflow = _compose()["services"]["mlflow"]
     port = _free_port()
     args = []
-    for arg in mlflow["command"][2:]:
+    for arg in _compose()["services"]["mlflow"]["command"][2:]:
         key = arg.split("=", 1)[0]
         value = {"--host": "127.0.0.1", "--port": str(port), "--workers": "1",
-                 "--backend-store-uri": f"sqlite:///{tmp_path}/mlflow.db",
-                 "--artifacts-destination": str(tmp_path / "artifacts")}.get(key)
+                 "--backend-store-uri": f"sqlite:///{folder}/mlflow.db",
+                 "--artifacts-destination": str(folder / "artifacts")}.get(key)
         args.append(f"{key}={value}" if value else re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", arg))
     password = DUMMY_SECRETS["MLFLOW_ADMIN_PASSWORD"]
     env = _clean_env(MLFLOW_AUTH_ADMIN_USERNAME="admin", MLFLOW_AUTH_ADMIN_PASSWORD=password,
                      MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    log = tmp_path / "server.log"
+    env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_TRACKING_")}
+    log = folder / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *args], cwd=tmp_path, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *args], cwd=folder, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def status(path: str, auth: bool = True, host: str | None = None) -> int:
-        import base64
-
-        headers = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()} \
-            if auth else {}
-        if host:
-            headers["Host"] = host
-        try:
-            with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers), timeout=5) as r:
-                return r.status
-        except urllib.error.HTTPError as err:
-            return err.code
-        except OSError:
-            return 0
-
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        while status("/health", auth=False) != 200:
+        while _status(url + "/health") != 200:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        api = "/api/2.0/mlflow/experiments/search?max_results=1"
-        assert status(api, auth=False) == 401  # basic auth on
-        assert status(api) == 200
-        assert status(api, host="mlflow:5000") == 200  # how the Ray containers reach it
-        assert status(api, host="evil.example:5000") == 403  # DNS rebinding refused
-        assert (tmp_path / "basic_auth.db").exists()  # in the working dir: the volume, in compose
+        yield url, password
     finally:
         stop_process_tree(proc.pid, grace_s=5)
+
+
+def _status(url: str, user: str | None = None, password: str = "", host: str | None = None) -> int:
+    headers = {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()} \
+        if user else {}
+    if host:
+        headers["Host"] = host
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0
+
+
+def test_compose_mlflow_command_serves_with_basic_auth_and_host_checks(tmp_path: Path) -> None:
+    pytest.importorskip("flask_wtf", reason="MLflow basic auth needs mlflow[auth] (Flask-WTF)")
+    with compose_mlflow_server(tmp_path) as (url, password):
+        api = url + "/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _status(api) == 401  # basic auth on
+        assert _status(api, "admin", password) == 200
+        assert _status(api, "admin", password, host="mlflow:5000") == 200  # how the Ray containers reach it
+        assert _status(api, "admin", password, host="evil.example:5000") == 403  # DNS rebinding refused
+        assert (tmp_path / "basic_auth.db").exists()  # in the working dir: the volume, in compose
 
 
 # ---------------------------------------------------------------------------------------------- image

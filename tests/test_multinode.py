@@ -162,12 +162,29 @@ def cluster() -> Iterator[LoopbackCluster]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def run_sweep_cli(c: LoopbackCluster, spec: Path, home: Path, tracking_uri: str, name: str
-                  ) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def tracking(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[tuple[str, dict[str, str]]]:
+    """(url, client credentials): docker-compose.yml's own MLflow command (basic auth on) when mlflow[auth]
+    is installed, else the plain test server."""
+    try:
+        import flask_wtf  # noqa: F401
+    except ImportError:
+        yield request.getfixturevalue("mlflow_server"), {}
+        return
+    from test_cluster_files import compose_mlflow_server
+
+    with compose_mlflow_server(tmp_path_factory.mktemp("auth-mlflow")) as (url, password):
+        yield url, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+
+
+def run_sweep_cli(c: LoopbackCluster, spec: Path, home: Path, tracking_uri: str, name: str,
+                  credentials: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`sweep run SPEC --address HOST:PORT` exactly as a user types it, as a driver of that cluster."""
     cmd = [str(BIN / "sweep"), "run", str(spec), "--address", c.address, "--tracking-uri", tracking_uri,
            "--name", name]
-    proc = subprocess.Popen(cmd, env=c.env(FWSWEEP_HOME=str(home)), cwd=ROOT, stdout=subprocess.PIPE,
+    env = c.env(FWSWEEP_HOME=str(home), **(credentials or {}))
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=SWEEP_TIMEOUT_S)
@@ -208,12 +225,14 @@ def test_token_auth_guards_the_cluster_and_health_probes_answer(cluster: Loopbac
 
 
 def test_sweep_runs_trials_on_both_nodes_and_tracks_them_all(
-    cluster: LoopbackCluster, mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: LoopbackCluster, tracking: tuple[str, dict[str, str]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mlflow import MlflowClient
 
+    url, credentials = tracking  # with basic auth on, the driver logs with MLFLOW_TRACKING_USERNAME/PASSWORD
     name = f"multinode-{secrets.token_hex(3)}"
-    result = run_sweep_cli(cluster, SPEC, tmp_path / "home", mlflow_server, name)
+    result = run_sweep_cli(cluster, SPEC, tmp_path / "home", url, name, credentials)
     assert result.returncode == 0, result.stdout[-4000:]
 
     records = load_records(tmp_path / "home", name, monkeypatch)
@@ -223,7 +242,9 @@ def test_sweep_runs_trials_on_both_nodes_and_tracks_them_all(
     ran_on = sorted(roles.get(r.metrics["node_id"], "?") for r in records)
     assert ran_on == ["head_node", "worker_node"], (ran_on, roles)
 
-    client = MlflowClient(mlflow_server)
+    for key, value in credentials.items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(url)
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id],
