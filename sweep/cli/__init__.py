@@ -22,9 +22,9 @@ app = typer.Typer(
 )
 
 
-
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", help="print the version and exit", is_eager=True),
 ) -> None:
     if version:
@@ -32,6 +32,9 @@ def _root(
 
         console.print(f"fwsweep {__version__}")
         raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        console.print(ctx.get_help())
+        raise typer.Exit(2)
 
 
 # Registering commands: importing these modules attaches their commands to `app`.
