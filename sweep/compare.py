@@ -69,6 +69,7 @@ class Manifest:
     experiment_id: str | None = None
     parent_run_id: str | None = None
     tuning: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> sweep name, best config
+    git_commit: str | None = None  # of the code that ran the comparison (the report may be rewritten later)
     started: float = field(default_factory=time.time)
 
     @staticmethod
@@ -130,7 +131,7 @@ def _parent_run(manifest: Manifest, spec: SweepSpec) -> None:
     cmp = spec.compare
     run = client.create_run(manifest.experiment_id, run_name=f"compare {spec.name}",
                             tags={ROLE_TAG: "comparison", "comparison": spec.name, "sweep": spec.name,
-                                  "git_commit": git_commit() or "unknown",
+                                  "git_commit": manifest.git_commit or "unknown",
                                   "fwsweep_version": _version("fwsweep") or "unknown"})
     manifest.parent_run_id = run.info.run_id
     params = {"models": ",".join(spec.compared_models()),
@@ -260,7 +261,8 @@ def provenance(manifest: Manifest) -> dict[str, Any]:
                           "scheduler": spec.scheduler.name, "searcher": f"{spec.searcher.name}/"
                           f"{spec.searcher.sampler} seed {spec.searcher.seed}",
                           "retrain_epochs": cmp.retrain_epochs or spec.max_epochs},
-        "git_commit": git_commit() or "unknown",
+        "git_commit": manifest.git_commit or "unknown",
+        "report_git_commit": git_commit() or "unknown",
         "versions": {p: _version(p) for p in VERSIONED},
         "tracking": {"uri": manifest.tracking_uri, "experiment": spec.experiment,
                      "parent_run_id": manifest.parent_run_id},
@@ -295,6 +297,7 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
         raise UserError(Problem(spec.name, "a different comparison with this name already exists",
                                 f"give the spec another name, or delete {paths.sweep_dir(spec.name)}"))
     manifest.spec, manifest.tracking_uri = spec.model_dump(mode="json"), server.url
+    manifest.git_commit = manifest.git_commit or git_commit()
     _parent_run(manifest, spec)
     manifest.save()
     ray_started = connect_ray(address)  # one Ray for every sweep and the seed runs
