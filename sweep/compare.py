@@ -300,7 +300,7 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
     manifest.git_commit = manifest.git_commit or git_commit()
     _parent_run(manifest, spec)
     manifest.save()
-    ray_started = connect_ray(address)  # one Ray for every sweep and the seed runs
+    ray_started = False  # one Ray for every sweep and the seed runs, started only if there is work
     try:
         for difficulty in spec.difficulties():
             for model in spec.compared_models():
@@ -310,6 +310,7 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
                 sub = tuning_spec(spec, model, difficulty)
                 log(f"tuning {k}: {sub.budget.num_samples} trials ({sub.scheduler.name}, "
                     f"{sub.max_epochs} epochs max)")
+                ray_started = connect_ray(address) or ray_started
                 resume = tune.Tuner.can_restore(str(paths.sweep_dir(sub.name)))  # an interrupted rerun
                 manifest.tuning[k] = {"sweep": sub.name}
                 manifest.save()

@@ -88,6 +88,13 @@ def test_tiny_comparison_end_to_end(tmp_path, monkeypatch, mlflow_server):
     assert prov["seeds"] == [0, 1] and prov["tuning_budget"]["trials"] == 2 and prov["versions"]["torch"]
     assert set(prov["best_configs"]) == {"fw_lstm/art-K2", "ln_lstm/art-K2"}
 
+    # a rerun of the same spec has nothing left to do: no new runs, the same numbers
+    again = run_comparison(spec, tracking_uri=url, log=lambda *_: None)
+    assert {p.name for p in again} == {p.name for p in files}
+    assert len(client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'seed'")) == 4
+    assert {r["model"]: r["test_error_pct_mean"] for r in csv.DictReader((out / "summary.csv").open())} == \
+        {m: r["test_error_pct_mean"] for m, r in summary.items()}
+
     # `sweep report` rewrites it from disk; an unknown name is a user error (exit 2, no traceback)
     (out / "report.md").unlink()
     env = dict(os.environ, FWSWEEP_HOME=str(tmp_path / "home"))
