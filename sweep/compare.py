@@ -167,9 +167,10 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 class MlflowSeedReporter:
     """A Reporter that keeps the history and logs each report as one batch to the seed's child run."""
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
+    def __init__(self, tracking_uri: str | None, run_id: str | None, restore: Path | None = None) -> None:
         self.history: list[dict[str, Any]] = []
         self.run_id = run_id
+        self.restore = restore
         self.client = _client(tracking_uri) if tracking_uri and run_id else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
@@ -185,12 +186,13 @@ class MlflowSeedReporter:
         self.client.log_batch(self.run_id, metrics=batch)
 
     def restore_dir(self) -> Path | None:
-        return None
+        return self.restore
 
 
 def retrain_seed(config: dict[str, Any], workdir: str, tracking_uri: str | None, experiment_id: str | None,
                  parent_run_id: str | None, tags: dict[str, str]) -> dict[str, Any]:
     """One seed run (a Ray task, or called directly): train, log to its MLflow child run, return it."""
+    from sweep.checkpoint import find_checkpoint
     from sweep.train import run_trial
 
     trial = TrialConfig.model_validate(config)
@@ -205,22 +207,23 @@ def retrain_seed(config: dict[str, Any], workdir: str, tracking_uri: str | None,
 
         client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in _flatten(trial.to_dict()).items()])
         client.log_text(run_id, dump_yaml(trial.to_dict()), "trial_config.yaml")
-    reporter = MlflowSeedReporter(tracking_uri, run_id)
+    # a retried or rerun seed continues from its last checkpoint (the trajectory is the same, see train.py)
+    reporter = MlflowSeedReporter(tracking_uri, run_id, restore=find_checkpoint(Path(workdir)))
     status = "FINISHED"
     try:
         outcome = run_trial(trial, reporter, Path(workdir))
-        result = outcome.status
+        result, history = outcome.status, outcome.history
     except TrialDiverged:
-        result, status = "diverged", "FAILED"
+        result, status, history = "diverged", "FAILED", reporter.history
     except BaseException:
         if client is not None:
             client.set_terminated(run_id, status="FAILED")
         raise
     if client is not None:
         client.set_terminated(run_id, status=status)
-    final = dict(reporter.history[-1]) if reporter.history else {}
+    final = dict(history[-1]) if history else {}
     return {"model": trial.model.name, "task": trial.task.name, "pairs": trial.task.pairs,
-            "seed": trial.train.seed, "status": result, "history": reporter.history, "final": final,
+            "seed": trial.train.seed, "status": result, "history": history, "final": final,
             "run_id": run_id}
 
 
@@ -368,7 +371,8 @@ def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) 
     started = connect_ray(address)
     try:
         task = ray.remote(retrain_seed).options(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu,
-                                                max_retries=max(spec.retries.max_failures, 0))
+                                                max_retries=max(spec.retries.max_failures, 0),
+                                                retry_exceptions=spec.retries.max_failures != 0)
         limit = cmp.max_concurrent or spec.budget.max_concurrent
         pending: list[Any] = []
         for config, workdir, tags in jobs:

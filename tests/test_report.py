@@ -125,3 +125,22 @@ def test_a_diverged_seed_is_left_out_of_the_mean_and_counted(runs):
     rows = {(r.pairs, r.model): r for r in summarize([*runs, diverged])}
     assert rows[(8, "fw_lstm")].n == 5 and rows[(8, "fw_lstm")].failed == 1
     assert rows[(8, "fw_lstm")].error_mean == pytest.approx(1.0)
+
+
+def test_a_seed_run_continues_from_its_checkpoint(tmp_path):
+    """An interrupted seed run (Ray retry or `sweep compare` rerun) resumes; its history stays whole."""
+    from sweep.compare import retrain_seed
+    from sweep.config import TrialConfig
+
+    cfg = TrialConfig.model_validate({
+        "task": {"name": "art", "pairs": 2, "num_keys": 4, "num_values": 4, "train_size": 256, "val_size": 64,
+                 "test_size": 64},
+        "model": {"name": "fw_lstm", "hidden_size": 8, "embed_size": 8, "head_size": 8},
+        "train": {"epochs": 2, "steps_per_epoch": 4, "batch_size": 32, "num_threads": 1, "device": "cpu"}})
+    tags = {"model": "fw_lstm", "difficulty": "art-K2", "seed": "0"}
+    first = retrain_seed(cfg.to_dict(), str(tmp_path), None, None, None, tags)
+    assert [h["step"] for h in first["history"]] == [4, 8]
+    cfg.train.epochs = 3
+    resumed = retrain_seed(cfg.to_dict(), str(tmp_path), None, None, None, tags)
+    assert [h["step"] for h in resumed["history"]] == [4, 8, 12]
+    assert resumed["history"][:2] == first["history"][:2] and "test_accuracy" in resumed["final"]
