@@ -365,6 +365,7 @@ def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) 
                 jobs.append((config.to_dict(), str(workdir), tags))
     if not jobs:
         return
+    _close_orphans(manifest)
     log(f"retraining {len(jobs)} seed runs (best config x {len(cmp.seed_list)} seeds)")
     from sweep.runner import connect_ray
 
@@ -385,6 +386,16 @@ def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) 
     finally:
         if started:
             ray.shutdown()
+
+
+def _close_orphans(manifest: Manifest) -> None:
+    """Seed runs a killed earlier attempt left RUNNING end as KILLED (their rerun gets a fresh run)."""
+    client = _client(manifest.tracking_uri)
+    runs = client.search_runs([manifest.experiment_id], filter_string=(
+        f"tags.`{ROLE_TAG}` = 'seed' and tags.`mlflow.parentRunId` = '{manifest.parent_run_id}' "
+        "and attributes.status = 'RUNNING'"))
+    for run in runs:
+        client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def _collect(name: str, pending: list[Any], log) -> list[Any]:
