@@ -286,20 +286,25 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
 
     A rerun with the same name skips the tuning sweeps and seed runs already done (it resumes).
     """
-    from ray import tune
-
-    from sweep.runner import connect_ray, run_sweep
-    from sweep.tracking import ensure_server
+    from sweep.tracking import tracking_server
 
     if spec.compare is None:
         raise UserError(Problem("compare", "the spec has no compare: section",
                                 "add one (see docs/reports.md) or use `sweep run` for a single sweep"))
-    server = ensure_server(tracking_uri or spec.tracking.uri)
+    with tracking_server(tracking_uri or spec.tracking.uri) as server:  # one server for every sweep in it
+        return _compare(spec, server.url, address, log)
+
+
+def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log) -> list[Path]:  # noqa: ANN001
+    from ray import tune
+
+    from sweep.runner import connect_ray, run_sweep
+
     manifest = Manifest.load(spec.name) if Manifest.path(spec.name).exists() else Manifest(spec.name, {})
     if manifest.spec and manifest.spec != spec.model_dump(mode="json"):
         raise UserError(Problem(spec.name, "a different comparison with this name already exists",
                                 f"give the spec another name, or delete {paths.sweep_dir(spec.name)}"))
-    manifest.spec, manifest.tracking_uri = spec.model_dump(mode="json"), server.url
+    manifest.spec, manifest.tracking_uri = spec.model_dump(mode="json"), tracking_url
     manifest.git_commit = manifest.git_commit or git_commit()
     _parent_run(manifest, spec)
     manifest.save()
@@ -317,7 +322,7 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
                 resume = tune.Tuner.can_restore(str(paths.sweep_dir(sub.name)))  # an interrupted rerun
                 manifest.tuning[k] = {"sweep": sub.name}
                 manifest.save()
-                result = run_sweep(sub, address=address, tracking_uri=server.url, resume=resume)
+                result = run_sweep(sub, address=address, tracking_uri=tracking_url, resume=resume)
                 _adopt_tuning_runs(manifest, sub.name)
                 if result.best is None:
                     raise UserError(Problem(k, "no tuning trial finished with a result",
@@ -327,17 +332,17 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
                                        "best_value": result.best.value(spec.metric.name)}
                 manifest.save()
         _retrain_all(spec, manifest, address, log)
-        files = make_report(spec.name, tracking_uri=server.url)
+        files = make_report(spec.name, tracking_uri=tracking_url)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        _client(server.url).set_terminated(manifest.parent_run_id, status=status)
+        _client(tracking_url).set_terminated(manifest.parent_run_id, status=status)
         raise
     finally:
         if ray_started:
             import ray
 
             ray.shutdown()
-    _client(server.url).set_terminated(manifest.parent_run_id, status="FINISHED")
+    _client(tracking_url).set_terminated(manifest.parent_run_id, status="FINISHED")
     return files
 
 
@@ -431,8 +436,8 @@ def make_report(name: str, tracking_uri: str | None = None) -> list[Path]:
             path.write_text(dump_yaml(v["best_config"]), encoding="utf-8")
             files.append(path)
     if manifest.parent_run_id:
-        from sweep.tracking import ensure_server
+        from sweep.tracking import tracking_server
 
-        server = ensure_server(tracking_uri or spec.tracking.uri)
-        _client(server.url).log_artifacts(manifest.parent_run_id, str(out), artifact_path=REPORT_DIR)
+        with tracking_server(tracking_uri or spec.tracking.uri) as server:
+            _client(server.url).log_artifacts(manifest.parent_run_id, str(out), artifact_path=REPORT_DIR)
     return files

@@ -138,7 +138,9 @@ class Distribution(Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> Distribution:
-        kinds = [k for k in ("uniform", "loguniform", "int", "logint", "choice") if getattr(self, k) is not None]
+        kinds = [
+            k for k in ("uniform", "loguniform", "int", "logint", "choice") if getattr(self, k) is not None
+        ]
         if len(kinds) != 1:
             raise ValueError(
                 "give exactly one of uniform: [lo, hi], loguniform: [lo, hi], int: [lo, hi], "
@@ -160,7 +162,9 @@ class Distribution(Strict):
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("uniform", "loguniform", "int", "logint", "choice") if getattr(self, k) is not None)
+        return next(
+            k for k in ("uniform", "loguniform", "int", "logint", "choice") if getattr(self, k) is not None
+        )
 
     def values(self) -> list[Any]:
         """The bounds or choices, to check them against the target field's own constraints."""
@@ -214,7 +218,9 @@ class ResourcesConfig(Strict):
     @classmethod
     def _gpu_fraction(cls, v: float) -> float:
         if v > 1 and not float(v).is_integer():
-            raise ValueError(f"gpu={v}: above 1 a trial must ask for whole GPUs; use a fraction <= 1 or an integer")
+            raise ValueError(
+                f"gpu={v}: above 1 a trial must ask for whole GPUs; use a fraction <= 1 or an integer"
+            )
         return v
 
 
@@ -329,8 +335,8 @@ class SweepSpec(Strict):
         problems = space_problems(self)
         if self.scheduler.name in ("asha", "hyperband") and self.scheduler.grace_period > self.max_epochs:
             problems.append(
-                f"scheduler.grace_period: {self.scheduler.grace_period} exceeds the {self.max_epochs} epochs a "
-                "trial runs (budget.max_epochs or train.epochs); lower grace_period"
+                f"scheduler.grace_period: {self.scheduler.grace_period} exceeds the {self.max_epochs} "
+                "epochs a trial runs (budget.max_epochs or train.epochs); lower grace_period"
             )
         if self.compare is not None:
             problems += compare_problems(self)
@@ -341,8 +347,11 @@ class SweepSpec(Strict):
     def difficulties(self) -> list[Difficulty]:
         """The comparison's difficulty levels (task x pairs); the spec's own task when none are given."""
         cmp = self.compare or CompareSpec()
-        return [Difficulty(task=t, pairs=k) for t in (cmp.tasks or [self.task.name])
-                for k in (cmp.pairs or [self.task.pairs])]
+        return [
+            Difficulty(task=t, pairs=k)
+            for t in (cmp.tasks or [self.task.name])
+            for k in (cmp.pairs or [self.task.pairs])
+        ]
 
     def compared_models(self) -> list[str]:
         return (self.compare.models if self.compare and self.compare.models else None) or list(self.models)
@@ -402,15 +411,20 @@ def space_problems(spec: SweepSpec) -> list[str]:
             for model in models:
                 target = resolve_param(pname, model)
                 if target is None:
-                    known = sorted((set(params_class(model).model_fields) | set(TrainConfig.model_fields)) - {"name"})
-                    problems.append(f"space.{section}.{pname}: not a hyperparameter of {model}; known: {', '.join(known)}")
+                    known = sorted(
+                        (set(params_class(model).model_fields) | set(TrainConfig.model_fields)) - {"name"}
+                    )
+                    problems.append(
+                        f"space.{section}.{pname}: not a hyperparameter of {model}; known: {', '.join(known)}"
+                    )
                     break
                 problems.extend(_check_values(spec, section, pname, target, dist, model))
     return problems
 
 
-def _check_values(spec: SweepSpec, section: str, pname: str, target: tuple[str, str], dist: Any,
-                  model: str) -> list[str]:
+def _check_values(
+    spec: SweepSpec, section: str, pname: str, target: tuple[str, str], dist: Any, model: str
+) -> list[str]:
     """Try every bound/choice against the target field's own validation (e.g. decay in (0, 1))."""
     where = f"space.{section}.{pname}"
     values = dist.values() if isinstance(dist, Distribution) else [dist]
@@ -425,8 +439,9 @@ def _check_values(spec: SweepSpec, section: str, pname: str, target: tuple[str, 
     return out
 
 
-def trial_from_params(spec: SweepSpec, model: str, params: dict[str, Any],
-                      section_hint: tuple[str, str] | None = None) -> TrialConfig:
+def trial_from_params(
+    spec: SweepSpec, model: str, params: dict[str, Any], section_hint: tuple[str, str] | None = None
+) -> TrialConfig:
     """The TrialConfig a sweep trial runs: the spec's base config with the sampled values applied."""
     base = {
         "task": spec.task.model_dump(),
@@ -454,17 +469,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(Problem(str(p), f"cannot be read ({err})", "check its permissions and encoding")) from None
+        raise UserError(
+            Problem(str(p), f"cannot be read ({err})", "check its permissions and encoding")
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
-        raise UserError(Problem(where, f"malformed YAML ({getattr(err, 'problem', err)})",
-                                "fix the syntax at that line")) from None
+        raise UserError(
+            Problem(where, f"malformed YAML ({getattr(err, 'problem', err)})", "fix the syntax at that line")
+        ) from None
     if not isinstance(data, dict):
-        raise UserError(Problem(str(p), "must be a YAML mapping (key: value lines) at the top level",
-                                "see search_spaces/quickstart.yaml for the layout"))
+        raise UserError(
+            Problem(
+                str(p),
+                "must be a YAML mapping (key: value lines) at the top level",
+                "see search_spaces/quickstart.yaml for the layout",
+            )
+        )
     return data
 
 
@@ -503,7 +526,9 @@ def validate_as(model: type[BaseModel], data: dict[str, Any], source: str) -> An
             result = model.model_validate(attempt)
         except ValidationError as err:
             problems += [p for p in problems_from(err) if p not in problems]
-            if not any([_drop(attempt, [x for x in e["loc"] if str(x) not in _UNION_TAGS]) for e in err.errors()]):
+            if not any(
+                [_drop(attempt, [x for x in e["loc"] if str(x) not in _UNION_TAGS]) for e in err.errors()]
+            ):
                 break
         else:
             if not problems:

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,12 +319,14 @@ def _check_start(spec: SweepSpec, resume: bool) -> None:
 
 
 def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str | None = None,
-              resume: bool = False) -> SweepResult:
-    """Run (or resume) a sweep to the end, export its best config, and say where everything is."""
+              resume: bool = False, announce: Callable[[str], None] | None = None) -> SweepResult:
+    """Run (or resume) a sweep to the end, export its best config, and say where everything is.
+
+    `announce` receives one line for people once the tracking server is known, before trials start.
+    """
     from ray import tune  # noqa: F401  (fail early if Ray is broken)
 
-    from sweep import export
-    from sweep.tracking import ensure_server
+    from sweep.tracking import tracking_server
 
     start = time.monotonic()
     paths.check_home()
@@ -333,47 +336,66 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
         _probe(address)
     _sampler(spec)
     uri = tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    tracking_url = ensure_server(uri).url
+    with tracking_server(uri) as server:
+        if announce:
+            how = "started on 127.0.0.1" if server.started_here else "reused" if not uri else "given"
+            announce(f"MLflow: {server.url} ({how}); sweep state: {paths.sweep_dir(spec.name)}")
+        result = _run(spec, address, resume, server.url)
+    result.wall_s = time.monotonic() - start
+    return result
+
+
+def _run(spec: SweepSpec, address: str | None, resume: bool, tracking_url: str) -> SweepResult:
+    from sweep import export
+
     mlflow_url = tracking_url
     sigterm = signal.getsignal(signal.SIGTERM)
     started = connect_ray(address)
     if callable(sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm)  # ray.init replaced the caller's SIGTERM handler: keep it
+    trackers: list[Any] = []  # the MLflow callback(s): closed last, after the exports are attached
+    status: str | None = "FAILED"  # None: the callback judges from how the trials ended
     try:
-        folder = paths.sweep_dir(spec.name)
-        if resume:
-            tuner = restore_tuner(spec, tracking_url)
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / SPEC_FILE).write_text(dump_yaml(spec.model_dump(mode="json")), encoding="utf-8")
-            tuner = build_tuner(spec, tracking_url)
-        callbacks = tuner._local_tuner.get_run_config().callbacks
-        # Tune snapshots its experiment state every >= 10 s by default: a driver killed in that window
-        # forgets the trials that finished in it, and `resume` re-runs their last epoch. The state is small.
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
         try:
+            folder = paths.sweep_dir(spec.name)
+            if resume:
+                tuner = restore_tuner(spec, tracking_url)
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / SPEC_FILE).write_text(dump_yaml(spec.model_dump(mode="json")), encoding="utf-8")
+                tuner = build_tuner(spec, tracking_url)
+            trackers = [cb for cb in tuner._local_tuner.get_run_config().callbacks if hasattr(cb, "close")]
+            # Tune snapshots its experiment state every >= 10 s by default: a driver killed in that window
+            # forgets the trials that finished in it, and `resume` re-runs their last epoch. It is small.
+            os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
             tuner.fit()
-        finally:  # whatever happened, no MLflow run stays RUNNING
-            for cb in callbacks:
-                if hasattr(cb, "close"):
-                    cb.close()
-        mlflow_url = next((cb.parent_run_url for cb in callbacks if getattr(cb, "parent_run_url", None)),
-                          tracking_url)
-    finally:
-        if started:
-            import ray
+            status = None
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
-    records = export.load_trials(spec.name)
+                ray.shutdown()
+        mlflow_url = next((cb.parent_run_url for cb in trackers if getattr(cb, "parent_run_url", None)),
+                          tracking_url)
+        records = export.load_trials(spec.name)
+        best = export.best_trials(records, spec.metric.name, spec.metric.mode, k=1)
+        exported = export.write_exports(spec.name, records=records) if best else []
+        for cb in trackers:
+            for path in exported:
+                cb.log_parent_artifact(path, "exports")
+    finally:  # whatever happened, no MLflow run stays RUNNING
+        for cb in trackers:
+            cb.close(status)
     counts: dict[str, int] = {}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
     interrupted = any(r.status in ("PENDING", "RUNNING", "PAUSED") for r in records) or \
         len(records) < spec.budget.num_samples and spec.budget.time_budget_s is None
-    best = export.best_trials(records, spec.metric.name, spec.metric.mode, k=1)
-    exported = export.write_exports(spec.name, records=records) if best else []
     return SweepResult(
         name=spec.name, path=paths.sweep_dir(spec.name), status_counts=counts, best=best[0] if best else None,
         metric=spec.metric.name, mlflow_url=mlflow_url, exported=exported,
-        wall_s=time.monotonic() - start, interrupted=interrupted,
+        wall_s=0.0, interrupted=interrupted,
     )

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ START_TIMEOUT_S = 90.0  # a fresh local server is usually healthy in 4-10 s; a l
 STATE_FILE = "server.json"
 LOG_FILE = "server.log"
 LOCK_FILE = "server.lock"
+USERS_DIR = "users"  # one file per command using the local server: "<pid>-<id>"
+KEEP_FILE = "keep"  # present: the local server stays up when its last user ends (`sweep ui --detach`)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,44 @@ def ensure_server(uri: str | None) -> TrackingServer:
             "unset so fwsweep starts its own local server",
         ))
     return TrackingServer(url=uri.rstrip("/"))
+
+
+@contextlib.contextmanager
+def tracking_server(uri: str | None, keep: bool = False) -> Iterator[TrackingServer]:
+    """The server one command logs to, for as long as the command runs.
+
+    Every command using the local server registers itself while it runs; the last one out stops the
+    server unless it was kept (`keep`, `sweep ui --detach`). So no command leaves behind a server nobody
+    asked for, two sweeps can share one, and `sweep ui` brings it back on the same port (same URLs).
+    A given URI (or $MLFLOW_TRACKING_URI) is someone else's server: it is only checked, never stopped.
+    """
+    server = ensure_server(uri)
+    if uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        yield server
+        return
+    folder = paths.mlflow_dir()
+    lease = folder / USERS_DIR / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    lease.parent.mkdir(exist_ok=True)
+    lease.touch()
+    if keep:
+        (folder / KEEP_FILE).touch()
+    try:
+        yield server
+    finally:
+        lease.unlink(missing_ok=True)
+        with _locked(folder):
+            users = [p for p in (folder / USERS_DIR).iterdir() if _lease_alive(p)]
+            if not users and not (folder / KEEP_FILE).exists():
+                stop_local_server(folder)
+
+
+def _lease_alive(lease: Path) -> bool:
+    """A lease whose process died (a killed driver) is removed and does not keep the server up."""
+    with contextlib.suppress(ValueError):
+        if _exists(int(lease.name.split("-", 1)[0])):
+            return True
+    lease.unlink(missing_ok=True)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------- local server
@@ -168,6 +209,7 @@ def stop_local_server(folder: Path | None = None) -> bool:
     if alive:
         _kill_tree(state["pid"])
     (folder / STATE_FILE).unlink(missing_ok=True)
+    (folder / KEEP_FILE).unlink(missing_ok=True)
     return alive
 
 

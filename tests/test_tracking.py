@@ -20,6 +20,7 @@ from sweep.tracking import (
     read_state,
     stop_local_server,
     stop_process_tree,
+    tracking_server,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -85,6 +86,29 @@ def test_local_server_is_started_on_loopback_reused_and_stopped(tmp_path: Path,
     assert not any(_exists(pid) for pid in crashed + tree), "a server process survived"
     assert read_state(paths.mlflow_dir()) is None
     assert stop_local_server() is False
+
+
+def test_local_server_lives_while_a_command_uses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last command out stops the local server; a nested user, a kept server and a dead lease differ."""
+    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        with tracking_server(None) as outer:
+            with tracking_server(None) as inner:  # e.g. `sweep compare` running its sweeps
+                assert inner.url == outer.url and not inner.started_here
+            assert _exists(outer.pid), "an inner user stopped the server under the outer one"
+            dead = paths.mlflow_dir() / "users" / "999999999-dead"  # a killed driver's lease
+            dead.touch()
+        assert not _exists(outer.pid) and read_state(paths.mlflow_dir()) is None
+        assert not dead.exists()
+
+        with tracking_server(None, keep=True) as kept:  # `sweep ui --detach`
+            pass
+        assert _exists(kept.pid) and read_state(paths.mlflow_dir())["pid"] == kept.pid
+    finally:
+        stop_local_server()
+    assert not _exists(kept.pid)
+    assert not (paths.mlflow_dir() / "keep").exists()
 
 
 def test_stale_record_of_a_foreign_pid_is_not_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,6 +43,16 @@ def _summary(result) -> None:  # noqa: ANN001  (sweep.runner.SweepResult; import
                       f"{result.path}/trial_*/error.txt and in their MLflow runs", soft_wrap=True)
 
 
+def _announce(line: str) -> None:
+    console.print(f"[bold]{escape(line)}[/]", soft_wrap=True)
+
+
+def _ui_hint(spec, tracking_uri: str | None) -> None:  # noqa: ANN001
+    """The local server stops with its last user: say how to bring it back to browse the results."""
+    if not (tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        console.print("browse:     sweep ui   (restarts the local MLflow server at that address)")
+
+
 def _exit_code(result, terminated: bool) -> None:  # noqa: ANN001
     if result.interrupted:
         raise typer.Exit(143 if terminated else 130)
@@ -110,8 +120,9 @@ def run(
     data = _apply_sets(read_yaml(spec), sets + ([f"name={name}"] if name else []))
     sweep_spec = validate_as(SweepSpec, data, str(spec))
     with _stop_on_sigterm() as terminated:
-        result = run_sweep(sweep_spec, address=address, tracking_uri=tracking_uri)
+        result = run_sweep(sweep_spec, address=address, tracking_uri=tracking_uri, announce=_announce)
     _summary(result)
+    _ui_hint(sweep_spec, tracking_uri)
     _exit_code(result, bool(terminated))
 
 
@@ -125,9 +136,11 @@ def resume(
     from sweep.export import load_spec_of
     from sweep.runner import run_sweep
 
+    spec = load_spec_of(name)
     with _stop_on_sigterm() as terminated:
-        result = run_sweep(load_spec_of(name), address=address, tracking_uri=tracking_uri, resume=True)
+        result = run_sweep(spec, address=address, tracking_uri=tracking_uri, resume=True, announce=_announce)
     _summary(result)
+    _ui_hint(spec, tracking_uri)
     _exit_code(result, bool(terminated))
 
 
@@ -152,25 +165,21 @@ def ui(
     stop: bool = typer.Option(False, "--stop", help="stop the local MLflow server and return"),
 ) -> None:
     """Start (or find) the local MLflow server and print its URL; it stays up until Ctrl-C."""
-    from sweep.tracking import ensure_server, stop_local_server
+    from sweep.tracking import stop_local_server, tracking_server
 
     if stop:
         stopped = stop_local_server()
         console.print("local MLflow server stopped" if stopped else "no local MLflow server running")
         return
-    server = ensure_server(None)  # $MLFLOW_TRACKING_URI if set, else the local server
-    console.print(f"MLflow UI: [bold]{server.url}[/]")
-    if detach:
-        console.print("running in the background; stop it with `sweep ui --stop`")
-        return
-    console.print("Ctrl-C to stop it" if server.started_here else "Ctrl-C to return (the server keeps going)")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        if server.started_here:
-            stop_local_server()
-            console.print("local MLflow server stopped")
+    with tracking_server(None, keep=detach) as server:  # $MLFLOW_TRACKING_URI if set, else the local one
+        console.print(f"MLflow UI: [bold]{server.url}[/]")
+        if detach:
+            console.print("running in the background; stop it with `sweep ui --stop`")
+            return
+        console.print("Ctrl-C to leave (the local server stops unless a sweep still uses it)")
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
 
 
 def _sweep_rows(name: str) -> dict[str, str]:
