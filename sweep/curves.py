@@ -45,10 +45,7 @@ def plot_learning_curve(history: Sequence[Mapping[str, Any]], path: str | Path, 
         ax_loss.set_yscale("log")
     if title:
         fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweep_curves(histories: Mapping[str, tuple[str, Sequence[Mapping[str, Any]]]], metric: str,
@@ -72,6 +69,10 @@ def plot_sweep_curves(histories: Mapping[str, tuple[str, Sequence[Mapping[str, A
         ax.legend(loc="best", fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -14,18 +14,16 @@ import copy
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from nethelpers import http_status
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -77,12 +75,6 @@ def _sweep_commands() -> set[str]:
     from sweep.cli import app
 
     return set(typer.main.get_command(app).commands)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -202,9 +194,9 @@ def test_docker_compose_config_accepts_the_file_and_requires_the_secrets() -> No
 def compose_mlflow_server(folder: Path) -> Iterator[tuple[str, str]]:
     """The compose file's own `mlflow server` arguments, run here (SQLite instead of PostgreSQL, loopback,
     one worker); yields (url, admin password). Needs mlflow[auth] (Flask-WTF)."""
-    from sweep.tracking import stop_process_tree
+    from sweep.tracking import free_port, stop_process_tree
 
-    port = _free_port()
+    port = free_port()
     args = []
     for arg in _compose()["services"]["mlflow"]["command"][2:]:
         key = arg.split("=", 1)[0]
@@ -236,13 +228,7 @@ def _status(url: str, user: str | None = None, password: str = "", host: str | N
         if user else {}
     if host:
         headers["Host"] = host
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return 0
+    return http_status(url, headers)
 
 
 def test_compose_mlflow_command_serves_with_basic_auth_and_host_checks(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,8 +27,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from nethelpers import http_status
 
-from sweep.tracking import stop_process_tree
+from sweep.tracking import free_port, stop_process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "search_spaces" / "tests" / "multinode.yaml"
@@ -41,21 +41,8 @@ CUDA_FALLBACK_WARNING = "no CUDA GPU is visible; training on the CPU"
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _http_status(url: str, token: str | None = None) -> int:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return 0
+    return http_status(url, {"Authorization": f"Bearer {token}"} if token else None)
 
 
 @dataclass
@@ -71,8 +58,8 @@ class LoopbackCluster:
 
     temp_dir: Path
     token: str = field(default_factory=lambda: secrets.token_hex(32))
-    gcs_port: int = field(default_factory=_free_port)
-    dashboard_port: int = field(default_factory=_free_port)
+    gcs_port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
     nodes: list[Node] = field(default_factory=list)
 
     @property
@@ -89,7 +76,7 @@ class LoopbackCluster:
     def start_head(self, *args: str) -> Node:
         node = self._start("head", "--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
                            f"--dashboard-port={self.dashboard_port}",
-                           f"--ray-client-server-port={_free_port()}", *args)
+                           f"--ray-client-server-port={free_port()}", *args)
         self._wait(lambda: _http_status(f"http://127.0.0.1:{self.dashboard_port}/api/gcs_healthz") == 200,
                    node, "head")
         return node
@@ -105,7 +92,7 @@ class LoopbackCluster:
             self._wait(lambda url=url: _http_status(url) == 200, node, node.log.stem)
 
     def _start(self, name: str, *args: str) -> Node:
-        agent_port = _free_port()
+        agent_port = free_port()
         log = self.temp_dir / f"{name}.log"
         # Ray swaps a loopback --node-ip-address for the machine's address: all nodes here share one IP.
         cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",

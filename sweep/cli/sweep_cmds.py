@@ -115,15 +115,9 @@ def run(
 ) -> None:
     """Run a sweep: Optuna proposes trials, Ray Tune runs and early-stops them, MLflow records them."""
     from sweep.config import SweepSpec, read_yaml, validate_as
-    from sweep.runner import run_sweep
 
     data = _apply_sets(read_yaml(spec), sets + ([f"name={name}"] if name else []))
-    sweep_spec = validate_as(SweepSpec, data, str(spec))
-    with _stop_on_sigterm() as terminated:
-        result = run_sweep(sweep_spec, address=address, tracking_uri=tracking_uri, announce=_announce)
-    _summary(result)
-    _ui_hint(sweep_spec, tracking_uri)
-    _exit_code(result, bool(terminated))
+    _run_to_the_end(validate_as(SweepSpec, data, str(spec)), address, tracking_uri, resume=False)
 
 
 @app.command()
@@ -134,11 +128,17 @@ def resume(
 ) -> None:
     """Continue an interrupted sweep: finished trials are kept, unfinished ones go on from a checkpoint."""
     from sweep.export import load_spec_of
+
+    _run_to_the_end(load_spec_of(name), address, tracking_uri, resume=True)
+
+
+def _run_to_the_end(spec, address: str | None, tracking_uri: str | None, resume: bool) -> None:  # noqa: ANN001
+    """`run` and `resume`: the sweep, its summary, and the exit code (130/143 when interrupted)."""
     from sweep.runner import run_sweep
 
-    spec = load_spec_of(name)
     with _stop_on_sigterm() as terminated:
-        result = run_sweep(spec, address=address, tracking_uri=tracking_uri, resume=True, announce=_announce)
+        result = run_sweep(spec, address=address, tracking_uri=tracking_uri, resume=resume,
+                           announce=_announce)
     _summary(result)
     _ui_hint(spec, tracking_uri)
     _exit_code(result, bool(terminated))
