@@ -336,23 +336,35 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
         _probe(address)
     _sampler(spec)
     uri = tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    with tracking_server(uri) as server:
-        if announce:
-            how = "started on 127.0.0.1" if server.started_here else "reused" if not uri else "given"
-            announce(f"MLflow: {server.url} ({how}); sweep state: {paths.sweep_dir(spec.name)}")
-        result = _run(spec, address, resume, server.url)
+    ray_started: list[bool] = []
+
+    def start_ray() -> None:  # runs while a local MLflow server boots (Ray takes ~4 s, MLflow ~4-8 s)
+        sigterm = signal.getsignal(signal.SIGTERM)
+        ray_started.append(connect_ray(address))
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)  # ray.init replaced the caller's SIGTERM handler: keep it
+
+    try:
+        with tracking_server(uri, meanwhile=start_ray) as server:
+            if announce:
+                how = "started on 127.0.0.1" if server.started_here else "reused" if not uri else "given"
+                announce(f"MLflow: {server.url} ({how}); sweep state: {paths.sweep_dir(spec.name)}")
+            result = _run(spec, resume, server.url, started=any(ray_started))
+    finally:  # e.g. the MLflow server failed to start after Ray did
+        if any(ray_started):
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
     result.wall_s = time.monotonic() - start
     return result
 
 
-def _run(spec: SweepSpec, address: str | None, resume: bool, tracking_url: str) -> SweepResult:
+def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool) -> SweepResult:
+    """The sweep on a connected Ray; `started`: this process started Ray, and shuts it down after Tune."""
     from sweep import export
 
     mlflow_url = tracking_url
-    sigterm = signal.getsignal(signal.SIGTERM)
-    started = connect_ray(address)
-    if callable(sigterm) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, sigterm)  # ray.init replaced the caller's SIGTERM handler: keep it
     trackers: list[Any] = []  # the MLflow callback(s): closed last, after the exports are attached
     status: str | None = "FAILED"  # None: the callback judges from how the trials ended
     try:

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,16 +60,18 @@ def is_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
         return False
 
 
-def ensure_server(uri: str | None) -> TrackingServer:
+def ensure_server(uri: str | None, meanwhile: Callable[[], object] | None = None) -> TrackingServer:
     """The server to log to: check a given URI, else reuse or start the local one.
 
     `uri` None falls back to $MLFLOW_TRACKING_URI, then to the local server. Non-HTTP URIs
-    (`sqlite:///...`, `file:...`) need no server and are returned as they are.
+    (`sqlite:///...`, `file:...`) need no server and are returned as they are. `meanwhile` is called
+    once the server is known to be good or while a local one boots (never after a failed check).
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri is None:
-        return ensure_local_server()
+        return ensure_local_server(meanwhile=meanwhile)
     if not uri.startswith(("http://", "https://")):
+        _call(meanwhile)
         return TrackingServer(url=uri)
     if not is_healthy(uri):
         raise UserError(Problem(
@@ -78,19 +80,27 @@ def ensure_server(uri: str | None) -> TrackingServer:
             "start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`), correct the URL, or leave the URI "
             "unset so fwsweep starts its own local server",
         ))
+    _call(meanwhile)
     return TrackingServer(url=uri.rstrip("/"))
 
 
+def _call(meanwhile: Callable[[], object] | None) -> None:
+    if meanwhile is not None:
+        meanwhile()
+
+
 @contextlib.contextmanager
-def tracking_server(uri: str | None, keep: bool = False) -> Iterator[TrackingServer]:
+def tracking_server(uri: str | None, keep: bool = False,
+                    meanwhile: Callable[[], object] | None = None) -> Iterator[TrackingServer]:
     """The server one command logs to, for as long as the command runs.
 
     Every command using the local server registers itself while it runs; the last one out stops the
     server unless it was kept (`keep`, `sweep ui --detach`). So no command leaves behind a server nobody
     asked for, two sweeps can share one, and `sweep ui` brings it back on the same port (same URLs).
     A given URI (or $MLFLOW_TRACKING_URI) is someone else's server: it is only checked, never stopped.
+    `meanwhile` (e.g. starting Ray) runs while a local server boots, rather than after it.
     """
-    server = ensure_server(uri)
+    server = ensure_server(uri, meanwhile)
     if uri or os.environ.get("MLFLOW_TRACKING_URI"):
         yield server
         return
@@ -122,7 +132,8 @@ def _lease_alive(lease: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- local server
 
 
-def ensure_local_server(folder: Path | None = None) -> TrackingServer:
+def ensure_local_server(folder: Path | None = None,
+                        meanwhile: Callable[[], object] | None = None) -> TrackingServer:
     """Reuse the local server recorded in `folder` (default mlflow_dir()) when alive, else start one."""
     folder = folder or paths.mlflow_dir()
     try:
@@ -137,6 +148,7 @@ def ensure_local_server(folder: Path | None = None) -> TrackingServer:
         if state:
             alive = _is_mlflow_process(state.get("pid"))
             if alive and is_healthy(state["url"]):
+                _call(meanwhile)
                 return TrackingServer(url=state["url"], started_here=False, pid=state["pid"])
             if alive:  # hung: replace it (a pid now owned by another program is left alone)
                 _kill_tree(state["pid"])
@@ -144,7 +156,7 @@ def ensure_local_server(folder: Path | None = None) -> TrackingServer:
             # Same port when free: a running sweep, an open browser tab and printed links keep working.
             port = _port_of(state["url"]) if _port_is_free(_port_of(state["url"])) else None
         try:
-            server = start_server(folder, port=port)
+            server = start_server(folder, port=port, meanwhile=meanwhile)
         except RuntimeError as err:
             fix = f"see {folder / LOG_FILE}; or run your own server and pass --tracking-uri"
             raise UserError(Problem("local MLflow server", str(err), fix)) from None
@@ -163,7 +175,8 @@ def read_state(folder: Path | None = None) -> dict | None:
 
 
 def start_server(folder: Path, host: str = "127.0.0.1", port: int | None = None,
-                 timeout: float = START_TIMEOUT_S) -> TrackingServer:
+                 timeout: float = START_TIMEOUT_S, meanwhile: Callable[[], object] | None = None
+                 ) -> TrackingServer:
     """Launch `mlflow server` detached (own process group) on `folder`, and wait until it is healthy.
 
     Lean on purpose: one worker and no job-execution processes (2 processes, ~0.5 GB, instead of 15 and
@@ -184,6 +197,11 @@ def start_server(folder: Path, host: str = "127.0.0.1", port: int | None = None,
     with open(folder / LOG_FILE, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _call(meanwhile)  # the server needs 4-8 s to boot: other start-up work overlaps it
+    except BaseException:
+        _kill_tree(proc.pid)
+        raise
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if is_healthy(url, timeout=1.0):
