@@ -14,7 +14,6 @@ run of one comparison parent run in MLflow. State lives in sweep.paths.sweep_dir
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -231,17 +230,11 @@ def retrain_seed(config: dict[str, Any], workdir: str, tracking_uri: str | None,
 
 
 def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    """The commit of the code that runs (this package's checkout), '+dirty' with local edits."""
+    from sweep.mlflow_callback import git_commit as commit_and_dirty
+
+    commit, dirty = commit_and_dirty(Path(__file__).resolve().parent)
+    return commit and commit + ("+dirty" if dirty else "")
 
 
 def _version(pkg: str) -> str | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -19,18 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from sweep.tracking import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = Path(sys.executable).with_name("sweep")
 TINY = (ROOT / "search_spaces/tests/faults_tiny.yaml").read_text()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-DEAD_PORT = _free_port()  # nothing listens here: no Ray cluster, no MLflow server
+DEAD_PORT = free_port()  # nothing listens here: no Ray cluster, no MLflow server
 
 
 def spec(**changes: str) -> str:

@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
+from sweep.tracking import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = Path(sys.executable).with_name("sweep")
 TINY_SPEC = ROOT / "search_spaces/tests/faults_tiny.yaml"
@@ -401,12 +403,6 @@ def test_killed_driver_is_resumed_without_rerunning_or_duplicating(
     assert len(optuna_trials(home, name)) == 3, "the Optuna study lost or repeated a trial"
 
 
-def _free_port() -> int:
-    from sweep.tracking import free_port
-
-    return free_port()
-
-
 class RayNode:
     """`ray start --block` in its own session; killing it takes its raylet and workers with it."""
 
@@ -456,10 +452,10 @@ def test_lost_worker_node_trials_finish_on_the_remaining_node(
     env |= {"FWSWEEP_HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_health_check_period_ms": "500",
             "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "4",
             "FWSWEEP_FAULT": "slow=2"}  # trials run in the nodes' worker processes: their env counts
-    port = _free_port()
+    port = free_port()
     try:
         RayNode(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-                 f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}",
+                 f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
                  "--include-dashboard=false", "--disable-usage-stats"], env, tmp_path / "head.log")
         worker = RayNode([f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1"], env,
                          tmp_path / "worker.log")
@@ -546,7 +542,7 @@ def test_tracking_server_outage_loses_no_metric(own_mlflow: MlflowServer, home: 
 def test_unreachable_tracking_server_refuses_to_start(home: Path, tmp_path: Path) -> None:
     """An explicit tracking URI nobody answers: exit 2 before Ray starts or anything is written."""
     spec = write_spec(tmp_path, "faults-nosrv")
-    proc = SweepProcess(["run", str(spec), "--tracking-uri", f"http://127.0.0.1:{_free_port()}"], home)
+    proc = SweepProcess(["run", str(spec), "--tracking-uri", f"http://127.0.0.1:{free_port()}"], home)
     assert proc.wait(60) == 2
     out = proc.output()
     assert "no MLflow server answers" in out and "Traceback" not in out, out

@@ -112,12 +112,11 @@ def test_missing_file(tmp_path, monkeypatch, capsys):
 
 
 def test_unreachable_ray_address_fails_fast(tmp_path, monkeypatch, capsys):
-    import socket
     import time
 
-    with socket.socket() as s:  # a port where nothing listens
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from sweep.tracking import free_port
+
+    port = free_port()  # a port where nothing listens
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(GOOD))
     start = time.monotonic()
