@@ -310,6 +310,8 @@ class SweepSpec(Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: str | None = Field(None, description="where sweeps live: a folder or s3://BUCKET/PREFIX "
+                                "(gs://...); default: $FWSWEEP_STORAGE, else $FWSWEEP_HOME/sweeps")
     compare: CompareSpec | None = Field(None, description="a fair multi-model comparison (`sweep compare`)")
 
     @field_validator("models")

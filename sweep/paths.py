@@ -8,8 +8,15 @@ from pathlib import Path
 
 
 def home() -> Path:
-    """Root of all local state (sweeps, local MLflow server, `train` runs); ./fwsweep-runs by default."""
-    return Path(os.environ.get("FWSWEEP_HOME", "fwsweep-runs")).resolve()
+    """Root of this machine's state (the local MLflow server, `train` runs, and sweeps unless
+    $FWSWEEP_STORAGE / --storage puts them elsewhere); ./fwsweep-runs by default.
+
+    Always a local folder: a URI here (s3://...) is refused by check_home, never mangled into a path.
+    """
+    value = os.environ.get("FWSWEEP_HOME", "fwsweep-runs")
+    if "://" in value:
+        return Path(value)  # check_home names the fix; resolve() would turn s3://b into ./s3:/b
+    return Path(value).expanduser().resolve()
 
 
 def check_home() -> Path:
@@ -20,21 +27,33 @@ def check_home() -> Path:
     """
     from sweep.errors import Problem, UserError
 
-    root = home()
-    fix = "set FWSWEEP_HOME to a writable folder (or unset it to use ./fwsweep-runs)"
+    value = os.environ.get("FWSWEEP_HOME", "")
+    if "://" in value:
+        raise UserError(Problem("FWSWEEP_HOME", f"{value} is a URI; FWSWEEP_HOME is this machine's folder",
+                                "put sweeps in object storage with FWSWEEP_STORAGE (or --storage, or the "
+                                "spec's storage:) and leave FWSWEEP_HOME a local folder"))
+    return check_writable_folder(home(), "FWSWEEP_HOME",
+                                 "set FWSWEEP_HOME to a writable folder (or unset it to use ./fwsweep-runs)")
+
+
+def check_writable_folder(root: Path, setting: str, fix: str) -> Path:
+    """`root`, or a UserError naming `setting` when it cannot hold state (a file, an unwritable place).
+    Leaves nothing behind: the first real write creates the folder."""
+    from sweep.errors import Problem, UserError
+
     existing = next((p for p in (root, *root.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
-        raise UserError(Problem("FWSWEEP_HOME", f"{root} cannot be a folder: {existing} is a file", fix))
+        raise UserError(Problem(setting, f"{root} cannot be a folder: {existing} is a file", fix))
     try:  # a real probe: permissions, read-only mounts and virtual filesystems all answer here
         tempfile.TemporaryDirectory(prefix=".fwsweep-probe-", dir=existing).cleanup()
     except OSError as err:
-        raise UserError(Problem("FWSWEEP_HOME", f"{root} is not writable ({existing}: {err.strerror})",
-                                fix)) from None
+        problem = f"{root} is not writable ({existing}: {err.strerror})"
+        raise UserError(Problem(setting, problem, fix)) from None
     return root
 
 
 def sweeps_dir() -> Path:
-    """Ray Tune's storage path: one sub-folder per sweep name."""
+    """The default sweep storage (sweep.store owns the layout): one sub-folder per sweep name."""
     return home() / "sweeps"
 
 

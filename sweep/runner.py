@@ -22,20 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sweep import paths
-from sweep.config import Distribution, SweepSpec, TrialConfig, dump_yaml, validate_as
+from sweep.config import Distribution, SweepSpec
 from sweep.errors import Problem, TrialDiverged, UserError
 from sweep.space import MODEL_KEY, DefineByRun, trial_config
+from sweep.store import SPEC_FILE, SweepStore, open_storage, trial_threads
 
-SPEC_FILE = "sweep_spec.yaml"
+__all__ = ["SPEC_FILE", "SweepResult", "build_tuner", "connect_ray", "restore_tuner", "run_sweep",
+           "trial_threads", "tune_trial"]
 
 
 @dataclass
 class SweepResult:
     name: str
-    path: Path
+    path: str  # the sweep's folder: a local path or a URI (s3://...)
     status_counts: dict[str, int]
     best: Any | None = None  # sweep.export.TrialRecord
     metric: str = "val_accuracy"
@@ -46,11 +46,6 @@ class SweepResult:
 
 
 # ---------------------------------------------------------------------------------------------- trainable
-
-
-def trial_threads(spec: SweepSpec, trial: TrialConfig) -> int:
-    """Torch CPU threads of a trial: the config's own value, else the CPUs Ray reserves for it."""
-    return trial.train.num_threads or max(1, int(spec.resources.cpu))
 
 
 class TuneReporter:
@@ -114,14 +109,21 @@ def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None) -> No
 
 
 def _probe(address: str) -> None:
-    """Fail fast on an address where nothing listens (ray.init would retry for a minute)."""
+    """Fail fast on an address where nothing listens (ray.init would retry for a minute).
+
+    Ray Client (ray://) is refused: a sweep's driver must run on a cluster node (Tune's driver-side
+    callbacks, experiment state and the MLflow writes live there), which `ray job submit` gives.
+    """
     if address == "auto":
         return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
+    if address.startswith("ray://"):
+        raise UserError(Problem("--address", f"{address!r} is a Ray Client address, which sweeps do not use",
+                                "submit the sweep as a job (`ray job submit --address http://HEAD:8265 -- "
+                                "sweep run SPEC`), or run it on a cluster node with --address HEAD:6379"))
+    host, _, port = address.rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise UserError(Problem("--address", f"{address!r} is not HOST:PORT",
-                                "give the Ray head's GCS address, e.g. 10.0.0.5:6379, or ray://HOST:10001"))
+                                "give the Ray head's GCS address, e.g. 10.0.0.5:6379"))
     try:
         with socket.create_connection((host, int(port)), timeout=3):
             pass
@@ -251,7 +253,7 @@ def _callbacks(spec: SweepSpec, tracking_url: str | None) -> list[Any]:
                                 trial_config_fn=functools.partial(trial_config, spec))]
 
 
-def build_tuner(spec: SweepSpec, tracking_url: str | None = None) -> Any:
+def build_tuner(spec: SweepSpec, tracking_url: str | None = None, store: SweepStore | None = None) -> Any:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -259,9 +261,11 @@ def build_tuner(spec: SweepSpec, tracking_url: str | None = None) -> Any:
     searcher = OptunaSearch(space=DefineByRun(spec), metric=spec.metric.name, mode=spec.metric.mode,
                             sampler=_sampler(spec))
     searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.budget.max_concurrent)
+    store = store or open_storage(spec.storage).sweep(spec.name)
     run_config = tune.RunConfig(
         name=spec.name,
-        storage_path=str(paths.sweeps_dir()),
+        storage_path=store.storage.root,
+        storage_filesystem=_tune_filesystem(store),
         failure_config=tune.FailureConfig(max_failures=spec.retries.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
         callbacks=_callbacks(spec, tracking_url),
@@ -276,11 +280,18 @@ def build_tuner(spec: SweepSpec, tracking_url: str | None = None) -> Any:
     return tune.Tuner(_trainable(spec), tune_config=tune_config, run_config=run_config)
 
 
-def restore_tuner(spec: SweepSpec, tracking_url: str | None = None) -> Any:
+def _tune_filesystem(store: SweepStore) -> Any:
+    """Object storage goes to Tune as a pyarrow filesystem (pickled to every worker, which resolves its own
+    credentials); a local folder as a plain path, as Tune has always taken it."""
+    return store.storage.fs if store.storage.remote else None
+
+
+def restore_tuner(spec: SweepSpec, tracking_url: str | None = None, store: SweepStore | None = None) -> Any:
     from ray import tune
 
-    tuner = tune.Tuner.restore(str(paths.sweep_dir(spec.name)), trainable=_trainable(spec),
-                               resume_unfinished=True, resume_errored=True)
+    store = store or open_storage(spec.storage).sweep(spec.name)
+    tuner = tune.Tuner.restore(store.path, trainable=_trainable(spec), resume_unfinished=True,
+                               resume_errored=True, storage_filesystem=_tune_filesystem(store))
     # The callbacks were pickled with the old run; the tracking server may now live at another URL.
     run_config = tuner._local_tuner.get_run_config()
     run_config.callbacks = _callbacks(spec, tracking_url)
@@ -291,38 +302,32 @@ def restore_tuner(spec: SweepSpec, tracking_url: str | None = None) -> Any:
 # ---------------------------------------------------------------------------------------------- sweep
 
 
-def saved_spec(name: str) -> SweepSpec | None:
-    """The spec a sweep on disk was started with (saved next to Tune's experiment state)."""
-    path = paths.sweep_dir(name) / SPEC_FILE
-    if not path.exists():
-        return None
-    return validate_as(SweepSpec, yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
-
-
-def _check_start(spec: SweepSpec, resume: bool) -> None:
-    from ray import tune
-
-    folder = paths.sweep_dir(spec.name)
-    restorable = folder.exists() and tune.Tuner.can_restore(str(folder))
+def _check_start(spec: SweepSpec, resume: bool, store: SweepStore) -> None:
+    store.storage.check()  # unreachable endpoint, no credentials, no bucket: one message, nothing started
+    restorable = store.can_restore()
     if resume:
         if not restorable:
-            raise UserError(Problem(spec.name, f"no sweep state to resume in {folder}",
-                                    "start it with `sweep run SPEC` (see `sweep list`)"))
-        old = saved_spec(spec.name)
+            raise UserError(Problem(spec.name, f"no sweep state to resume in {store.uri}",
+                                    "start it with `sweep run SPEC` (see `sweep list`; --storage / "
+                                    "$FWSWEEP_STORAGE say where sweeps live)"))
+        old = store.read_spec()
         if old is not None and old.model_dump() != spec.model_dump():
             raise UserError(Problem(spec.name, "this sweep was started from a different spec",
-                                    f"resume with the saved spec ({folder / SPEC_FILE}) or start a new sweep "
-                                    "with another --name"))
+                                    f"resume with the saved spec ({store.where(SPEC_FILE)}) or start a new "
+                                    "sweep with another --name"))
     elif restorable:
-        raise UserError(Problem(spec.name, f"a sweep with this name already exists in {folder}",
+        raise UserError(Problem(spec.name, f"a sweep with this name already exists in {store.uri}",
                                 f"continue it with `sweep resume {spec.name}`, or pass --name NEW_NAME"))
 
 
 def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str | None = None,
-              resume: bool = False, announce: Callable[[str], None] | None = None) -> SweepResult:
+              resume: bool = False, announce: Callable[[str], None] | None = None,
+              storage: str | None = None) -> SweepResult:
     """Run (or resume) a sweep to the end, export its best config, and say where everything is.
 
-    `announce` receives one line for people once the tracking server is known, before trials start.
+    `storage`: where sweeps live (--storage), else the spec's storage:, else $FWSWEEP_STORAGE, else
+    $FWSWEEP_HOME/sweeps. `announce` receives one line for people once the tracking server is known,
+    before trials start.
     """
     from ray import tune  # noqa: F401  (fail early if Ray is broken)
 
@@ -330,7 +335,8 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
 
     start = time.monotonic()
     paths.check_home()
-    _check_start(spec, resume)  # every cheap check first: nothing starts or is written on a mistake
+    store = open_storage(storage or spec.storage).sweep(spec.name)
+    _check_start(spec, resume, store)  # every cheap check first: nothing starts or is written on a mistake
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _probe(address)
@@ -348,8 +354,8 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
         with tracking_server(uri, meanwhile=start_ray) as server:
             if announce:
                 how = "started on 127.0.0.1" if server.started_here else "reused" if not uri else "given"
-                announce(f"MLflow: {server.url} ({how}); sweep state: {paths.sweep_dir(spec.name)}")
-            result = _run(spec, resume, server.url, started=any(ray_started))
+                announce(f"MLflow: {server.url} ({how}); sweep state: {store.uri}")
+            result = _run(spec, resume, server.url, started=any(ray_started), store=store)
     finally:  # e.g. the MLflow server failed to start after Ray did
         if any(ray_started):
             import ray
@@ -360,7 +366,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     return result
 
 
-def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool) -> SweepResult:
+def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store: SweepStore) -> SweepResult:
     """The sweep on a connected Ray; `started`: this process started Ray, and shuts it down after Tune."""
     from sweep import export
 
@@ -369,13 +375,11 @@ def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool) -> Swe
     status: str | None = "FAILED"  # None: the callback judges from how the trials ended
     try:
         try:
-            folder = paths.sweep_dir(spec.name)
             if resume:
-                tuner = restore_tuner(spec, tracking_url)
+                tuner = restore_tuner(spec, tracking_url, store)
             else:
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / SPEC_FILE).write_text(dump_yaml(spec.model_dump(mode="json")), encoding="utf-8")
-                tuner = build_tuner(spec, tracking_url)
+                store.write_spec(spec)
+                tuner = build_tuner(spec, tracking_url, store)
             trackers = [cb for cb in tuner._local_tuner.get_run_config().callbacks if hasattr(cb, "close")]
             # Tune snapshots its experiment state every >= 10 s by default: a driver killed in that window
             # forgets the trials that finished in it, and `resume` re-runs their last epoch. It is small.
@@ -392,9 +396,9 @@ def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool) -> Swe
                 ray.shutdown()
         mlflow_url = next((cb.parent_run_url for cb in trackers if getattr(cb, "parent_run_url", None)),
                           tracking_url)
-        records = export.load_trials(spec.name)
+        records = store.load_trials(spec)
         best = export.best_trials(records, spec.metric.name, spec.metric.mode, k=1)
-        exported = export.write_exports(spec.name, records=records) if best else []
+        exported = export.write_exports(spec.name, records=records, storage=store.storage.uri) if best else []
         for cb in trackers:
             for path in exported:
                 cb.log_parent_artifact(path, "exports")
@@ -407,7 +411,7 @@ def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool) -> Swe
     interrupted = any(r.status in ("PENDING", "RUNNING", "PAUSED") for r in records) or \
         len(records) < spec.budget.num_samples and spec.budget.time_budget_s is None
     return SweepResult(
-        name=spec.name, path=paths.sweep_dir(spec.name), status_counts=counts, best=best[0] if best else None,
+        name=spec.name, path=store.uri, status_counts=counts, best=best[0] if best else None,
         metric=spec.metric.name, mlflow_url=mlflow_url, exported=exported,
         wall_s=0.0, interrupted=interrupted,
     )

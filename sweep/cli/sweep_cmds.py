@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import time
@@ -17,9 +16,17 @@ from rich.table import Table
 from sweep.cli import app
 from sweep.cli.output import console
 
-ADDRESS_HELP = "Ray cluster address HOST:PORT (or ray://HOST:10001); default: $RAY_ADDRESS, else local Ray"
+ADDRESS_HELP = ("Ray cluster address HOST:PORT (the head's GCS port, from a cluster node); default: "
+                "$RAY_ADDRESS, else local Ray. Ray Client (ray://) is not used: `ray job submit` instead")
 TRACKING_HELP = ("MLflow server URL; default: the spec's tracking.uri, $MLFLOW_TRACKING_URI, else the local "
                  "server")
+STORAGE_HELP = ("where sweeps live: a folder or s3://BUCKET/PREFIX (gs://...; endpoint: "
+                "$FWSWEEP_S3_ENDPOINT); default: the spec's storage:, $FWSWEEP_STORAGE, else "
+                "$FWSWEEP_HOME/sweeps")
+
+
+def _storage_option() -> str | None:
+    return typer.Option(None, "--storage", help=STORAGE_HELP)
 
 
 def _summary(result) -> None:  # noqa: ANN001  (sweep.runner.SweepResult; imported lazily for a fast CLI)
@@ -40,7 +47,7 @@ def _summary(result) -> None:  # noqa: ANN001  (sweep.runner.SweepResult; import
         console.print(f"[yellow]interrupted[/]: continue with `sweep resume {result.name}`")
     if result.status_counts.get("ERROR"):
         console.print(f"[red]{result.status_counts['ERROR']} trial(s) failed[/]: their errors are in "
-                      f"{result.path}/trial_*/error.txt and in their MLflow runs", soft_wrap=True)
+                      f"{escape(result.path)}/trial_*/error.txt and in their MLflow runs", soft_wrap=True)
 
 
 def _announce(line: str) -> None:
@@ -112,12 +119,14 @@ def run(
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
     name: str | None = typer.Option(None, "--name", help="sweep name (default: the spec's name:)"),
     sets: list[str] = typer.Option([], "--set", help="override a spec field: task.pairs=16 (repeatable)"),
+    storage: str | None = _storage_option(),
 ) -> None:
     """Run a sweep: Optuna proposes trials, Ray Tune runs and early-stops them, MLflow records them."""
     from sweep.config import SweepSpec, read_yaml, validate_as
 
     data = _apply_sets(read_yaml(spec), sets + ([f"name={name}"] if name else []))
-    _run_to_the_end(validate_as(SweepSpec, data, str(spec)), address, tracking_uri, resume=False)
+    _run_to_the_end(validate_as(SweepSpec, data, str(spec)), address, tracking_uri, resume=False,
+                    storage=storage)
 
 
 @app.command()
@@ -125,20 +134,23 @@ def resume(
     name: str = typer.Argument(..., help="the sweep's name (see `sweep list`)"),
     address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+    storage: str | None = _storage_option(),
 ) -> None:
-    """Continue an interrupted sweep: finished trials are kept, unfinished ones go on from a checkpoint."""
+    """Continue an interrupted sweep (from this or any machine that reaches its storage): finished trials
+    are kept, unfinished ones go on from a checkpoint."""
     from sweep.export import load_spec_of
 
-    _run_to_the_end(load_spec_of(name), address, tracking_uri, resume=True)
+    _run_to_the_end(load_spec_of(name, storage), address, tracking_uri, resume=True, storage=storage)
 
 
-def _run_to_the_end(spec, address: str | None, tracking_uri: str | None, resume: bool) -> None:  # noqa: ANN001
+def _run_to_the_end(spec, address: str | None, tracking_uri: str | None, resume: bool,  # noqa: ANN001
+                    storage: str | None) -> None:
     """`run` and `resume`: the sweep, its summary, and the exit code (130/143 when interrupted)."""
     from sweep.runner import run_sweep
 
     with _stop_on_sigterm() as terminated:
         result = run_sweep(spec, address=address, tracking_uri=tracking_uri, resume=resume,
-                           announce=_announce)
+                           announce=_announce, storage=storage)
     _summary(result)
     _ui_hint(spec, tracking_uri)
     _exit_code(result, bool(terminated))
@@ -151,11 +163,12 @@ def export(
     per_model: bool = typer.Option(False, "--per-model", help="also write the best trial of each model"),
     fmt: str = typer.Option("yaml", "--format", help="yaml (with a provenance header) or json"),
     out: Path | None = typer.Option(None, "--out", help="output folder; default: <sweep folder>/exports"),
+    storage: str | None = _storage_option(),
 ) -> None:
     """Write the best configs of a sweep as TrialConfig files that `sweep train --config` re-runs."""
     from sweep.export import write_exports
 
-    for path in write_exports(name, top_k=top_k, per_model=per_model, fmt=fmt, out=out):
+    for path in write_exports(name, top_k=top_k, per_model=per_model, fmt=fmt, out=out, storage=storage):
         console.print(str(path))
 
 
@@ -182,11 +195,12 @@ def ui(
                 time.sleep(3600)
 
 
-def _sweep_rows(name: str) -> dict[str, str]:
-    from sweep.export import best_trials, load_spec_of, load_trials
+def _sweep_rows(store) -> dict[str, str]:  # noqa: ANN001  (sweep.store.SweepStore)
+    from sweep.export import best_trials
 
-    spec = load_spec_of(name)
-    records = load_trials(name)
+    name = store.name
+    spec = store.load_spec()
+    records = store.load_trials(spec)
     counts: dict[str, int] = {}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -194,7 +208,7 @@ def _sweep_rows(name: str) -> dict[str, str]:
     if done >= spec.budget.num_samples:
         status = "finished"
     elif counts.get("RUNNING") or counts.get("PENDING") or records:
-        status = "interrupted" if not _is_running(name) else "running"
+        status = "interrupted" if not _is_running(store) else "running"
     else:
         status = "not started"
     best = best_trials(records, spec.metric.name, spec.metric.mode)
@@ -206,20 +220,10 @@ def _sweep_rows(name: str) -> dict[str, str]:
     }
 
 
-def _is_running(name: str) -> bool:
+def _is_running(store) -> bool:  # noqa: ANN001
     """A Tune driver updates the experiment state at least every few seconds while it runs."""
-    from sweep import paths
-
-    states = list(paths.sweep_dir(name).glob("experiment_state-*.json"))
-    return bool(states) and time.time() - max(p.stat().st_mtime for p in states) < 30
-
-
-def _sweeps_on_disk() -> list[str]:
-    from sweep import paths
-    from sweep.runner import SPEC_FILE
-
-    root = paths.sweeps_dir()
-    return sorted(p.parent.name for p in root.glob(f"*/{SPEC_FILE}")) if root.exists() else []
+    saved = store.state_mtime()
+    return saved is not None and time.time() - saved < 30
 
 
 def _mlflow_runs(tracking_uri: str | None) -> dict[str, str]:
@@ -248,21 +252,23 @@ def _mlflow_runs(tracking_uri: str | None) -> dict[str, str]:
 @app.command("list")
 def list_sweeps(
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+    storage: str | None = _storage_option(),
 ) -> None:
-    """The sweeps on disk (and their parent runs in MLflow, when its server is up)."""
-    from sweep import paths
+    """The sweeps in the storage (and their parent runs in MLflow, when its server is up)."""
+    from sweep.store import open_storage
 
-    names = _sweeps_on_disk()
+    where = open_storage(storage)
+    names = where.sweep_names()
     try:
         in_mlflow = _mlflow_runs(tracking_uri)
     except Exception:  # listing must work with MLflow down
         in_mlflow = {}
     if not names and not in_mlflow:
-        console.print(f"no sweeps in {paths.sweeps_dir()} (try: sweep run search_spaces/quickstart.yaml)")
+        console.print(f"no sweeps in {escape(where.uri)} (try: sweep run search_spaces/quickstart.yaml)")
         return
     table = Table("name", "status", "trials", "errors", "best", "models", "MLflow")
     for name in names:
-        row = _sweep_rows(name)
+        row = _sweep_rows(where.sweep(name))
         table.add_row(row["name"], row["status"], row["trials"], row["errors"], row["best"], row["models"],
                       in_mlflow.get(name, "-"))
     for name in sorted(set(in_mlflow) - set(names)):
@@ -274,17 +280,19 @@ def list_sweeps(
 def show(
     name: str = typer.Argument(..., help="the sweep's name (see `sweep list`)"),
     top: int = typer.Option(10, "--top", help="trials to list, best first"),
+    storage: str | None = _storage_option(),
 ) -> None:
     """One sweep: its status, where it is stored, and its best trials."""
-    from sweep import paths
-    from sweep.export import best_trials, load_spec_of, load_trials
+    from sweep.export import best_trials
+    from sweep.store import EXPORT_DIR, open_sweep
 
-    spec = load_spec_of(name)
-    row = _sweep_rows(name)
+    store = open_sweep(name, storage)
+    spec = store.load_spec()
+    row = _sweep_rows(store)
     console.print(f"[bold]{name}[/] ({row['status']}): {row['trials']} trials, {row['errors']} errors; "
                   f"best {spec.metric.name} {row['best']}")
-    console.print(f"folder: {paths.sweep_dir(name)}")
-    records = load_trials(name)
+    console.print(f"folder: {escape(store.uri)}", soft_wrap=True)
+    records = store.load_trials(spec)
     ranked = best_trials(records, spec.metric.name, spec.metric.mode, k=top)
     table = Table("trial", "model", spec.metric.name, "epochs", "status", "params")
     for r in ranked:
@@ -293,7 +301,7 @@ def show(
         table.add_row(r.trial_id, r.model, f"{r.value(spec.metric.name):.4f}", f"{r.epochs}{early}", r.status,
                       params)
     console.print(table)
-    index = paths.sweep_dir(name) / "exports" / "index.json"
-    if index.exists():
-        files = [e["file"] for e in json.loads(index.read_text())["exports"]]
-        console.print(f"exports: {index.parent} ({', '.join(files)})")
+    index = store.export_index()
+    if index:
+        files = [e["file"] for e in index.get("exports", [])]
+        console.print(f"exports: {escape(store.where(EXPORT_DIR))} ({', '.join(files)})", soft_wrap=True)

@@ -1,0 +1,389 @@
+"""Where a sweep's state lives and how to read and write it: a local folder or object storage (s3://, gs://).
+
+The ONE module that knows a sweep's layout. Every command that touches a sweep (run, resume, show, export,
+list, report, compare) opens it through here, so a sweep started on one machine reads the same from any
+other that can reach its storage. Files go through pyarrow.fs (the filesystems Ray Tune itself uses):
+
+    <storage>/                       --storage / spec storage: / $FWSWEEP_STORAGE; else $FWSWEEP_HOME/sweeps
+      <name>/                        Ray Tune's experiment folder (RunConfig storage_path + name)
+        sweep_spec.yaml              the spec the sweep was started with (resume and every reader use it)
+        experiment_state-*.json      Tune's experiment state; tuner.pkl, searcher state (Optuna study)
+        trial_<id>/result.json       one JSON line per epoch; checkpoint_*/ the trial's checkpoints
+        trial_<id>/error.txt         why a trial failed
+        exports/                     best.yaml, top<i>.yaml, best_<model>.yaml, index.json (`sweep export`)
+        comparison.json              `sweep compare`: the manifest; seed_runs.jsonl its finished seed runs
+
+Credentials are never part of the location: S3 reads them from the environment / AWS config (the standard
+chain), and an S3-compatible store (MinIO, Ceph, moto) is reached through $FWSWEEP_S3_ENDPOINT (or the
+standard $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import posixpath
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from sweep import paths
+from sweep.config import SweepSpec, TrialConfig, dump_yaml, validate_as
+from sweep.errors import Problem, UserError
+from sweep.space import MODEL_KEY, trial_config
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+STORAGE_ENV = "FWSWEEP_STORAGE"
+ENDPOINT_ENVS = ("FWSWEEP_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+SPEC_FILE = "sweep_spec.yaml"
+RESULT_FILE = "result.json"
+ERROR_FILE = "error.txt"
+EXPORT_DIR = "exports"
+EXPERIMENT_STATE_GLOB = "experiment_state-"
+STORAGE_FIX = ("give --storage (or the spec's storage:, or $FWSWEEP_STORAGE) a writable folder or "
+               "s3://BUCKET/PREFIX")
+
+
+def storage_setting(given: str | None = None) -> str:
+    """Where sweeps live, as the user would write it: the given value, else $FWSWEEP_STORAGE, else local."""
+    return given or os.environ.get(STORAGE_ENV) or str(paths.sweeps_dir())
+
+
+def is_uri(location: str) -> bool:
+    """s3://, gs://, file://...; a Windows drive letter or a plain path is not."""
+    scheme = urlparse(location).scheme
+    return len(scheme) > 1
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+
+@dataclass(frozen=True)
+class Storage:
+    """The place that holds every sweep: a pyarrow filesystem and the root path inside it."""
+
+    uri: str  # as shown to people: /abs/folder or s3://bucket/prefix
+    fs: pyarrow.fs.FileSystem
+    root: str  # the same place as a path inside `fs` (bucket/prefix for S3)
+
+    @property
+    def remote(self) -> bool:
+        import pyarrow.fs as pafs
+
+        return not isinstance(self.fs, pafs.LocalFileSystem)
+
+    def sweep(self, name: str) -> SweepStore:
+        return SweepStore(self, name)
+
+    def sweep_names(self) -> list[str]:
+        """Every sweep in this storage (a folder holding a sweep_spec.yaml), sorted."""
+        import pyarrow.fs as pafs
+
+        try:
+            entries = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        except OSError as err:
+            raise _storage_error(self.uri, err) from None
+        dirs = [e.base_name for e in entries if e.type == pafs.FileType.Directory]
+        specs = self.fs.get_file_info([posixpath.join(self.root, d, SPEC_FILE) for d in dirs]) if dirs else []
+        return sorted(d for d, info in zip(dirs, specs, strict=True) if info.type == pafs.FileType.File)
+
+    def check(self) -> None:
+        """Write and delete a probe object: an unreachable endpoint, missing credentials or bucket, or a
+        read-only folder fails here with one message, before any trial starts."""
+        if not self.remote:
+            paths.check_writable_folder(Path(self.root), "--storage", STORAGE_FIX)
+            return
+        if self.fs.type_name == "s3":
+            _check_s3_credentials(self.uri)
+        probe = posixpath.join(self.root, f".fwsweep-probe-{secrets.token_hex(4)}")
+        try:
+            with self.fs.open_output_stream(probe) as out:
+                out.write(b"probe")
+            self.fs.delete_file(probe)
+        except OSError as err:
+            raise _storage_error(self.uri, err) from None
+
+
+def open_storage(given: str | None = None) -> Storage:
+    """The storage at `given` (or $FWSWEEP_STORAGE, or $FWSWEEP_HOME/sweeps); nothing is contacted yet."""
+    location = storage_setting(given)
+    if not is_uri(location) or location.startswith("file://"):
+        import pyarrow.fs as pafs
+
+        folder = Path(location.removeprefix("file://")).expanduser().absolute()
+        return Storage(str(folder), pafs.LocalFileSystem(), folder.as_posix())
+    parsed = urlparse(location)
+    uri = location.rstrip("/")
+    if parsed.scheme in ("s3", "s3a"):
+        return Storage(uri, _s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/"))
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(location)
+    except (pafs.ArrowInvalid, OSError, ValueError) as err:  # an unknown scheme, a malformed URI
+        raise UserError(Problem("--storage", f"cannot open {location!r}: {err}", STORAGE_FIX)) from None
+    return Storage(uri, fs, root.rstrip("/"))
+
+
+def s3_endpoint() -> str | None:
+    return next((os.environ[k] for k in ENDPOINT_ENVS if os.environ.get(k)), None)
+
+
+def _s3_filesystem() -> pyarrow.fs.FileSystem:
+    """pyarrow's S3 filesystem; credentials resolved by the AWS SDK on each process (never pickled, so each
+    Ray worker uses its own role or environment), the endpoint from $FWSWEEP_S3_ENDPOINT when given."""
+    import pyarrow.fs as pafs
+
+    options: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+                               "connect_timeout": 5, "request_timeout": 30}
+    endpoint = s3_endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options |= {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https",
+                    "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                    or "us-east-1"}
+    return pafs.S3FileSystem(**options)
+
+
+def _check_s3_credentials(uri: str) -> None:
+    """The AWS SDK's own credential chain (env, profile, SSO, web identity, instance role), via botocore."""
+    try:
+        import botocore.session
+    except ImportError:  # the probe write below still fails with the server's own answer
+        return
+    if botocore.session.get_session().get_credentials() is None:
+        raise UserError(Problem("AWS credentials", f"none found for {uri}",
+                                "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or run on "
+                                "a machine with an instance role); they are never given on the command line"))
+
+
+def _storage_error(uri: str, err: OSError) -> UserError:
+    text = str(err)
+    endpoint = s3_endpoint()
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return UserError(Problem("--storage", f"the bucket of {uri} does not exist",
+                                 "create it (e.g. `aws s3 mb s3://BUCKET`) or give an existing bucket"))
+    if any(s in text for s in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
+        return UserError(Problem("AWS credentials", f"{uri} refused them ({text.splitlines()[0][:200]})",
+                                 "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to keys that "
+                                 "may write there"))
+    if any(s in text.lower() for s in ("connect", "network", "resolve host", "timed out", "timeout")):
+        where = f"endpoint {endpoint}" if endpoint else "its endpoint"
+        return UserError(Problem("FWSWEEP_S3_ENDPOINT" if endpoint else "--storage",
+                                 f"cannot reach {uri} at {where} ({text.splitlines()[0][:200]})",
+                                 "start the object store or fix FWSWEEP_S3_ENDPOINT / AWS_ENDPOINT_URL "
+                                 "(host:port, http:// for a plain-HTTP store)"))
+    first = text.splitlines()[0][:300] if text else type(err).__name__
+    return UserError(Problem("--storage", f"cannot write to {uri}: {first}", STORAGE_FIX))
+
+
+# ---------------------------------------------------------------------------------------------- trials
+
+
+def trial_threads(spec: SweepSpec, trial: TrialConfig) -> int:
+    """Torch CPU threads of a trial: the config's own value, else the CPUs Ray reserves for it."""
+    return trial.train.num_threads or max(1, int(spec.resources.cpu))
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    model: str
+    config: TrialConfig  # the trial's exact config, epochs = the epochs it ran (re-runnable by `sweep train`)
+    metrics: dict[str, Any]  # the last report
+    history: list[dict[str, Any]] = field(default_factory=list)  # one dict per epoch
+    status: str = "PENDING"  # Tune's: PENDING, RUNNING, PAUSED, TERMINATED, ERROR
+    params: dict[str, Any] = field(default_factory=dict)  # the sampled Tune config
+    path: str = ""  # the trial's folder in the sweep's storage (URI or local path)
+
+    @property
+    def epochs(self) -> int:
+        return int(self.metrics.get("epoch", self.metrics.get("training_iteration", 0)) or 0)
+
+    def value(self, metric: str) -> float | None:
+        v = self.metrics.get(metric)
+        return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+    def stopped_early(self, max_epochs: int) -> bool:
+        """Stopped by the scheduler before max epochs (not by the target accuracy, not failed)."""
+        return (self.status == "TERMINATED" and 0 < self.epochs < max_epochs
+                and not self.metrics.get("target_reached") and not self.metrics.get("diverged"))
+
+
+def parse_history(text: str) -> list[dict[str, Any]]:
+    """result.json's lines; a line cut short by a kill ends it (everything before it is valid)."""
+    rows = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- one sweep
+
+
+@dataclass(frozen=True)
+class SweepStore:
+    """One sweep's folder in a Storage: its spec, Tune's state, trials, exports and manifests."""
+
+    storage: Storage
+    name: str
+
+    @property
+    def path(self) -> str:
+        """The folder as a path inside storage.fs (what Tune's storage_filesystem APIs take)."""
+        return posixpath.join(self.storage.root, self.name)
+
+    @property
+    def uri(self) -> str:
+        """The folder as people (and `--storage` on another machine) name it."""
+        return f"{self.storage.uri.rstrip('/')}/{self.name}"
+
+    def local_path(self) -> Path | None:
+        """The folder on this machine's disk, or None in object storage."""
+        return None if self.storage.remote else Path(self.path)
+
+    def _p(self, rel: str) -> str:
+        return posixpath.join(self.path, rel)
+
+    def where(self, rel: str = "") -> str:
+        return f"{self.uri}/{rel}" if rel else self.uri
+
+    # -- files ------------------------------------------------------------------------------------------
+
+    def exists(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        try:
+            return self.storage.fs.get_file_info(self._p(rel)).type != pafs.FileType.NotFound
+        except OSError as err:
+            raise _storage_error(self.storage.uri, err) from None
+
+    def read_text(self, rel: str) -> str | None:
+        """A file's text, or None if it is not there."""
+        try:
+            with self.storage.fs.open_input_stream(self._p(rel)) as f:
+                return f.read().decode("utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if "not found" in str(err).lower() or "NoSuchKey" in str(err):
+                return None
+            raise _storage_error(self.storage.uri, err) from None
+
+    def write_text(self, rel: str, text: str) -> str:
+        """Write a whole file: an object is replaced in one put; a local file via a temp file and rename, so
+        no reader ever sees half of it. Returns where it went."""
+        target = self._p(rel)
+        local = self.local_path()
+        if local is not None:
+            path = local / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+            return str(path)
+        try:
+            with self.storage.fs.open_output_stream(target) as out:
+                out.write(text.encode("utf-8"))
+        except OSError as err:
+            raise _storage_error(self.storage.uri, err) from None
+        return self.where(rel)
+
+    def upload(self, local_dir: Path, rel: str) -> None:
+        """Copy a local folder's files into this sweep's folder (a no-op when they are already there)."""
+        import pyarrow.fs as pafs
+
+        dest = self._p(rel)
+        if not self.storage.remote and Path(dest).resolve() == local_dir.resolve():
+            return
+        pafs.copy_files(str(local_dir), dest, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.storage.fs)
+
+    def state_mtime(self) -> float | None:
+        """When Tune last saved the experiment state (seconds since the epoch), None if never."""
+        import pyarrow.fs as pafs
+
+        try:
+            infos = self.storage.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        except OSError:
+            return None
+        times = [i.mtime.timestamp() for i in infos
+                 if i.base_name.startswith(EXPERIMENT_STATE_GLOB) and i.mtime is not None]
+        return max(times) if times else None
+
+    # -- the spec -----------------------------------------------------------------------------------------
+
+    def read_spec(self) -> SweepSpec | None:
+        """The spec the sweep was started with, or None if there is no sweep here."""
+        import yaml
+
+        text = self.read_text(SPEC_FILE)
+        if text is None:
+            return None
+        return validate_as(SweepSpec, yaml.safe_load(text), self.where(SPEC_FILE))
+
+    def load_spec(self) -> SweepSpec:
+        spec = self.read_spec()
+        if spec is None:
+            raise UserError(Problem(self.name, f"no sweep named {self.name!r} in {self.storage.uri}",
+                                    "see `sweep list` for the sweeps there (or give --storage / "
+                                    f"${STORAGE_ENV} / FWSWEEP_HOME)"))
+        return spec
+
+    def write_spec(self, spec: SweepSpec) -> None:
+        self.storage.fs.create_dir(self.path, recursive=True)
+        self.write_text(SPEC_FILE, dump_yaml(spec.model_dump(mode="json")))
+
+    # -- Tune's state -------------------------------------------------------------------------------------
+
+    def can_restore(self) -> bool:
+        from ray import tune
+
+        return self.exists("") and tune.Tuner.can_restore(self.path, storage_filesystem=self.storage.fs)
+
+    def load_trials(self, spec: SweepSpec | None = None) -> list[TrialRecord]:
+        """Every trial Tune knows for this sweep, from its experiment state and each trial's result.json."""
+        from ray.tune import ExperimentAnalysis
+
+        spec = spec or self.load_spec()
+        try:
+            analysis = ExperimentAnalysis(self.path, storage_filesystem=self.storage.fs)
+        except (ValueError, FileNotFoundError):
+            return []  # started, but interrupted before Tune saved any state
+        records = []
+        for trial in analysis.trials:
+            rel = posixpath.relpath(trial.storage.trial_fs_path, self.path)
+            history = parse_history(self.read_text(posixpath.join(rel, RESULT_FILE)) or "")
+            metrics = dict(trial.last_result or {}) or (history[-1] if history else {})
+            config = dict(trial.config)
+            tc = trial_config(spec, config)
+            epochs = int(metrics.get("epoch", metrics.get("training_iteration", 0)) or 0)
+            train = {"num_threads": trial_threads(spec, tc)} | ({"epochs": epochs} if epochs else {})
+            tc = tc.model_copy(update={"train": tc.train.model_copy(update=train)})
+            records.append(TrialRecord(trial_id=trial.trial_id, model=config.get(MODEL_KEY, tc.model.name),
+                                       config=tc, metrics=metrics, history=history, status=trial.status,
+                                       params=config, path=self.where(rel)))
+        return records
+
+    # -- exports ------------------------------------------------------------------------------------------
+
+    def export_index(self) -> dict[str, Any] | None:
+        text = self.read_text(f"{EXPORT_DIR}/index.json")
+        with contextlib.suppress(ValueError):
+            return json.loads(text) if text else None
+        return None
+
+
+def open_sweep(name: str, storage: str | None = None) -> SweepStore:
+    """Sweep `name` in the storage given (or $FWSWEEP_STORAGE, or $FWSWEEP_HOME/sweeps)."""
+    return open_storage(storage).sweep(name)
