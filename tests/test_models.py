@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from sweep.models import build_model, model_names, params_class
 from sweep.models.common import count_parameters
 from sweep.models.fast_weights import AttentionMemory, MatrixMemory
+from sweep.models.fused import FWLSTMSequence, FWRNNSequence, LNLSTMSequence
 
 VOCAB, CLASSES = 37, 10
 SMALL = {"hidden_size": 6, "embed_size": 5, "head_size": 7}
@@ -48,8 +49,8 @@ def test_every_model_maps_tokens_to_logits(name):
     model = make(name, dtype=torch.float32, hidden_size=20)
     logits = model(tokens(batch=4, length=11))
     assert logits.shape == (4, CLASSES) and logits.dtype == torch.float32
-    with torch.no_grad():  # evaluation takes the same path without a graph
-        assert torch.equal(model(tokens(batch=4, length=11)), logits)
+    with torch.no_grad():  # evaluation takes the same path without a graph (nn.LSTM: another kernel)
+        assert torch.allclose(model(tokens(batch=4, length=11)), logits, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(logits).all()
     assert count_parameters(model) == sum(p.numel() for p in model.parameters()) > 0
     assert make(name)(tokens()).dtype == torch.float64
@@ -93,9 +94,82 @@ def test_attention_form_equals_matrix_form_with_gradients(name, fields, inner_st
         assert rel_err(grads_a[param_name], grad) < 1e-9, param_name
 
 
-def test_attention_form_gradients_survive_a_second_backward():
-    # the attention form accumulates gradients in a buffer: a retained graph must not double them
-    model = make("fw_lstm", fw_form="attention")
+@pytest.mark.parametrize("inner_steps", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("name", "fields"), [*FAST_WEIGHT_MODELS, ("fw_lstm", {"memory": "gates", "authors_inner_loop": True})]
+)
+def test_fused_form_equals_matrix_form_with_gradients(name, fields, inner_steps):
+    kw = {**fields, "inner_steps": inner_steps, "fast_lr": 0.9, "decay": 0.95}
+    matrix, fused = make(name, fw_form="matrix", **kw), make(name, fw_form="fused", **kw)
+    x = tokens(length=7)
+    out_m, grads_m = outputs_and_grads(matrix, x)
+    out_f, grads_f = outputs_and_grads(fused, x)
+    assert rel_err(out_f, out_m) < 1e-9
+    for param_name, grad in grads_m.items():
+        assert rel_err(grads_f[param_name], grad) < 1e-9, param_name
+
+
+def test_fused_ln_lstm_equals_the_autograd_cell_with_gradients():
+    reference, fused = make("ln_lstm", cell_form="autograd"), make("ln_lstm", cell_form="fused")
+    x = tokens()
+    out_r, grads_r = outputs_and_grads(reference, x)
+    out_f, grads_f = outputs_and_grads(fused, x)
+    assert rel_err(out_f, out_r) < 1e-9
+    for param_name, grad in grads_r.items():
+        assert rel_err(grads_f[param_name], grad) < 1e-9, param_name
+
+
+def test_the_fastest_exact_forms_are_the_defaults():
+    assert params_class("fw_lstm")(hidden_size=4).fw_form == "fused"
+    assert params_class("fw_rnn")(hidden_size=4).fw_form == "fused"
+    assert params_class("ln_lstm")(hidden_size=4).cell_form == "fused"
+
+
+def _f64(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+
+@pytest.mark.parametrize(("reads", "candidate"), [(1, False), (2, False), (2, True)])
+def test_fused_fw_lstm_passes_gradcheck(reads, candidate):
+    B, T, H = 2, 4, 3
+    inputs = (_f64(B, T, 4 * H), _f64(4 * H, H, seed=1), _f64(4 * H, seed=2), _f64(4 * H, seed=3),
+              _f64(H, seed=4), _f64(H, seed=5), 1.0, 0.7, 0.9, reads, candidate)
+    assert torch.autograd.gradcheck(FWLSTMSequence.apply, inputs)
+
+
+@pytest.mark.parametrize(("reads", "authors"), [(1, False), (2, False), (2, True)])
+def test_fused_fw_rnn_passes_gradcheck(reads, authors):
+    B, T, H = 2, 4, 3
+    inputs = (_f64(B, T, H), _f64(H, H, seed=1), _f64(H, seed=2), _f64(H, seed=3), 0.7, 0.9, reads, authors)
+    assert torch.autograd.gradcheck(FWRNNSequence.apply, inputs)
+
+
+def test_fused_ln_lstm_passes_gradcheck():
+    B, T, H = 2, 4, 3
+    inputs = (_f64(B, T, 4 * H), _f64(4 * H, H, seed=1), _f64(4, H, seed=2), _f64(4, H, seed=3),
+              _f64(H, seed=4), _f64(H, seed=5), 1.0)
+    assert torch.autograd.gradcheck(LNLSTMSequence.apply, inputs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("name", "fields"), [*FAST_WEIGHT_MODELS, ("ln_lstm", {})])
+def test_fused_forms_run_on_cuda_with_the_cpu_numbers(name, fields):
+    cpu = make(name, **fields)
+    gpu = make(name, **fields).cuda()
+    x = tokens()
+    out_c, grads_c = outputs_and_grads(cpu, x)
+    out_g, grads_g = outputs_and_grads(gpu, x.cuda())
+    assert rel_err(out_g.cpu(), out_c) < 1e-9
+    for param_name, grad in grads_c.items():
+        assert rel_err(grads_g[param_name].cpu(), grad) < 1e-9, param_name
+
+
+@pytest.mark.parametrize("fw_form", ["attention", "fused"])
+def test_hand_written_gradients_survive_a_second_backward(fw_form):
+    # the attention form accumulates gradients in a buffer, the fused one reuses its buffers:
+    # a retained graph must not double or corrupt them
+    model = make("fw_lstm", fw_form=fw_form)
     loss = model(tokens()).square().sum()
     loss.backward(retain_graph=True)
     first = [p.grad.clone() for p in model.parameters()]
@@ -131,7 +205,7 @@ def authors_fw_lstm_cell(layer, x, inner_steps: int = 1):
 
 
 @pytest.mark.parametrize("inner_steps", [1, 2])
-@pytest.mark.parametrize("fw_form", ["matrix", "attention"])
+@pytest.mark.parametrize("fw_form", ["matrix", "attention", "fused"])
 def test_fw_lstm_is_the_authors_cell_with_a_real_inner_loop(fw_form, inner_steps):
     model = make("fw_lstm", fw_form=fw_form, inner_steps=inner_steps)
     x = model.embed(tokens())
@@ -168,7 +242,7 @@ def ba_fw_rnn(layer, x, authors: bool):
 
 
 @pytest.mark.parametrize("variant", ["ba", "authors"])
-@pytest.mark.parametrize("fw_form", ["matrix", "attention"])
+@pytest.mark.parametrize("fw_form", ["matrix", "attention", "fused"])
 def test_fw_rnn_follows_its_equations(variant, fw_form):
     model = make("fw_rnn", fw_form=fw_form, variant=variant, inner_steps=2, slow_init_scale=0.5)
     x = model.embed(tokens())

@@ -11,7 +11,8 @@
 Inner loop (S = inner_steps): the memory is re-read with the updated rectified gates,
 r_{s+1} = ReLU(ẑ + a_s), a_{s+1} = r_{s+1} A(t); the gates use the last read. S = 1 is the authors'
 cell. `authors_inner_loop=True` reproduces their loop, which recomputes the same c, h S times, so S > 1
-changes nothing. `memory="candidate"` keeps an H x H memory of r = ReLU(ĵ) that feeds the candidate
+changes nothing. `fw_form="fused"` runs the same equations in one kernel (sweep/models/fused.py).
+`memory="candidate"` keeps an H x H memory of r = ReLU(ĵ) that feeds the candidate
 only (i_A = f_A = o_A = 0). The fast weights hold no trainable parameters: the parameter count is the
 LN-LSTM's.
 """
@@ -24,6 +25,7 @@ from torch import nn
 
 from sweep.models.common import SequenceClassifier, init_uniform_
 from sweep.models.fast_weights import FastWeightMemory, new_memory
+from sweep.models.fused import FWLSTMSequence
 from sweep.models.params import FWLSTMParams
 
 
@@ -56,9 +58,20 @@ class FastWeightLSTM(nn.Module):
         return a
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        H = self.hidden_size
         xW = self.input_proj(x)  # x(t) W_x + b for every t at once
+        if self.fw_form == "fused":
+            reads = 1 if self.authors_inner_loop else self.inner_steps
+            return FWLSTMSequence.apply(
+                xW, self.hidden_proj.weight, self.gate_norm.weight, self.gate_norm.bias,
+                self.cell_norm.weight, self.cell_norm.bias, self.forget_bias, self.fast_lr, self.decay,
+                reads, self.memory_kind == "candidate",
+            )
+        return self.unrolled(xW)
+
+    def unrolled(self, xW: torch.Tensor) -> torch.Tensor:
+        """The readable time loop under autograd (fw_form attention or matrix)."""
+        B, T, _ = xW.shape
+        H = self.hidden_size
         h = c = xW.new_zeros(B, H)
         memory = new_memory(self.fw_form, self.fast_lr, self.decay, T, like=xW)
         for xW_t in xW.unbind(1):  # unbind: one backward node instead of T slices

@@ -11,6 +11,8 @@ uses W u instead of W h(t):
 
     u = ReLU(W h(t) + C x(t)),   A(t+1) = λ A(t) + η u uᵀ
     h_{s+1} = ReLU(LN[W u + C x(t) + A(t+1) h_s]),   h_0 = u
+
+fw_form="fused" runs the same equations in one kernel per sequence (sweep/models/fused.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from sweep.models.common import SequenceClassifier, init_uniform_
 from sweep.models.fast_weights import new_memory
+from sweep.models.fused import FWRNNSequence
 from sweep.models.params import FWRNNParams
 
 
@@ -40,8 +43,15 @@ class FastWeightRNN(nn.Module):
             self.recurrent.weight.copy_(p.slow_init_scale * torch.eye(p.hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
         Cx = self.input_proj(x)  # C x(t) for every t at once
+        if self.fw_form == "fused":
+            return FWRNNSequence.apply(Cx, self.recurrent.weight, self.norm.weight, self.norm.bias,
+                                       self.fast_lr, self.decay, self.inner_steps, self.variant == "authors")
+        return self.unrolled(Cx)
+
+    def unrolled(self, Cx: torch.Tensor) -> torch.Tensor:
+        """The readable time loop under autograd (fw_form attention or matrix)."""
+        B, T, _ = Cx.shape
         h = Cx.new_zeros(B, self.recurrent.in_features)
         memory = new_memory(self.fw_form, self.fast_lr, self.decay, T, like=Cx)
         for t, Cx_t in enumerate(Cx.unbind(1)):  # unbind: one backward node, not T

@@ -5,7 +5,9 @@
     c = LN_c(c ⊙ σ(LN_f(f) + forget_bias) + σ(LN_i(i)) ⊙ g)
     h = tanh(c) ⊙ σ(LN_o(o))
 
-W carries a bias b like the FW-LSTM's z, so the two models have the same parameter count.
+`cell_form="fused"` (the default) runs the same equations in one kernel per sequence
+(sweep/models/fused.py). W carries a bias b like the FW-LSTM's z, so the two models have the same
+parameter count.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sweep.models.common import SequenceClassifier, init_uniform_
+from sweep.models.fused import LNLSTMSequence
 from sweep.models.params import LNLSTMParams
 
 
@@ -43,14 +46,22 @@ class LayerNormLSTM(nn.Module):
         self.hidden_proj = nn.Linear(H, 4 * H, bias=False)  # h W_h
         self.gate_norm = GateLayerNorm(4, H)
         self.cell_norm = nn.LayerNorm(H)
-        self.hidden_size, self.forget_bias = H, p.forget_bias
+        self.hidden_size, self.forget_bias, self.cell_form = H, p.forget_bias, p.cell_form
         for proj in (self.input_proj, self.hidden_proj):
             init_uniform_(proj.weight, H + E)
         nn.init.zeros_(self.input_proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
         xW = self.input_proj(x)
+        if self.cell_form == "fused":
+            return LNLSTMSequence.apply(xW, self.hidden_proj.weight, self.gate_norm.weight,
+                                        self.gate_norm.bias, self.cell_norm.weight, self.cell_norm.bias,
+                                        self.forget_bias)
+        return self.unrolled(xW)
+
+    def unrolled(self, xW: torch.Tensor) -> torch.Tensor:
+        """The readable time loop under autograd (cell_form autograd)."""
+        B, T, _ = xW.shape
         h = c = xW.new_zeros(B, self.hidden_size)
         for xW_t in xW.unbind(1):  # unbind: one backward node instead of T slices
             i, j, f, o = self.gate_norm(xW_t + self.hidden_proj(h)).unbind(1)

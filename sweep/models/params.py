@@ -28,6 +28,11 @@ class LSTMParams(ModelParams):
 class LNLSTMParams(ModelParams):
     name: Literal["ln_lstm"] = "ln_lstm"
     forget_bias: float = Field(1.0, description="added to the forget gate before the sigmoid")
+    cell_form: Literal["fused", "autograd"] = Field(
+        "fused",
+        description="'fused': the whole sequence in one hand-differentiated kernel (fast); 'autograd': "
+        "the readable per-step cell under autograd (reference); the same function",
+    )
 
 
 class FastWeightParams(ModelParams):
@@ -36,10 +41,11 @@ class FastWeightParams(ModelParams):
     fast_lr: float = Field(0.5, gt=0, le=10, description="eta, the fast weights' learning rate")
     decay: float = Field(0.9, gt=0, lt=1, description="lambda, the fast weights' decay rate")
     inner_steps: int = Field(1, ge=1, le=10, description="S, inner-loop reads of the memory per step")
-    fw_form: Literal["attention", "matrix"] = Field(
-        "attention",
-        description="exact form of the memory read: attention over stored vectors (cheap) or the "
-        "materialised matrix A (the papers' form, reference)",
+    fw_form: Literal["fused", "attention", "matrix"] = Field(
+        "fused",
+        description="exact form of the recurrence: 'fused' (one hand-differentiated kernel per sequence, "
+        "fastest), 'attention' (readable cell, reads over stored vectors) or 'matrix' (the papers' "
+        "materialised A, reference); the same function",
     )
 
 
