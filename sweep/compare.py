@@ -284,7 +284,7 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
     if spec.compare is None:
         raise UserError(Problem("compare", "the spec has no compare: section",
                                 "add one (see docs/reports.md) or use `sweep run` for a single sweep"))
-    with tracking_server(tracking_uri or spec.tracking.uri) as server:  # one server for every sweep in it
+    with tracking_server(tracking_uri, spec_uri=spec.tracking.uri) as server:  # one for every sweep in it
         return _compare(spec, server.url, address, log)
 
 
@@ -414,6 +414,10 @@ def make_report(name: str, tracking_uri: str | None = None) -> list[Path]:
     """Write the report of comparison NAME into its folder and log it to the comparison's parent run."""
     manifest = Manifest.load(name)
     spec = SweepSpec.model_validate(manifest.spec)
+    if manifest.parent_run_id:
+        from sweep.tracking import resolve_tracking_uri
+
+        resolve_tracking_uri(tracking_uri, spec.tracking.uri)  # a bad URI: exit 2 before anything is written
     runs = load_seed_runs(name)
     if not runs:
         raise UserError(Problem(name, "has no finished seed runs yet", "run `sweep compare` on its spec"))
@@ -431,6 +435,6 @@ def make_report(name: str, tracking_uri: str | None = None) -> list[Path]:
     if manifest.parent_run_id:
         from sweep.tracking import tracking_server
 
-        with tracking_server(tracking_uri or spec.tracking.uri) as server:
+        with tracking_server(tracking_uri, spec_uri=spec.tracking.uri) as server:
             _client(server.url).log_artifacts(manifest.parent_run_id, str(out), artifact_path=REPORT_DIR)
     return files

@@ -331,7 +331,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     """
     from ray import tune  # noqa: F401  (fail early if Ray is broken)
 
-    from sweep.tracking import tracking_server
+    from sweep.tracking import resolve_tracking_uri, tracking_server
 
     start = time.monotonic()
     paths.check_home()
@@ -341,7 +341,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     if address:
         _probe(address)
     _sampler(spec)
-    uri = tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)  # exit 2 on a URI that cannot work
     ray_started: list[bool] = []
 
     def start_ray() -> None:  # runs while a local MLflow server boots (Ray takes ~4 s, MLflow ~4-8 s)

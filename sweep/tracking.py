@@ -1,40 +1,60 @@
-"""Find or start the MLflow tracking server a sweep logs to.
+"""The MLflow tracking server a command logs to: check a given URI, or find, start and keep up the local one.
 
 Without a URI, fwsweep runs one local `mlflow server` per FWSWEEP_HOME (SQLite database + artifact folder
-under `sweep.paths.mlflow_dir()`), bound to 127.0.0.1 on a free port, detached so later commands
-(`sweep ui`, the next sweep) reuse it. Its pid and URL live in `server.json` in that folder.
-With a URI, the server must already answer its `/health` endpoint: a sweep that cannot log is refused
-before any trial starts, rather than training for hours and losing the record.
+under `sweep.paths.mlflow_dir()`), bound to 127.0.0.1. It is owned by the commands that use it: each holds
+a lease while it runs, watches the server (a watchdog thread) and brings it back on the same port over the
+same store if it dies; the last one out stops it. Its port is remembered across stops, so printed links
+work again when `sweep ui` brings it back.
+
+With a URI, it is checked before anything starts: a scheme MLflow cannot use, or an HTTP(S) server that
+does not answer `/health`, is a user error (exit 2), rather than a sweep that trains for hours unrecorded.
+
+Trials need not wait for a booting local server: `tracking_server(..., wait=False)` returns at once and
+`is_ready(url)` / `wait_ready(url)` tell writers when the server answers (they buffer until then).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
+import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
+from filelock import FileLock
+
 from sweep import paths
 from sweep.errors import Problem, UserError
 
+log = logging.getLogger(__name__)
+
 HEALTH_TIMEOUT_S = 3.0  # one /health probe of a given server
 START_TIMEOUT_S = 90.0  # a fresh local server is usually healthy in 4-10 s; a loaded machine is slower
-STATE_FILE = "server.json"
+WATCH_EVERY_S = 2.0  # the watchdog's probe interval
+HUNG_AFTER_S = 60.0  # a live server process that has not answered /health this long is replaced
+STATE_FILE = "server.json"  # the running server: {url, pid, started_at}
+PORT_FILE = "port"  # the port of the last server: kept across stops so links stay valid
 LOG_FILE = "server.log"
 LOCK_FILE = "server.lock"
-USERS_DIR = "users"  # one file per command using the local server: "<pid>-<id>"
+USERS_DIR = "users"  # one lease file per command using the local server: "<pid>-<id>"
 KEEP_FILE = "keep"  # present: the local server stays up when its last user ends (`sweep ui --detach`)
+
+# Schemes MLflow logs to without an HTTP server of its own (a database or a folder).
+STORE_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+URI_FIX = ("pass --tracking-uri http://HOST:PORT of a running MLflow server (or sqlite:///PATH.db), or unset "
+           "--tracking-uri / MLFLOW_TRACKING_URI / tracking.uri so fwsweep starts its own local server")
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,46 @@ class TrackingServer:
     url: str
     started_here: bool = False
     pid: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------- URIs
+
+
+def resolve_tracking_uri(given: str | None = None, spec_uri: str | None = None) -> str | None:
+    """The tracking URI a command uses, checked; None means fwsweep's local server.
+
+    Precedence: `--tracking-uri` (`given`), then $MLFLOW_TRACKING_URI, then the spec's `tracking.uri`.
+    Every command that talks to MLflow calls this first, so a URI that cannot work stops it (UserError,
+    exit 2) before Ray starts or anything is written.
+    """
+    for setting, value in (("--tracking-uri", given), ("MLFLOW_TRACKING_URI", os.environ.get(
+            "MLFLOW_TRACKING_URI")), ("tracking.uri", spec_uri)):
+        if value is not None and value.strip():
+            return check_tracking_uri(value.strip(), setting)
+    return None
+
+
+def check_tracking_uri(uri: str, setting: str = "--tracking-uri") -> str:
+    """`uri` as MLflow should get it, or a UserError naming `setting` when MLflow cannot log there."""
+    parsed = urllib.parse.urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme in ("http", "https"):
+        if not parsed.hostname:
+            raise UserError(Problem(setting, f"{uri!r} names no host", URI_FIX))
+        if not is_healthy(uri):
+            raise UserError(Problem(
+                setting, f"no MLflow server answers at {uri} (GET {uri.rstrip('/')}/health failed; also "
+                "checked: --tracking-uri / MLFLOW_TRACKING_URI)",
+                "start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`), correct the URL, or unset "
+                "--tracking-uri / MLFLOW_TRACKING_URI so fwsweep starts its own local server"))
+        return uri.rstrip("/")
+    if scheme.split("+", 1)[0] in STORE_SCHEMES:
+        return uri
+    if not scheme and ":" not in uri and not any(c.isspace() for c in uri):
+        return uri  # a plain folder: MLflow's file store
+    raise UserError(Problem(setting, f"{uri!r} is not a tracking URI MLflow can use "
+                            f"({'scheme ' + repr(scheme) if scheme else 'no scheme'}; "
+                            "MLflow takes http(s)://, sqlite://, postgresql://, mysql://, file:)", URI_FIX))
 
 
 # ---------------------------------------------------------------------------------------------- health
@@ -60,112 +120,270 @@ def is_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
         return False
 
 
-def ensure_server(uri: str | None, meanwhile: Callable[[], object] | None = None) -> TrackingServer:
-    """The server to log to: check a given URI, else reuse or start the local one.
+_readiness: dict[str, threading.Event] = {}  # url -> set while this process knows it to answer
 
-    `uri` None falls back to $MLFLOW_TRACKING_URI, then to the local server. Non-HTTP URIs
-    (`sqlite:///...`, `file:...`) need no server and are returned as they are. `meanwhile` is called
-    once the server is known to be good or while a local one boots (never after a failed check).
+
+def _ready_event(url: str) -> threading.Event:
+    return _readiness.setdefault(url.rstrip("/"), threading.Event())
+
+
+def is_ready(url: str) -> bool:
+    """False while the local server at `url` is booting or being restarted by this process.
+
+    For writers: buffer while False instead of failing requests. A URL this process does not manage
+    (a given server, or a Ray worker) counts as ready: the writer's own retries cover it.
     """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-    if uri is None:
-        return ensure_local_server(meanwhile=meanwhile)
-    if not uri.startswith(("http://", "https://")):
+    event = _readiness.get(url.rstrip("/"))
+    return event is None or event.is_set()
+
+
+def wait_ready(url: str, timeout: float | None = None) -> bool:
+    """Block until `is_ready(url)`; False on timeout."""
+    event = _readiness.get(url.rstrip("/"))
+    return event is None or event.wait(timeout)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def ensure_server(uri: str | None, meanwhile: Callable[[], object] | None = None) -> TrackingServer:
+    """The server to log to, without a lease: a checked URI, else the local one (reused or started).
+
+    `meanwhile` runs once the URI is checked, or while a local server boots.
+    """
+    uri = resolve_tracking_uri(uri)
+    if uri is not None:
         _call(meanwhile)
         return TrackingServer(url=uri)
-    if not is_healthy(uri):
-        raise UserError(Problem(
-            "--tracking-uri / MLFLOW_TRACKING_URI / tracking.uri",
-            f"no MLflow server answers at {uri} (GET {uri.rstrip('/')}/health failed)",
-            "start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`), correct the URL, or leave the URI "
-            "unset so fwsweep starts its own local server",
-        ))
-    _call(meanwhile)
-    return TrackingServer(url=uri.rstrip("/"))
-
-
-def _call(meanwhile: Callable[[], object] | None) -> None:
-    if meanwhile is not None:
-        meanwhile()
+    folder = _local_folder()
+    with _locked(folder):
+        server, proc = _reuse_or_launch(folder)
+    _call(meanwhile, on_error=lambda: _kill_tree(proc.pid if proc else None))
+    _wait_healthy(folder, server, proc)
+    return server
 
 
 @contextlib.contextmanager
-def tracking_server(uri: str | None, keep: bool = False,
-                    meanwhile: Callable[[], object] | None = None) -> Iterator[TrackingServer]:
-    """The server one command logs to, for as long as the command runs.
+def tracking_server(uri: str | None, keep: bool = False, meanwhile: Callable[[], object] | None = None,
+                    *, spec_uri: str | None = None, wait: bool = True) -> Iterator[TrackingServer]:
+    """The server one command logs to, kept up for as long as the command runs.
 
-    Every command using the local server registers itself while it runs; the last one out stops the
-    server unless it was kept (`keep`, `sweep ui --detach`). So no command leaves behind a server nobody
-    asked for, two sweeps can share one, and `sweep ui` brings it back on the same port (same URLs).
-    A given URI (or $MLFLOW_TRACKING_URI) is someone else's server: it is only checked, never stopped.
-    `meanwhile` (e.g. starting Ray) runs while a local server boots, rather than after it.
+    A given URI (`uri`, $MLFLOW_TRACKING_URI, `spec_uri`) is someone else's server: checked, never
+    started or stopped. Otherwise the local server: this command takes a lease on it (under the lock,
+    so a command ending at that moment cannot stop a server just reused), watches it and restarts it
+    on the same port if it dies; the last command out stops it unless it was kept (`keep`: `sweep ui
+    --detach`). `meanwhile` (e.g. starting Ray) overlaps the server's boot. `wait=False` yields before
+    the server answers: `is_ready(server.url)` turns True once it does (a sweep trains meanwhile).
     """
-    server = ensure_server(uri, meanwhile)
-    if uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        yield server
+    uri = resolve_tracking_uri(uri, spec_uri)
+    if uri is not None:
+        _call(meanwhile)
+        yield TrackingServer(url=uri)
         return
-    folder = paths.mlflow_dir()
+    folder = _local_folder()
+    with _locked(folder):
+        server, proc = _reuse_or_launch(folder)
+        lease = _take_lease(folder)
+        if keep:
+            (folder / KEEP_FILE).touch()
+    if proc is not None or not is_healthy(server.url, timeout=1.0):
+        _ready_event(server.url).clear()  # writers buffer until the watchdog (or the wait) sees it answer
+    watchdog = Watchdog(folder, server.url)
+    try:
+        _call(meanwhile)
+        if wait:
+            _wait_healthy(folder, server, proc)
+        watchdog.start()
+        yield server
+    finally:
+        watchdog.stop()
+        with _locked(folder):
+            lease.unlink(missing_ok=True)
+            if not active_users(folder) and not (folder / KEEP_FILE).exists() and stop_local_server(folder):
+                _readiness.pop(server.url, None)
+
+
+def running_server_url(uri: str | None = None, spec_uri: str | None = None) -> str | None:
+    """The server to read from without starting one: a checked URI, else the local server if it answers."""
+    uri = resolve_tracking_uri(uri, spec_uri)
+    if uri is not None:
+        return uri
+    state = read_state()
+    return state["url"] if state and is_healthy(state["url"]) else None
+
+
+def _call(fn: Callable[[], object] | None, on_error: Callable[[], object] | None = None) -> None:
+    if fn is None:
+        return
+    try:
+        fn()
+    except BaseException:
+        if on_error is not None:
+            on_error()
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- leases
+
+
+def _take_lease(folder: Path) -> Path:
     lease = folder / USERS_DIR / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     lease.parent.mkdir(exist_ok=True)
     lease.touch()
-    if keep:
-        (folder / KEEP_FILE).touch()
-    try:
-        yield server
-    finally:
-        lease.unlink(missing_ok=True)
-        with _locked(folder):
-            users = [p for p in (folder / USERS_DIR).iterdir() if _lease_alive(p)]
-            if not users and not (folder / KEEP_FILE).exists():
-                stop_local_server(folder)
+    return lease
 
 
-def _lease_alive(lease: Path) -> bool:
-    """A lease whose process died (a killed driver) is removed and does not keep the server up."""
-    with contextlib.suppress(ValueError):
-        if _exists(int(lease.name.split("-", 1)[0])):
-            return True
-    lease.unlink(missing_ok=True)
-    return False
+def active_users(folder: Path | None = None) -> list[int]:
+    """Pids of the commands holding a lease on the local server; leases of dead processes are removed."""
+    users = (folder or paths.mlflow_dir()) / USERS_DIR
+    pids = []
+    for lease in users.iterdir() if users.is_dir() else ():
+        with contextlib.suppress(ValueError):
+            pid = int(lease.name.split("-", 1)[0])
+            if _exists(pid):
+                pids.append(pid)
+                continue
+        lease.unlink(missing_ok=True)  # a killed driver's lease does not keep the server up
+    return pids
+
+
+# ---------------------------------------------------------------------------------------------- watchdog
+
+
+class Watchdog:
+    """Keeps the local server at `url` up while a command uses it, and says when it answers.
+
+    Every WATCH_EVERY_S it probes `/health`. While the server does not answer, `is_ready(url)` is False
+    (writers buffer). A dead server is relaunched on the same port over the same store; a live one that
+    has not answered for HUNG_AFTER_S is replaced. Several commands may watch one server: the lock and the
+    state file make exactly one of them restart it.
+    """
+
+    def __init__(self, folder: Path, url: str) -> None:
+        self.folder, self.url = folder, url
+        self.restarts = 0
+        self._failed_launches = 0
+        self._next_try = 0.0
+        self._last_healthy = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fwsweep-mlflow-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        ready = _ready_event(self.url)
+        while not self._stop.is_set():
+            if is_healthy(self.url, timeout=HEALTH_TIMEOUT_S):
+                ready.set()
+                self._last_healthy, self._failed_launches = time.time(), 0
+            else:
+                ready.clear()
+                if time.monotonic() >= self._next_try:
+                    try:
+                        self._revive()
+                    except Exception as err:  # noqa: BLE001 - retried after a back-off
+                        log.warning("could not restart the local MLflow server: %s", err)
+            self._stop.wait(WATCH_EVERY_S if ready.is_set() else 0.25)
+
+    def _revive(self) -> None:
+        with _locked(self.folder):
+            state = read_state(self.folder)
+            if state and _is_mlflow_process(state.get("pid")):
+                since = max(state.get("started_at", 0), self._last_healthy)
+                if time.time() - since < HUNG_AFTER_S or is_healthy(state["url"]):
+                    return  # booting, busy, or restarted by another command meanwhile
+            if state and state.get("url") != self.url:
+                return  # another command replaced it on another port: not ours to touch
+            log.warning("the local MLflow server at %s is down: restarting it on the same port", self.url)
+            _reuse_or_launch(self.folder)
+            self.restarts += 1
+            self._failed_launches += 1  # reset once it answers; a server that cannot boot is retried slowly
+            self._next_try = time.monotonic() + min(2.0 ** self._failed_launches, 30.0)
 
 
 # ---------------------------------------------------------------------------------------------- local server
 
 
-def ensure_local_server(folder: Path | None = None,
-                        meanwhile: Callable[[], object] | None = None) -> TrackingServer:
-    """Reuse the local server recorded in `folder` (default mlflow_dir()) when alive, else start one."""
-    folder = folder or paths.mlflow_dir()
+def _local_folder() -> Path:
+    folder = paths.mlflow_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(Problem("FWSWEEP_HOME", f"cannot create {folder} for the local MLflow server "
                                 f"({err})", "point FWSWEEP_HOME at a writable folder, or pass --tracking-uri")
                         ) from None
-    with _locked(folder):  # two sweeps starting at once must not start two servers
-        state = read_state(folder)
-        port = None
-        if state:
-            alive = _is_mlflow_process(state.get("pid"))
-            if alive and is_healthy(state["url"]):
-                _call(meanwhile)
-                return TrackingServer(url=state["url"], started_here=False, pid=state["pid"])
-            if alive:  # hung: replace it (a pid now owned by another program is left alone)
-                _kill_tree(state["pid"])
-            (folder / STATE_FILE).unlink(missing_ok=True)
-            # Same port when free: a running sweep, an open browser tab and printed links keep working.
-            port = _port_of(state["url"]) if _port_is_free(_port_of(state["url"])) else None
-        try:
-            server = start_server(folder, port=port, meanwhile=meanwhile)
-        except RuntimeError as err:
-            fix = f"see {folder / LOG_FILE}; or run your own server and pass --tracking-uri"
-            raise UserError(Problem("local MLflow server", str(err), fix)) from None
-        (folder / STATE_FILE).write_text(json.dumps(asdict(server) | {"started_at": time.time()}))
-        return server
+    return folder
+
+
+def ensure_local_server(folder: Path | None = None,
+                        meanwhile: Callable[[], object] | None = None) -> TrackingServer:
+    """Reuse the local server recorded in `folder` (default mlflow_dir()) when alive, else start one."""
+    folder = folder or _local_folder()
+    with _locked(folder):
+        server, proc = _reuse_or_launch(folder)
+    _call(meanwhile, on_error=lambda: _kill_tree(proc.pid if proc else None))
+    _wait_healthy(folder, server, proc)
+    return server
+
+
+def _reuse_or_launch(folder: Path) -> tuple[TrackingServer, subprocess.Popen | None]:
+    """Under the lock: the recorded server if alive (answering, or still booting), else a new one.
+
+    A new one takes the remembered port when free (links and running sweeps keep working). Returns the
+    launched process too (None when reused); the caller waits for it to answer outside the lock.
+    """
+    state = read_state(folder)
+    if state:
+        pid = state.get("pid")
+        if _is_mlflow_process(pid):
+            booting = time.time() - state.get("started_at", 0) < START_TIMEOUT_S
+            if booting or is_healthy(state["url"]):
+                return TrackingServer(url=state["url"], started_here=False, pid=pid), None
+            _kill_tree(pid)  # hung: replace it (a pid now owned by another program is left alone)
+        (folder / STATE_FILE).unlink(missing_ok=True)
+    port = remembered_port(folder)
+    proc, url = launch_server(folder, port=port if _port_is_free(port) else None)
+    server = TrackingServer(url=url, started_here=True, pid=proc.pid)
+    (folder / STATE_FILE).write_text(json.dumps(asdict(server) | {"started_at": time.time()}))
+    (folder / PORT_FILE).write_text(str(_port_of(url)))
+    return server, proc
+
+
+def _wait_healthy(folder: Path, server: TrackingServer, proc: subprocess.Popen | None) -> None:
+    """Block until the server answers; a UserError with the log's tail if it does not come up."""
+    try:
+        _wait_until_healthy(server.url, proc, START_TIMEOUT_S, folder / LOG_FILE)
+    except RuntimeError as err:
+        if proc is not None:
+            with _locked(folder):
+                _forget(folder, proc.pid)
+        fix = f"see {folder / LOG_FILE}; or run your own server and pass --tracking-uri"
+        raise UserError(Problem("local MLflow server", str(err), fix)) from None
+    _ready_event(server.url).set()
+
+
+def _forget(folder: Path, pid: int) -> None:
+    _kill_tree(pid)
+    state = read_state(folder)
+    if state and state.get("pid") == pid:
+        (folder / STATE_FILE).unlink(missing_ok=True)
+
+
+def remembered_port(folder: Path | None = None) -> int | None:
+    """The port the local server last ran on (kept after it stops), or None."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(((folder or paths.mlflow_dir()) / PORT_FILE).read_text().strip())
+    return None
 
 
 def read_state(folder: Path | None = None) -> dict | None:
-    """The recorded local server ({url, pid, ...}) or None."""
+    """The recorded local server ({url, pid, started_at, ...}) or None."""
     path = (folder or paths.mlflow_dir()) / STATE_FILE
     try:
         state = json.loads(path.read_text())
@@ -174,13 +392,12 @@ def read_state(folder: Path | None = None) -> dict | None:
     return state if isinstance(state, dict) and "url" in state and "pid" in state else None
 
 
-def start_server(folder: Path, host: str = "127.0.0.1", port: int | None = None,
-                 timeout: float = START_TIMEOUT_S, meanwhile: Callable[[], object] | None = None
-                 ) -> TrackingServer:
-    """Launch `mlflow server` detached (own process group) on `folder`, and wait until it is healthy.
+def launch_server(folder: Path, host: str = "127.0.0.1", port: int | None = None
+                  ) -> tuple[subprocess.Popen, str]:
+    """Launch `mlflow server` detached (own session) on `folder`; returns at once with (process, url).
 
     Lean on purpose: one worker and no job-execution processes (2 processes, ~0.5 GB, instead of 15 and
-    3 GB). Raises RuntimeError with the server log's tail if it does not come up.
+    3 GB).
     """
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -194,65 +411,76 @@ def start_server(folder: Path, host: str = "127.0.0.1", port: int | None = None,
         "--host", host, "--port", str(port), "--workers", "1",
     ]
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
-    with open(folder / LOG_FILE, "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=log,
+    with open(folder / LOG_FILE, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _call(meanwhile)  # the server needs 4-8 s to boot: other start-up work overlaps it
-    except BaseException:
-        _kill_tree(proc.pid)
-        raise
+    return proc, url
+
+
+def start_server(folder: Path, host: str = "127.0.0.1", port: int | None = None,
+                 timeout: float = START_TIMEOUT_S, meanwhile: Callable[[], object] | None = None
+                 ) -> TrackingServer:
+    """Launch `mlflow server` on `folder` and wait until it is healthy (tests, benchmarks).
+
+    Raises RuntimeError with the server log's tail if it does not come up.
+    """
+    proc, url = launch_server(folder, host, port)
+    _call(meanwhile, on_error=lambda: _kill_tree(proc.pid))  # the server's boot overlaps other work
+    _wait_until_healthy(url, proc, timeout, folder / LOG_FILE)
+    return TrackingServer(url=url, started_here=True, pid=proc.pid)
+
+
+def _wait_until_healthy(url: str, proc: subprocess.Popen | None, timeout: float, log_file: Path) -> None:
+    """Poll `/health` until it answers; RuntimeError with the log's tail if `proc` dies or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if is_healthy(url, timeout=1.0):
-            return TrackingServer(url=url, started_here=True, pid=proc.pid)
-        if proc.poll() is not None:
+            return
+        if proc is not None and proc.poll() is not None:
             break
-        time.sleep(0.25)
-    _kill_tree(proc.pid)
-    proc.wait(timeout=10)
-    raise RuntimeError(
-        f"the local MLflow server did not become healthy at {url} within {timeout:.0f} s; "
-        f"last lines of {folder / LOG_FILE}:\n{_tail(folder / LOG_FILE)}"
-    )
+        time.sleep(0.1)
+    if proc is not None:
+        _kill_tree(proc.pid)
+    raise RuntimeError(f"the MLflow server did not become healthy at {url} within {timeout:.0f} s; "
+                       f"last lines of {log_file}:\n{_tail(log_file)}")
 
 
 def stop_local_server(folder: Path | None = None) -> bool:
-    """Stop the recorded local server and its whole process tree; False if none was running."""
+    """Stop the recorded local server and its whole process tree; False if none was running.
+
+    Its port stays remembered: the next start reuses it when free.
+    """
     folder = folder or paths.mlflow_dir()
     state = read_state(folder)
+    (folder / KEEP_FILE).unlink(missing_ok=True)
     if not state:
         return False
     alive = _is_mlflow_process(state.get("pid"))
     if alive:
         _kill_tree(state["pid"])
     (folder / STATE_FILE).unlink(missing_ok=True)
-    (folder / KEEP_FILE).unlink(missing_ok=True)
     return alive
 
 
 def stop_servers_under(folder: Path) -> list[int]:
-    """Stop every `mlflow server` whose store lies under `folder` (Linux); their pids.
+    """Stop every `mlflow server` whose store lies under `folder`; their pids.
 
     For test sessions: a test that runs a sweep with FWSWEEP_HOME in a temporary folder starts a detached
     local server there, which would outlive the session.
     """
-    marker = str(Path(folder).resolve()).encode()
+    marker = str(Path(folder).resolve())
     found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError, ValueError):
-            text = cmdline.read_bytes().replace(b"\0", b" ")
-            if b"mlflow server " in text and marker in text:
-                found.append(int(cmdline.parent.name))
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if "mlflow server " in cmdline and marker in cmdline:
+            found.append(proc.pid)
     for pid in found:
         _kill_tree(pid, grace_s=5.0)
     return found
 
 
 def _port_of(url: str) -> int | None:
-    with contextlib.suppress(ValueError, IndexError):
-        return int(url.rstrip("/").rsplit(":", 1)[1])
-    return None
+    return urllib.parse.urlparse(url).port
 
 
 def _port_is_free(port: int | None, host: str = "127.0.0.1") -> bool:
@@ -277,86 +505,68 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def stop_process_tree(pid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group led by `pid` and every descendant, then SIGKILL what is left."""
+    """SIGTERM `pid` and every descendant, then SIGKILL what is left after `grace_s`."""
     _kill_tree(pid, grace_s)
 
 
 def _kill_tree(pid: int | None, grace_s: float = 10.0) -> None:
-    if not pid or not _exists(pid):
+    root = _process(pid)
+    if root is None:
         return
-    victims = [pid, *_descendants(pid)]
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)  # the server runs in its own session: pgid == pid
-    for p in victims:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_exists(p) for p in victims):
-        _reap(victims)
-        time.sleep(0.1)
-    for p in victims:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0  # SIGKILL is delivered asynchronously
-    while time.monotonic() < deadline and any(_exists(p) for p in victims):
-        _reap(victims)
-        time.sleep(0.05)
+    victims = [root]
+    with contextlib.suppress(psutil.Error):
+        victims += root.children(recursive=True)
+    for proc in victims:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(victims, timeout=grace_s)  # also reaps our own children
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5.0)
 
 
-def _reap(pids: list[int]) -> None:
-    """Collect our own exited children so they do not linger as zombies (and look alive)."""
-    for p in pids:
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(p, os.WNOHANG)
+def _process(pid: int | None) -> psutil.Process | None:
+    """The live process `pid` (a zombie counts as gone), or None."""
+    if not pid:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except psutil.Error:
+        return None
 
 
 def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError, IndexError):
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
-    return True
+    return _process(pid) is not None
 
 
 def _descendants(pid: int) -> list[int]:
-    """Every descendant of `pid` (Linux /proc; elsewhere the process group kill covers it)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+    """Every descendant of `pid` (children, grandchildren, ...)."""
+    proc = _process(pid)
+    with contextlib.suppress(psutil.Error):
+        return [child.pid for child in proc.children(recursive=True)] if proc else []
+    return []
 
 
 def _is_mlflow_process(pid: int | None) -> bool:
     """Alive and still an mlflow server (a recorded pid may have been reused by another program)."""
-    if not pid or not _exists(pid):
+    proc = _process(pid)
+    if proc is None:
         return False
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return True  # no /proc (macOS): trust the pid plus the health check
-    return b"mlflow server " in cmdline
+        return "mlflow server " in " ".join(proc.cmdline())
+    except psutil.AccessDenied:
+        return True  # cannot see its command line: trust the pid plus the health check
+    except psutil.Error:
+        return False
 
 
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    with open(folder / LOCK_FILE, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """One command (or watchdog) at a time reads and changes the local server's state."""
+    with FileLock(folder / LOCK_FILE, thread_local=False):
+        yield
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -1,10 +1,13 @@
-"""Finding or starting the MLflow server: real `mlflow server` processes, real health checks."""
+"""The MLflow server side: URI checks, the local server (started, reused, watched, restarted, stopped)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,13 +20,20 @@ from sweep.tracking import (
     _exists,
     ensure_server,
     free_port,
+    is_healthy,
+    is_ready,
     read_state,
+    remembered_port,
+    resolve_tracking_uri,
     stop_local_server,
     stop_process_tree,
     tracking_server,
+    wait_ready,
 )
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(240)
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = Path(sys.executable).with_name("sweep")
 
 
 def _listen_address(port: int) -> str | None:
@@ -36,6 +46,14 @@ def _listen_address(port: int) -> str | None:
     return None
 
 
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """FWSWEEP_HOME in a temporary folder, no MLflow URI from the environment."""
+    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "home"
+
+
 def test_unreachable_uri_is_a_user_error() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(UserError) as err:
@@ -43,6 +61,61 @@ def test_unreachable_uri_is_a_user_error() -> None:
     text = str(err.value)
     assert url in text and "--tracking-uri" in text and "MLFLOW_TRACKING_URI" in text
     assert "Fix:" in text
+
+
+@pytest.mark.parametrize(("given", "env", "setting"), [
+    ("ftp://files.example/runs", None, "--tracking-uri"),
+    ("::not a uri::", None, "--tracking-uri"),
+    ("http://", None, "--tracking-uri"),
+    (None, "garbage://", "MLFLOW_TRACKING_URI"),
+])
+def test_uri_mlflow_cannot_use_is_refused(given: str | None, env: str | None, setting: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if env:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    with pytest.raises(UserError) as err:
+        resolve_tracking_uri(given, spec_uri="http://spec-is-overridden:1")
+    text = str(err.value)
+    assert text.count(f"{setting}:") == 1 and "Fix:" in text and "MLFLOW_TRACKING_URI" in text
+
+
+def test_uris_that_need_no_server_pass_and_precedence_holds(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for uri in (f"sqlite:///{tmp_path}/a.db", f"file://{tmp_path}/mlruns", "postgresql+psycopg2://u@db/x",
+                "mlruns"):
+        assert resolve_tracking_uri(uri) == uri
+    assert resolve_tracking_uri(None, spec_uri="sqlite:///spec.db") == "sqlite:///spec.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri(None, spec_uri="sqlite:///spec.db") == "sqlite:///env.db"
+    assert resolve_tracking_uri("sqlite:///flag.db", spec_uri="sqlite:///spec.db") == "sqlite:///flag.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    assert resolve_tracking_uri(None) is None  # empty: unset, the local server
+
+
+@pytest.mark.parametrize(("argv", "env"), [
+    (["run", "search_spaces/tests/faults_tiny.yaml", "--tracking-uri", "ftp://files.example/runs"], {}),
+    (["run", "search_spaces/tests/faults_tiny.yaml"], {"MLFLOW_TRACKING_URI": "garbage://"}),
+    (["ui"], {"MLFLOW_TRACKING_URI": "::not a uri::"}),
+])
+def test_cli_refuses_a_bad_uri_before_anything_starts(argv: list[str], env: dict[str, str],
+                                                      tmp_path: Path) -> None:
+    """Exit 2 with one message naming the setting, before Ray, a sweep folder or a local server exists."""
+    home = tmp_path / "home"
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env |= {"FWSWEEP_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1", "TMPDIR": str(tmp_path)}
+    started = time.monotonic()
+    result = subprocess.run([str(SWEEP), *argv], cwd=ROOT, env=full_env | env, capture_output=True, text=True,
+                            timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert ("--tracking-uri" if "--tracking-uri" in argv else "MLFLOW_TRACKING_URI") in output
+    assert "Fix:" in output.replace("\n", " ") or "fix" in output.lower()
+    assert "Traceback" not in output
+    assert not home.exists(), "the command wrote state although the URI cannot work"
+    assert not list(tmp_path.glob("ray*")), "Ray was started"
+    assert time.monotonic() - started < 60
 
 
 def test_given_uri_that_answers_is_used_as_is(mlflow_server: str) -> None:
@@ -56,10 +129,7 @@ def test_environment_uri_is_used_when_none_is_given(mlflow_server: str,
     assert ensure_server(None).url == mlflow_server
 
 
-def test_local_server_is_started_on_loopback_reused_and_stopped(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_local_server_is_started_on_loopback_reused_and_stopped(home: Path) -> None:
     first = ensure_server(None)
     try:
         assert first.started_here and first.url.startswith("http://127.0.0.1:")
@@ -86,12 +156,57 @@ def test_local_server_is_started_on_loopback_reused_and_stopped(tmp_path: Path,
     assert not any(_exists(pid) for pid in crashed + tree), "a server process survived"
     assert read_state(paths.mlflow_dir()) is None
     assert stop_local_server() is False
+    assert remembered_port() == port  # a clean stop forgets the process, not the port
 
 
-def test_local_server_lives_while_a_command_uses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ui_comes_back_on_the_same_port_after_a_clean_stop(home: Path) -> None:
+    """`sweep ui`, Ctrl-C, `sweep ui` again: the link printed the first time works again."""
+    with tracking_server(None) as first:
+        assert is_healthy(first.url)
+    assert not _exists(first.pid) and not is_healthy(first.url)
+    with tracking_server(None) as second:
+        assert second.url == first.url and second.pid != first.pid and is_healthy(second.url)
+    assert not _exists(second.pid)
+
+
+def test_watchdog_restarts_a_killed_server_on_the_same_port(home: Path) -> None:
+    """The server dies while a command uses it: the command's watchdog brings it back over the same store."""
+    with tracking_server(None) as server:
+        import mlflow
+
+        client = mlflow.MlflowClient(server.url)
+        experiment = client.create_experiment("survives-restarts")
+        stop_process_tree(server.pid)  # kill it for real; nobody in the test restarts it
+        killed = time.monotonic()
+        assert not is_healthy(server.url)
+        deadline = time.monotonic() + 120
+        while not is_healthy(server.url) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        restart_s = time.monotonic() - killed
+        assert is_healthy(server.url), "the watchdog did not restart the server"
+        assert wait_ready(server.url, timeout=10) and is_ready(server.url)
+        state = read_state()
+        assert state["url"] == server.url and state["pid"] != server.pid
+        assert client.get_experiment(experiment).name == "survives-restarts"  # same store
+        print(f"restart after kill: {restart_s:.1f} s")
+    assert not _exists(state["pid"]) and read_state() is None
+
+
+def test_a_sweep_need_not_wait_for_the_server(home: Path) -> None:
+    """`wait=False`: the command goes on while the server boots; `is_ready` says when writes may start."""
+    started = time.monotonic()
+    with tracking_server(None, wait=False) as server:
+        entered_s = time.monotonic() - started
+        assert server.started_here and not is_ready(server.url)
+        assert wait_ready(server.url, timeout=120) and is_healthy(server.url)
+        boot_s = time.monotonic() - started
+        print(f"context entered after {entered_s:.2f} s; server ready after {boot_s:.1f} s")
+        assert entered_s < boot_s
+    assert not _exists(server.pid)
+
+
+def test_local_server_lives_while_a_command_uses_it(home: Path) -> None:
     """The last command out stops the local server; a nested user, a kept server and a dead lease differ."""
-    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     try:
         with tracking_server(None) as outer:
             with tracking_server(None) as inner:  # e.g. `sweep compare` running its sweeps
