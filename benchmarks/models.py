@@ -1,37 +1,41 @@
-"""Train-step throughput and peak memory of every model and both fast-weight forms, in one process.
+"""Train-step time, FLOP-limit ratio and peak memory of every model and fast-weight form, in one process.
 
-    .venv/bin/python benchmarks/models.py                    # H in {20, 50, 100}, batch 128, ART K=8
-    .venv/bin/python benchmarks/models.py --hidden 100 --steps 3 --json out.json
+    .venv/bin/python benchmarks/models.py                  # H in {20, 50, 100}, batch 128, ART K=8
+    .venv/bin/python benchmarks/models.py --matrix         # also the (slow, big) matrix forms
+    .venv/bin/python benchmarks/models.py --hidden 100 --steps 3
+
+Writes benchmarks/results/models.json (see benchmarks/record.py); `benchmarks/render.py` makes the tables
+of docs/benchmarks.md from it. Run it on an otherwise idle machine.
 
 A train step is zero_grad + forward + cross-entropy + backward + Adam step on one batch of ART-shaped
-input (K=8 pairs: T=19 tokens, vocabulary 37, 10 classes). Configurations of one hidden size are timed
-round-robin (one step of each, `--steps` rounds) so that load from other processes spreads evenly
-over them.
+input (K=8 pairs: T=19 tokens, vocabulary 37, 10 classes), one torch thread. Configurations of one
+hidden size are timed round-robin (one step of each, `--steps` rounds) so that load from other processes
+spreads evenly over them.
 
-Time: with one torch thread (the default here) the whole step, backward included, runs on the calling
-thread, so its CPU time (time.thread_time) is the step's own cost even when other processes compete for
-the cores; wall-clock time is reported beside it. Speed ratios and sequences per second use the median
-CPU time (sequences per CPU-second).
+Time: with one torch thread the whole step, backward included, runs on the calling thread, so its CPU
+time (time.thread_time) is the step's own cost; wall-clock time is reported beside it.
 
-Peak memory, two honest measures of one train step:
+FLOP-limit ratio: the step's matmul FLOPs (`train_step_flops`, written out below) divided by the
+matmul rate measured in this process at the step's own shapes (the best of them: the strictest limit),
+against the measured step time. Elementwise work is not counted: it is what a fused kernel should hide.
+
+Peak memory, two measures of one train step:
 - tensor peak: the highest total size of live torch tensors allocated during the step, above the level at
-  its start (torch.profiler with profile_memory=True; allocations and frees summed in op order, so it is
-  exact up to op granularity). Parameters, Adam state and the input batch exist before the step and are
-  not counted; activations saved for backward are.
+  its start (torch.profiler with profile_memory=True; allocations and frees summed in op order).
 - RSS peak: growth of the process's resident memory high-water mark (VmHWM) over the step, after
-  malloc_trim and a reset of VmHWM through /proc/self/clear_refs (Linux only; includes allocator
-  overhead and anything else the process touches).
+  malloc_trim and a reset of VmHWM through /proc/self/clear_refs (Linux only).
+
+Targets (issue 14): FW-LSTM (fused) at H=100 within 1.5x of its FLOP-limit time; FW-LSTM / LN-LSTM
+(both fused) at most 1.3x at H in {20, 50, 100}.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,19 +44,29 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from sweep.models import build_model, count_parameters, params_class
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import record  # noqa: E402
+
+from sweep.models import build_model, count_parameters, params_class  # noqa: E402
 
 VOCAB, CLASSES = 37, 10
+EMBED, HEAD = 100, 100
 
 CONFIGS: list[tuple[str, dict]] = [
     ("lstm", {}),
-    ("ln_lstm", {}),
-    ("fw_rnn", {"fw_form": "matrix"}),
+    ("ln_lstm", {"cell_form": "fused"}),
+    ("ln_lstm", {"cell_form": "autograd"}),
+    ("fw_rnn", {"fw_form": "fused"}),
     ("fw_rnn", {"fw_form": "attention"}),
-    ("fw_lstm", {"fw_form": "matrix"}),
+    ("fw_lstm", {"fw_form": "fused"}),
     ("fw_lstm", {"fw_form": "attention"}),
-    ("fw_lstm", {"memory": "candidate", "fw_form": "matrix"}),
+    ("fw_lstm", {"memory": "candidate", "fw_form": "fused"}),
     ("fw_lstm", {"memory": "candidate", "fw_form": "attention"}),
+]
+MATRIX_CONFIGS: list[tuple[str, dict]] = [
+    ("fw_rnn", {"fw_form": "matrix"}),
+    ("fw_lstm", {"fw_form": "matrix"}),
+    ("fw_lstm", {"memory": "candidate", "fw_form": "matrix"}),
 ]
 
 
@@ -65,6 +79,8 @@ class Result:
     cpu_ms: float  # median CPU time of the step
     wall_ms: float  # median wall-clock time of the step
     sequences_per_s: float  # batch / cpu time
+    gflop: float  # matmul GFLOP of one train step (train_step_flops)
+    flop_limit_ms: float  # gflop at the measured matmul rate
     tensor_peak_mb: float
     rss_peak_mb: float | None
 
@@ -77,6 +93,50 @@ def art_shaped_batch(batch: int, pairs: int, seed: int = 0) -> tuple[torch.Tenso
     body = torch.stack([keys, values + 26], dim=2).reshape(batch, 2 * pairs)
     x = torch.cat([body, torch.full((batch, 2), 36), keys[:, :1]], dim=1)
     return x, values[:, 0]
+
+
+def train_step_flops(name: str, options: dict, hidden: int, batch: int, length: int, inner_steps: int = 1,
+                     embed: int = EMBED, head: int = HEAD, classes: int = CLASSES) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one train step, forward and backward.
+
+    Every matmul y = x W costs 2·m·k·n forward and twice that backward (dx and dW), 3 x in all; the
+    embedding's output needs its gradient, so the input projection counts the full 3 x. The fast-weight
+    reads count the attention form's arithmetic (the least an exact form needs): per pair (read, stored
+    vector) of size D, 4·D forward (the dot product, the weighted sum) and 8·D backward.
+    """
+    H, B, T = hidden, batch, length
+    gates = H if name == "fw_rnn" else 4 * H
+    flops = 3 * 2 * B * T * embed * gates  # x W_x, all steps at once
+    flops += 3 * 2 * B * (H * head + head * classes)  # the ReLU head
+    authors = options.get("variant") == "authors"
+    flops += 3 * 2 * B * T * H * gates * (2 if authors else 1)  # h W_h per step (authors: also u W)
+    if name in ("fw_rnn", "fw_lstm"):
+        reads = 1 if options.get("authors_inner_loop") else inner_steps
+        D = gates if name == "fw_lstm" and options.get("memory", "gates") == "gates" else H
+        # Ba's FW-RNN: step t reads t stored vectors; the others write first: step t reads t + 1
+        pairs = reads * T * (T - 1) // 2 if name == "fw_rnn" and not authors else reads * T * (T + 1) // 2
+        flops += 12 * B * D * pairs
+    return flops
+
+
+def matmul_rates(batch: int, length: int, hidden: int, seconds: float = 0.3) -> dict[str, float]:
+    """GFLOP/s of torch.mm at the step's shapes, timed in this process (CPU time, one thread)."""
+    G = 4 * hidden
+    shapes = {
+        "x W_x [B*T, E] @ [E, 4H]": (batch * length, EMBED, G),
+        "h W_h [B, H] @ [H, 4H]": (batch, hidden, G),
+        "dz W_h [B, 4H] @ [4H, H]": (batch, G, hidden),
+    }
+    rates = {}
+    for label, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        count, start = 0, time.thread_time()
+        while time.thread_time() - start < seconds:
+            a @ b
+            count += 1
+        rates[label] = 2 * m * k * n * count / (time.thread_time() - start) / 1e9
+    return rates
 
 
 def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -124,10 +184,11 @@ def options_label(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
 
 
-def bench_hidden_size(hidden: int, batch: int, pairs: int, steps: int) -> list[Result]:
+def bench_hidden_size(hidden: int, batch: int, pairs: int, steps: int, configs: list[tuple[str, dict]],
+                      gflops_per_s: float) -> list[Result]:
     x, y = art_shaped_batch(batch, pairs)
     built = []
-    for name, options in CONFIGS:
+    for name, options in configs:
         torch.manual_seed(0)
         model = build_model(params_class(name)(hidden_size=hidden, **options), VOCAB, CLASSES)
         step = train_step_fn(model, x, y)
@@ -145,6 +206,7 @@ def bench_hidden_size(hidden: int, batch: int, pairs: int, steps: int) -> list[R
     for (name, options, model, step), cpu_s, wall_s in zip(built, cpu, wall, strict=True):
         rss = rss_peak_bytes(step)
         cpu_median = statistics.median(cpu_s)
+        flops = train_step_flops(name, options, hidden, batch, 2 * pairs + 3)
         results.append(
             Result(
                 model=name,
@@ -154,6 +216,8 @@ def bench_hidden_size(hidden: int, batch: int, pairs: int, steps: int) -> list[R
                 cpu_ms=1e3 * cpu_median,
                 wall_ms=1e3 * statistics.median(wall_s),
                 sequences_per_s=batch / cpu_median,
+                gflop=flops / 1e9,
+                flop_limit_ms=1e3 * flops / (gflops_per_s * 1e9),
                 tensor_peak_mb=tensor_peak_bytes(step) / 2**20,
                 rss_peak_mb=None if rss is None else rss / 2**20,
             )
@@ -161,47 +225,28 @@ def bench_hidden_size(hidden: int, batch: int, pairs: int, steps: int) -> list[R
     return results
 
 
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model_lines = [line for line in lscpu.splitlines() if line.startswith("Model name")]
-        cpu = model_lines[0].split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        cpu = platform.processor() or "unknown CPU"
-    threads = torch.get_num_threads()
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {threads} torch thread(s)"
+def find(results: list[Result], model: str, options: str, hidden: int) -> Result | None:
+    return next((r for r in results if (r.model, r.options, r.hidden_size) == (model, options, hidden)), None)
 
 
-def find(results: list[Result], model: str, options: str) -> Result:
-    return next(r for r in results if r.model == model and r.options == options)
-
-
-def markdown(results: list[Result]) -> str:
-    lines = [
-        "| H | model | options | params | CPU ms | wall ms | seq/s | vs LN-LSTM | tensor MiB | RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        ln = next(x for x in results if x.model == "ln_lstm" and x.hidden_size == r.hidden_size)
-        rss = "n/a" if r.rss_peak_mb is None else f"{r.rss_peak_mb:.1f}"
-        lines.append(
-            f"| {r.hidden_size} | {r.model} | {r.options} | {r.num_params} | {r.cpu_ms:.1f} | "
-            f"{r.wall_ms:.1f} | {r.sequences_per_s:.0f} | {r.cpu_ms / ln.cpu_ms:.2f} | "
-            f"{r.tensor_peak_mb:.1f} | {rss} |"
-        )
-    lines += ["", "| H | model | attention vs matrix: speed-up | tensor peak ratio (attention / matrix) |"]
-    lines.append("|---|---|---|---|")
-    for hidden in sorted({r.hidden_size for r in results}):
-        at_h = [r for r in results if r.hidden_size == hidden]
-        for model, prefix in [("fw_rnn", ""), ("fw_lstm", ""), ("fw_lstm", "memory=candidate, ")]:
-            mat = find(at_h, model, f"{prefix}fw_form=matrix")
-            att = find(at_h, model, f"{prefix}fw_form=attention")
-            label = model + (" (candidate)" if prefix else "")
-            lines.append(
-                f"| {hidden} | {label} | {mat.cpu_ms / att.cpu_ms:.1f}x | "
-                f"{att.tensor_peak_mb / mat.tensor_peak_mb:.3f} |"
-            )
-    return "\n".join(lines)
+def targets(results: list[Result]) -> list[dict]:
+    """The issue's two targets, as measured here."""
+    rows = []
+    fw = find(results, "fw_lstm", "fw_form=fused", 100)
+    if fw:
+        ratio = fw.cpu_ms / fw.flop_limit_ms
+        rows.append({"target": "FW-LSTM (fused) step at H=100 vs its FLOP-limit time", "limit": 1.5,
+                     "value": ratio, "detail": f"{fw.cpu_ms:.1f} ms vs {fw.flop_limit_ms:.1f} ms "
+                     f"({fw.gflop:.2f} GFLOP)", "met": ratio <= 1.5})
+    for hidden in (20, 50, 100):
+        fw = find(results, "fw_lstm", "fw_form=fused", hidden)
+        ln = find(results, "ln_lstm", "cell_form=fused", hidden)
+        if fw and ln:
+            ratio = fw.cpu_ms / ln.cpu_ms
+            rows.append({"target": f"FW-LSTM / LN-LSTM step (both fused) at H={hidden}", "limit": 1.3,
+                         "value": ratio, "detail": f"{fw.cpu_ms:.1f} ms / {ln.cpu_ms:.1f} ms",
+                         "met": ratio <= 1.3})
+    return rows
 
 
 def main() -> None:
@@ -209,21 +254,26 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[20, 50, 100])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=8, help="ART K; T = 2K + 3")
-    parser.add_argument("--steps", type=int, default=5, help="timed rounds per hidden size")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 for fairness)")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--steps", type=int, default=7, help="timed rounds per hidden size")
+    parser.add_argument("--matrix", action="store_true", help="also time the matrix forms (slow, GiBs)")
+    parser.add_argument("--name", default="models", help="results file benchmarks/results/NAME.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
-    results = [r for h in args.hidden for r in bench_hidden_size(h, args.batch, args.pairs, args.steps)]
-    print(f"machine: {machine()}")
-    print(f"1-min load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes)")
-    print(f"batch {args.batch}, ART K={args.pairs} (T={2 * args.pairs + 3}), median of {args.steps} steps;")
-    print("seq/s and ratios from the CPU time of the step (time.thread_time, one torch thread)\n")
-    print(markdown(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "args": vars(args), "results": [asdict(r) for r in results]}, f)
+    torch.set_num_threads(1)  # fair, and what a 1-CPU Tune trial gets
+    configs = CONFIGS + (MATRIX_CONFIGS if args.matrix else [])
+    with record(args.name, vars(args), kind="models") as payload:
+        T = 2 * args.pairs + 3
+        rates = {h: matmul_rates(args.batch, T, h) for h in args.hidden}
+        results = []
+        for h in args.hidden:
+            best_rate = max(rates[h].values())
+            results += bench_hidden_size(h, args.batch, args.pairs, args.steps, configs, best_rate)
+        payload["results"] = {
+            "matmul_gflops": {str(h): r for h, r in rates.items()},
+            "steps": [asdict(r) for r in results],
+            "targets": targets(results),
+        }
+    for row in payload["results"]["targets"]:
+        print(f"{row['target']}: {row['value']:.2f}x (target <= {row['limit']}x; {row['detail']})")
 
 
 if __name__ == "__main__":

@@ -7,16 +7,20 @@ the same trial budget, 3 searcher seeds each:
 Per sweep: the epochs of all trials, in the order they were reported, until the first report at or
 above the target ("epochs to target"); the total epochs spent; the best accuracy. One local Ray and one
 local MLflow server for all sweeps. Usage: .venv/bin/python benchmarks/search_efficiency.py
-[--seeds 3] [--target 0.95]. Write the table, `uptime` and `lscpu | head` to docs/benchmarks.md.
+[--seeds 3] [--target 0.95]. Writes benchmarks/results/search_efficiency.json; `benchmarks/render.py`
+puts the table in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import record  # noqa: E402
 
 STRATEGIES = {
     "tpe+asha": ({"name": "optuna", "sampler": "tpe", "n_startup_trials": 4},
@@ -68,35 +72,40 @@ def main() -> None:
     import ray
 
     from sweep import tracking
-    from sweep.export import load_trials
-    from sweep.runner import connect_ray, run_sweep
+    from sweep.runner import connect_ray
 
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     connect_ray()
     rows: dict[str, list[tuple[int | None, int, float]]] = {s: [] for s in STRATEGIES}
     start = time.perf_counter()
-    try:
-        for seed in range(args.seeds):
-            for strategy in STRATEGIES:
-                spec = spec_for(strategy, seed, args.trials)
-                result = run_sweep(spec)
-                to_target, total = epochs_to_target(load_trials(spec.name), args.target)
-                best = result.best.value("val_accuracy") if result.best else float("nan")
-                rows[strategy].append((to_target, total, best))
-                print(f"{strategy:12s} seed {seed}: epochs to {args.target:.0%}: {to_target}, "
-                      f"total {total}, best {best:.4f}", flush=True)
-    finally:
-        ray.shutdown()
-        tracking.stop_local_server()
+    with record("search_efficiency", vars(args)) as payload:
+        try:
+            run_all(args, rows)
+        finally:
+            ray.shutdown()
+            tracking.stop_local_server()
+        payload["results"] = {
+            "target": args.target, "wall_s": time.perf_counter() - start,
+            "strategies": {name: [{"seed": seed, "epochs_to_target": v[0], "total_epochs": v[1], "best": v[2]}
+                                  for seed, v in enumerate(values)] for name, values in rows.items()},
+        }
     print(f"\n{args.seeds} seeds, {args.trials} trials of <= 6 epochs of 60 steps, "
           f"{time.perf_counter() - start:.0f} s, load average after: {os.getloadavg()[0]:.2f}")
-    print("| strategy | epochs to target (per seed) | median | total epochs (median) | best val acc "
-          "(median) |")
-    print("| --- | --- | --- | --- | --- |")
-    for strategy, values in rows.items():
-        reached = [v[0] if v[0] is not None else float("inf") for v in values]
-        print(f"| {strategy} | {', '.join(str(v[0]) for v in values)} | {statistics.median(reached)} | "
-              f"{statistics.median(v[1] for v in values)} | {statistics.median(v[2] for v in values):.4f} |")
+
+
+def run_all(args: argparse.Namespace, rows: dict[str, list[tuple[int | None, int, float]]]) -> None:
+    from sweep.export import load_trials
+    from sweep.runner import run_sweep
+
+    for seed in range(args.seeds):
+        for strategy in STRATEGIES:
+            spec = spec_for(strategy, seed, args.trials)
+            result = run_sweep(spec)
+            to_target, total = epochs_to_target(load_trials(spec.name), args.target)
+            best = result.best.value("val_accuracy") if result.best else float("nan")
+            rows[strategy].append((to_target, total, best))
+            print(f"{strategy:12s} seed {seed}: epochs to {args.target:.0%}: {to_target}, "
+                  f"total {total}, best {best:.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,38 @@
 """Sweep overhead: how much of the machine's cores a sweep spends training.
 
-16 trials of about 20 s of training each (an LSTM on ART K=4, sized by a calibration run in this process)
-on the local Ray with every core, one core per trial, FIFO (no early stopping), tracked in a real local
-MLflow server. Reports
+Long trials (default): 16 trials of about 20 s of training each (an LSTM on ART K=4, sized by a
+calibration run in this process) on the local Ray with every core, one core per trial, FIFO (no early
+stopping), tracked in a real local MLflow server. Short trials (`--short`, the common case under ASHA):
+200 trials of about 0.16 s of training (ART K=2, one epoch), FIFO, 2 at a time. Reports
 
     core utilisation = sum of the trials' own training time / (wall time x cores)
-    overhead per trial = (wall time x concurrent trials - sum of training time) / trials
+    overhead per trial = (wall time x cores - sum of training time) / trials   (core-seconds)
 
 with wall time measured around `run_sweep` (Ray start, MLflow, Tune, exports: what the user waits for).
-Target: utilisation >= 0.90. Usage: .venv/bin/python benchmarks/sweep_overhead.py [--trials 16]
-[--seconds 20]. Write the numbers, `uptime` and `lscpu | head` to docs/benchmarks.md.
+Targets (issue 14): utilisation >= 0.93 for the long case (cold server); <= 0.2 core-s of overhead per
+short trial. Usage:
+
+    .venv/bin/python benchmarks/sweep_overhead.py [--warm-server]      # results/sweep_overhead[_warm].json
+    .venv/bin/python benchmarks/sweep_overhead.py --short              # results/sweep_overhead_short.json
+
+then `benchmarks/render.py` to update docs/benchmarks.md. Run on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import record  # noqa: E402
 
-def calibrate(seconds: float) -> int:
-    """Steps per epoch so that 4 epochs take about `seconds` on one thread of this machine."""
+
+def calibrate(seconds: float, task: dict, epochs: int) -> int:
+    """Steps per epoch so that `epochs` epochs take about `seconds` on one thread of this machine."""
     import torch
 
     from sweep.config import TrialConfig
@@ -31,11 +41,11 @@ def calibrate(seconds: float) -> int:
 
     torch.set_num_threads(1)
     train = BASE_TRIAL["train"] | {"epochs": 3, "steps_per_epoch": 60}  # the first epoch warms up
-    config = TrialConfig.model_validate({**BASE_TRIAL, "train": train})
+    config = TrialConfig.model_validate({**BASE_TRIAL, "task": task, "train": train})
     reporter = NullReporter()
     run_trial(config, reporter, Path(tempfile.mkdtemp()))
     steps_per_s = min(r["steps_per_s"] for r in reporter.history[1:])
-    return max(10, int(steps_per_s * seconds / 4))
+    return max(2, int(steps_per_s * seconds / epochs))
 
 
 BASE_TRIAL = {
@@ -46,36 +56,29 @@ BASE_TRIAL = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=20.0, help="training time per trial")
-    parser.add_argument("--warm-server", action="store_true",
-                        help="start the local MLflow server before timing, as `sweep ui --detach` leaves it")
-    args = parser.parse_args()
-
-    os.environ.setdefault("FWSWEEP_HOME", tempfile.mkdtemp(prefix="fwsweep-bench-"))
+def measure(trials: int, seconds: float, pairs: int, epochs: int, concurrent: int | None,
+            warm_server: bool) -> dict:
     from sweep import tracking
     from sweep.config import SweepSpec
     from sweep.export import load_trials
     from sweep.runner import run_sweep
 
     cores = len(os.sched_getaffinity(0))
-    steps = calibrate(args.seconds)
+    task = BASE_TRIAL["task"] | {"pairs": pairs}
+    steps = calibrate(seconds, task, epochs)
     spec = SweepSpec.model_validate({
         "name": "overhead",
-        "task": BASE_TRIAL["task"],
-        "train": BASE_TRIAL["train"] | {"epochs": 4, "steps_per_epoch": steps},
+        "task": task,
+        "train": BASE_TRIAL["train"] | {"epochs": epochs, "steps_per_epoch": steps},
         "models": ["lstm"],
         "space": {"common": {"lr": {"loguniform": [1e-3, 1e-2]}, "hidden_size": 50}},
         "scheduler": {"name": "fifo"},
-        "budget": {"num_samples": args.trials, "max_concurrent": cores},
+        "budget": {"num_samples": trials, "max_concurrent": concurrent or cores},
         "resources": {"cpu": 1, "gpu": 0},
     })
-    if args.warm_server:
+    if warm_server:
         with tracking.tracking_server(None, keep=True):
             pass
-    load = os.getloadavg()
     start = time.perf_counter()
     try:
         result = run_sweep(spec)
@@ -84,21 +87,49 @@ def main() -> None:
         tracking.stop_local_server()
     records = load_trials(spec.name)
     train_s = sum(r.metrics.get("elapsed_s", 0.0) for r in records)
-    utilisation = train_s / (wall * cores)
-    overhead = (wall * cores - train_s) / len(records)
-    print(f"machine: {cores} cores, load average before {load[0]:.2f}, after {os.getloadavg()[0]:.2f}")
-    print(f"{len(records)} trials ({result.status_counts}), {steps} steps x 4 epochs each")
-    print(f"sum of training time {train_s:.1f} s, mean {train_s / len(records):.1f} s per trial")
-    print(f"wall {wall:.1f} s on {cores} cores ({'warm' if args.warm_server else 'cold'} MLflow server)")
-    print(f"core utilisation {utilisation:.3f} (target >= 0.90); overhead {overhead:.2f} s per trial")
-    # The same over the Tune phase only (first trial start to last trial end): the fixed start-up cost
-    # (MLflow server, Ray, imports) left out, the per-trial scheduling cost kept.
+    # the Tune phase (first trial start to last trial end): the fixed start-up cost (MLflow server, Ray,
+    # imports) left out, the per-trial scheduling cost kept
     first = min(r.history[0]["timestamp"] - r.history[0]["time_total_s"] for r in records if r.history)
     last = max(r.metrics["timestamp"] for r in records if r.metrics)
     tune_wall = last - first
-    print(f"Tune phase {tune_wall:.0f} s: utilisation {train_s / (tune_wall * cores):.3f}, "
-          f"overhead {(tune_wall * cores - train_s) / len(records):.2f} s per trial; "
-          f"fixed start/stop cost {wall - tune_wall:.0f} s")
+    return {
+        "trials": len(records), "status_counts": result.status_counts, "steps_per_epoch": steps,
+        "epochs": epochs, "pairs": pairs, "cores": cores, "concurrent": concurrent or cores,
+        "server": "warm" if warm_server else "cold",
+        "train_s": train_s, "train_s_per_trial": train_s / len(records), "wall_s": wall,
+        "utilisation": train_s / (wall * cores),
+        "overhead_core_s_per_trial": (wall * cores - train_s) / len(records),
+        "tune_wall_s": tune_wall, "tune_utilisation": train_s / (tune_wall * cores),
+        "tune_overhead_core_s_per_trial": (tune_wall * cores - train_s) / len(records),
+        "fixed_cost_s": wall - tune_wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--short", action="store_true",
+                        help="the short-trial case: 200 trials of ~0.16 s, ART K=2, 1 epoch, 2 at a time")
+    parser.add_argument("--trials", type=int, help="default 16 (200 with --short)")
+    parser.add_argument("--seconds", type=float,
+                        help="training time per trial (default 20; 0.16 with --short)")
+    parser.add_argument("--warm-server", action="store_true",
+                        help="start the local MLflow server before timing, as `sweep ui --detach` leaves it")
+    args = parser.parse_args()
+    os.environ.setdefault("FWSWEEP_HOME", tempfile.mkdtemp(prefix="fwsweep-bench-"))
+    if args.short:
+        trials, seconds, pairs, epochs, concurrent = args.trials or 200, args.seconds or 0.16, 2, 1, 2
+        name = "sweep_overhead_short"
+    else:
+        trials, seconds, pairs, epochs, concurrent = args.trials or 16, args.seconds or 20.0, 4, 4, None
+        name = "sweep_overhead_warm" if args.warm_server else "sweep_overhead"
+    with record(name, vars(args), kind="sweep_overhead") as payload:
+        r = payload["results"] = measure(trials, seconds, pairs, epochs, concurrent, args.warm_server)
+    print(f"{r['trials']} trials ({r['status_counts']}), {r['steps_per_epoch']} steps x {epochs} epochs; "
+          f"sum of training {r['train_s']:.1f} s, wall {r['wall_s']:.1f} s on {r['cores']} cores "
+          f"({r['server']} MLflow server)")
+    print(f"core utilisation {r['utilisation']:.3f}; overhead {r['overhead_core_s_per_trial']:.2f} "
+          f"core-s per trial; Tune phase {r['tune_wall_s']:.0f} s (utilisation "
+          f"{r['tune_utilisation']:.3f}), fixed start/stop cost {r['fixed_cost_s']:.0f} s")
 
 
 if __name__ == "__main__":

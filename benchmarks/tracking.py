@@ -9,17 +9,22 @@ real local MLflow server (`--workers 1`, SQLite), in this process:
 
 and, with the server unreachable, fwsweep's time per report (it queues; the stock client retries each
 request with back-off for minutes, so it is not timed here). Reports the ratio stock / fwsweep.
-Usage: .venv/bin/python benchmarks/tracking.py [--reports 60]. Write the numbers with `uptime`,
-`lscpu | head` and the torch version to docs/benchmarks.md.
+Usage: .venv/bin/python benchmarks/tracking.py [--reports 60]. Writes benchmarks/results/tracking.json;
+`benchmarks/render.py` puts the table in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import record  # noqa: E402
 
 REPORT = {  # one epoch of run_trial, plus the numeric fields Tune adds to every result
     "epoch": 1, "step": 100, "train_loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.8,
@@ -74,14 +79,19 @@ def main() -> None:
 
     from sweep.tracking import free_port, start_server, stop_process_tree
 
-    server = start_server(Path(tempfile.mkdtemp(prefix="fwsweep-bench-mlflow-")))
-    try:
-        time_fwsweep(server.url, 5, "bench-warmup")  # imports and connection pools, for both
-        stock = time_stock(server.url, args.reports)
-        ours = time_fwsweep(server.url, args.reports, "bench-fwsweep")
-    finally:
-        stop_process_tree(server.pid)
-    down = time_fwsweep(f"http://127.0.0.1:{free_port()}", args.reports, "bench-down")
+    with record("tracking", vars(args)) as payload:
+        server = start_server(Path(tempfile.mkdtemp(prefix="fwsweep-bench-mlflow-")))
+        try:
+            time_fwsweep(server.url, 5, "bench-warmup")  # imports and connection pools, for both
+            stock = time_stock(server.url, args.reports)
+            ours = time_fwsweep(server.url, args.reports, "bench-fwsweep")
+        finally:
+            stop_process_tree(server.pid)
+        down = time_fwsweep(f"http://127.0.0.1:{free_port()}", args.reports, "bench-down")
+        payload["results"] = {
+            "reports": args.reports, "fields": len(REPORT),
+            "seconds_per_report": {"stock": stock, "fwsweep": ours, "fwsweep_server_down": down},
+        }
 
     def ms(xs: list[float]) -> str:
         p90 = sorted(xs)[int(0.9 * len(xs))]

@@ -1,0 +1,267 @@
+"""Render the tables of docs/benchmarks.md from the committed JSON in benchmarks/results/.
+
+    .venv/bin/python benchmarks/render.py            # rewrite the marked blocks of docs/benchmarks.md
+    .venv/bin/python benchmarks/render.py --check    # exit 1 if the page differs from the JSON
+
+The page marks each generated block:
+
+    <!-- render:NAME -->
+    ... generated from benchmarks/results/NAME.json, never edited by hand ...
+    <!-- /render:NAME -->
+
+A block whose JSON file does not exist yet is left as it is (it says how to produce it). The renderer is
+picked by the file's "kind" (see record.py), so e.g. sweep_overhead.json and sweep_overhead_short.json
+share one. Text outside the markers (how to read the numbers) is written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+BLOCK = re.compile(r"(<!-- render:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /render:(?P=name) -->)", re.S)
+
+
+def provenance(p: dict[str, Any]) -> str:
+    m = p.get("machine", {})
+    load = "{:.1f} before, {:.1f} after".format(p["load_average_before"][0], p["load_average_after"][0])
+    torch = f", torch {m['torch']}" if m.get("torch") else ""
+    gpu = f", GPU {m['cuda_device']}" if m.get("cuda_device") else ""
+    return (
+        f"*Measured {p['started_utc']} on {m.get('cpu_model')} ({m.get('usable_cpus')} usable of "
+        f"{m.get('logical_cpus')} CPUs, {m.get('memory_gib')} GiB{gpu}), "
+        f"Python {m.get('python')}{torch}; "
+        f"1-minute load average {load}; commit {p.get('git_commit') or 'unknown'}; "
+        f"`{p.get('command')}`.*"
+    )
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_models(p: dict[str, Any]) -> str:
+    r = p["results"]
+    steps = r["steps"]
+    ln = {
+        s["hidden_size"]: s["cpu_ms"]
+        for s in steps
+        if s["model"] == "ln_lstm" and s["options"] == "cell_form=fused"
+    }
+    rows = []
+    for s in steps:
+        rss = "n/a" if s["rss_peak_mb"] is None else f"{s['rss_peak_mb']:.1f}"
+        vs_ln = f"{s['cpu_ms'] / ln[s['hidden_size']]:.2f}" if s["hidden_size"] in ln else "-"
+        rows.append(
+            [
+                s["hidden_size"],
+                s["model"],
+                s["options"],
+                s["num_params"],
+                f"{s['cpu_ms']:.1f}",
+                f"{s['wall_ms']:.1f}",
+                f"{s['sequences_per_s']:.0f}",
+                vs_ln,
+                f"{s['gflop']:.3f}",
+                f"{s['cpu_ms'] / s['flop_limit_ms']:.2f}",
+                f"{s['tensor_peak_mb']:.1f}",
+                rss,
+            ]
+        )
+    header = [
+        "H",
+        "model",
+        "options",
+        "params",
+        "CPU ms",
+        "wall ms",
+        "seq/s",
+        "vs LN-LSTM (fused)",
+        "GFLOP",
+        "vs FLOP limit",
+        "tensor MiB",
+        "RSS MiB",
+    ]
+    steps_table = table(header, rows)
+    rates = table(
+        ["H", *next(iter(r["matmul_gflops"].values())).keys()],
+        [[h, *(f"{v:.1f}" for v in shapes.values())] for h, shapes in r["matmul_gflops"].items()],
+    )
+    targets = table(
+        ["target", "measured", "limit", "met?"],
+        [
+            [
+                t["target"],
+                f"{t['value']:.2f}x ({t['detail']})",
+                f"<= {t['limit']}x",
+                "yes" if t["met"] else "**no**",
+            ]
+            for t in r["targets"]
+        ],
+    )
+    rates_note = (
+        "Matmul rate (GFLOP/s, one thread) at the step's shapes, measured in the same process; "
+        "the FLOP limit uses the best of them:"
+    )
+    return "\n\n".join([provenance(p), targets, steps_table, rates_note, rates])
+
+
+def render_sweep_overhead(p: dict[str, Any]) -> str:
+    r = p["results"]
+    rows = [
+        [
+            "trials",
+            f"{r['trials']} x {r['epochs']} epochs of {r['steps_per_epoch']} steps "
+            f"(ART K={r['pairs']}), {r['concurrent']} at a time on {r['cores']} cores, "
+            f"{r['server']} MLflow server",
+        ],
+        ["sum of training time", f"{r['train_s']:.1f} s ({r['train_s_per_trial']:.2f} s per trial)"],
+        ["wall (whole `run_sweep`)", f"{r['wall_s']:.1f} s"],
+        ["**core utilisation, whole run**", f"**{r['utilisation']:.3f}**"],
+        ["**overhead per trial**", f"**{r['overhead_core_s_per_trial']:.2f} core-s**"],
+        [
+            "Tune phase (first trial start to last trial end)",
+            f"{r['tune_wall_s']:.1f} s: utilisation {r['tune_utilisation']:.3f}, "
+            f"{r['tune_overhead_core_s_per_trial']:.2f} core-s per trial",
+        ],
+        ["fixed start/stop cost", f"{r['fixed_cost_s']:.1f} s"],
+    ]
+    return provenance(p) + "\n\n" + table(["measure", "value"], rows)
+
+
+def render_search_efficiency(p: dict[str, Any]) -> str:
+    r = p["results"]
+    rows = []
+    for name, seeds in r["strategies"].items():
+        reached = [s["epochs_to_target"] for s in seeds if s["epochs_to_target"] is not None]
+        rows.append(
+            [
+                name,
+                ", ".join(str(s["epochs_to_target"]) for s in seeds),
+                f"{len(reached)} of {len(seeds)}",
+                statistics.median(s["total_epochs"] for s in seeds),
+                f"{statistics.median(s['best'] for s in seeds):.3f}",
+            ]
+        )
+    header = [
+        "strategy",
+        f"epochs to {r['target']:.0%} (per seed)",
+        "reached",
+        "total trial-epochs (median)",
+        "best val acc (median)",
+    ]
+    return provenance(p) + "\n\n" + table(header, rows)
+
+
+def render_tracking(p: dict[str, Any]) -> str:
+    r = p["results"]
+    times = r["seconds_per_report"]
+
+    def ms(xs: list[float]) -> list[str]:
+        return [f"{1e3 * statistics.median(xs):.1f}", f"{1e3 * sorted(xs)[int(0.9 * len(xs))]:.1f}"]
+
+    rows = [
+        ["stock (one request per metric)", *ms(times["stock"])],
+        ["fwsweep (one log_batch)", *ms(times["fwsweep"])],
+        ["fwsweep, server unreachable", *ms(times["fwsweep_server_down"])],
+    ]
+    ratio = statistics.median(times["stock"]) / statistics.median(times["fwsweep"])
+    return (
+        provenance(p)
+        + "\n\n"
+        + table(["logger", "median ms per report", "p90 ms"], rows)
+        + f"\n\n{r['reports']} reports of {r['fields']} fields; stock / fwsweep (median): {ratio:.1f}x"
+    )
+
+
+def render_gpu(p: dict[str, Any]) -> str:
+    r = p["results"]
+    steps = table(
+        ["H", "B", "T", "model", "options", "ms per step", "peak MiB"],
+        [
+            [
+                s["hidden_size"],
+                s["batch"],
+                s["length"],
+                s["model"],
+                s["options"],
+                f"{s['ms']:.2f}",
+                f"{s['peak_mib']:.1f}",
+            ]
+            for s in r["steps"]
+        ],
+    )
+    sharing = table(
+        ["trials sharing the GPU", "steps/s per trial", "steps/s in all", "vs alone"],
+        [
+            [
+                s["processes"],
+                f"{s['steps_per_s_per_trial']:.1f}",
+                f"{s['steps_per_s_total']:.1f}",
+                f"{s['speedup_vs_one']:.2f}x",
+            ]
+            for s in r["sharing"]
+        ],
+    )
+    return "\n\n".join([provenance(p), steps, sharing])
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "models": render_models,
+    "sweep_overhead": render_sweep_overhead,
+    "search_efficiency": render_search_efficiency,
+    "tracking": render_tracking,
+    "gpu": render_gpu,
+}
+
+
+def render(text: str, results_dir: Path = RESULTS_DIR) -> str:
+    """The page with every marked block whose JSON exists regenerated."""
+
+    def block(m: re.Match) -> str:
+        path = results_dir / f"{m['name']}.json"
+        if not path.exists():
+            return m.group(0)
+        payload = json.loads(path.read_text())
+        kind = payload.get("kind", payload.get("benchmark"))
+        if kind not in RENDERERS:
+            raise SystemExit(f"{path}: no renderer for kind {kind!r}; known: {', '.join(RENDERERS)}")
+        body = RENDERERS[kind](payload)
+        note = f"<!-- generated by benchmarks/render.py from benchmarks/results/{path.name} -->"
+        return f"{m.group(1)}{note}\n{body}\n{m.group(4)}"
+
+    return BLOCK.sub(block, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md is out of date")
+    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args()
+    text = args.doc.read_text()
+    new = render(text, args.results)
+    if args.check:
+        if new != text:
+            print(f"{args.doc} is out of date: run benchmarks/render.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        args.doc.write_text(new)
+        print(f"updated {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
