@@ -12,6 +12,8 @@ from __future__ import annotations
 import builtins
 import copy
 import math
+import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,20 +26,49 @@ from pydantic import (
     SerializeAsAny,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from sweep.errors import Problem, UserError
+from sweep.errors import Problem, UserError, did_you_mean
 from sweep.models.params import ModelParams
 from sweep.models.registry import MODELS, model_names, params_class
+from sweep.safe_yaml import parse_yaml, read_yaml_file
+from sweep.strict_numbers import refuse_yes_no
 from sweep.tasks.registry import task_names
+
+# Bounds on what a spec may ask for: far above any real sweep, low enough that a typo (an extra zero, a
+# stray exponent) is refused before anything starts rather than queueing a sweep that never ends.
+MAX_TRIALS = 10_000
+MAX_EPOCHS = 100_000
+MAX_TRAIN_SIZE = 10_000_000  # generated sequences held in memory
+MAX_EVAL_SIZE = 1_000_000
+
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+NAME_IN_WORDS = ("starts with a letter or digit and holds only letters, digits, '_', '.' and '-' "
+                 "(at most 100 characters), e.g. art-quick")
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """A sweep name is a folder name on every storage: a rule said in words, not as a regex."""
+    if not value.strip():
+        raise ValueError(f"{what} is empty; give a name that {NAME_IN_WORDS}")
+    if not NAME_RULE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid {what}: use one that {NAME_IN_WORDS}")
+    return value
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors: a typo must not silently fall back to a default."""
+    """Unknown keys are errors: a typo must not silently fall back to a default. A yes/no value is not a
+    number (YAML reads `yes` as true, which pydantic would otherwise take as 1)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        return refuse_yes_no(cls, info.field_name, v)
 
 
 # ---------------------------------------------------------------------------------------------- trial
@@ -48,16 +79,17 @@ class TaskConfig(Strict):
     pairs: int = Field(4, ge=1, description="K, key-value pairs per sequence (the difficulty knob)")
     num_keys: int = Field(26, ge=1, le=1000, description="size of the key alphabet (letters a-z)")
     num_values: int = Field(10, ge=2, le=1000, description="size of the value alphabet (digits 0-9)")
-    train_size: int = Field(100_000, ge=1)
-    val_size: int = Field(10_000, ge=1)
-    test_size: int = Field(20_000, ge=1)
+    train_size: int = Field(100_000, ge=1, le=MAX_TRAIN_SIZE)
+    val_size: int = Field(10_000, ge=1, le=MAX_EVAL_SIZE)
+    test_size: int = Field(20_000, ge=1, le=MAX_EVAL_SIZE)
     seed: int = Field(0, ge=0, description="data seed: the same seed gives the same data everywhere")
 
     @field_validator("name")
     @classmethod
     def _known_task(cls, v: str) -> str:
         if v not in task_names():
-            raise ValueError(f"unknown task {v!r}; use one of: {', '.join(task_names())}")
+            raise ValueError(f"unknown task {v!r}{did_you_mean(v, task_names())}; use one of: "
+                             f"{', '.join(task_names())}")
         return v
 
     @model_validator(mode="after")
@@ -77,7 +109,8 @@ class TaskConfig(Strict):
 class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate")
     batch_size: int = Field(128, ge=1, le=65536)
-    epochs: int = Field(20, ge=1, description="maximum epochs; one report (and evaluation) per epoch")
+    epochs: int = Field(20, ge=1, le=MAX_EPOCHS,
+                        description="maximum epochs; one report (and evaluation) per epoch")
     steps_per_epoch: int | None = Field(
         None, ge=1, description="optimizer steps between evaluations; default: one pass over train_size"
     )
@@ -102,7 +135,8 @@ def _coerce_model(value: Any) -> ModelParams:
         raise ValueError("must be a mapping with at least `name:`")
     name = value.get("name")
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; use one of: {', '.join(model_names())}")
+        raise ValueError(f"unknown model {name!r}{did_you_mean(str(name), model_names())}; use one of: "
+                         f"{', '.join(model_names())}")
     return params_class(name).model_validate(value)
 
 
@@ -205,9 +239,18 @@ class SchedulerConfig(Strict):
 
 class BudgetConfig(Strict):
     num_samples: int = Field(8, ge=1, description="trials to run")
-    max_epochs: int | None = Field(None, ge=1, description="epochs per trial; default: train.epochs")
+    max_epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS,
+                                   description="epochs per trial; default: train.epochs")
     time_budget_s: float | None = Field(None, gt=0, description="stop starting trials after this long")
-    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+    max_concurrent: int = Field(2, ge=1, le=MAX_TRIALS, description="trials running at once")
+
+    @field_validator("num_samples")
+    @classmethod
+    def _sane_trials(cls, v: int) -> int:
+        if v > MAX_TRIALS:
+            raise ValueError(f"{v:,} trials is more than the {MAX_TRIALS:,} a sweep may run (each trial "
+                             "keeps a folder and an MLflow run); lower num_samples, or split the search")
+        return v
 
 
 class ResourcesConfig(Strict):
@@ -231,6 +274,13 @@ class RetriesConfig(Strict):
 class TrackingConfig(Strict):
     experiment: str | None = Field(None, description="MLflow experiment; default: the sweep name")
     uri: str | None = Field(None, description="MLflow server URL; default: start/reuse the local server")
+
+    @field_validator("experiment", "uri")
+    @classmethod
+    def _not_blank(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(f"is empty; give a value, or leave out `{info.field_name}:` for the default")
+        return v
 
 
 class Difficulty(Strict):
@@ -295,7 +345,7 @@ class CompareSpec(Strict):
 class SweepSpec(Strict):
     """A search-space file. Every field is checked before Ray starts."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="sweep name, used on disk")
+    name: str = Field(description="sweep name, used on disk: one that " + NAME_IN_WORDS)
     description: str = ""
     task: TaskConfig = Field(default_factory=TaskConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -314,12 +364,18 @@ class SweepSpec(Strict):
                                 "(gs://...); default: $FWSWEEP_STORAGE, else $FWSWEEP_HOME/sweeps")
     compare: CompareSpec | None = Field(None, description="a fair multi-model comparison (`sweep compare`)")
 
+    @field_validator("name")
+    @classmethod
+    def _name_in_words(cls, v: str) -> str:
+        return check_name(v, "sweep name")
+
     @field_validator("models")
     @classmethod
     def _known_models(cls, v: list[str]) -> list[str]:
         unknown = [m for m in v if m not in MODELS]
         if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; use any of: {', '.join(model_names())}")
+            hints = "".join(did_you_mean(str(m), model_names()) for m in unknown)
+            raise ValueError(f"unknown model(s) {unknown}{hints}; use any of: {', '.join(model_names())}")
         if len(set(v)) != len(v):
             raise ValueError("a model is listed twice")
         return v
@@ -399,17 +455,30 @@ def _section_fields(section: str, model: str | None) -> dict[str, Any] | None:
     return None
 
 
+# Fields a sweep sets itself: searching them would run one thing and record another.
+RESERVED: dict[tuple[str, str], str] = {
+    ("model", "name"): "the model is chosen by `models:`; list the models there",
+    ("train", "epochs"): "a trial's epochs are budget.max_epochs; set that instead",
+    ("train", "device"): "a sweep trial runs where Ray places it; ask for GPUs with resources.gpu",
+}
+
+
 def space_problems(spec: SweepSpec) -> list[str]:
     """Every inconsistency between `space` and the models, collected rather than stopping at the first."""
     problems: list[str] = []
     for section, params in spec.space.items():
         if section != "common" and section not in spec.models:
             problems.append(
-                f"space.{section}: not a listed model; sections are 'common' or one of {spec.models}"
+                f"space.{section}: not a listed model{did_you_mean(section, spec.models)}; sections are "
+                f"'common' or one of {spec.models}"
             )
             continue
         models = spec.models if section == "common" else [section]
         for pname, dist in params.items():
+            reserved = RESERVED.get(tuple(pname.split(".", 1))) or RESERVED.get(("model", pname))
+            if reserved:
+                problems.append(f"space.{section}.{pname}: cannot be searched or fixed here: {reserved}")
+                continue
             for model in models:
                 target = resolve_param(pname, model)
                 if target is None:
@@ -417,8 +486,13 @@ def space_problems(spec: SweepSpec) -> list[str]:
                         (set(params_class(model).model_fields) | set(TrainConfig.model_fields)) - {"name"}
                     )
                     problems.append(
-                        f"space.{section}.{pname}: not a hyperparameter of {model}; known: {', '.join(known)}"
+                        f"space.{section}.{pname}: not a hyperparameter of {model}"
+                        f"{did_you_mean(pname, known)}; known: {', '.join(known)}"
                     )
+                    break
+                if target in RESERVED:
+                    problems.append(f"space.{section}.{pname}: cannot be searched or fixed here: "
+                                    f"{RESERVED[target]}")
                     break
                 problems.extend(_check_values(spec, section, pname, target, dist, model))
     return problems
@@ -462,30 +536,12 @@ def trial_from_params(
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Safe-load a YAML mapping; every failure becomes a UserError naming the file."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(Problem(str(p), "file not found", "check the path (relative to the current folder)"))
-    if p.is_dir():
-        raise UserError(Problem(str(p), "is a folder, not a YAML file", "name the .yaml file inside it"))
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(
-            Problem(str(p), f"cannot be read ({err})", "check its permissions and encoding")
-        ) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
-        raise UserError(
-            Problem(where, f"malformed YAML ({getattr(err, 'problem', err)})", "fix the syntax at that line")
-        ) from None
+    """A YAML mapping read through the bounded safe loader; every failure is a UserError naming the file."""
+    data = read_yaml_file(path)
     if not isinstance(data, dict):
         raise UserError(
             Problem(
-                str(p),
+                str(path),
                 "must be a YAML mapping (key: value lines) at the top level",
                 "see search_spaces/quickstart.yaml for the layout",
             )
@@ -493,18 +549,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_yaml_value(text: str, where: str) -> Any:
+    """One value typed on the command line (`--set train.lr=0.01`), read as YAML within the same bounds."""
+    return parse_yaml(text, where)
+
+
 _UNION_TAGS = {"distribution", "fixed", "int", "float", "str", "bool"}
 
 
-def problems_from(err: ValidationError) -> list[Problem]:
-    """One Problem per pydantic error, with the dotted field path."""
+def problems_from(errors: list[Any], model: type[BaseModel] | None = None,
+                  data: Any = None) -> list[Problem]:
+    """One Problem per pydantic error, with the dotted field path (and the closest known field name for
+    an unknown one, when the validated `model` and its input `data` are given)."""
     out = []
-    for e in err.errors():
+    for e in errors:
         loc = ".".join(str(x) for x in e["loc"] if str(x) not in _UNION_TAGS)
         msg = e["msg"].removeprefix("Value error, ")
         fix = ""
         if e["type"] == "extra_forbidden":
-            msg, fix = "unknown field", "remove it or check its spelling (see the docs for the field names)"
+            known = _known_fields(model, e["loc"][:-1], data) if model is not None else []
+            hint = did_you_mean(str(e["loc"][-1]), known)
+            msg = "unknown field" + hint
+            listing = f"; fields here: {', '.join(known)}" if known and not hint else ""
+            fix = "remove it or check its spelling" + (listing or " (see the docs for the field names)")
         elif e["type"] == "missing":
             fix = "add this field"
         for part in msg.split("\n"):
@@ -515,22 +582,53 @@ def problems_from(err: ValidationError) -> list[Problem]:
     return out
 
 
+def _model_class(annotation: Any, value: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (the model's own params class for `model:`), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, ModelParams):
+        name = value.get("name") if isinstance(value, dict) else None
+        return params_class(name) if name in MODELS else annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):  # Optional[X], Annotated[X, ...]
+        found = _model_class(arg, value)
+        if found is not None:
+            return found
+    return None
+
+
+def _known_fields(model: type[BaseModel], loc: tuple[Any, ...], data: Any) -> list[str]:
+    """The field names valid at `loc` (a path of field names from `model`), for "did you mean"."""
+    cls: type[BaseModel] | None = model
+    node = data
+    for part in loc:
+        info = cls.model_fields.get(str(part)) if cls is not None else None
+        if info is None:
+            return []
+        node = node.get(part) if isinstance(node, dict) else None
+        cls = _model_class(info.annotation, node)
+    return sorted(cls.model_fields) if cls is not None else []
+
+
 def validate_as(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
     """Validate, reporting every problem at once.
 
-    pydantic skips cross-field checks when a field fails; so each failing top-level section is dropped
-    (back to its default) and validation retried, until only the cross-field problems are left.
+    pydantic skips cross-field checks when a field fails; so each failing value is dropped (back to its
+    default) and validation retried, until only the cross-field problems are left. A dropped required
+    field then reads as missing: that echo of a problem already reported is not reported again.
     """
     problems: list[Problem] = []
     attempt = copy.deepcopy(data)
+    dropped: set[tuple[Any, ...]] = set()
     for _ in range(50):
         try:
             result = model.model_validate(attempt)
         except ValidationError as err:
-            problems += [p for p in problems_from(err) if p not in problems]
-            if not any(
-                [_drop(attempt, [x for x in e["loc"] if str(x) not in _UNION_TAGS]) for e in err.errors()]
-            ):
+            real = [e for e in err.errors()
+                    if not (e["type"] == "missing" and _under(_path(e["loc"]), dropped))]
+            problems += [p for p in problems_from(real, model, data) if p not in problems]
+            removed = [_drop(attempt, _path(e["loc"])) for e in real]
+            dropped.update(loc for loc in removed if loc is not None)
+            if not removed or all(loc is None for loc in removed):
                 break
         else:
             if not problems:
@@ -539,16 +637,24 @@ def validate_as(model: type[BaseModel], data: dict[str, Any], source: str) -> An
     raise UserError(problems, source=source)
 
 
-def _drop(data: Any, loc: list[Any]) -> bool:
-    """Remove the value at `loc` (so its default applies); False if there is nothing to remove."""
+def _path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(x for x in loc if str(x) not in _UNION_TAGS)
+
+
+def _under(path: tuple[Any, ...], dropped: set[tuple[Any, ...]]) -> bool:
+    return any(path[: len(d)] == d for d in dropped)
+
+
+def _drop(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Remove the value at `loc` (so its default applies): the path removed, or None if nothing was."""
     for depth in range(len(loc), 0, -1):
         parent = data
         for key in loc[: depth - 1]:
             parent = parent.get(key) if isinstance(parent, dict) else None
         if isinstance(parent, dict) and loc[depth - 1] in parent:
             del parent[loc[depth - 1]]
-            return True
-    return False
+            return tuple(loc[:depth])
+    return None
 
 
 def load_trial_config(path: str | Path) -> TrialConfig:
@@ -557,6 +663,27 @@ def load_trial_config(path: str | Path) -> TrialConfig:
 
 def load_spec(path: str | Path) -> SweepSpec:
     return validate_as(SweepSpec, read_yaml(path), str(path))
+
+
+def load_saved_spec(text: str, where: str, remove: str) -> SweepSpec:
+    """The spec a sweep saved beside its state (`text`, read from `where`). Damage there is corrupt state,
+    not a typo: the error names the file and how to recover (`remove`: how to delete the sweep)."""
+    try:
+        data = parse_yaml(text, where)
+        if not isinstance(data, dict):
+            raise UserError(Problem(where, "is not a YAML mapping"))
+        return validate_as(SweepSpec, data, where)
+    except UserError as err:
+        first = err.problems[0]
+        at = first.where.removeprefix(where).lstrip(":")
+        detail = f"{'line ' + at.split(':')[0] + ': ' if at[:1].isdigit() else at + ': ' if at else ''}" \
+            f"{first.message}"
+        more = f" (and {len(err.problems) - 1} more problem(s))" if len(err.problems) > 1 else ""
+        raise UserError(Problem(
+            where, f"this sweep's saved spec is damaged ({detail}{more})",
+            f"restore that file (a copy of the spec the sweep started from, e.g. `cp SPEC {where}` if you "
+            f"still have it), or {remove} and start it again with `sweep run`",
+        )) from None
 
 
 def dump_yaml(data: dict[str, Any]) -> str:

@@ -5,6 +5,8 @@ Raised anywhere in the package; only `sweep.cli` turns them into a message and e
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -18,7 +20,9 @@ class Problem:
 
     def render(self) -> str:
         text = f"{self.where}: {self.message}"
-        return f"{text}. Fix: {self.fix}" if self.fix else text
+        if not self.fix:
+            return text
+        return f"{text}{'' if text.endswith(('.', '?', '!')) else '.'} Fix: {self.fix}"
 
 
 @dataclass
@@ -44,3 +48,9 @@ class UserError(Exception):
 
 class TrialDiverged(RuntimeError):
     """The loss became NaN or inf: the trial ends with status 'diverged' rather than retrying forever."""
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest known name, or '' when nothing is close (difflib's ratio)."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

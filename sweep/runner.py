@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep import paths
+from sweep import capacity, paths
 from sweep.config import Distribution, SweepSpec
 from sweep.errors import Problem, TrialDiverged, UserError
 from sweep.space import MODEL_KEY, DefineByRun, trial_config
@@ -306,6 +306,10 @@ def _check_start(spec: SweepSpec, resume: bool, store: SweepStore) -> None:
     store.storage.check()  # unreachable endpoint, no credentials, no bucket: one message, nothing started
     restorable = store.can_restore()
     if resume:
+        if not restorable and store.exists(SPEC_FILE):  # driver stopped before Tune's first save
+            raise UserError(Problem(spec.name, f"no sweep state to resume in {store.uri}: it stopped before "
+                                    "its first trial was saved",
+                                    f"{store.how_to_remove()} and start again with `sweep run SPEC`"))
         if not restorable:
             raise UserError(Problem(spec.name, f"no sweep state to resume in {store.uri}",
                                     "start it with `sweep run SPEC` (see `sweep list`; --storage / "
@@ -318,6 +322,10 @@ def _check_start(spec: SweepSpec, resume: bool, store: SweepStore) -> None:
     elif restorable:
         raise UserError(Problem(spec.name, f"a sweep with this name already exists in {store.uri}",
                                 f"continue it with `sweep resume {spec.name}`, or pass --name NEW_NAME"))
+    elif store.exists(SPEC_FILE):  # only its spec: the driver stopped before Tune's first save
+        raise UserError(Problem(spec.name, f"{store.uri} already holds a sweep that stopped before its first "
+                                "trial was saved (nothing there to resume)",
+                                f"{store.how_to_remove()} to start over, or pass --name NEW_NAME"))
 
 
 def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str | None = None,
@@ -349,6 +357,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
         ray_started.append(connect_ray(address))
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # ray.init replaced the caller's SIGTERM handler: keep it
+        capacity.check_resources(spec)  # before Tune/MLflow write anything: a trial no node fits would hang
 
     try:
         with tracking_server(uri, meanwhile=start_ray) as server:

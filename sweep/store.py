@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from sweep import paths
-from sweep.config import SweepSpec, TrialConfig, dump_yaml, validate_as
+from sweep.config import SweepSpec, TrialConfig, dump_yaml, load_saved_spec
 from sweep.errors import Problem, UserError
 from sweep.space import MODEL_KEY, trial_config
 
@@ -325,12 +325,15 @@ class SweepStore:
 
     def read_spec(self) -> SweepSpec | None:
         """The spec the sweep was started with, or None if there is no sweep here."""
-        import yaml
-
         text = self.read_text(SPEC_FILE)
         if text is None:
             return None
-        return validate_as(SweepSpec, yaml.safe_load(text), self.where(SPEC_FILE))
+        return load_saved_spec(text, self.where(SPEC_FILE), self.how_to_remove())
+
+    def how_to_remove(self) -> str:
+        """Words that tell a person how to delete this sweep (to start it over)."""
+        local = self.local_path()
+        return f"remove the sweep (rm -r {local})" if local is not None else f"delete {self.uri}"
 
     def load_spec(self) -> SweepSpec:
         spec = self.read_spec()

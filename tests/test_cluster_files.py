@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from nethelpers import http_status
+from conftest import http_status
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

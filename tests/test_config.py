@@ -1,109 +1,177 @@
-"""Bad trial configs and flags through the real CLI entry point (`sweep.cli.main`): one clear message that
-names the field, exit code 2, no traceback, nothing written."""
+"""Good input stays good, and the pieces behind the bad-input table (tests/test_bad_input.py) work alone:
+the bounded YAML loader, yes/no is not a number, "did you mean", no false "Field required", the capacity
+check, help that names its placeholders, and `sweep list` with one corrupt sweep among good ones."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import ROOT, run_cli_in_process, spec_text
 
-from sweep.cli import main
+from sweep.capacity import check_resources
+from sweep.config import SweepSpec, TrialConfig, read_yaml_value, validate_as
+from sweep.errors import UserError
+from sweep.safe_yaml import MAX_NODES, parse_yaml
 
 FW_LSTM = "task: {name: art, pairs: 2, train_size: 64, val_size: 16, test_size: 16}\nmodel: {name: fw_lstm}\n"
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["sweep", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out = capsys.readouterr()
-    code = info.value.code
-    return (0 if code is None else int(code)), out.out + out.err
-
-
-def tree(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-# (case id, argv, files to create, text the message must contain)
-CASES = [
-    ("negative-lr", ["train", "--lr", "-1"], {}, ["train.lr", "greater than 0"]),
-    ("zero-epochs", ["train", "--epochs", "0"], {}, ["train.epochs", "greater than or equal to 1"]),
-    ("pairs-over-keys", ["train", "--pairs", "30"], {}, ["task", "pairs=30", "num_keys"]),
-    ("unknown-model", ["train", "--model", "gru"], {}, ["model", "unknown model 'gru'", "fw_lstm"]),
-    ("unknown-task", ["train", "--task", "copy"], {}, ["task.name", "unknown task 'copy'", "mart"]),
-    ("bad-device", ["train", "--device", "tpu"], {}, ["train.device", "'cuda'"]),
-    ("set-typo", ["train", "--set", "train.lrr=0.1"], {}, ["train.lrr", "unknown field"]),
-    ("set-field-of-other-model", ["train", "--model", "lstm", "--set", "model.fast_lr=0.3"], {},
-     ["model.fast_lr", "unknown field"]),
-    ("set-without-equals", ["train", "--set", "train.lr"], {}, ["--set train.lr", "section.field=value"]),
-    ("set-bad-type", ["train", "--set", "train.batch_size=lots"], {}, ["train.batch_size", "integer"]),
-    ("flag-bad-type", ["train", "--pairs", "four"], {}, ["--pairs", "integer"]),
-    ("unknown-flag", ["train", "--hidden", "20"], {}, ["--hidden"]),
-    ("config-unknown-section", ["validate", "c.yaml"], {"c.yaml": FW_LSTM + "modle: {}\n"},
-     ["modle", "unknown field"]),
-    ("config-two-problems-at-once", ["validate", "c.yaml"],
-     {"c.yaml": FW_LSTM.replace("{name: fw_lstm}", "{name: fw_lstm, decay: 1.5}")
-      + "train: {batch_size: 0, grad_clip: -1}\n"},
-     ["3 problem(s)", "model.decay", "train.batch_size", "train.grad_clip"]),
-    ("config-for-train", ["train", "c.yaml"], {"c.yaml": "task: {pairs: 0}\n"}, ["task.pairs"]),
-    ("config-is-a-spec", ["train", "--config", "s.yaml"], {"s.yaml": "name: x\nmodels: [lstm]\n"},
-     ["models", "sweep spec", "sweep run"]),
-    ("spec-unknown-model", ["validate", "s.yaml"], {"s.yaml": "name: x\nmodels: [gru]\n"}, ["models", "gru"]),
-    ("two-files-both-bad", ["validate", "a.yaml", "b.yaml"],
-     {"a.yaml": "train: {lr: 0}\n", "b.yaml": "task: {seed: -1}\n"},
-     ["2 of 2 files", "a.yaml", "train.lr", "b.yaml", "task.seed"]),
-    ("resume-not-a-run", ["train", "--resume", "nowhere"], {}, ["--resume", "config.yaml"]),
-    ("resume-with-config", ["train", "--resume", "r", "--config", "c.yaml"], {"c.yaml": FW_LSTM},
-     ["--config", "--resume"]),
-    ("out-is-a-file", ["train", "--out", "f.txt"], {"f.txt": "x"}, ["--out", "is a file"]),
-    ("out-under-a-file", ["train", "--out", "f.txt/run"], {"f.txt": "x"}, ["--out", "cannot write"]),
-    ("out-not-empty", ["train", "--out", "d"], {"d/x": "x"}, ["--out", "already holds files", "--resume"]),
-    ("too-few-sequences", ["train", "--out", "new", "--set", "task.num_keys=2", "--set", "task.num_values=2",
-                           "--pairs", "1", "--set", "task.train_size=20"], {}, ["task.val_size", "distinct"]),
-]
-
-
-@pytest.mark.parametrize(("args", "files", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_message(args, files, expected, tmp_path: Path, monkeypatch, capsys) -> None:
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path / "home"))
-    before = tree(tmp_path)
-    code, output = run_cli(args, monkeypatch, capsys)
-    assert code == 2, output
-    assert "Traceback" not in output
-    for text in expected:
-        assert text.lower() in output.lower(), f"{text!r} not in:\n{output}"
-    assert tree(tmp_path) == before  # nothing written
 
 
 def test_valid_files_give_a_summary(tmp_path: Path, monkeypatch, capsys) -> None:
     (tmp_path / "t.yaml").write_text(FW_LSTM)
     (tmp_path / "s.yaml").write_text("name: quick\nmodels: [fw_lstm, lstm]\nbudget: {num_samples: 4}\n")
-    files = [str(tmp_path / "t.yaml"), str(tmp_path / "s.yaml")]
-    code, output = run_cli(["validate", *files], monkeypatch, capsys)
+    code, output = run_cli_in_process(["validate", str(tmp_path / "t.yaml"), str(tmp_path / "s.yaml")],
+                                      monkeypatch, capsys)
     assert code == 0, output
     assert "trial config: fw_lstm" in output and "art-K2" in output
     assert "sweep spec 'quick'" in output and "4 trials" in output
 
 
-def test_the_shipped_trial_configs_are_valid(monkeypatch, capsys) -> None:
-    files = sorted(str(p) for p in (Path(__file__).parents[1] / "search_spaces" / "trials").glob("*.yaml"))
+@pytest.mark.parametrize("folder", ["search_spaces/trials", "search_spaces", "search_spaces/tests"])
+def test_the_shipped_files_are_valid(folder: str, monkeypatch, capsys) -> None:
+    files = sorted(str(p) for p in (ROOT / folder).glob("*.yaml"))
     assert files
-    code, output = run_cli(["validate", *files], monkeypatch, capsys)
+    code, output = run_cli_in_process(["validate", *files], monkeypatch, capsys)
     assert code == 0, output
     assert output.count("ok ") == len(files)
 
 
 def test_embedded_default_equals_the_shipped_example() -> None:
-    import yaml
-
     from sweep.cli.trial_cmds import DEFAULT_TRIAL
 
-    root = Path(__file__).parents[1]
-    assert yaml.safe_load((root / "search_spaces/trials/art_k4_fw_lstm.yaml").read_text()) == DEFAULT_TRIAL
+    assert yaml.safe_load((ROOT / "search_spaces/trials/art_k4_fw_lstm.yaml").read_text()) == DEFAULT_TRIAL
 
+
+# ---- the loader
+
+
+def test_loader_keeps_what_yaml_users_write() -> None:
+    """Anchors, merge keys (overridden locally), flow and block style, and 1e-3 (text in YAML 1.1)."""
+    data = parse_yaml("base: &b {lr: 1e-3, x: 1}\nrun:\n  <<: *b\n  x: 2\nlist: [*b, *b]\n", "f.yaml")
+    assert data["run"] == {"lr": "1e-3", "x": 2} and data["list"] == [data["base"]] * 2
+    spec = validate_as(SweepSpec, {"name": "n", "models": ["lstm"], "train": {"lr": "1e-3"}}, "s")
+    assert spec.train.lr == pytest.approx(1e-3)  # a number written as text is still that number
+
+
+def test_duplicate_key_names_the_key_and_both_lines() -> None:
+    with pytest.raises(UserError) as info:
+        parse_yaml("a: 1\nb:\n  c: 1\n  d: 2\n  c: 3\n", "f.yaml")
+    (problem,) = info.value.problems
+    assert problem.where == "f.yaml:5" and "'c' is given twice (lines 3 and 5)" in problem.message
+
+
+def test_alias_expansion_is_counted_not_performed() -> None:
+    """Aliases that stay under the bound load; one level more is refused before anything walks it."""
+    levels = ["a: &a [" + ", ".join(["1"] * 10) + "]"]
+    levels += [f"{n}: &{n} [" + ", ".join([f"*{p}"] * 10) + "]" for p, n in zip("abc", "bcd", strict=True)]
+    assert len(parse_yaml("\n".join(levels[:3]), "f")["c"]) == 10  # 1,000 values
+    with pytest.raises(UserError, match=f"more than {MAX_NODES:,}"):
+        parse_yaml("\n".join(levels) + "\ne: [" + ", ".join(["*d"] * 10) + "]", "f")
+
+
+def test_set_values_are_read_by_the_same_loader() -> None:
+    assert read_yaml_value("[a, b]", "--set x") == ["a", "b"]
+    with pytest.raises(UserError, match="given twice"):
+        read_yaml_value("{a: 1, a: 2}", "--set x")
+
+
+# ---- types, names, messages
+
+
+@pytest.mark.parametrize(("section", "field"), [("budget", "max_concurrent"), ("train", "epochs"),
+                                                ("train", "lr"), ("model", "hidden_size")])
+def test_yes_no_is_not_a_number(section: str, field: str) -> None:
+    data = {"name": "n", "models": ["lstm"], section: {field: True}}
+    if section == "model":
+        data = {"model": {"name": "lstm", field: True}}
+    with pytest.raises(UserError) as info:
+        validate_as(SweepSpec if section != "model" else TrialConfig, data, "s.yaml")
+    assert [p.where for p in info.value.problems] == [f"{section}.{field}"]
+    assert "yes/no value" in info.value.problems[0].message
+
+
+def test_a_failing_required_field_is_not_also_reported_missing() -> None:
+    with pytest.raises(UserError) as info:
+        validate_as(SweepSpec, {"name": "n!", "models": ["fw_lsmt"]}, "s.yaml")
+    rendered = info.value.render()
+    assert "Field required" not in rendered and "add this field" not in rendered
+    assert {p.where for p in info.value.problems} == {"name", "models"}
+    assert "did you mean 'fw_lstm'" in rendered and "letters, digits" in rendered
+
+
+def test_a_truly_missing_field_is_reported() -> None:
+    with pytest.raises(UserError) as info:
+        validate_as(SweepSpec, {"name": "n"}, "s.yaml")
+    assert [(p.where, p.fix) for p in info.value.problems] == [("models", "add this field")]
+
+
+# ---- resources a cluster cannot give (the unit; tests/test_bad_input.py runs it on a real Ray)
+
+
+@pytest.fixture
+def no_autoscaler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/ray_bootstrap_config.yaml
+    monkeypatch.delenv("FWSWEEP_SKIP_CAPACITY_CHECK", raising=False)
+    return tmp_path
+
+
+def _spec(**resources: float) -> SweepSpec:
+    return SweepSpec.model_validate({"name": "n", "models": ["lstm"], "resources": resources})
+
+
+def test_capacity_refuses_what_no_node_has(no_autoscaler: Path) -> None:
+    with pytest.raises(UserError) as info:
+        check_resources(_spec(cpu=64), nodes=[{"CPU": 2.0}, {"CPU": 1.0}])
+    text = info.value.render()
+    assert "resources" in text and "64 CPU" in text and "largest has 2 CPU" in text
+    assert "resources.cpu to at most 2" in text
+    with pytest.raises(UserError, match="set resources.gpu: 0"):
+        check_resources(_spec(cpu=1, gpu=1), nodes=[{"CPU": 2.0}])
+
+
+def test_capacity_accepts_what_one_node_or_an_autoscaler_node_type_has(no_autoscaler: Path) -> None:
+    check_resources(_spec(cpu=2, gpu=0.25), nodes=[{"CPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}])
+    (no_autoscaler / "ray_bootstrap_config.yaml").write_text(
+        "available_node_types:\n  head: {resources: {CPU: 2}, max_workers: 0}\n"
+        "  gpu: {resources: {CPU: 8, GPU: 1}, max_workers: 4}\n")
+    check_resources(_spec(cpu=8, gpu=1), nodes=[{"CPU": 2.0}])
+    with pytest.raises(UserError, match="1 autoscaler node type"):
+        check_resources(_spec(cpu=16), nodes=[{"CPU": 2.0}])
+
+
+# ---- help and listing
+
+
+COMMANDS = ["run", "resume", "export", "ui", "list", "show", "train", "validate", "compare", "report"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_names_placeholders_in_words(command: str, monkeypatch, capsys) -> None:
+    code, output = run_cli_in_process([command, "-h"], monkeypatch, capsys)
+    assert code == 0, output
+    assert "Usage: sweep " + command in output
+    for python_type in ("<bool>", "<str>", "<int>", "<path>", "<list", "{"):
+        assert python_type not in output, f"{python_type} in `sweep {command} -h`:\n{output}"
+
+
+@pytest.mark.parametrize(("command", "choices"), [
+    ("export", "yaml|json"), ("train", "fw_lstm|fw_rnn|ln_lstm|lstm"), ("train", "art|mart"),
+    ("train", "auto|cpu|cuda")])
+def test_help_lists_the_choices(command: str, choices: str, monkeypatch, capsys) -> None:
+    code, output = run_cli_in_process([command, "--help"], monkeypatch, capsys)
+    assert code == 0 and choices in output, output
+
+
+def test_list_shows_a_corrupt_sweep_and_the_others(tmp_path: Path, monkeypatch, capsys) -> None:
+    sweeps = tmp_path / "sweeps"
+    for name, text in {"good": spec_text(name="good"), "broken": "name: broken\nmodels: [lstm\n"}.items():
+        (sweeps / name).mkdir(parents=True)
+        (sweeps / name / "sweep_spec.yaml").write_text(text)
+    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, output = run_cli_in_process(["list"], monkeypatch, capsys)
+    assert code == 0, output
+    rows = {line.split("│")[1].strip(): line for line in output.splitlines() if line.count("│") > 3}
+    assert "corrupt" in rows["broken"] and "not started" in rows["good"], output
+    assert "broken/sweep_spec.yaml" in output and "rm -r" in output  # how to recover

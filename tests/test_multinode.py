@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from nethelpers import http_status
+from conftest import http_status
 
 from sweep.tracking import free_port, stop_process_tree
 

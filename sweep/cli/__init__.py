@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from sweep.cli.output import console, err_console, print_user_error
+from sweep.cli.output import console, is_usage_error, print_user_error, tidy_help, usage_error
 from sweep.errors import UserError
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -42,12 +43,22 @@ from sweep.cli import report_cmds, sweep_cmds, trial_cmds  # noqa: E402,F401
 
 
 def main() -> None:
-    """Console-script entry: user mistakes exit 2 with a message, never a traceback."""
+    """Console-script entry: every user mistake (a bad file or value, or a mistyped command line) is one
+    `error:` message and exit 2, never a traceback."""
+    command = tidy_help(typer.main.get_command(app))
     try:
-        app()  # standalone: typer handles usage errors (exit 2), --help and Exit itself
+        code = command.main(prog_name="sweep", standalone_mode=False)
     except UserError as err:
         print_user_error(err)
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C outside a sweep's own orderly stop (e.g. while Ray starts)
-        err_console.print("interrupted")
-        sys.exit(130)
+        code = 2
+    except typer.Abort:
+        code = 130
+    except Exception as err:
+        if not is_usage_error(err):
+            raise
+        if type(err).__name__ == "NoArgsIsHelpError":  # `sweep` alone, or a command without its arguments
+            console.print(err.ctx.get_help())
+        else:  # unknown option or command, a bad or missing value
+            print_user_error(usage_error(err))
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)

@@ -43,10 +43,12 @@ def _show(files: list[Path]) -> None:
 
 @app.command()
 def compare(
-    spec: Path = typer.Argument(..., help="search-space YAML with a compare: section"),
-    address: str | None = typer.Option(None, "--address", help="Ray cluster address; default: local Ray"),
+    spec: Path = typer.Argument(..., metavar="SPEC", help="search-space YAML with a compare: section"),
+    address: str | None = typer.Option(None, "--address", metavar="HOST:PORT",
+                                       help="Ray cluster address; default: local Ray"),
     tracking_uri: str | None = typer.Option(
-        None, "--tracking-uri", help="MLflow server URL; default: the spec's, else the local server"
+        None, "--tracking-uri", metavar="URL",
+        help="MLflow server URL; default: the spec's, else the local server"
     ),
 ) -> None:
     """Tune each model at each difficulty with the same budget, retrain the best over seeds, report."""
@@ -59,9 +61,10 @@ def compare(
 
 @app.command()
 def report(
-    name: str = typer.Argument(..., help="the comparison's name (its spec's name:)"),
+    name: str = typer.Argument(..., metavar="NAME", help="the comparison's name (its spec's name:)"),
     tracking_uri: str | None = typer.Option(
-        None, "--tracking-uri", help="MLflow server URL; default: the spec's, else the local server"
+        None, "--tracking-uri", metavar="URL",
+        help="MLflow server URL; default: the spec's, else the local server"
     ),
 ) -> None:
     """(Re)write a comparison's tables, plots and provenance, on disk and in its MLflow parent run."""

@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.markup import escape
@@ -15,7 +16,10 @@ from rich.table import Table
 
 from sweep.cli import app
 from sweep.cli.output import console
+from sweep.errors import UserError
 
+SPEC_HELP = "search-space YAML (see search_spaces/ and docs/sweeps.md)"
+NAME_HELP = "the sweep's name (see `sweep list`)"
 ADDRESS_HELP = ("Ray cluster address HOST:PORT (the head's GCS port, from a cluster node); default: "
                 "$RAY_ADDRESS, else local Ray. Ray Client (ray://) is not used: `ray job submit` instead")
 TRACKING_HELP = ("MLflow server URL; default: the spec's tracking.uri, $MLFLOW_TRACKING_URI, else the local "
@@ -26,7 +30,7 @@ STORAGE_HELP = ("where sweeps live: a folder or s3://BUCKET/PREFIX (gs://...; en
 
 
 def _storage_option() -> str | None:
-    return typer.Option(None, "--storage", help=STORAGE_HELP)
+    return typer.Option(None, "--storage", metavar="PATH|URI", help=STORAGE_HELP)
 
 
 def _summary(result) -> None:  # noqa: ANN001  (sweep.runner.SweepResult; imported lazily for a fast CLI)
@@ -73,18 +77,14 @@ def _fmt(v: object) -> str:
 
 def _apply_sets(data: dict, sets: list[str]) -> dict:
     """`--set task.pairs=16`: one field of the spec, the value read as YAML (16, 0.5, [a, b], true)."""
-    import yaml
-
+    from sweep.config import read_yaml_value
     from sweep.errors import Problem, UserError
 
     for item in sets:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UserError(Problem("--set", f"{item!r} is not FIELD=VALUE", "e.g. --set task.pairs=16"))
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        value = read_yaml_value(raw, f"--set {item}")
         node = data
         *parents, last = key.strip().split(".")
         for part in parents:
@@ -114,26 +114,34 @@ def _stop_on_sigterm() -> Iterator[list[int]]:
 
 @app.command()
 def run(
-    spec: Path = typer.Argument(..., help="search-space YAML (see search_spaces/ and docs/sweeps.md)"),
-    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
-    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
-    name: str | None = typer.Option(None, "--name", help="sweep name (default: the spec's name:)"),
-    sets: list[str] = typer.Option([], "--set", help="override a spec field: task.pairs=16 (repeatable)"),
+    spec: Path = typer.Argument(..., metavar="SPEC", help=SPEC_HELP),
+    address: str | None = typer.Option(None, "--address", metavar="HOST:PORT", help=ADDRESS_HELP),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", metavar="URL", help=TRACKING_HELP),
+    name: str | None = typer.Option(None, "--name", metavar="NAME",
+                                    help="sweep name (default: the spec's name:)"),
+    sets: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE",
+                                   help="override a spec field: task.pairs=16 (repeatable)"),
     storage: str | None = _storage_option(),
 ) -> None:
     """Run a sweep: Optuna proposes trials, Ray Tune runs and early-stops them, MLflow records them."""
-    from sweep.config import SweepSpec, read_yaml, validate_as
+    from sweep.config import SweepSpec, check_name, read_yaml, validate_as
+    from sweep.errors import Problem
 
-    data = _apply_sets(read_yaml(spec), sets + ([f"name={name}"] if name else []))
+    if name is not None:
+        try:
+            check_name(name, "sweep name")
+        except ValueError as err:
+            raise UserError(Problem("--name", str(err), "give another --name, or leave it out")) from None
+    data = _apply_sets(read_yaml(spec), sets + ([f"name={name}"] if name is not None else []))
     _run_to_the_end(validate_as(SweepSpec, data, str(spec)), address, tracking_uri, resume=False,
                     storage=storage)
 
 
 @app.command()
 def resume(
-    name: str = typer.Argument(..., help="the sweep's name (see `sweep list`)"),
-    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
-    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+    name: str = typer.Argument(..., metavar="NAME", help=NAME_HELP),
+    address: str | None = typer.Option(None, "--address", metavar="HOST:PORT", help=ADDRESS_HELP),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", metavar="URL", help=TRACKING_HELP),
     storage: str | None = _storage_option(),
 ) -> None:
     """Continue an interrupted sweep (from this or any machine that reaches its storage): finished trials
@@ -158,11 +166,14 @@ def _run_to_the_end(spec, address: str | None, tracking_uri: str | None, resume:
 
 @app.command()
 def export(
-    name: str = typer.Argument(..., help="the sweep's name (see `sweep list`)"),
-    top_k: int = typer.Option(1, "--top-k", help="also write the k best trials as top1..topk"),
+    name: str = typer.Argument(..., metavar="NAME", help=NAME_HELP),
+    top_k: int = typer.Option(1, "--top-k", metavar="K", min=1,
+                              help="also write the k best trials as top1..topk"),
     per_model: bool = typer.Option(False, "--per-model", help="also write the best trial of each model"),
-    fmt: str = typer.Option("yaml", "--format", help="yaml (with a provenance header) or json"),
-    out: Path | None = typer.Option(None, "--out", help="output folder; default: <sweep folder>/exports"),
+    fmt: Literal["yaml", "json"] = typer.Option("yaml", "--format", metavar="yaml|json",
+                                                help="yaml (with a provenance header) or json"),
+    out: Path | None = typer.Option(None, "--out", metavar="PATH",
+                                    help="output folder; default: <sweep folder>/exports"),
     storage: str | None = _storage_option(),
 ) -> None:
     """Write the best configs of a sweep as TrialConfig files that `sweep train --config` re-runs."""
@@ -251,7 +262,7 @@ def _mlflow_runs(tracking_uri: str | None) -> dict[str, str]:
 
 @app.command("list")
 def list_sweeps(
-    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", metavar="URL", help=TRACKING_HELP),
     storage: str | None = _storage_option(),
 ) -> None:
     """The sweeps in the storage (and their parent runs in MLflow, when its server is up)."""
@@ -267,19 +278,27 @@ def list_sweeps(
         console.print(f"no sweeps in {escape(where.uri)} (try: sweep run search_spaces/quickstart.yaml)")
         return
     table = Table("name", "status", "trials", "errors", "best", "models", "MLflow")
+    damaged = []
     for name in names:
-        row = _sweep_rows(where.sweep(name))
+        try:
+            row = _sweep_rows(where.sweep(name))
+        except UserError as err:  # one damaged sweep must not hide the others
+            damaged.append(err)
+            row = dict.fromkeys(("trials", "errors", "best", "models"), "-")
+            row |= {"name": name, "status": "corrupt"}
         table.add_row(row["name"], row["status"], row["trials"], row["errors"], row["best"], row["models"],
                       in_mlflow.get(name, "-"))
     for name in sorted(set(in_mlflow) - set(names)):
         table.add_row(name, "only in MLflow", "-", "-", "-", "-", in_mlflow[name])
     console.print(table)
+    for err in damaged:
+        console.print(f"[red]corrupt[/]: {escape(err.problems[0].render())}", soft_wrap=True)
 
 
 @app.command()
 def show(
-    name: str = typer.Argument(..., help="the sweep's name (see `sweep list`)"),
-    top: int = typer.Option(10, "--top", help="trials to list, best first"),
+    name: str = typer.Argument(..., metavar="NAME", help=NAME_HELP),
+    top: int = typer.Option(10, "--top", metavar="N", min=1, help="trials to list, best first"),
     storage: str | None = _storage_option(),
 ) -> None:
     """One sweep: its status, where it is stored, and its best trials."""

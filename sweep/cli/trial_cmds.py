@@ -14,14 +14,20 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
-import yaml
 
 from sweep.cli import app
 from sweep.cli.output import console, err_console
+from sweep.config import read_yaml_value
 from sweep.errors import Problem, UserError
+from sweep.models.registry import model_names
+from sweep.tasks.registry import task_names
+
+# The --model/--task choices, from the registries (typer lists and checks a Literal's values)
+ModelChoice = Literal[tuple(model_names())]  # type: ignore[valid-type]
+TaskChoice = Literal[tuple(task_names())]  # type: ignore[valid-type]
 
 # What `sweep train` runs without a config: FW-LSTM on a small ART (K=4). Reaches >= 97% validation
 # accuracy in about 6 epochs (~500 steps, under a minute on one CPU core). Also in
@@ -71,23 +77,29 @@ def train(
         None, metavar="CONFIG", help="trial config YAML (same as --config)"
     ),
     config_opt: Path | None = typer.Option(
-        None, "--config", "-c", help="trial config YAML (e.g. from `sweep export`)"
+        None, "--config", "-c", metavar="CONFIG", help="trial config YAML (e.g. from `sweep export`)"
     ),
     sets: list[str] = typer.Option(
         [], "--set", metavar="SECTION.FIELD=VALUE", help="override one field (repeatable; value read as YAML)"
     ),
-    model: str | None = typer.Option(None, "--model", help="fw_lstm, fw_rnn, ln_lstm or lstm"),
-    task: str | None = typer.Option(None, "--task", help="art or mart"),
-    pairs: int | None = typer.Option(None, "--pairs", help="K, key-value pairs per sequence"),
-    hidden_size: int | None = typer.Option(None, "--hidden-size", help="R, recurrent hidden units"),
-    epochs: int | None = typer.Option(None, "--epochs", help="maximum epochs"),
-    lr: float | None = typer.Option(None, "--lr", help="learning rate"),
+    model: ModelChoice | None = typer.Option(None, "--model", metavar="|".join(model_names()),
+                                             help="the model to train"),
+    task: TaskChoice | None = typer.Option(None, "--task", metavar="|".join(task_names()),
+                                           help="the task variant"),
+    pairs: int | None = typer.Option(None, "--pairs", metavar="K", help="K, key-value pairs per sequence"),
+    hidden_size: int | None = typer.Option(None, "--hidden-size", metavar="R",
+                                           help="R, recurrent hidden units"),
+    epochs: int | None = typer.Option(None, "--epochs", metavar="N", help="maximum epochs"),
+    lr: float | None = typer.Option(None, "--lr", metavar="RATE", help="learning rate"),
     seed: int | None = typer.Option(
-        None, "--seed", help="seed of initialisation and batch order (train.seed)"
+        None, "--seed", metavar="SEED", help="seed of initialisation and batch order (train.seed)"
     ),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda"),
-    out: Path | None = typer.Option(None, "--out", help="run folder; default: FWSWEEP_HOME/train/<name>"),
-    resume: Path | None = typer.Option(None, "--resume", help="continue the run in this folder"),
+    device: Literal["auto", "cpu", "cuda"] | None = typer.Option(
+        None, "--device", metavar="auto|cpu|cuda", help="where to train; cuda without a GPU is an error"),
+    out: Path | None = typer.Option(None, "--out", metavar="PATH",
+                                    help="run folder; default: FWSWEEP_HOME/train/<name>"),
+    resume: Path | None = typer.Option(None, "--resume", metavar="PATH",
+                                       help="continue the run in this folder"),
 ) -> None:
     """Train one trial (without Ray): checkpoints, metrics.json and config.yaml go to the run folder.
 
@@ -145,6 +157,7 @@ def train(
             source=source,
         )
     config = validate_as(TrialConfig, data, source)
+    _check_device(config)
     if resume is not None:
         _check_resumable(base, config, resume)
     else:
@@ -226,12 +239,21 @@ def _apply_overrides(base: dict[str, Any], flags: dict[str, Any], sets: list[str
                     "e.g. --set train.lr=0.001 or --set model.fast_lr=0.5",
                 )
             )
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        value = read_yaml_value(raw, f"--set {item}")
         _section(data, parts[0], f"--set {item}")[parts[1]] = value
     return data
+
+
+def _check_device(config: Any) -> None:
+    """An explicit `cuda` that is not there is refused (exit 2) rather than quietly training on the CPU;
+    `auto` (the default) takes a GPU when there is one."""
+    if config.train.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(Problem("train.device", "is cuda but no CUDA GPU is visible here",
+                                "use --device auto (a GPU when there is one) or --device cpu"))
 
 
 def _section(data: dict[str, Any], name: str, flag: str) -> dict[str, Any]:

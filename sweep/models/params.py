@@ -5,15 +5,22 @@ Defaults follow ../shared/spec/paper.md: embedding 100, a 100-unit ReLU head, S=
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from sweep.strict_numbers import refuse_yes_no
 
 
 class ModelParams(BaseModel):
     """Fields every model has. `name` picks the registry entry."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        return refuse_yes_no(cls, info.field_name, v)
 
     name: str
     hidden_size: int = Field(50, ge=1, le=4096, description="R, the number of recurrent hidden units")
