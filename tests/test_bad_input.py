@@ -330,3 +330,27 @@ def test_every_command_is_covered() -> None:
     assert used <= commands, f"cases for commands that do not exist: {used - commands}"
     untested = commands - used - {"list", "ui", "report"}  # they read no user file; list: test_config
     assert not untested, f"commands without a bad-input case: {untested}"
+
+
+# ---- resources no node of the cluster has: refused once Ray is up, before Tune or MLflow write anything
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("resources", "expect"), [
+    ("{cpu: 64, gpu: 0}", ["resources", "64 CPU", "resources.cpu to at most"]),
+    ("{cpu: 1, gpu: 1}", ["resources", "1 GPU", "resources.gpu: 0"]),
+])
+def test_resources_no_node_has_exit_2_before_anything_is_created(resources: str, expect: list[str],
+                                                                  mlflow_server: str, tmp_path: Path) -> None:
+    import mlflow
+
+    name = f"no-capacity-{abs(hash(resources)) % 1000}"
+    (tmp_path / S).write_text(spec_text(name=name, resources=resources))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env |= {"FWSWEEP_HOME": str(tmp_path / "home"), "HOME": str(tmp_path), "COLUMNS": "200"}
+    result = subprocess.run([str(SWEEP), "run", S, "--tracking-uri", mlflow_server], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=180)  # a hang (Tune waiting) fails here
+    case = Case("resources", [], expect)
+    _check(case, result.returncode, result.stdout + result.stderr, tmp_path)
+    assert not (tmp_path / "home" / "sweeps" / name).exists(), "a sweep folder was created"
+    assert mlflow.MlflowClient(mlflow_server).get_experiment_by_name(name) is None, "an MLflow run was made"
