@@ -12,7 +12,7 @@ SHELL := /bin/bash
 # pip prints one warning per package for this machine's empty local indexes; hide only those lines.
 QUIET_PIP := { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: setup quickstart test lint bench clean
+.PHONY: setup quickstart test lint bench clean browser
 
 setup: $(VENV)/.installed
 
@@ -31,9 +31,21 @@ $(VENV)/.installed: pyproject.toml
 quickstart: setup
 	$(VENV)/bin/sweep run $(SPEC)
 
-test: setup
+test: setup browser
 	$(VENV)/bin/ruff check sweep tests benchmarks
 	$(PY) -m pytest -q -rs tests
+
+# The MLflow UI test (tests/test_ui_browser.py) drives Debian's headless Chromium. As root, install it when
+# missing; when that fails (no apt, no network) the test skips and says why.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! test -x /usr/bin/chromedriver; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium + chromium-driver for the browser test"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+	      >/dev/null 2>&1 || echo "could not install chromium: the browser test will skip"; \
+	  else echo "no chromium/chromedriver: the browser test will skip (apt-get install chromium chromium-driver)"; \
+	  fi; \
+	fi
 
 lint: setup
 	$(VENV)/bin/ruff check sweep tests benchmarks

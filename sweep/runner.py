@@ -414,6 +414,9 @@ def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store:
     finally:  # whatever happened, no MLflow run stays RUNNING
         for cb in trackers:
             cb.close(status)
+    from sweep.tracking import sweep_link
+
+    mlflow_url = sweep_link(tracking_url, spec) or mlflow_url  # the runs table, best trial first
     counts: dict[str, int] = {}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1

@@ -31,12 +31,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 from filelock import FileLock
 
 from sweep import paths
 from sweep.errors import Problem, UserError
+
+if TYPE_CHECKING:
+    from sweep.config import SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -574,3 +578,82 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+# ---------------------------------------------------------------------------------------------- UI links
+
+
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # the MLflow UI's own saved-view tags on an experiment
+
+
+def searched_params(spec: SweepSpec) -> list[str]:
+    """The child runs' param names of what the sweep searches (`model.name`, `train.lr`, `model.fast_lr`)."""
+    from sweep.config import Distribution, resolve_param
+
+    names = ["model.name"] if len(spec.models) > 1 else []
+    for section, entries in spec.space.items():
+        models = spec.models if section == "common" else [section]
+        for key, value in entries.items():
+            if not isinstance(value, Distribution):
+                continue
+            for model in models:
+                target = resolve_param(key, model)
+                if target and ".".join(target) not in names:
+                    names.append(".".join(target))
+    return names
+
+
+def runs_view(sweep: str, metric: str, mode: str, params: list[str]) -> dict[str, object]:
+    """The MLflow UI state of a sweep's runs table: its trials, best first, the metric and params shown."""
+    return {
+        "searchFilter": f"tags.sweep = '{sweep}' and tags.`mlflow.parentRunId` IS NOT NULL",
+        "orderByKey": f"metrics.`{metric}`",
+        "orderByAsc": mode == "min",
+        "selectedColumns": [f"metrics.`{metric}`", *(f"params.`{p}`" for p in params)],
+    }
+
+
+def runs_table_link(url: str, experiment_id: str, view: dict[str, object],
+                    share_key: str | None = None) -> str:
+    """A link to the runs table in Model-training mode showing `view`.
+
+    MLflow 3.17's UI reads the sort and the filter from the URL, but the columns only from a saved view
+    (`viewStateShareKey`, an experiment tag): with `share_key` the link opens that view, else the URL
+    carries what it can (order and filter, MLflow's default columns).
+    """
+    query: dict[str, str] = {"workflowType": "machine_learning"}
+    if share_key:
+        query["viewStateShareKey"] = share_key
+    else:
+        query |= {"searchFilter": str(view["searchFilter"]), "orderByKey": str(view["orderByKey"]),
+                  "orderByAsc": str(view["orderByAsc"]).lower()}
+    return f"{url.rstrip('/')}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query)}"
+
+
+def sweep_link(url: str | None, spec: SweepSpec) -> str | None:
+    """The link a person follows to see a sweep in the MLflow UI, or None (no HTTP server, no runs yet).
+
+    Saves the sweep's view on its experiment (the tag `mlflow.sharedViewState.fwsweep-NAME`, rewritten
+    each time, so every link printed for the sweep stays valid). Never raises: a link is not worth failing
+    a command over; where the view cannot be saved (a read-only user) the link keeps the order and filter.
+    """
+    if not url or not url.startswith(("http://", "https://")) or not wait_ready(url, START_TIMEOUT_S) \
+            or not is_healthy(url):
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(url)
+    try:
+        experiment = client.get_experiment_by_name(spec.experiment)
+    except (MlflowException, OSError):
+        return None
+    if experiment is None:
+        return None
+    view = runs_view(spec.name, spec.metric.name, spec.metric.mode, searched_params(spec))
+    key = f"fwsweep-{spec.name}"
+    try:
+        client.set_experiment_tag(experiment.experiment_id, SHARED_VIEW_TAG + key, json.dumps(view))
+    except (MlflowException, OSError):
+        key = None
+    return runs_table_link(url, experiment.experiment_id, view, key)

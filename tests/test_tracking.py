@@ -256,3 +256,36 @@ def test_unwritable_home_is_a_user_error(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(UserError, match="FWSWEEP_HOME"):
         ensure_server(None)
+
+
+def test_sweep_link_saves_the_view_and_falls_back_to_url_state(mlflow_server: str) -> None:
+    """The link opens a saved view (sort, filter, columns); without an experiment there is no link."""
+    import urllib.parse
+
+    import mlflow
+    import yaml
+
+    from sweep.config import SweepSpec
+    from sweep.tracking import SHARED_VIEW_TAG, runs_table_link, runs_view, searched_params, sweep_link
+
+    data = yaml.safe_load((ROOT / "search_spaces/tests/faults_tiny.yaml").read_text())
+    data |= {"name": "link-check", "models": ["lstm", "fw_lstm"],
+             "metric": {"name": "val_loss", "mode": "min"}}
+    spec = SweepSpec.model_validate(data)
+    assert searched_params(spec) == ["model.name", "train.lr"]
+    assert sweep_link(mlflow_server, spec) is None  # nothing logged yet: no experiment to link to
+    assert sweep_link("sqlite:///x.db", spec) is None and sweep_link(None, spec) is None
+
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.create_experiment(spec.experiment)
+    link = sweep_link(mlflow_server, spec)
+    assert link == (f"{mlflow_server}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+                    "&viewStateShareKey=fwsweep-link-check")
+    saved = json.loads(client.get_experiment(experiment).tags[SHARED_VIEW_TAG + "fwsweep-link-check"])
+    assert saved == {"searchFilter": "tags.sweep = 'link-check' and tags.`mlflow.parentRunId` IS NOT NULL",
+                     "orderByKey": "metrics.`val_loss`", "orderByAsc": True,
+                     "selectedColumns": ["metrics.`val_loss`", "params.`model.name`", "params.`train.lr`"]}
+
+    plain = runs_table_link(mlflow_server, experiment, runs_view("s", "val_accuracy", "max", []))
+    query = urllib.parse.parse_qs(plain.split("?", 1)[1])
+    assert query["orderByKey"] == ["metrics.`val_accuracy`"] and query["orderByAsc"] == ["false"]

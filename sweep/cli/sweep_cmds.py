@@ -197,6 +197,7 @@ def ui(
         return
     with tracking_server(None, keep=detach) as server:  # $MLFLOW_TRACKING_URI if set, else the local one
         console.print(f"MLflow UI: [bold]{server.url}[/]")
+        _sweep_links(server.url)
         if detach:
             console.print("running in the background; stop it with `sweep ui --stop`")
             return
@@ -204,6 +205,18 @@ def ui(
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)
+
+
+def _sweep_links(url: str) -> None:
+    """One link per sweep on disk to its runs table (best trial first), for those MLflow has runs of."""
+    from sweep.store import open_storage
+    from sweep.tracking import sweep_link
+
+    where = open_storage(None)
+    for name in where.sweep_names():
+        link = sweep_link(url, where.sweep(name).load_spec())
+        if link:
+            console.print(f"  {name}: {link}", soft_wrap=True)
 
 
 def _sweep_rows(store) -> dict[str, str]:  # noqa: ANN001  (sweep.store.SweepStore)
@@ -304,9 +317,11 @@ def show(
     """One sweep: its status, where it is stored, and its best trials."""
     from sweep.export import best_trials
     from sweep.store import EXPORT_DIR, open_sweep
+    from sweep.tracking import running_server_url, sweep_link
 
     store = open_sweep(name, storage)
     spec = store.load_spec()
+    mlflow_url = running_server_url(None, spec.tracking.uri)  # a URI that cannot work: exit 2 first
     row = _sweep_rows(store)
     console.print(f"[bold]{name}[/] ({row['status']}): {row['trials']} trials, {row['errors']} errors; "
                   f"best {spec.metric.name} {row['best']}")
@@ -324,3 +339,6 @@ def show(
     if index:
         files = [e["file"] for e in index.get("exports", [])]
         console.print(f"exports: {escape(store.where(EXPORT_DIR))} ({', '.join(files)})", soft_wrap=True)
+    link = sweep_link(mlflow_url, spec)
+    console.print(f"MLflow: {link}" if link else "MLflow: `sweep ui` brings up the server and prints this "
+                  "sweep's link", soft_wrap=True)
