@@ -327,8 +327,9 @@ class LNLSTMSequence(torch.autograd.Function):
             torch.mul(dc_pre, c_prev, out=dsig[:, 2])
             torch.mul(dc_pre, g, out=dsig[:, 0])
             dc = dc_pre * sig[:, 2]
+            torch.mul(dc_pre, sig[:, 0], out=dsig[:, 1])  # d g (no uninitialised memory: denormals are slow)
             aten.sigmoid_backward.grad_input(dsig, sig, grad_input=dY[t])  # row j is overwritten next
-            aten.tanh_backward.grad_input(dc_pre * sig[:, 0], g, grad_input=dY[t][:, 1])
+            aten.tanh_backward.grad_input(dsig[:, 1], g, grad_input=dY[t][:, 1])
             dz = _layer_norm_backward(dY[t] * gamma, Z[t].view(B, 4, H), z_mean, z_rstd, None, None)[0]
             dZ[t] = dz.view(B, G)
             dh = dZ[t] @ W_h
