@@ -25,23 +25,13 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import art_shaped_batch, options_label, train_step_fn  # noqa: E402
+from models import CONFIGS, MATRIX_CONFIGS, art_shaped_batch, options_label, train_step_fn  # noqa: E402
 from record import record  # noqa: E402
 
 BASE = {"hidden": 100, "batch": 128, "length": 19}
 SWEEPS = {"hidden": [20, 50, 100, 200, 400], "batch": [32, 128, 512, 2048], "length": [11, 19, 35, 67]}
 QUICK_SWEEPS = {"hidden": [50, 100], "batch": [128, 1024], "length": [19, 35]}
-FORMS: list[tuple[str, dict]] = [
-    ("lstm", {}),
-    ("ln_lstm", {"cell_form": "fused"}),
-    ("ln_lstm", {"cell_form": "autograd"}),
-    ("fw_rnn", {"fw_form": "fused"}),
-    ("fw_rnn", {"fw_form": "attention"}),
-    ("fw_rnn", {"fw_form": "matrix"}),
-    ("fw_lstm", {"fw_form": "fused"}),
-    ("fw_lstm", {"fw_form": "attention"}),
-    ("fw_lstm", {"fw_form": "matrix"}),
-]
+FORMS = CONFIGS + MATRIX_CONFIGS  # every model and form of benchmarks/models.py
 MATRIX_LIMIT_BYTES = 8 * 2**30  # skip a matrix form whose stored A(t) alone would pass this (B·D²·T floats)
 
 

@@ -44,6 +44,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def assert_same_function(reference, candidate, x, tol: float = 1e-9) -> None:
+    """Outputs and every parameter's gradient agree to a relative `tol`."""
+    out_r, grads_r = outputs_and_grads(reference, x)
+    out_c, grads_c = outputs_and_grads(candidate, x)
+    assert rel_err(out_c, out_r) < tol
+    for param_name, grad in grads_r.items():
+        assert rel_err(grads_c[param_name], grad) < tol, param_name
+
+
 @pytest.mark.parametrize("name", model_names())
 def test_every_model_maps_tokens_to_logits(name):
     model = make(name, dtype=torch.float32, hidden_size=20)
@@ -85,13 +94,7 @@ FAST_WEIGHT_MODELS = [
 def test_attention_form_equals_matrix_form_with_gradients(name, fields, inner_steps):
     # eta and lambda larger than the defaults so that the memory dominates the slow path
     kw = {**fields, "inner_steps": inner_steps, "fast_lr": 0.9, "decay": 0.95}
-    matrix, attention = make(name, fw_form="matrix", **kw), make(name, fw_form="attention", **kw)
-    x = tokens()
-    out_m, grads_m = outputs_and_grads(matrix, x)
-    out_a, grads_a = outputs_and_grads(attention, x)
-    assert rel_err(out_a, out_m) < 1e-9
-    for param_name, grad in grads_m.items():
-        assert rel_err(grads_a[param_name], grad) < 1e-9, param_name
+    assert_same_function(make(name, fw_form="matrix", **kw), make(name, fw_form="attention", **kw), tokens())
 
 
 @pytest.mark.parametrize("inner_steps", [1, 2, 3])
@@ -101,22 +104,11 @@ def test_attention_form_equals_matrix_form_with_gradients(name, fields, inner_st
 def test_fused_form_equals_matrix_form_with_gradients(name, fields, inner_steps):
     kw = {**fields, "inner_steps": inner_steps, "fast_lr": 0.9, "decay": 0.95}
     matrix, fused = make(name, fw_form="matrix", **kw), make(name, fw_form="fused", **kw)
-    x = tokens(length=7)
-    out_m, grads_m = outputs_and_grads(matrix, x)
-    out_f, grads_f = outputs_and_grads(fused, x)
-    assert rel_err(out_f, out_m) < 1e-9
-    for param_name, grad in grads_m.items():
-        assert rel_err(grads_f[param_name], grad) < 1e-9, param_name
+    assert_same_function(matrix, fused, tokens(length=7))
 
 
 def test_fused_ln_lstm_equals_the_autograd_cell_with_gradients():
-    reference, fused = make("ln_lstm", cell_form="autograd"), make("ln_lstm", cell_form="fused")
-    x = tokens()
-    out_r, grads_r = outputs_and_grads(reference, x)
-    out_f, grads_f = outputs_and_grads(fused, x)
-    assert rel_err(out_f, out_r) < 1e-9
-    for param_name, grad in grads_r.items():
-        assert rel_err(grads_f[param_name], grad) < 1e-9, param_name
+    assert_same_function(make("ln_lstm", cell_form="autograd"), make("ln_lstm", cell_form="fused"), tokens())
 
 
 def test_the_fastest_exact_forms_are_the_defaults():
