@@ -466,6 +466,21 @@ def stop_local_server(folder: Path | None = None) -> bool:
     return alive
 
 
+def stop_unless_used(folder: Path | None = None) -> tuple[bool, list[int]]:
+    """`sweep ui --stop`: stop the local server unless commands still use it; (stopped, their pids).
+
+    A running sweep keeps it (its watchdog would only bring it back); it is no longer kept by `--detach`,
+    so it stops when the last of them ends.
+    """
+    folder = folder or paths.mlflow_dir()
+    if not folder.is_dir():
+        return False, []
+    with _locked(folder):
+        (folder / KEEP_FILE).unlink(missing_ok=True)
+        users = active_users(folder)
+        return (False if users else stop_local_server(folder)), users
+
+
 def stop_servers_under(folder: Path) -> list[int]:
     """Stop every `mlflow server` whose store lies under `folder`; their pids.
 
@@ -628,6 +643,15 @@ def runs_table_link(url: str, experiment_id: str, view: dict[str, object],
         query |= {"searchFilter": str(view["searchFilter"]), "orderByKey": str(view["orderByKey"]),
                   "orderByAsc": str(view["orderByAsc"]).lower()}
     return f"{url.rstrip('/')}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query)}"
+
+
+def run_link(url: str, experiment_id: str, run_id: str, tab: str | None = None) -> str:
+    """A link to one run in Model-training mode (MLflow 3 otherwise opens runs as GenAI "Evaluations").
+
+    `tab`: None (overview), "model-metrics", "system-metrics" or "artifacts".
+    """
+    page = f"{run_id}/{tab}" if tab else run_id
+    return f"{url.rstrip('/')}/#/experiments/{experiment_id}/runs/{page}?workflowType=machine_learning"
 
 
 def sweep_link(url: str | None, spec: SweepSpec) -> str | None:

@@ -27,6 +27,7 @@ from sweep.tracking import (
     resolve_tracking_uri,
     stop_local_server,
     stop_process_tree,
+    stop_unless_used,
     tracking_server,
     wait_ready,
 )
@@ -212,6 +213,8 @@ def test_local_server_lives_while_a_command_uses_it(home: Path) -> None:
             with tracking_server(None) as inner:  # e.g. `sweep compare` running its sweeps
                 assert inner.url == outer.url and not inner.started_here
             assert _exists(outer.pid), "an inner user stopped the server under the outer one"
+            assert stop_unless_used() == (False, [os.getpid()])  # `sweep ui --stop` during a sweep
+            assert _exists(outer.pid) and is_healthy(outer.url)
             dead = paths.mlflow_dir() / "users" / "999999999-dead"  # a killed driver's lease
             dead.touch()
         assert not _exists(outer.pid) and read_state(paths.mlflow_dir()) is None
@@ -220,6 +223,7 @@ def test_local_server_lives_while_a_command_uses_it(home: Path) -> None:
         with tracking_server(None, keep=True) as kept:  # `sweep ui --detach`
             pass
         assert _exists(kept.pid) and read_state(paths.mlflow_dir())["pid"] == kept.pid
+        assert stop_unless_used() == (True, [])
     finally:
         stop_local_server()
     assert not _exists(kept.pid)
@@ -266,7 +270,14 @@ def test_sweep_link_saves_the_view_and_falls_back_to_url_state(mlflow_server: st
     import yaml
 
     from sweep.config import SweepSpec
-    from sweep.tracking import SHARED_VIEW_TAG, runs_table_link, runs_view, searched_params, sweep_link
+    from sweep.tracking import (
+        SHARED_VIEW_TAG,
+        run_link,
+        runs_table_link,
+        runs_view,
+        searched_params,
+        sweep_link,
+    )
 
     data = yaml.safe_load((ROOT / "search_spaces/tests/faults_tiny.yaml").read_text())
     data |= {"name": "link-check", "models": ["lstm", "fw_lstm"],
@@ -289,3 +300,5 @@ def test_sweep_link_saves_the_view_and_falls_back_to_url_state(mlflow_server: st
     plain = runs_table_link(mlflow_server, experiment, runs_view("s", "val_accuracy", "max", []))
     query = urllib.parse.parse_qs(plain.split("?", 1)[1])
     assert query["orderByKey"] == ["metrics.`val_accuracy`"] and query["orderByAsc"] == ["false"]
+    assert run_link(mlflow_server, "7", "abc", "model-metrics") == (
+        f"{mlflow_server}/#/experiments/7/runs/abc/model-metrics?workflowType=machine_learning")

@@ -189,11 +189,15 @@ def ui(
     stop: bool = typer.Option(False, "--stop", help="stop the local MLflow server and return"),
 ) -> None:
     """Start (or find) the local MLflow server and print its URL; it stays up until Ctrl-C."""
-    from sweep.tracking import stop_local_server, tracking_server
+    from sweep.tracking import stop_unless_used, tracking_server
 
     if stop:
-        stopped = stop_local_server()
-        console.print("local MLflow server stopped" if stopped else "no local MLflow server running")
+        stopped, users = stop_unless_used()
+        if users:
+            console.print(f"the local MLflow server stays up while {len(users)} command(s) use it (pid "
+                          f"{', '.join(map(str, users))}); it stops when the last one ends")
+        else:
+            console.print("local MLflow server stopped" if stopped else "no local MLflow server running")
         return
     with tracking_server(None, keep=detach) as server:  # $MLFLOW_TRACKING_URI if set, else the local one
         console.print(f"MLflow UI: [bold]{server.url}[/]")
