@@ -36,6 +36,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 import sweep
+from sweep import tracking
 from sweep.curves import plot_learning_curve, plot_sweep_curves
 
 log = logging.getLogger(__name__)
@@ -327,6 +328,8 @@ class MlflowSweepCallback(Callback):
 
     def flush(self, force: bool = False) -> bool:
         """Send what is pending; True when nothing is left. Never raises; skips while in back-off."""
+        if not tracking.is_ready(self.tracking_uri):
+            return False  # the local server is booting or being restarted: results wait in memory
         if not force and time.monotonic() < self._down_until:
             return False
         try:

@@ -352,7 +352,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)  # exit 2 on a URI that cannot work
     ray_started: list[bool] = []
 
-    def start_ray() -> None:  # runs while a local MLflow server boots (Ray takes ~4 s, MLflow ~4-8 s)
+    def start_ray() -> None:  # Ray's start (~4 s) and then Tune's overlap a local MLflow server's boot
         sigterm = signal.getsignal(signal.SIGTERM)
         ray_started.append(connect_ray(address))
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
@@ -360,9 +360,10 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
         capacity.check_resources(spec)  # before Tune/MLflow write anything: a trial no node fits would hang
 
     try:
-        with tracking_server(uri, meanwhile=start_ray) as server:
+        with tracking_server(uri, meanwhile=start_ray, wait=False) as server:  # trials start while it boots
             if announce:
-                how = "started on 127.0.0.1" if server.started_here else "reused" if not uri else "given"
+                how = "starting on 127.0.0.1; trials start meanwhile" if server.started_here else \
+                    "reused" if not uri else "given"
                 announce(f"MLflow: {server.url} ({how}); sweep state: {store.uri}")
             result = _run(spec, resume, server.url, started=any(ray_started), store=store)
     finally:  # e.g. the MLflow server failed to start after Ray did

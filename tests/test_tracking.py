@@ -302,3 +302,62 @@ def test_sweep_link_saves_the_view_and_falls_back_to_url_state(mlflow_server: st
     assert query["orderByKey"] == ["metrics.`val_accuracy`"] and query["orderByAsc"] == ["false"]
     assert run_link(mlflow_server, "7", "abc", "model-metrics") == (
         f"{mlflow_server}/#/experiments/7/runs/abc/model-metrics?workflowType=machine_learning")
+
+
+@pytest.mark.slow
+def test_trials_train_while_the_local_server_does_not_answer_yet(home: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sweep run` does not wait for its local server: trials train while it is frozen from its launch
+    (SIGSTOP, a real process that does not answer), their reports wait, and all arrive once it answers."""
+    import contextlib
+    import signal
+    import threading
+
+    import mlflow
+    import psutil
+    import yaml
+
+    from sweep.config import SweepSpec
+    from sweep.runner import run_sweep
+
+    monkeypatch.setenv("TMPDIR", os.environ.get("TMPDIR", str(tmp_path)))
+    data = yaml.safe_load((ROOT / "search_spaces/tests/faults_tiny.yaml").read_text())
+    data["name"] = "boot-overlap"
+    data["budget"] |= {"num_samples": 2}
+    spec = SweepSpec.model_validate(data)
+    checkpoints = paths.sweeps_dir() / spec.name
+    seen: dict[str, object] = {}
+
+    def freeze_until_trials_report() -> None:
+        deadline = time.monotonic() + 600
+        while (state := read_state()) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        frozen = [psutil.Process(state["pid"])]
+        frozen[0].send_signal(signal.SIGSTOP)
+        frozen += frozen[0].children(recursive=True)
+        for proc in frozen[1:]:
+            proc.send_signal(signal.SIGSTOP)
+        seen["healthy_when_frozen"] = is_healthy(state["url"], timeout=1.0)
+        while not list(checkpoints.glob("trial_*/checkpoint_*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        seen["trained_while_frozen"] = bool(list(checkpoints.glob("trial_*/checkpoint_*")))
+        seen["ready_while_frozen"] = is_ready(state["url"])
+        for proc in frozen:  # (the watchdog may have replaced a server frozen for longer than HUNG_AFTER_S)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGCONT)
+
+    freezer = threading.Thread(target=freeze_until_trials_report, daemon=True)
+    freezer.start()
+    result = run_sweep(spec)
+    freezer.join(timeout=60)
+    assert seen == {"healthy_when_frozen": False, "trained_while_frozen": True, "ready_while_frozen": False}
+    assert sum(result.status_counts.values()) == 2 and result.best is not None
+
+    with tracking_server(None) as server:  # the sweep stopped it: bring it back to read what it holds
+        client = mlflow.MlflowClient(server.url)
+        experiment = client.get_experiment_by_name(spec.experiment).experiment_id
+        trials = client.search_runs([experiment], "tags.`mlflow.parentRunId` IS NOT NULL")
+        assert len(trials) == 2
+        for run in trials:
+            history = client.get_metric_history(run.info.run_id, spec.metric.name)
+            assert sorted(m.step for m in history) == [1, 2, 3], run.info.run_name  # no report lost
