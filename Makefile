@@ -12,7 +12,7 @@ SHELL := /bin/bash
 # pip prints one warning per package for this machine's empty local indexes; hide only those lines.
 QUIET_PIP := { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: setup quickstart test lint bench clean browser
+.PHONY: setup quickstart test test-fast lint bench clean browser
 
 setup: $(VENV)/.installed
 
@@ -31,9 +31,15 @@ $(VENV)/.installed: pyproject.toml
 quickstart: setup
 	$(VENV)/bin/sweep run $(SPEC)
 
+# Everything, what CI runs: real Ray, real MLflow servers, subprocesses, training to target accuracies.
 test: setup browser
 	$(VENV)/bin/ruff check sweep tests benchmarks
 	$(PY) -m pytest -q -rs tests
+
+# Everyday work: in-process tests only (no Ray, no MLflow server: `slow` tests are left out).
+test-fast: setup
+	$(VENV)/bin/ruff check sweep tests benchmarks
+	$(PY) -m pytest -q -rs -m "not slow" tests
 
 # The MLflow UI test (tests/test_ui_browser.py) drives Debian's headless Chromium. As root, install it when
 # missing; when that fails (no apt, no network) the test skips and says why.

@@ -31,11 +31,14 @@ TINY_TRIAL: dict[str, Any] = {
 }
 
 
+# Fixtures that start a real MLflow server or Ray: a test using one is slow whatever its module says, so
+# the fast tier never starts either.
+SLOW_FIXTURES = {"mlflow_server", "own_mlflow", "local_ray", "first_sweep", "cluster"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test using the MLflow server fixture is slow whether or not its module says so: the fast tier
-    never starts a server."""
     for item in items:
-        if "mlflow_server" in getattr(item, "fixturenames", ()):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 

@@ -54,6 +54,7 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     absent: list[str] = field(default_factory=list)  # must not appear (e.g. a false "Field required")
     real_cli: bool = False  # also run through the installed executable in a subprocess
+    without_gpu: bool = False  # a mistake only where no CUDA GPU is visible (else skipped, saying so)
 
 
 CASES = [
@@ -190,6 +191,10 @@ CASES = [
     Case("train-misspelt-model", ["train", "--model", "fw_lsmt"], ["--model", "did you mean 'fw_lstm'"]),
     Case("train-unknown-task", ["train", "--task", "copy"], ["--task", "copy", "mart"]),
     Case("train-bad-device", ["train", "--device", "tpu"], ["--device", "cuda"]),
+    Case("train-cuda-without-gpu", ["train", "--device", "cuda"],
+         ["train.device", "no CUDA GPU", "--device auto"], without_gpu=True),
+    Case("config-cuda-without-gpu", ["train", "c.yaml"], ["train.device", "no CUDA GPU"],
+         {"c.yaml": GOOD_TRIAL.replace("batch_size: 16", "batch_size: 16, device: cuda")}, without_gpu=True),
     Case("train-set-typo", ["train", "--set", "train.lrr=0.1"], ["train.lrr", "did you mean 'lr'"]),
     Case("train-set-field-of-other-model", ["train", "--model", "lstm", "--set", "model.fast_lr=0.3"],
          ["model.fast_lr", "unknown field"]),
@@ -289,6 +294,11 @@ def _check(case: Case, code: int, output: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_in_process(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                               capsys: pytest.CaptureFixture[str]) -> None:
+    if case.without_gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA GPU is visible here: asking for cuda is then right")
     env = _prepare(case, tmp_path)
     monkeypatch.chdir(tmp_path)
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):

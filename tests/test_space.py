@@ -93,7 +93,11 @@ def test_every_sampler_builds_and_samples(sampler):
     from sweep.runner import _sampler
 
     spec = SweepSpec.model_validate(SPEC | {"searcher": {"sampler": sampler, "seed": 3}})
-    configs = _sample(spec, 4, _sampler(spec))
-    assert len({c["model"] for c in configs} | {"x"}) >= 2
-    again = _sample(spec, 4, _sampler(spec))
+    configs = _sample(spec, 10, _sampler(spec))
+    assert len({c["model"] for c in configs}) >= 2, "the sampler never varied the model"
+    for c in configs:  # every proposal is a point of the space: its model's own ranges, the constants
+        assert c["model"] in spec.models and c["batch_size"] == 64 and 1e-4 <= c["lr"] <= 1e-2
+        if c["model"] == "fw_lstm":
+            assert 0.5 <= c["fw_lstm.decay"] <= 0.6
+    again = _sample(spec, 10, _sampler(spec))
     assert configs == again  # seeded: the same spec proposes the same trials
