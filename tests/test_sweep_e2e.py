@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import yaml
 
-from sweep import paths, tracking
+from sweep import paths
 from sweep.config import SweepSpec, load_trial_config
 from sweep.export import load_trials
 from sweep.runner import run_sweep
@@ -43,15 +43,8 @@ TINY_SPEC = {
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = tracking.start_server(tmp_path_factory.mktemp("mlflow"))
-    yield server.url
-    tracking.stop_process_tree(server.pid)
-
-
-@pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """One FWSWEEP_HOME for the module: the last test reuses the first one's sweep folder."""
+    """One FWSWEEP_HOME for the module (each test runs its own sweeps in it, under its own names)."""
     folder = tmp_path_factory.mktemp("fwsweep") / "home"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FWSWEEP_HOME", str(folder))
@@ -202,13 +195,16 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(home, mlflow
 
 
 def test_resume_refuses_another_spec(home, mlflow_server):
-    """A finished sweep's folder + a changed spec under the same name: a UserError, nothing re-run."""
+    """A finished sweep's folder + a changed spec under the same name: a UserError, nothing re-run.
+    Self-contained: it runs its own one-trial sweep first (not another test's leftovers)."""
     from sweep.errors import UserError
 
-    if not (paths.sweep_dir("e2e") / "sweep_spec.yaml").exists():
-        pytest.skip("needs the end-to-end sweep's folder")
-    changed = SweepSpec.model_validate(TINY_SPEC | {"budget": TINY_SPEC["budget"] | {"num_samples": 9}})
+    data = TINY_SPEC | {"name": "e2e-refuse", "scheduler": {"name": "fifo"},
+                        "budget": {"num_samples": 1, "max_epochs": 1, "max_concurrent": 1}}
+    first = run_sweep(SweepSpec.model_validate(data), tracking_uri=mlflow_server)
+    assert first.best is not None and paths.sweep_dir("e2e-refuse").is_dir()
+    changed = SweepSpec.model_validate(data | {"budget": data["budget"] | {"num_samples": 9}})
     with pytest.raises(UserError, match="different spec"):
         run_sweep(changed, tracking_uri=mlflow_server, resume=True)
     with pytest.raises(UserError, match="already exists"):
-        run_sweep(SweepSpec.model_validate(TINY_SPEC), tracking_uri=mlflow_server)
+        run_sweep(SweepSpec.model_validate(data), tracking_uri=mlflow_server)
