@@ -361,3 +361,33 @@ def test_trials_train_while_the_local_server_does_not_answer_yet(home: Path, tmp
         for run in trials:
             history = client.get_metric_history(run.info.run_id, spec.metric.name)
             assert sorted(m.step for m in history) == [1, 2, 3], run.info.run_name  # no report lost
+
+
+def test_ui_prints_a_link_per_sweep_and_keeps_its_port(home: Path) -> None:
+    """`sweep ui --detach` prints the server's URL and each sweep's runs-table link; `--stop` stops it;
+    the next `sweep ui` comes back on the same port, so the printed links work again."""
+    import mlflow
+
+    spec_text = (ROOT / "search_spaces/tests/faults_tiny.yaml").read_text()
+    (paths.sweeps_dir() / "faults-tiny").mkdir(parents=True)
+    (paths.sweeps_dir() / "faults-tiny" / "sweep_spec.yaml").write_text(spec_text)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"COLUMNS": "300"}
+
+    def ui(*flags: str) -> str:
+        result = subprocess.run([str(SWEEP), "ui", *flags], env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    try:
+        first = ui("--detach")
+        url = read_state()["url"]
+        assert f"MLflow UI: {url}" in first and "faults-tiny" not in first  # no runs yet: no link
+        experiment = mlflow.MlflowClient(url).create_experiment("faults-tiny")
+        assert "local MLflow server stopped" in ui("--stop") and not is_healthy(url)
+        again = ui("--detach")
+        link = (f"faults-tiny: {url}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+                "&viewStateShareKey=fwsweep-faults-tiny")
+        assert f"MLflow UI: {url}" in again and link in again
+    finally:
+        stop_local_server()
