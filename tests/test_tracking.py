@@ -95,6 +95,7 @@ def test_uris_that_need_no_server_pass_and_precedence_holds(monkeypatch: pytest.
     assert resolve_tracking_uri(None) is None  # empty: unset, the local server
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 @pytest.mark.parametrize(("argv", "env"), [
     (["run", "search_spaces/tests/faults_tiny.yaml", "--tracking-uri", "ftp://files.example/runs"], {}),
     (["run", "search_spaces/tests/faults_tiny.yaml"], {"MLFLOW_TRACKING_URI": "garbage://"}),
@@ -130,6 +131,7 @@ def test_environment_uri_is_used_when_none_is_given(mlflow_server: str,
     assert ensure_server(None).url == mlflow_server
 
 
+@pytest.mark.slow  # starts a local MLflow server
 def test_local_server_is_started_on_loopback_reused_and_stopped(home: Path) -> None:
     first = ensure_server(None)
     try:
@@ -160,6 +162,7 @@ def test_local_server_is_started_on_loopback_reused_and_stopped(home: Path) -> N
     assert remembered_port() == port  # a clean stop forgets the process, not the port
 
 
+@pytest.mark.slow  # starts a local MLflow server
 def test_ui_comes_back_on_the_same_port_after_a_clean_stop(home: Path) -> None:
     """`sweep ui`, Ctrl-C, `sweep ui` again: the link printed the first time works again."""
     with tracking_server(None) as first:
@@ -170,6 +173,7 @@ def test_ui_comes_back_on_the_same_port_after_a_clean_stop(home: Path) -> None:
     assert not _exists(second.pid)
 
 
+@pytest.mark.slow  # starts a local MLflow server
 def test_watchdog_restarts_a_killed_server_on_the_same_port(home: Path) -> None:
     """The server dies while a command uses it: the command's watchdog brings it back over the same store."""
     with tracking_server(None) as server:
@@ -193,6 +197,7 @@ def test_watchdog_restarts_a_killed_server_on_the_same_port(home: Path) -> None:
     assert not _exists(state["pid"]) and read_state() is None
 
 
+@pytest.mark.slow  # starts a local MLflow server
 def test_a_sweep_need_not_wait_for_the_server(home: Path) -> None:
     """`wait=False`: the command goes on while the server boots; `is_ready` says when writes may start."""
     started = time.monotonic()
@@ -206,6 +211,7 @@ def test_a_sweep_need_not_wait_for_the_server(home: Path) -> None:
     assert not _exists(server.pid)
 
 
+@pytest.mark.slow  # starts a local MLflow server
 def test_local_server_lives_while_a_command_uses_it(home: Path) -> None:
     """The last command out stops the local server; a nested user, a kept server and a dead lease differ."""
     try:
@@ -363,6 +369,7 @@ def test_trials_train_while_the_local_server_does_not_answer_yet(home: Path, tmp
             assert sorted(m.step for m in history) == [1, 2, 3], run.info.run_name  # no report lost
 
 
+@pytest.mark.slow  # starts a local MLflow server
 def test_ui_prints_a_link_per_sweep_and_keeps_its_port(home: Path) -> None:
     """`sweep ui --detach` prints the server's URL and each sweep's runs-table link; `--stop` stops it;
     the next `sweep ui` comes back on the same port, so the printed links work again."""
