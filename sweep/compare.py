@@ -23,6 +23,7 @@ from typing import Any
 from sweep import paths
 from sweep.config import Difficulty, SweepSpec, TrialConfig, dump_yaml
 from sweep.errors import Problem, TrialDiverged, UserError
+from sweep.events import Listener
 from sweep.report import SeedRun, seed_run_from_dict, seed_run_to_dict, write_report
 
 MANIFEST = "comparison.json"
@@ -274,10 +275,11 @@ def provenance(manifest: Manifest) -> dict[str, Any]:
 
 
 def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri: str | None = None,
-                   log=print) -> list[Path]:
+                   log=print, on_event: Listener | None = None) -> list[Path]:
     """Tune every (model, difficulty) with the same budget, retrain the best over seeds, write the report.
 
     A rerun with the same name skips the tuning sweeps and seed runs already done (it resumes).
+    `on_event` receives each tuning sweep's `sweep.events` (the live view).
     """
     from sweep.tracking import tracking_server
 
@@ -285,10 +287,11 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
         raise UserError(Problem("compare", "the spec has no compare: section",
                                 "add one (see docs/reports.md) or use `sweep run` for a single sweep"))
     with tracking_server(tracking_uri, spec_uri=spec.tracking.uri) as server:  # one for every sweep in it
-        return _compare(spec, server.url, address, log)
+        return _compare(spec, server.url, address, log, on_event)
 
 
-def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log) -> list[Path]:  # noqa: ANN001
+def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log,  # noqa: ANN001
+             on_event: Listener | None = None) -> list[Path]:
     from ray import tune
 
     from sweep.runner import connect_ray, run_sweep
@@ -315,7 +318,8 @@ def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log) -> li
                 resume = tune.Tuner.can_restore(str(paths.sweep_dir(sub.name)))  # an interrupted rerun
                 manifest.tuning[k] = {"sweep": sub.name}
                 manifest.save()
-                result = run_sweep(sub, address=address, tracking_uri=tracking_url, resume=resume)
+                result = run_sweep(sub, address=address, tracking_uri=tracking_url, resume=resume,
+                                   on_event=on_event)
                 _adopt_tuning_runs(manifest, sub.name)
                 if result.best is None:
                     raise UserError(Problem(k, "no tuning trial finished with a result",

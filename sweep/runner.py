@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from sweep import capacity, paths
-from sweep.config import Distribution, SweepSpec
+from sweep.config import SweepSpec
 from sweep.errors import Problem, TrialDiverged, UserError
+from sweep.events import FINISHED_STATES, UNFINISHED, Listener, Phase, SweepEnded, SweepStarted
 from sweep.space import MODEL_KEY, DefineByRun, trial_config
 from sweep.store import SPEC_FILE, SweepStore, open_storage, trial_threads
 
@@ -36,7 +37,8 @@ __all__ = ["SPEC_FILE", "SweepResult", "build_tuner", "connect_ray", "restore_tu
 class SweepResult:
     name: str
     path: str  # the sweep's folder: a local path or a URI (s3://...)
-    status_counts: dict[str, int]
+    status_counts: dict[str, int]  # done, stopped early, diverged, failed, unfinished (sweep.events)
+    total: int = 0  # budget.num_samples
     best: Any | None = None  # sweep.export.TrialRecord
     metric: str = "val_accuracy"
     mlflow_url: str | None = None
@@ -137,7 +139,6 @@ def connect_ray(address: str | None = None) -> bool:
     """Start a local Ray (all cores here) or join `address` / RAY_ADDRESS. True if this call started it."""
     import ray
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the compact trial table, not a log line per result
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # 1 ckpt/epoch
     if ray.is_initialized():
         return False
@@ -212,27 +213,17 @@ def _trial_name(trial: Any) -> str:
     return f"{trial.config.get(MODEL_KEY, 'trial')}_{trial.trial_id}"
 
 
-def _progress_reporter(spec: SweepSpec) -> Any:
-    from ray.tune import CLIReporter
+def _quiet_tune() -> None:
+    """No Ray status tables or hints: the sweep's own view (sweep.cli, fed by sweep.tune_events) replaces
+    them. `verbose=0` stops the legacy trial table; Tune's Ctrl-C notices ("Stop signal received",
+    "Resume experiment with: Tuner.restore(...)") are warnings of `ray.tune.tune`: we say `sweep resume`.
+    `ray.tune.utils.util` warns when a step is slow ("may be a performance bottleneck"): a note for Ray's
+    developers, not for a person waiting on a sweep."""
+    import logging
 
-    class SweepProgress(CLIReporter):
-        """Tune's trial table, less its 'Result logdir' line (a Ray temp folder, not the sweep's)."""
-
-        def report(self, trials: list, done: bool, *sys_info: str) -> None:
-            lines = self._progress_str(trials, done, *sys_info).splitlines()
-            print("\n".join(ln for ln in lines if not ln.startswith("Result logdir:")), flush=True)
-
-    params = {MODEL_KEY: "model"}  # and the searched common params (per-model ones would leave gaps)
-    for key, value in spec.space.get("common", {}).items():
-        if isinstance(value, Distribution) and len(params) < 4:
-            params[key] = key
-    reporter = SweepProgress(
-        metric_columns={"training_iteration": "epoch", spec.metric.name: spec.metric.name,
-                        "val_loss": "val_loss", "time_total_s": "time (s)"},
-        parameter_columns=params, max_report_frequency=15, sort_by_metric=True,
-        metric=spec.metric.name, mode=spec.metric.mode, max_progress_rows=20, max_error_rows=5,
-    )
-    return reporter
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no new-engine output either (verbose=0 is silent)
+    for name in ("ray.tune.tune", "ray.tune.utils.util"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _trainable(spec: SweepSpec) -> Any:
@@ -242,18 +233,24 @@ def _trainable(spec: SweepSpec) -> Any:
     return tune.with_resources(tune.with_parameters(tune_trial, spec=spec.model_dump(mode="json")), resources)
 
 
-def _callbacks(spec: SweepSpec, tracking_url: str | None) -> list[Any]:
+def _callbacks(spec: SweepSpec, tracking_url: str | None, on_event: Listener | None = None) -> list[Any]:
+    out: list[Any] = []
+    if on_event is not None:
+        from sweep.tune_events import SweepEvents
+
+        out.append(SweepEvents(on_event, spec))
     if tracking_url is None:
-        return []
+        return out
     from sweep.mlflow_callback import MlflowSweepCallback
 
     tags = {"searcher": f"{spec.searcher.name}/{spec.searcher.sampler}", "scheduler": spec.scheduler.name,
             "task": spec.task.name, "difficulty": spec.task.difficulty}
-    return [MlflowSweepCallback(tracking_url, spec.experiment, spec.name, spec.model_dump(mode="json"), tags,
-                                trial_config_fn=functools.partial(trial_config, spec))]
+    return out + [MlflowSweepCallback(tracking_url, spec.experiment, spec.name, spec.model_dump(mode="json"),
+                                      tags, trial_config_fn=functools.partial(trial_config, spec))]
 
 
-def build_tuner(spec: SweepSpec, tracking_url: str | None = None, store: SweepStore | None = None) -> Any:
+def build_tuner(spec: SweepSpec, tracking_url: str | None = None, store: SweepStore | None = None,
+                on_event: Listener | None = None) -> Any:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -268,9 +265,8 @@ def build_tuner(spec: SweepSpec, tracking_url: str | None = None, store: SweepSt
         storage_filesystem=_tune_filesystem(store),
         failure_config=tune.FailureConfig(max_failures=spec.retries.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-        callbacks=_callbacks(spec, tracking_url),
-        progress_reporter=_progress_reporter(spec),
-        verbose=1,
+        callbacks=_callbacks(spec, tracking_url, on_event),
+        verbose=0,
     )
     tune_config = tune.TuneConfig(
         search_alg=searcher, scheduler=_scheduler(spec), num_samples=spec.budget.num_samples,
@@ -286,7 +282,8 @@ def _tune_filesystem(store: SweepStore) -> Any:
     return store.storage.fs if store.storage.remote else None
 
 
-def restore_tuner(spec: SweepSpec, tracking_url: str | None = None, store: SweepStore | None = None) -> Any:
+def restore_tuner(spec: SweepSpec, tracking_url: str | None = None, store: SweepStore | None = None,
+                  on_event: Listener | None = None) -> Any:
     from ray import tune
 
     store = store or open_storage(spec.storage).sweep(spec.name)
@@ -294,8 +291,8 @@ def restore_tuner(spec: SweepSpec, tracking_url: str | None = None, store: Sweep
                                resume_errored=True, storage_filesystem=_tune_filesystem(store))
     # The callbacks were pickled with the old run; the tracking server may now live at another URL.
     run_config = tuner._local_tuner.get_run_config()
-    run_config.callbacks = _callbacks(spec, tracking_url)
-    run_config.progress_reporter = _progress_reporter(spec)
+    run_config.callbacks = _callbacks(spec, tracking_url, on_event)
+    run_config.progress_reporter, run_config.verbose = None, 0  # a sweep saved before the live view
     return tuner
 
 
@@ -330,12 +327,13 @@ def _check_start(spec: SweepSpec, resume: bool, store: SweepStore) -> None:
 
 def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str | None = None,
               resume: bool = False, announce: Callable[[str], None] | None = None,
-              storage: str | None = None) -> SweepResult:
+              storage: str | None = None, on_event: Listener | None = None) -> SweepResult:
     """Run (or resume) a sweep to the end, export its best config, and say where everything is.
 
     `storage`: where sweeps live (--storage), else the spec's storage:, else $FWSWEEP_STORAGE, else
     $FWSWEEP_HOME/sweeps. `announce` receives one line for people once the tracking server is known,
-    before trials start.
+    before trials start; `on_event` every `sweep.events` event (phases, trials starting, reporting and
+    ending, counts) for the live view.
     """
     from ray import tune  # noqa: F401  (fail early if Ray is broken)
 
@@ -351,6 +349,12 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     _sampler(spec)
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)  # exit 2 on a URI that cannot work
     ray_started: list[bool] = []
+    if on_event is not None:
+        import ray
+
+        steps = [] if ray.is_initialized() else [f"joining Ray at {address}" if address else "starting Ray"]
+        steps += [] if uri else ["the local MLflow server"]
+        on_event(Phase(f"sweep {spec.name}: " + (" and ".join(steps) or "preparing") + "..."))
 
     def start_ray() -> None:  # Ray's start (~4 s) and then Tune's overlap a local MLflow server's boot
         sigterm = signal.getsignal(signal.SIGTERM)
@@ -365,7 +369,11 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
                 how = "starting on 127.0.0.1; trials start meanwhile" if server.started_here else \
                     "reused" if not uri else "given"
                 announce(f"MLflow: {server.url} ({how}); sweep state: {store.uri}")
-            result = _run(spec, resume, server.url, started=any(ray_started), store=store)
+            try:
+                result = _run(spec, resume, server.url, any(ray_started), store, on_event)
+            finally:
+                if on_event is not None:
+                    on_event(SweepEnded(spec.name))
     finally:  # e.g. the MLflow server failed to start after Ray did
         if any(ray_started):
             import ray
@@ -376,7 +384,8 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     return result
 
 
-def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store: SweepStore) -> SweepResult:
+def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store: SweepStore,
+         on_event: Listener | None = None) -> SweepResult:
     """The sweep on a connected Ray; `started`: this process started Ray, and shuts it down after Tune."""
     from sweep import export
 
@@ -385,11 +394,15 @@ def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store:
     status: str | None = "FAILED"  # None: the callback judges from how the trials ended
     try:
         try:
+            _quiet_tune()
             if resume:
-                tuner = restore_tuner(spec, tracking_url, store)
+                tuner = restore_tuner(spec, tracking_url, store, on_event)
             else:
                 store.write_spec(spec)
-                tuner = build_tuner(spec, tracking_url, store)
+                tuner = build_tuner(spec, tracking_url, store, on_event)
+            if on_event is not None:
+                on_event(SweepStarted(spec.name, spec.metric.name, spec.metric.mode, spec.budget.num_samples,
+                                      spec.max_epochs, spec.budget.max_concurrent, resumed=resume))
             trackers = [cb for cb in tuner._local_tuner.get_run_config().callbacks if hasattr(cb, "close")]
             # Tune snapshots its experiment state every >= 10 s by default: a driver killed in that window
             # forgets the trials that finished in it, and `resume` re-runs their last epoch. It is small.
@@ -418,13 +431,16 @@ def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store:
     from sweep.tracking import sweep_link
 
     mlflow_url = sweep_link(tracking_url, spec) or mlflow_url  # the runs table, best trial first
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # in users' words (sweep.events): done, stopped early, ..., unfinished
     for r in records:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    interrupted = any(r.status in ("PENDING", "RUNNING", "PAUSED") for r in records) or \
+        state = r.state(spec.max_epochs)
+        state = state if state in FINISHED_STATES else UNFINISHED  # Tune saves a cut-off trial as pending
+        counts[state] = counts.get(state, 0) + 1
+    interrupted = bool(counts.get(UNFINISHED)) or \
         len(records) < spec.budget.num_samples and spec.budget.time_budget_s is None
     return SweepResult(
-        name=spec.name, path=store.uri, status_counts=counts, best=best[0] if best else None,
+        name=spec.name, path=store.uri, status_counts=counts, total=spec.budget.num_samples,
+        best=best[0] if best else None,
         metric=spec.metric.name, mlflow_url=mlflow_url, exported=exported,
         wall_s=0.0, interrupted=interrupted,
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import posixpath
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from sweep import paths
+from sweep import events, paths
 from sweep.config import SweepSpec, TrialConfig, dump_yaml, load_saved_spec
 from sweep.errors import Problem, UserError
 from sweep.space import MODEL_KEY, trial_config
@@ -210,10 +211,13 @@ class TrialRecord:
         v = self.metrics.get(metric)
         return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
 
+    def state(self, max_epochs: int) -> str:
+        """In users' words: done, stopped early, diverged, failed, running, pending, paused, interrupted."""
+        return events.trial_state(self.status, self.metrics, max_epochs)
+
     def stopped_early(self, max_epochs: int) -> bool:
         """Stopped by the scheduler before max epochs (not by the target accuracy, not failed)."""
-        return (self.status == "TERMINATED" and 0 < self.epochs < max_epochs
-                and not self.metrics.get("target_reached") and not self.metrics.get("diverged"))
+        return self.state(max_epochs) == events.STOPPED_EARLY
 
 
 def parse_history(text: str) -> list[dict[str, Any]]:
@@ -359,6 +363,8 @@ class SweepStore:
         from ray.tune import ExperimentAnalysis
 
         spec = spec or self.load_spec()
+        # Trials that never reported have no result.json: Tune warns about each; for us they are pending.
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         try:
             analysis = ExperimentAnalysis(self.path, storage_filesystem=self.storage.fs)
         except (ValueError, FileNotFoundError):

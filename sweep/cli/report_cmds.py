@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from sweep.cli import app
+from sweep.cli.live import SweepView
 from sweep.cli.output import console
 
 
@@ -55,7 +56,9 @@ def compare(
     from sweep.compare import run_comparison
     from sweep.config import load_spec
 
-    files = run_comparison(load_spec(spec), address=address, tracking_uri=tracking_uri, log=console.print)
+    with SweepView(console) as view:  # each tuning sweep live, as `sweep run` shows one
+        files = run_comparison(load_spec(spec), address=address, tracking_uri=tracking_uri, log=console.print,
+                               on_event=view)
     _show(files)
 
 

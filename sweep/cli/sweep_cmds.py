@@ -12,9 +12,9 @@ from typing import Literal
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from sweep.cli import app
+from sweep.cli.live import SweepView, fmt_params
 from sweep.cli.output import console
 from sweep.errors import UserError
 
@@ -33,13 +33,19 @@ def _storage_option() -> str | None:
     return typer.Option(None, "--storage", metavar="PATH|URI", help=STORAGE_HELP)
 
 
-def _summary(result) -> None:  # noqa: ANN001  (sweep.runner.SweepResult; imported lazily for a fast CLI)
-    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(result.status_counts.items())) or "no trials"
-    console.print(f"\n[bold]sweep {result.name}[/]: {counts} in {result.wall_s:.0f} s")
+def _summary(result, spec) -> None:  # noqa: ANN001  (SweepResult, SweepSpec: imported lazily for a fast CLI)
+    from sweep.events import FINISHED_STATES, UNFINISHED, searched_keys, searched_params
+
+    ended = {s: n for s, n in result.status_counts.items() if s in FINISHED_STATES}
+    how = ", ".join(f"{n} {s}" for s, n in sorted(ended.items(), key=lambda kv: FINISHED_STATES.index(kv[0])))
+    line = f"{sum(ended.values())}/{result.total} trials finished" + (f" ({how})" if how else "")
+    if result.status_counts.get(UNFINISHED):
+        line += f", {result.status_counts[UNFINISHED]} unfinished"
+    console.print(f"\n[bold]sweep {result.name}[/]: {line} in {result.wall_s:.0f} s")
     best = result.best
     if best is not None:
         value = best.value(result.metric)
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
+        params = fmt_params(searched_params(best.params, searched_keys(spec)))
         console.print(f"best trial: {best.trial_id} ({best.model}) {result.metric}={value:.4f} "
                       f"after {best.epochs} epoch(s): {escape(params)}", soft_wrap=True)
     if result.mlflow_url:
@@ -49,8 +55,8 @@ def _summary(result) -> None:  # noqa: ANN001  (sweep.runner.SweepResult; import
         console.print(f"re-run it:  sweep train --config {path}", soft_wrap=True)
     if result.interrupted:
         console.print(f"[yellow]interrupted[/]: continue with `sweep resume {result.name}`")
-    if result.status_counts.get("ERROR"):
-        console.print(f"[red]{result.status_counts['ERROR']} trial(s) failed[/]: their errors are in "
+    if result.status_counts.get("failed"):
+        console.print(f"[red]{result.status_counts['failed']} trial(s) failed[/]: their errors are in "
                       f"{escape(result.path)}/trial_*/error.txt and in their MLflow runs", soft_wrap=True)
 
 
@@ -69,10 +75,6 @@ def _exit_code(result, terminated: bool) -> None:  # noqa: ANN001
         raise typer.Exit(143 if terminated else 130)
     if result.best is None:  # no trial produced a result: the sweep failed
         raise typer.Exit(1)
-
-
-def _fmt(v: object) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _apply_sets(data: dict, sets: list[str]) -> dict:
@@ -156,10 +158,10 @@ def _run_to_the_end(spec, address: str | None, tracking_uri: str | None, resume:
     """`run` and `resume`: the sweep, its summary, and the exit code (130/143 when interrupted)."""
     from sweep.runner import run_sweep
 
-    with _stop_on_sigterm() as terminated:
+    with _stop_on_sigterm() as terminated, SweepView(console) as view:
         result = run_sweep(spec, address=address, tracking_uri=tracking_uri, resume=resume,
-                           announce=_announce, storage=storage)
-    _summary(result)
+                           announce=_announce, storage=storage, on_event=view)
+    _summary(result, spec)
     _ui_hint(spec, tracking_uri)
     _exit_code(result, bool(terminated))
 
@@ -223,37 +225,6 @@ def _sweep_links(url: str) -> None:
             console.print(f"  {name}: {link}", soft_wrap=True)
 
 
-def _sweep_rows(store) -> dict[str, str]:  # noqa: ANN001  (sweep.store.SweepStore)
-    from sweep.export import best_trials
-
-    name = store.name
-    spec = store.load_spec()
-    records = store.load_trials(spec)
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    done = counts.get("TERMINATED", 0) + counts.get("ERROR", 0)
-    if done >= spec.budget.num_samples:
-        status = "finished"
-    elif counts.get("RUNNING") or counts.get("PENDING") or records:
-        status = "interrupted" if not _is_running(store) else "running"
-    else:
-        status = "not started"
-    best = best_trials(records, spec.metric.name, spec.metric.mode)
-    return {
-        "name": name, "status": status, "trials": f"{len(records)}/{spec.budget.num_samples}",
-        "errors": str(counts.get("ERROR", 0)), "models": ",".join(spec.models),
-        "best": f"{best[0].value(spec.metric.name):.4f} ({best[0].model})" if best else "-",
-        "metric": spec.metric.name,
-    }
-
-
-def _is_running(store) -> bool:  # noqa: ANN001
-    """A Tune driver updates the experiment state at least every few seconds while it runs."""
-    saved = store.state_mtime()
-    return saved is not None and time.time() - saved < 30
-
-
 def _mlflow_runs(tracking_uri: str | None) -> dict[str, str]:
     """sweep name -> parent run status in MLflow; only asks a server that is already up (never starts one)."""
     from sweep import tracking
@@ -294,51 +265,39 @@ def list_sweeps(
     if not names and not in_mlflow:
         console.print(f"no sweeps in {escape(where.uri)} (try: sweep run search_spaces/quickstart.yaml)")
         return
-    table = Table("name", "status", "trials", "errors", "best", "models", "MLflow")
-    damaged = []
+    from sweep.cli.sweep_tables import overview, sweeps_table
+
+    views, damaged = [], {}
     for name in names:
         try:
-            row = _sweep_rows(where.sweep(name))
+            views.append(overview(where.sweep(name)))
         except UserError as err:  # one damaged sweep must not hide the others
-            damaged.append(err)
-            row = dict.fromkeys(("trials", "errors", "best", "models"), "-")
-            row |= {"name": name, "status": "corrupt"}
-        table.add_row(row["name"], row["status"], row["trials"], row["errors"], row["best"], row["models"],
-                      in_mlflow.get(name, "-"))
-    for name in sorted(set(in_mlflow) - set(names)):
-        table.add_row(name, "only in MLflow", "-", "-", "-", "-", in_mlflow[name])
-    console.print(table)
-    for err in damaged:
+            damaged[name] = err
+    console.print(sweeps_table(views, in_mlflow, corrupt=list(damaged)))
+    for err in damaged.values():
         console.print(f"[red]corrupt[/]: {escape(err.problems[0].render())}", soft_wrap=True)
 
 
 @app.command()
 def show(
     name: str = typer.Argument(..., metavar="NAME", help=NAME_HELP),
-    top: int = typer.Option(10, "--top", metavar="N", min=1, help="trials to list, best first"),
+    top: int = typer.Option(10, "--top", metavar="N", min=1,
+                            help="trials to list, best first (then failed and unfinished ones)"),
     storage: str | None = _storage_option(),
 ) -> None:
     """One sweep: its status, where it is stored, and its best trials."""
-    from sweep.export import best_trials
+    from sweep.cli.sweep_tables import overview, trials_table
     from sweep.store import EXPORT_DIR, open_sweep
     from sweep.tracking import running_server_url, sweep_link
 
     store = open_sweep(name, storage)
     spec = store.load_spec()
     mlflow_url = running_server_url(None, spec.tracking.uri)  # a URI that cannot work: exit 2 first
-    row = _sweep_rows(store)
-    console.print(f"[bold]{name}[/] ({row['status']}): {row['trials']} trials, {row['errors']} errors; "
-                  f"best {spec.metric.name} {row['best']}")
+    view = overview(store)
+    console.print(f"[bold]{name}[/]: {view.status} · {view.trials} trials ({view.states_text()})")
+    console.print(f"best {view.spec.metric.name}: {view.best_text(with_id=True)}")
     console.print(f"folder: {escape(store.uri)}", soft_wrap=True)
-    records = store.load_trials(spec)
-    ranked = best_trials(records, spec.metric.name, spec.metric.mode, k=top)
-    table = Table("trial", "model", spec.metric.name, "epochs", "status", "params")
-    for r in ranked:
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in r.params.items() if k != "model")
-        early = " (early stop)" if r.stopped_early(spec.max_epochs) else ""
-        table.add_row(r.trial_id, r.model, f"{r.value(spec.metric.name):.4f}", f"{r.epochs}{early}", r.status,
-                      params)
-    console.print(table)
+    console.print(trials_table(view, top))
     index = store.export_index()
     if index:
         files = [e["file"] for e in index.get("exports", [])]
