@@ -159,7 +159,12 @@ def connect_ray(address: str | None = None) -> bool:
 
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except Exception as err:  # e.g. "The current node timed out during startup" on an overloaded machine
+        raise UserError(Problem("ray", f"Ray did not start on this machine: {err}",
+                                "try again when the machine is less busy, or start Ray yourself (`ray start "
+                                "--head --num-cpus 2`) and pass --address 127.0.0.1:6379")) from None
     return True
 
 

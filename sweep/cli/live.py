@@ -118,7 +118,8 @@ class SweepView:
     # ------------------------------------------------------------------ rendering
 
     def _ended_line(self, e: events.TrialEnded, new_best: bool) -> str:
-        """`stopped early  fw_rnn 6ffef00c  val_accuracy 0.2890 at epoch 1/6, stopped by ASHA  lr=...`"""
+        """`stopped early  fw_rnn 6ffef00c  val_accuracy 0.2890  epoch 1/6  by ASHA` then the parameters
+        (on a second line in a terminal, on the same line with `[finished/total]` when piped)."""
         sweep = self.state.sweep
         metric, max_epochs = (sweep.metric, sweep.max_epochs) if sweep else ("metric", e.epochs)
         style = STATE_STYLE.get(e.state, "")
