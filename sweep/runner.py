@@ -159,12 +159,18 @@ def connect_ray(address: str | None = None) -> bool:
 
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    except Exception as err:  # e.g. "The current node timed out during startup" on an overloaded machine
-        raise UserError(Problem("ray", f"Ray did not start on this machine: {err}",
-                                "try again when the machine is less busy, or start Ray yourself (`ray start "
-                                "--head --num-cpus 2`) and pass --address 127.0.0.1:6379")) from None
+    # On an overloaded machine the node's agents can miss Ray's fixed 30 s start-up wait: try once more.
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            return True
+        except Exception as err:  # "The current node timed out during startup"
+            ray.shutdown()
+            if attempt == 2:
+                raise UserError(Problem("ray", f"Ray did not start on this machine (tried twice): {err}",
+                                        "try again when the machine is less busy, or start Ray yourself "
+                                        "(`ray start --head --num-cpus 2`) and pass --address "
+                                        "127.0.0.1:6379")) from None
     return True
 
 
