@@ -89,8 +89,10 @@ class SweepView:
             self.state = _State(sweep=event, phase="waiting for the first trial", started=s.started)
             how = "resumed" if event.resumed else "started"
             goal = "maximising" if event.mode == "max" else "minimising"
-            self._line(f"[bold]{escape(event.name)}[/] {how}: {event.total} trials ({event.max_concurrent} "
-                       f"at a time, <= {event.max_epochs} epochs each), {goal} {event.metric}")
+            trials = f"{event.total} trial" + ("s" if event.total != 1 else "")
+            at_once = min(event.max_concurrent, event.total)
+            self._line(f"[bold]{escape(event.name)}[/] {how}: {trials} ({at_once} at a time, "
+                       f"<= {event.max_epochs} epochs each), {goal} {event.metric}")
             self._start_live()
         elif isinstance(event, events.SweepEnded):
             self._stop_live()
