@@ -8,21 +8,30 @@ Tiers: tests that start Ray, an MLflow server, a subprocess or train to a target
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import json
 import os
+import signal
+import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from sweep.config import TrialConfig
 from sweep.tracking import start_server, stop_process_tree, stop_servers_under
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SPEC_TEXT = (ROOT / "search_spaces/tests/faults_tiny.yaml").read_text()
+SWEEP = Path(sys.executable).with_name("sweep")  # the installed console script
+TINY_SPEC = ROOT / "search_spaces/tests/faults_tiny.yaml"  # a sweep whose trials take seconds
+TINY_SPEC_TEXT = TINY_SPEC.read_text()
 
 TINY_TRIAL: dict[str, Any] = {
     "task": {"name": "art", "pairs": 2, "train_size": 2000, "val_size": 400, "test_size": 400, "seed": 1},
@@ -145,4 +154,150 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
             p = Path(dirpath) / name
             st = p.lstat()
             out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns) if p.is_file() else (0, 0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+# `sweep` in a subprocess, and reading back the three records (Tune's state, MLflow), for the fault and
+# signal tests.
+
+
+def write_spec(folder: Path, name: str, **sections: dict[str, Any]) -> Path:
+    """The tiny spec under a new name, with some sections updated."""
+    data = yaml.safe_load(TINY_SPEC.read_text())
+    data["name"] = name
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class SweepProcess:
+    """`sweep ARGS` in its own session with FWSWEEP_HOME=home; output goes to a log file."""
+
+    def __init__(self, args: list[str], home: Path, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.log = home.parent / f"sweep-{int(time.monotonic() * 1000)}.log"
+        full_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+        full_env |= {"FWSWEEP_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
+        full_env |= env or {}
+        self.started = time.monotonic()
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([str(SWEEP), *args], cwd=home.parent, env=full_env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tail = self.output()[-3000:]
+            raise AssertionError(f"`sweep` still running after {timeout} s:\n{tail}") from None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+
+def kill_processes_of(home: Path) -> list[int]:
+    """SIGKILL every process whose environment carries FWSWEEP_HOME=home: the sweep, its local Ray
+    (GCS, raylet, workers) and anything else it started. Matching on our own unique folder never touches
+    another helper's processes."""
+    marker = f"FWSWEEP_HOME={home}".encode() + b"\0"
+    killed = []
+    for env_file in glob.glob("/proc/[0-9]*/environ"):
+        pid = int(env_file.split("/")[2])
+        if pid == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if marker in Path(env_file).read_bytes() + b"\0":
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    root = tmp_path / "home"
+    root.mkdir()
+    yield root
+    kill_processes_of(root)
+
+
+def experiment_dir(home: Path, name: str) -> Path:
+    return home / "sweeps" / name
+
+
+def tune_trials(home: Path, name: str) -> dict[str, dict[str, Any]]:
+    """trial_id -> {status, num_failures, epochs (every result row, in order), checkpoints} from Tune's
+    experiment state and trial folders on disk."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(experiment_dir(home, name)))
+    out = {}
+    for trial in analysis.trials:
+        folder = experiment_dir(home, name) / trial.storage.trial_dir_name
+        rows = []
+        result_file = folder / "result.json"
+        if result_file.exists():
+            rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        out[trial.trial_id] = {
+            "status": trial.status,
+            "num_failures": trial.num_failures,
+            "epochs": [r.get("epoch") for r in rows],
+            "diverged": any(r.get("diverged") for r in rows),
+            "checkpoints": sorted(p.name for p in folder.glob("checkpoint_*")),
+        }
+    return out
+
+
+def mlflow_runs(url: str, experiment: str) -> tuple[list[Any], list[Any]]:
+    """(parent runs, trial runs) of a sweep's experiment."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if "trial_id" in r.data.tags]
+    parents = [r for r in runs if "trial_id" not in r.data.tags]
+    return parents, children
+
+
+def metric_steps(url: str, run_id: str, key: str) -> list[int]:
+    from mlflow import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(url).get_metric_history(run_id, key))
+
+
+def run_to_end(args: list[str], home: Path, env: dict[str, str] | None = None, timeout: float = 240) -> str:
+    proc = SweepProcess(args, home, env)
+    rc = proc.wait(timeout)
+    out = proc.output()
+    assert rc == 0, f"`sweep {' '.join(args)}` exited {rc}:\n{out[-4000:]}"
+    return out  # (tracebacks of failed trials in this log are Tune's error report, expected here)
+
+
+def started_trials_on_disk(home: Path, name: str) -> set[str]:
+    return {p.parent.name.removeprefix("trial_")
+            for p in experiment_dir(home, name).glob("trial_*/result.json") if p.stat().st_size}
+
+
+def trial_rows(home: Path, name: str) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for result in experiment_dir(home, name).glob("trial_*/result.json"):
+        out[result.parent.name.removeprefix("trial_")] = [
+            json.loads(line) for line in result.read_text().splitlines() if line.strip()]
     return out

@@ -9,10 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_faults import (
+from conftest import (
     SweepProcess,
     experiment_dir,
-    home,  # noqa: F401  (fixture)
     metric_steps,
     mlflow_runs,
     run_to_end,
@@ -31,7 +30,7 @@ STOP_WITHIN_S = 30  # from the signal to the process exit, on a loaded 2-core ma
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
                          ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_saves_and_resumes(sig: int, code: int, mlflow_server: str,
-                                        home: Path, tmp_path: Path) -> None:  # noqa: F811
+                                        home: Path, tmp_path: Path) -> None:
     name = f"faults-{signal.Signals(sig).name.lower()}"
     spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2})
     env = {"FWSWEEP_FAULT": "slow=2"}
