@@ -59,6 +59,7 @@ def test_the_step_flop_count_is_written_out():
     assert models.train_step_flops("fw_lstm", {"authors_inner_loop": True}, H, B, T, inner_steps=2) == fw
 
 
+@pytest.mark.slow  # a benchmark subprocess
 def test_models_benchmark_renders_into_the_marked_block(tmp_path, one_thread):
     results = models.bench_hidden_size(
         4, batch=4, pairs=2, steps=1, configs=models.CONFIGS, gflops_per_s=10.0
@@ -163,6 +164,7 @@ def test_gpu_grid_varies_one_axis_at_a_time():
     assert not gpu.too_big("fw_lstm", {"fw_form": "fused"}, {"hidden": 400, "batch": 2048, "length": 19})
 
 
+@pytest.mark.slow  # a benchmark subprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_gpu_benchmark_fails_clearly_without_cuda():
     done = subprocess.run(

@@ -82,6 +82,7 @@ def test_default_run_folder_under_fwsweep_home(tmp_path: Path, monkeypatch, caps
     assert run.name.startswith("lstm-art-K2-") and (run / "metrics.json").is_file()
 
 
+@pytest.mark.slow  # a real `sweep train` process, interrupted
 def test_ctrl_c_saves_and_the_printed_command_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [str(SWEEP), "train", *TINY, "--epochs", "4", "--set", "task.train_size=8000", "--out", str(run)]

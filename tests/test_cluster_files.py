@@ -368,6 +368,7 @@ def test_docker_compose_config_accepts_the_file_and_requires_the_secrets(tmp_pat
     assert re.search(required, missing.stderr), missing.stderr
 
 
+@pytest.mark.slow  # starts an MLflow server
 def test_compose_mlflow_command_serves_with_basic_auth_host_and_cors_checks(tmp_path: Path) -> None:
     pytest.importorskip("flask_wtf", reason="MLflow basic auth needs mlflow[auth] (Flask-WTF)")
     with compose_mlflow_server(tmp_path) as (url, password):

@@ -89,6 +89,7 @@ def test_bad_compare_section_is_a_user_error_naming_the_field(tmp_path, compare,
     assert any(p.where.startswith(field) for p in err.value.problems), err.value.render()
 
 
+@pytest.mark.slow  # a `sweep` subprocess
 def test_compare_without_compare_section_exits_2(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({"name": "plain", "models": ["lstm"]}))
