@@ -140,3 +140,16 @@ def test_show_and_list_tables_fit_80_columns_with_every_searched_parameter():
     assert "hidden_size" not in text  # a constant, not a searched parameter
     rows = [ln.split()[0] for ln in text.splitlines() if ln[:4] in ("aaaa", "bbbb", "cccc", "dddd")]
     assert rows == ["aaaa0001", "bbbb0002", "cccc0003", "dddd0004"]  # best first, then failed/pending
+
+
+def test_ctrl_c_while_starting_says_what_to_type_next(tmp_path, monkeypatch):
+    """Before Tune handles Ctrl-C itself there is no summary: one line says what is left to do."""
+    from sweep.cli import sweep_cmds
+    from sweep.cli.output import console
+
+    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path))
+    monkeypatch.delenv("FWSWEEP_STORAGE", raising=False)
+    out = io.StringIO()
+    monkeypatch.setattr(console, "file", out)
+    sweep_cmds._interrupted_while_starting(SPEC, None)
+    assert "interrupted while sweep view-test was starting: run the same command again" in out.getvalue()

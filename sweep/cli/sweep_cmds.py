@@ -153,14 +153,33 @@ def resume(
     _run_to_the_end(load_spec_of(name, storage), address, tracking_uri, resume=True, storage=storage)
 
 
+def _interrupted_while_starting(spec, storage: str | None) -> None:  # noqa: ANN001
+    """Ctrl-C before any trial ran: say what is left and what to type next."""
+    from sweep.store import open_sweep
+
+    try:
+        store = open_sweep(spec.name, storage)
+        restorable, ran = store.can_restore(), store.state_mtime() is not None
+    except Exception:  # Ray half-started or storage unreachable: the plain advice below still holds
+        restorable = ran = False
+    nxt = (f"`sweep resume {spec.name}` continues it" if ran else
+           f"no trial ran yet; `sweep resume {spec.name}` starts it" if restorable else
+           "run the same command again to start it")
+    console.print(f"\n[yellow]interrupted[/] while sweep {escape(spec.name)} was starting: {nxt}")
+
+
 def _run_to_the_end(spec, address: str | None, tracking_uri: str | None, resume: bool,  # noqa: ANN001
                     storage: str | None) -> None:
     """`run` and `resume`: the sweep, its summary, and the exit code (130/143 when interrupted)."""
     from sweep.runner import run_sweep
 
-    with _stop_on_sigterm() as terminated, SweepView(console) as view:
-        result = run_sweep(spec, address=address, tracking_uri=tracking_uri, resume=resume,
-                           announce=_announce, storage=storage, on_event=view)
+    try:
+        with _stop_on_sigterm() as terminated, SweepView(console) as view:
+            result = run_sweep(spec, address=address, tracking_uri=tracking_uri, resume=resume,
+                               announce=_announce, storage=storage, on_event=view)
+    except KeyboardInterrupt:  # before Tune's own Ctrl-C handling began (Ray or Tune still starting)
+        _interrupted_while_starting(spec, storage)
+        raise typer.Exit(143 if terminated else 130) from None
     _summary(result, spec)
     _ui_hint(spec, tracking_uri)
     _exit_code(result, bool(terminated))
