@@ -149,7 +149,6 @@ def test_ctrl_c_while_starting_says_what_to_type_next(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path))
     monkeypatch.delenv("FWSWEEP_STORAGE", raising=False)
-    out = io.StringIO()
-    monkeypatch.setattr(console, "file", out)
-    sweep_cmds._interrupted_while_starting(SPEC, None)
-    assert "interrupted while sweep view-test was starting: run the same command again" in out.getvalue()
+    with console.capture() as capture:  # leaves the shared console's stream as it was
+        sweep_cmds._interrupted_while_starting(SPEC, None)
+    assert "interrupted while sweep view-test was starting: run the same command again" in capture.get()
