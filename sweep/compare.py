@@ -24,12 +24,14 @@ from sweep import paths
 from sweep.config import Difficulty, SweepSpec, TrialConfig, dump_yaml
 from sweep.errors import Problem, TrialDiverged, UserError
 from sweep.events import Listener
+from sweep.mlflow_runs import content, identity
+from sweep.mlflow_runs.writer import RunWriter, rows_of
 from sweep.report import SeedRun, seed_run_from_dict, seed_run_to_dict, write_report
 
 MANIFEST = "comparison.json"
 SEED_RUNS = "seed_runs.jsonl"
 REPORT_DIR = "report"
-ROLE_TAG = "fwsweep.role"  # comparison | seed
+ROLE_TAG = identity.ROLE_TAG  # comparison | seed
 VERSIONED = ("fwsweep", "torch", "ray", "optuna", "mlflow", "numpy", "scipy", "pydantic")
 
 
@@ -112,78 +114,51 @@ def _append_seed_run(name: str, run: SeedRun) -> None:
 # ---------------------------------------------------------------------------------------------- mlflow
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def _parent_run(manifest: Manifest, spec: SweepSpec) -> None:
     """Create (or reuse, on a rerun) the comparison's parent run."""
-    client = _client(manifest.tracking_uri)
-    exp = client.get_experiment_by_name(spec.experiment)
-    manifest.experiment_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
+    w = RunWriter(manifest.tracking_uri)
+    manifest.experiment_id = identity.experiment_id(w.client, spec.experiment)
     if manifest.parent_run_id:
-        run = client.get_run(manifest.parent_run_id)
+        run = w.client.get_run(manifest.parent_run_id)
         if run.info.lifecycle_stage == "active":
-            client.update_run(manifest.parent_run_id, status="RUNNING")
+            w.set_status(run, "RUNNING")
             return
     cmp = spec.compare
-    run = client.create_run(manifest.experiment_id, run_name=f"compare {spec.name}",
-                            tags={ROLE_TAG: "comparison", "comparison": spec.name, "sweep": spec.name,
-                                  "git_commit": manifest.git_commit or "unknown",
-                                  "fwsweep_version": _version("fwsweep") or "unknown"})
-    manifest.parent_run_id = run.info.run_id
-    params = {"models": ",".join(spec.compared_models()),
-              "difficulties": ",".join(d.label for d in spec.difficulties()),
-              "seeds": ",".join(map(str, cmp.seed_list)), "num_samples": spec.budget.num_samples,
+    manifest.parent_run_id = w.create_run(
+        manifest.experiment_id, f"compare {spec.name}",
+        {ROLE_TAG: "comparison", "comparison": spec.name, identity.SWEEP_TAG: spec.name,
+         "git_commit": manifest.git_commit or "unknown", "fwsweep_version": _version("fwsweep") or "unknown"})
+    params = {"models": ", ".join(spec.compared_models()),
+              "difficulties": ", ".join(d.label for d in spec.difficulties()),
+              "seeds": ", ".join(map(str, cmp.seed_list)), "num_samples": spec.budget.num_samples,
               "max_epochs": spec.max_epochs, "scheduler": spec.scheduler.name, "searcher": spec.searcher.name,
               "sampler": spec.searcher.sampler, "test": cmp.test, "alpha": cmp.alpha}
-    for k, v in params.items():
-        client.log_param(manifest.parent_run_id, k, str(v))
-    client.log_text(manifest.parent_run_id, dump_yaml(spec.model_dump(mode="json")), "spec.yaml")
+    w.log_params(manifest.parent_run_id, content.as_params(params))
+    w.upload_text(manifest.parent_run_id, dump_yaml(spec.model_dump(mode="json")), "spec.yaml")
 
 
 def _adopt_tuning_runs(manifest: Manifest, sweep_name: str) -> None:
     """Nest a tuning sweep's parent run under the comparison run (MLflow's UI nests by this tag)."""
-    client = _client(manifest.tracking_uri)
-    runs = client.search_runs([manifest.experiment_id], filter_string=f"tags.sweep = '{sweep_name}'")
-    for run in runs:
-        if "mlflow.parentRunId" not in run.data.tags:
-            client.set_tag(run.info.run_id, "mlflow.parentRunId", manifest.parent_run_id)
-            client.set_tag(run.info.run_id, "comparison", manifest.name)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = str(v)
-    return out
+    w = RunWriter(manifest.tracking_uri)
+    parent = identity.find_parent(w.client, manifest.experiment_id, sweep_name)
+    if parent is not None:
+        w.set_tags(parent.info.run_id, {identity.PARENT_RUN_TAG: manifest.parent_run_id,
+                                        "comparison": manifest.name}, parent.data.tags)
 
 
 class MlflowSeedReporter:
-    """A Reporter that keeps the history and logs each report as one batch to the seed's child run."""
+    """A Reporter that keeps the history and logs each report, once per step, to the seed's child run."""
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None, restore: Path | None = None) -> None:
+    def __init__(self, writer: RunWriter | None, run_id: str | None, restore: Path | None = None) -> None:
         self.history: list[dict[str, Any]] = []
         self.run_id = run_id
         self.restore = restore
-        self.client = _client(tracking_uri) if tracking_uri and run_id else None
+        self.writer = writer if run_id else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         self.history.append(dict(metrics))
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        step = int(metrics.get("step", len(self.history)))
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)]
-        self.client.log_batch(self.run_id, metrics=batch)
+        if self.writer is not None:
+            self.writer.log_rows(self.run_id, rows_of([metrics]))
 
     def restore_dir(self) -> Path | None:
         return self.restore
@@ -197,18 +172,14 @@ def retrain_seed(config: dict[str, Any], workdir: str, tracking_uri: str | None,
 
     trial = TrialConfig.model_validate(config)
     run_id = None
-    client = _client(tracking_uri) if tracking_uri else None
-    if client is not None:
+    w = RunWriter(tracking_uri) if tracking_uri else None
+    if w is not None:
         run_name = f"{tags['model']} {tags['difficulty']} seed {tags['seed']}"
-        run = client.create_run(experiment_id, run_name=run_name,
-                                tags=tags | {ROLE_TAG: "seed", "mlflow.parentRunId": parent_run_id})
-        run_id = run.info.run_id
-        from mlflow.entities import Param
-
-        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in _flatten(trial.to_dict()).items()])
-        client.log_text(run_id, dump_yaml(trial.to_dict()), "trial_config.yaml")
+        run_id = w.create_run(experiment_id, run_name, tags | {ROLE_TAG: "seed"}, parent_id=parent_run_id)
+        w.log_params(run_id, content.trial_params(trial.to_dict()))
+        w.upload_text(run_id, dump_yaml(trial.to_dict()), "trial_config.yaml")
     # a retried or rerun seed continues from its last checkpoint (the trajectory is the same, see train.py)
-    reporter = MlflowSeedReporter(tracking_uri, run_id, restore=find_checkpoint(Path(workdir)))
+    reporter = MlflowSeedReporter(w, run_id, restore=find_checkpoint(Path(workdir)))
     status = "FINISHED"
     try:
         outcome = run_trial(trial, reporter, Path(workdir))
@@ -216,11 +187,11 @@ def retrain_seed(config: dict[str, Any], workdir: str, tracking_uri: str | None,
     except TrialDiverged:
         result, status, history = "diverged", "FAILED", reporter.history
     except BaseException:
-        if client is not None:
-            client.set_terminated(run_id, status="FAILED")
+        if w is not None:
+            w.end(run_id, "FAILED")
         raise
-    if client is not None:
-        client.set_terminated(run_id, status=status)
+    if w is not None:
+        w.end(run_id, status)
     final = dict(history[-1]) if history else {}
     return {"model": trial.model.name, "task": trial.task.name, "pairs": trial.task.pairs,
             "seed": trial.train.seed, "status": result, "history": history, "final": final,
@@ -232,9 +203,7 @@ def retrain_seed(config: dict[str, Any], workdir: str, tracking_uri: str | None,
 
 def git_commit() -> str | None:
     """The commit of the code that runs (this package's checkout), '+dirty' with local edits."""
-    from sweep.mlflow_callback import git_commit as commit_and_dirty
-
-    commit, dirty = commit_and_dirty(Path(__file__).resolve().parent)
+    commit, dirty = content.git_commit(Path(__file__).resolve().parent)
     return commit and commit + ("+dirty" if dirty else "")
 
 
@@ -330,17 +299,34 @@ def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log,  # no
                 manifest.save()
         _retrain_all(spec, manifest, address, log)
         files = make_report(spec.name, tracking_uri=tracking_url)
+        _sync_tuning_sweeps(spec, manifest, tracking_url, log)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        _client(tracking_url).set_terminated(manifest.parent_run_id, status=status)
+        RunWriter(tracking_url).end(manifest.parent_run_id, status)
         raise
     finally:
         if ray_started:
             import ray
 
             ray.shutdown()
-    _client(tracking_url).set_terminated(manifest.parent_run_id, status="FINISHED")
+    RunWriter(tracking_url).end(manifest.parent_run_id, "FINISHED")
     return files
+
+
+def _sync_tuning_sweeps(spec: SweepSpec, manifest: Manifest, tracking_url: str, log) -> None:  # noqa: ANN001
+    """Bring every tuning sweep's MLflow runs level with its records (also the ones a rerun skipped)."""
+    from sweep.runner import sync_after
+    from sweep.store import open_storage
+
+    for difficulty in spec.difficulties():
+        for model in spec.compared_models():
+            sub = tuning_spec(spec, model, difficulty)
+            store = open_storage(sub.storage).sweep(sub.name)
+            if store.read_spec() is None:
+                continue  # not tuned yet (the comparison stopped before it)
+            _, behind = sync_after(sub, tracking_url, store)
+            if behind is not None:
+                log(behind.message(sub.name))
 
 
 def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) -> None:
@@ -392,12 +378,12 @@ def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) 
 
 def _close_orphans(manifest: Manifest) -> None:
     """Seed runs a killed earlier attempt left RUNNING end as KILLED (their rerun gets a fresh run)."""
-    client = _client(manifest.tracking_uri)
-    runs = client.search_runs([manifest.experiment_id], filter_string=(
+    w = RunWriter(manifest.tracking_uri)
+    runs = identity.search_all(w.client, manifest.experiment_id, (
         f"tags.`{ROLE_TAG}` = 'seed' and tags.`mlflow.parentRunId` = '{manifest.parent_run_id}' "
         "and attributes.status = 'RUNNING'"))
     for run in runs:
-        client.set_terminated(run.info.run_id, status="KILLED")
+        w.end(run.info.run_id, "KILLED")
 
 
 def _collect(name: str, pending: list[Any], log) -> list[Any]:
@@ -440,5 +426,5 @@ def make_report(name: str, tracking_uri: str | None = None) -> list[Path]:
         from sweep.tracking import tracking_server
 
         with tracking_server(tracking_uri, spec_uri=spec.tracking.uri) as server:
-            _client(server.url).log_artifacts(manifest.parent_run_id, str(out), artifact_path=REPORT_DIR)
+            RunWriter(server.url).upload_path(manifest.parent_run_id, out, REPORT_DIR)
     return files

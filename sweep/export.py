@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sweep import paths
+from sweep import outcome, paths
 from sweep.config import SweepSpec, dump_yaml
 from sweep.errors import Problem, UserError
 from sweep.store import EXPORT_DIR, TrialRecord, open_sweep
@@ -29,29 +29,26 @@ def load_trials(name: str, storage: str | None = None) -> list[TrialRecord]:
     return open_sweep(name, storage).load_trials()
 
 
-def best_trials(records: list[TrialRecord], metric: str, mode: str, k: int = 1,
-                per_model: bool = False) -> list[TrialRecord]:
-    """The k best trials by their last reported `metric` (the value the trial ended with, re-runnable);
-    with per_model, the k best of each model."""
-    scored = [r for r in records if r.value(metric) is not None and r.status != "ERROR"
-              and not r.metrics.get("diverged")]  # a NaN model's accuracy is not a result to re-run
-    scored.sort(key=lambda r: r.value(metric), reverse=(mode == "max"))
-    if not per_model:
-        return scored[:k]
-    out: list[TrialRecord] = []
-    for model in sorted({r.model for r in scored}):
-        out += [r for r in scored if r.model == model][:k]
-    return out
+best_trials = outcome.best_trials  # the one definition of "best" (sweep.outcome)
 
 
-def _header(name: str, record: TrialRecord, metric: str, rank: str) -> str:
+def _header(name: str, record: TrialRecord, metric: str) -> str:
     value = record.value(metric)
+    shown = "none" if value is None else f"{value:.6g}"
     lines = [
-        f"fwsweep export: {rank} of sweep {name!r}",
-        f"trial {record.trial_id} ({record.model}): {metric} = {value:.6g} after {record.epochs} epoch(s)",
+        f"fwsweep export: trial {record.trial_id} ({record.model}) of sweep {name!r}",
+        f"{metric} = {shown} after {record.epochs} epoch(s)",
         "re-run: sweep train --config THIS_FILE",
     ]
     return "".join(f"# {line}\n" for line in lines)
+
+
+def config_text(name: str, record: TrialRecord, metric: str, fmt: str = "yaml") -> str:
+    """A trial's exported config file, byte for byte (also its MLflow run's `config.yaml` artifact)."""
+    data = record.config.to_dict()
+    if fmt == "yaml":
+        return _header(name, record, metric) + dump_yaml(data)
+    return json.dumps(data, indent=2) + "\n"  # JSON has no comments: the provenance goes to index.json
 
 
 def write_exports(name: str, *, records: list[TrialRecord] | None = None, top_k: int = 1,
@@ -78,24 +75,18 @@ def write_exports(name: str, *, records: list[TrialRecord] | None = None, top_k:
     local = store.local_path()
     out = Path(out) if out else local / EXPORT_DIR if local else paths.home() / EXPORT_DIR / name
     out.mkdir(parents=True, exist_ok=True)
-    files: list[tuple[str, str, TrialRecord]] = [("best", "best trial", ranked[0])]
+    files: list[tuple[str, TrialRecord]] = [("best", ranked[0])]
     if top_k > 1:
-        files += [(f"top{i}", f"#{i} trial", r) for i, r in enumerate(ranked, start=1)]
+        files += [(f"top{i}", r) for i, r in enumerate(ranked, start=1)]
     if per_model:
-        files += [(f"best_{r.model}", f"best {r.model} trial", r)
-                  for r in best_trials(records, metric, mode, k=1, per_model=True)]
+        files += [(f"best_{r.model}", r) for r in best_trials(records, metric, mode, k=1, per_model=True)]
     written = []
-    for stem, rank, record in files:
+    for stem, record in files:
         path = out / f"{stem}.{fmt}"
-        data = record.config.to_dict()
-        if fmt == "yaml":
-            text = _header(name, record, metric, rank) + dump_yaml(data)
-        else:  # JSON has no comments: the provenance goes to index.json
-            text = json.dumps(data, indent=2) + "\n"
-        path.write_text(text, encoding="utf-8")
+        path.write_text(config_text(name, record, metric, fmt), encoding="utf-8")
         written.append(path)
     index = [{"file": p.name, "trial_id": r.trial_id, "model": r.model, metric: r.value(metric),
-              "epochs": r.epochs} for p, (_, _, r) in zip(written, files, strict=True)]
+              "epochs": r.epochs} for p, (_, r) in zip(written, files, strict=True)]
     (out / "index.json").write_text(json.dumps({"sweep": name, "metric": metric, "mode": mode,
                                                 "exports": index}, indent=2) + "\n", encoding="utf-8")
     if in_store:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep import capacity, paths
+from sweep import capacity, live_callbacks, paths
 from sweep.config import SweepSpec
 from sweep.errors import Problem, TrialDiverged, UserError
 from sweep.events import FINISHED_STATES, UNFINISHED, Listener, Phase, SweepEnded, SweepStarted
@@ -45,6 +45,24 @@ class SweepResult:
     exported: list[Path] = field(default_factory=list)
     wall_s: float = 0.0
     interrupted: bool = False
+    tracking_behind: TrackingBehind | None = None  # MLflow could not be brought level at the end
+
+
+@dataclass(frozen=True)
+class TrackingBehind:
+    """MLflow did not answer the end-of-sweep reconcile: what it lacks, and how to fix it."""
+
+    url: str
+    unsent_reports: int  # reports of this session the live logging could not deliver
+    trials: int
+    error: str
+
+    def message(self, name: str) -> str:
+        what = (f"{self.unsent_reports} result(s) of this session" if self.unsent_reports
+                else "the final statuses and summary")
+        return (f"MLflow at {self.url} did not answer ({self.error}): {what} of the sweep's {self.trials} "
+                f"trial(s) are not in MLflow yet. They are safe in the sweep's records; once the server "
+                f"answers, run `sweep sync {name}`")
 
 
 # ---------------------------------------------------------------------------------------------- trainable
@@ -244,24 +262,35 @@ def _trainable(spec: SweepSpec) -> Any:
     return tune.with_resources(tune.with_parameters(tune_trial, spec=spec.model_dump(mode="json")), resources)
 
 
-def _callbacks(spec: SweepSpec, tracking_url: str | None, on_event: Listener | None = None) -> list[Any]:
+def _callbacks(spec: SweepSpec, tracker: Any, store: SweepStore, on_event: Listener | None = None
+               ) -> list[Any]:
+    """This session's Tune callbacks: the live view's events, the live MLflow logging (kept by the
+    runner) and, for a local folder, the storage watch. The first two pickle as references to this
+    session's objects (sweep.live_callbacks), so a restored Tuner gets them without private Tune APIs."""
+    from sweep.storage_watch import StorageWatch
+
     out: list[Any] = []
     if on_event is not None:
         from sweep.tune_events import SweepEvents
 
         out.append(SweepEvents(on_event, spec))
+    local = store.local_path()
+    return out + [cb for cb in (tracker, StorageWatch(str(local)) if local else None) if cb is not None]
+
+
+def _tracker(spec: SweepSpec, tracking_url: str | None, store: SweepStore) -> Any:
+    """The live MLflow callback of this sweep session (None without tracking); the runner keeps it."""
     if tracking_url is None:
-        return out
-    from sweep.mlflow_callback import MlflowSweepCallback
+        return None
+    from sweep.mlflow_runs.callback import MlflowSweepCallback
+    from sweep.mlflow_runs.content import git_commit
+    from sweep.mlflow_runs.reconcile import error_text
 
-    tags = {"searcher": f"{spec.searcher.name}/{spec.searcher.sampler}", "scheduler": spec.scheduler.name,
-            "task": spec.task.name, "difficulty": spec.task.difficulty}
-    return out + [MlflowSweepCallback(tracking_url, spec.experiment, spec.name, spec.model_dump(mode="json"),
-                                      tags, trial_config_fn=functools.partial(trial_config, spec))]
+    return MlflowSweepCallback(tracking_url, spec, git=git_commit(),
+                               error_text=functools.partial(error_text, store))
 
 
-def build_tuner(spec: SweepSpec, tracking_url: str | None = None, store: SweepStore | None = None,
-                on_event: Listener | None = None) -> Any:
+def build_tuner(spec: SweepSpec, callbacks: list[Any] | None = None, store: SweepStore | None = None) -> Any:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -276,7 +305,7 @@ def build_tuner(spec: SweepSpec, tracking_url: str | None = None, store: SweepSt
         storage_filesystem=_tune_filesystem(store),
         failure_config=tune.FailureConfig(max_failures=spec.retries.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-        callbacks=_callbacks(spec, tracking_url, on_event),
+        callbacks=list(callbacks or []),
         verbose=0,
     )
     tune_config = tune.TuneConfig(
@@ -293,18 +322,14 @@ def _tune_filesystem(store: SweepStore) -> Any:
     return store.storage.fs if store.storage.remote else None
 
 
-def restore_tuner(spec: SweepSpec, tracking_url: str | None = None, store: SweepStore | None = None,
-                  on_event: Listener | None = None) -> Any:
+def restore_tuner(spec: SweepSpec, store: SweepStore | None = None) -> Any:
+    """The saved Tuner. Its pickled callbacks come back as the ones this session registered for the sweep
+    (sweep.live_callbacks), so no private Tune API swaps callbacks in."""
     from ray import tune
 
     store = store or open_storage(spec.storage).sweep(spec.name)
-    tuner = tune.Tuner.restore(store.path, trainable=_trainable(spec), resume_unfinished=True,
-                               resume_errored=True, storage_filesystem=_tune_filesystem(store))
-    # The callbacks were pickled with the old run; the tracking server may now live at another URL.
-    run_config = tuner._local_tuner.get_run_config()
-    run_config.callbacks = _callbacks(spec, tracking_url, on_event)
-    run_config.progress_reporter, run_config.verbose = None, 0  # a sweep saved before the live view
-    return tuner
+    return tune.Tuner.restore(store.path, trainable=_trainable(spec), resume_unfinished=True,
+                              resume_errored=True, storage_filesystem=_tune_filesystem(store))
 
 
 # ---------------------------------------------------------------------------------------------- sweep
@@ -397,51 +422,55 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
 
 def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store: SweepStore,
          on_event: Listener | None = None) -> SweepResult:
-    """The sweep on a connected Ray; `started`: this process started Ray, and shuts it down after Tune."""
+    """The sweep on a connected Ray; `started`: this process started Ray, and shuts it down after Tune.
+
+    Afterwards MLflow is brought level with the sweep's records (`sweep.mlflow_runs.reconcile`), whatever
+    the live logging managed to send."""
     from sweep import export
 
-    mlflow_url = tracking_url
-    trackers: list[Any] = []  # the MLflow callback(s): closed last, after the exports are attached
-    status: str | None = "FAILED"  # None: the callback judges from how the trials ended
+    tracker = _tracker(spec, tracking_url, store)
+    callbacks = _callbacks(spec, tracker, store, on_event)  # registered before a restore unpickles them
+    unsent = 0
     try:
         try:
             _quiet_tune()
             if resume:
-                tuner = restore_tuner(spec, tracking_url, store, on_event)
+                tuner = restore_tuner(spec, store)
             else:
                 store.write_spec(spec)
-                tuner = build_tuner(spec, tracking_url, store, on_event)
+                tuner = build_tuner(spec, callbacks, store)
             if on_event is not None:
                 on_event(SweepStarted(spec.name, spec.metric.name, spec.metric.mode, spec.budget.num_samples,
                                       spec.max_epochs, spec.budget.max_concurrent, resumed=resume))
-            trackers = [cb for cb in tuner._local_tuner.get_run_config().callbacks if hasattr(cb, "close")]
             # Tune snapshots its experiment state every >= 10 s by default: a driver killed in that window
             # forgets the trials that finished in it, and `resume` re-runs their last epoch. It is small.
             os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-            tuner.fit()
-            status = None
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
+            with storage_faults(spec, store):
+                tuner.fit()
         finally:
             if started:
                 import ray
 
                 ray.shutdown()
-        mlflow_url = next((cb.parent_run_url for cb in trackers if getattr(cb, "parent_run_url", None)),
-                          tracking_url)
+    except BaseException:  # interrupted or failed: still no run left RUNNING, as far as the records go
+        if tracker is not None:
+            tracker.close(timeout_s=5.0)
+        with contextlib.suppress(Exception):
+            sync_after(spec, tracking_url, store)
+        raise
+    finally:
+        live_callbacks.unregister(callbacks)
+    if tracker is not None:  # live logging ends before the reconcile, which then owns every write
+        unsent = tracker.close()
+    with storage_faults(spec, store):
         records = store.load_trials(spec)
         best = export.best_trials(records, spec.metric.name, spec.metric.mode, k=1)
         exported = export.write_exports(spec.name, records=records, storage=store.storage.uri) if best else []
-        for cb in trackers:
-            for path in exported:
-                cb.log_parent_artifact(path, "exports")
-    finally:  # whatever happened, no MLflow run stays RUNNING
-        for cb in trackers:
-            cb.close(status)
-    from sweep.tracking import sweep_link
+    mlflow_url, behind = sync_after(spec, tracking_url, store, records, unsent)
+    if behind is None:
+        from sweep.tracking import sweep_link
 
-    mlflow_url = sweep_link(tracking_url, spec) or mlflow_url  # the runs table, best trial first
+        mlflow_url = sweep_link(tracking_url, spec) or mlflow_url  # the runs table, best trial first
     counts: dict[str, int] = {}  # in users' words (sweep.events): done, stopped early, ..., unfinished
     for r in records:
         state = r.state(spec.max_epochs)
@@ -452,6 +481,45 @@ def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store:
     return SweepResult(
         name=spec.name, path=store.uri, status_counts=counts, total=spec.budget.num_samples,
         best=best[0] if best else None,
-        metric=spec.metric.name, mlflow_url=mlflow_url, exported=exported,
-        wall_s=0.0, interrupted=interrupted,
+        metric=spec.metric.name, mlflow_url=mlflow_url or tracking_url, exported=exported,
+        wall_s=0.0, interrupted=interrupted, tracking_behind=behind,
     )
+
+
+@contextlib.contextmanager
+def storage_faults(spec: SweepSpec, store: SweepStore) -> Any:
+    """A write to the sweep's storage that fails (read-only, full, no permission) -> one UserError saying
+    what failed, where, and how to go on; Tune's saved state is kept, so `sweep resume` continues."""
+    from sweep.storage_watch import disk_error
+
+    try:
+        yield
+    except Exception as err:
+        disk = disk_error(err)
+        if disk is None:
+            raise
+        what = disk.strerror or str(disk).splitlines()[0]
+        if disk.filename and ".fwsweep-probe-" not in str(disk.filename):
+            what += f" ({disk.filename})"
+        raise UserError(Problem(
+            store.uri, f"writing the sweep's state failed: {what}",
+            f"make it writable (or free space), then `sweep resume {spec.name}`: the trials Tune saved are "
+            "kept, and MLflow is brought level at its end")) from None
+
+
+def sync_after(spec: SweepSpec, tracking_url: str, store: SweepStore, records: list[Any] | None = None,
+               unsent: int = 0) -> tuple[str | None, TrackingBehind | None]:
+    """The reconcile that ends run/resume/compare: (parent run URL, None), or (None, what MLflow lacks)
+    when the server does not answer (or refuses); the results stay in the sweep's records."""
+    import logging
+
+    from sweep.mlflow_runs.content import git_commit
+    from sweep.mlflow_runs.reconcile import sync_sweep
+
+    records = store.load_trials(spec) if records is None else records
+    try:
+        report = sync_sweep(store, tracking_url, spec=spec, records=records, git=git_commit())
+    except Exception as err:  # noqa: BLE001 - the sweep's results are safe on disk: say so, exit non-zero
+        logging.getLogger(__name__).debug("reconcile failed", exc_info=True)
+        return None, TrackingBehind(tracking_url, unsent, len(records), str(err).splitlines()[0][:300])
+    return report.url, None

@@ -8,15 +8,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ray.tune import Callback
-
 from sweep import events
 from sweep.config import SweepSpec
+from sweep.live_callbacks import LiveCallback
 
 log = logging.getLogger(__name__)
 
 
-class SweepEvents(Callback):
+class SweepEvents(LiveCallback):
     """Emits TrialStarted/TrialReport/TrialEnded per trial and Counts whenever they change."""
 
     def __init__(self, listener: events.Listener, spec: SweepSpec) -> None:
@@ -25,10 +24,7 @@ class SweepEvents(Callback):
         self.scheduler, self.searched = spec.scheduler.name, events.searched_keys(spec)
         self._counts: events.Counts | None = None
         self._ended: set[str] = set()
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Tune pickles the Tuner with its callbacks; the listener (a terminal) stays behind."""
-        return self.__dict__ | {"listener": None}
+        super().__init__(spec.name)  # pickled by Tune as a reference to this session's view (a restore too)
 
     def _emit(self, event: events.Event) -> None:
         if self.listener is None:

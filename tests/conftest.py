@@ -276,6 +276,14 @@ def mlflow_runs(url: str, experiment: str) -> tuple[list[Any], list[Any]]:
     return parents, children
 
 
+STEPS_PER_EPOCH = 4  # the tiny spec's train.steps_per_epoch: MLflow's step is the optimizer step
+
+
+def epoch_steps(epochs: int) -> list[int]:
+    """The MLflow steps of a tiny-spec trial that ran `epochs` epochs."""
+    return [STEPS_PER_EPOCH * e for e in range(1, epochs + 1)]
+
+
 def metric_steps(url: str, run_id: str, key: str) -> list[int]:
     from mlflow import MlflowClient
 

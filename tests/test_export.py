@@ -67,8 +67,8 @@ def test_yaml_exports_carry_provenance_and_load_as_trial_configs(sweep_on_disk):
     assert names == ["best.yaml", "top1.yaml", "top2.yaml", "best_fw_lstm.yaml", "best_lstm.yaml"]
     assert all(f.parent == sweep_on_disk / "exports" for f in files)
     best = files[0].read_text()
-    assert best.startswith("# fwsweep export: best trial of sweep 'export-test'")
-    assert "trial ccc (fw_lstm): val_accuracy = 0.97" in best
+    assert best.startswith("# fwsweep export: trial ccc (fw_lstm) of sweep 'export-test'")
+    assert "val_accuracy = 0.97 after 5 epoch(s)" in best
     config = load_trial_config(files[0])
     assert config == RECORDS[2].config  # the exact config the trial ran
     assert config.model.name == "fw_lstm" and config.model.decay == 0.7

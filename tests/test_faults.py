@@ -17,7 +17,7 @@ import pickle
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from conftest import (
     SWEEP,
     TINY_SPEC,
     SweepProcess,
+    epoch_steps,
     experiment_dir,
     kill_processes_of,
     metric_steps,
@@ -144,7 +145,7 @@ def test_keep_checkpoints_reaches_tune(tmp_path: Path, monkeypatch: pytest.Monke
 
     spec = load_spec(TINY_SPEC).model_copy(deep=True)
     spec.train.keep_checkpoints = 3
-    tuner = build_tuner(spec, tracking_url=None)
+    tuner = build_tuner(spec)
     assert tuner._local_tuner.get_run_config().checkpoint_config.num_to_keep == 3
 
 
@@ -205,7 +206,7 @@ def test_failing_trials_are_recorded_everywhere_and_retried_from_checkpoints(
     assert runs[crashed[0]].info.status == "FINISHED" and runs[crashed[0]].data.tags.get("retries") == "1"
     assert "worker process has died" in runs[crashed[0]].data.tags.get("last_error", "")
     for tid in (crashed[0], clean[0]):
-        assert metric_steps(mlflow_server, runs[tid].info.run_id, "val_accuracy") == [1, 2, 3]
+        assert metric_steps(mlflow_server, runs[tid].info.run_id, "val_accuracy") == epoch_steps(3)
     nan_run = runs[diverged[0]]
     assert nan_run.info.status == "FAILED", "a diverged trial must be FAILED in MLflow"
     assert "diverged" in nan_run.data.tags.get("error", "").lower()
@@ -271,7 +272,7 @@ def test_killed_driver_is_resumed_without_rerunning_or_duplicating(
     parents, children = mlflow_runs(mlflow_server, name)
     assert len(parents) == 1 and all(r.info.status == "FINISHED" for r in parents + children)
     for tid, run_ in runs.items():  # one value per step, none missing (also for trials in flight at the kill)
-        assert metric_steps(mlflow_server, run_.info.run_id, "val_accuracy") == [1, 2, 3], tid
+        assert metric_steps(mlflow_server, run_.info.run_id, "val_accuracy") == epoch_steps(3), tid
     study = optuna_by_tune_trial(home, name)
     assert set(study) == set(trials) and all(t.state.name == "COMPLETE" for t in study.values())
     assert len(optuna_trials(home, name)) == 3, "the Optuna study lost or repeated a trial"
@@ -357,7 +358,7 @@ def test_lost_worker_node_trials_finish_on_the_remaining_node(
     print(f"lost trial ran its epochs on nodes {[n[:8] for n in nodes]}")
     runs = trial_runs_by_id(mlflow_server, name)
     assert all(r.info.status == "FINISHED" for r in runs.values())
-    assert metric_steps(mlflow_server, runs[lost].info.run_id, "val_accuracy") == [1, 2, 3, 4]
+    assert metric_steps(mlflow_server, runs[lost].info.run_id, "val_accuracy") == epoch_steps(4)
 
 
 def logged_steps(url: str, name: str) -> dict[str, list[int]]:
@@ -398,7 +399,7 @@ def test_tracking_server_outage_loses_no_metric(own_mlflow: MlflowServer, home: 
     steps = logged_steps(own_mlflow.url, name)
     assert len(steps) == 2
     for tid, logged in steps.items():
-        assert logged == list(range(1, epochs + 1)), f"trial {tid}: steps in MLflow {logged}"
+        assert logged == epoch_steps(epochs), f"trial {tid}: steps in MLflow {logged}"
     parents, children = mlflow_runs(own_mlflow.url, name)
     assert all(r.info.status == "FINISHED" for r in parents + children)
     print(f"MLflow down {down_s:.0f} s; epochs reported meanwhile: {grew}")
@@ -436,3 +437,140 @@ def test_fault_directives_fire_as_often_as_asked(tmp_path: Path, monkeypatch: py
         first.report({"epoch": 2})
     second.report({"epoch": 2})  # the budget of one is spent
     assert [m["epoch"] for m in inner.history] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+
+
+def assert_records_agree(home: Path, name: str, url: str) -> dict[str, int]:
+    """After `resume`/`sync`: Tune trials = Optuna trials = MLflow child runs, one parent, no run RUNNING,
+    every result row of every trial in MLflow at its step exactly once. Returns the counts (for the docs)."""
+    trials = tune_trials(home, name)
+    study = optuna_by_tune_trial(home, name)
+    parents, children = mlflow_runs(url, name)
+    ids = [r.data.tags["trial_id"] for r in children]
+    rows = trial_rows(home, name)
+    duplicate = missing = 0
+    for run in children:
+        logged = metric_steps(url, run.info.run_id, "val_accuracy")
+        expected = {r["step"] for r in rows.get(run.data.tags["trial_id"], []) if "val_accuracy" in r}
+        duplicate += len(logged) - len(set(logged))
+        missing += len(expected - set(logged))
+    counts = {"tune": len(trials), "optuna": len(optuna_trials(home, name)), "mlflow_children": len(children),
+              "parents": len(parents), "running": sum(r.info.status == "RUNNING" for r in parents + children),
+              "duplicate_steps": duplicate, "missing_steps": missing}
+    print(f"{name}: {counts}")
+    assert set(study) == set(trials), "Tune and Optuna disagree"
+    assert sorted(ids) == sorted(trials), f"MLflow runs {sorted(ids)} vs Tune trials {sorted(trials)}"
+    assert counts["tune"] == counts["optuna"] == counts["mlflow_children"]
+    assert (counts["parents"], counts["running"], duplicate, missing) == (1, 0, 0, 0), counts
+    return counts
+
+
+def any_trial_started(home: Path, name: str) -> bool:
+    return any(experiment_dir(home, name).glob("trial_*"))
+
+
+KILL_POINTS: dict[str, Callable[[Path, str], bool]] = {
+    # right after Tune started a trial (its folder exists), before it reported anything
+    "trial started": any_trial_started,
+    # a first epoch reported (Tune's result row on disk)
+    "first result": lambda home, name: bool(started_trials_on_disk(home, name)),
+    # one trial finished and another is running
+    "trial finished": lambda home, name: bool(finished_trials_on_disk(home, name, 3))
+    and len(started_trials_on_disk(home, name)) >= 2,
+    # every trial of the budget started
+    "all started": lambda home, name: len(started_trials_on_disk(home, name)) >= 3,
+    # Tune is done: the driver exports and brings MLflow level (the kill lands in that reconcile)
+    "in the final sync": lambda home, name: (experiment_dir(home, name) / "exports" / "best.yaml").exists(),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_driver_killed_at_any_point_then_resume_agrees(point: str, mlflow_server: str, home: Path,
+                                                       tmp_path: Path) -> None:
+    """`kill -9` of the driver (and its local Ray) at five points of a 3-trial sweep; then `sweep resume`
+    (or `sweep run` again when Tune had saved no state yet). The three records must agree."""
+    name = "kill-" + point.replace(" ", "-")
+    spec = write_spec(tmp_path, name, budget={"num_samples": 3, "max_concurrent": 2})
+    env = {"FWSWEEP_FAULT": "slow=1.5"}
+    run = SweepProcess(["run", str(spec), "--tracking-uri", mlflow_server], home, env)
+    wait_until(lambda: KILL_POINTS[point](home, name) or run.proc.poll() is not None, 240, point)
+    assert run.proc.poll() is None, f"the sweep ended before {point}:\n{run.output()[-3000:]}"
+    run.signal(signal.SIGKILL)
+    run.wait(10)
+    kill_processes_of(home)  # its local Ray goes with it, as when the machine dies
+    from ray.tune import Tuner
+
+    saved = Tuner.can_restore(str(experiment_dir(home, name)))
+    again = ["resume", name] if saved else ["run", str(spec)]
+    run_to_end([*again, "--tracking-uri", mlflow_server], home, env)
+    counts = assert_records_agree(home, name, mlflow_server)
+    assert counts["tune"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_tracking_server_gone_for_good_exits_nonzero_then_sync_completes(
+        own_mlflow: MlflowServer, home: Path, tmp_path: Path) -> None:
+    """The sweep's (explicit) MLflow server is killed mid-sweep and not brought back while it runs: the
+    sweep trains on, then exits 3 saying how many results MLflow lacks and to run `sweep sync`. Once the
+    server is back, `sweep sync` makes the three records agree."""
+    name = "faults-gone"
+    spec = write_spec(tmp_path, name, budget={"num_samples": 3, "max_concurrent": 2})
+    run = SweepProcess(["run", str(spec), "--tracking-uri", own_mlflow.url], home,
+                       {"FWSWEEP_FAULT": "slow=1.5"})
+    wait_until(lambda: any(logged_steps(own_mlflow.url, name).values()) or run.proc.poll() is not None, 240,
+               "a first metric in MLflow")
+    assert run.proc.poll() is None, run.output()[-3000:]
+    own_mlflow.stop()  # for good, as far as this sweep is concerned
+    rc = run.wait(300)
+    out = run.output()
+    assert rc == 3, f"exit {rc}:\n{out[-3000:]}"
+    assert "not in MLflow yet" in out and f"sweep sync {name}" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    own_mlflow.start()  # the user brings it back (same port, same database)
+    run_to_end(["sync", name, "--tracking-uri", own_mlflow.url], home)
+    assert_records_agree(home, name, own_mlflow.url)
+    again = run_to_end(["sync", name, "--tracking-uri", own_mlflow.url], home)
+    assert "0 run(s) created, 0 result row(s) backfilled, 0 status(es) set" in again, again
+
+
+def _mount_read_only(folder: Path) -> bool:
+    """Bind-mount `folder` read-only over itself (root with CAP_SYS_ADMIN); False where not permitted."""
+    proc = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True)
+    return proc.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_read_only_sweeps_folder_ends_with_one_message_and_resume_agrees(
+        mlflow_server: str, home: Path, tmp_path: Path) -> None:
+    """The sweeps folder turns read-only mid-sweep (a read-only bind mount over it): the sweep stops with
+    one message naming the folder and `sweep resume`, exit 2, no traceback. Writable again, `sweep resume`
+    finishes it and the three records agree."""
+    name = "faults-ro"
+    spec = write_spec(tmp_path, name, budget={"num_samples": 3, "max_concurrent": 2})
+    env = {"FWSWEEP_FAULT": "slow=1.5"}
+    run = SweepProcess(["run", str(spec), "--tracking-uri", mlflow_server], home, env)
+    wait_until(lambda: started_trials_on_disk(home, name) or run.proc.poll() is not None, 240,
+               "a first result")
+    assert run.proc.poll() is None, run.output()[-3000:]
+    sweeps = home / "sweeps"
+    if not _mount_read_only(sweeps):
+        run.signal(signal.SIGKILL)
+        pytest.skip("a read-only bind mount needs root with CAP_SYS_ADMIN")
+    try:
+        rc = run.wait(300)
+    finally:
+        subprocess.run(["umount", str(sweeps)], check=True)
+    out = run.output()
+    assert rc == 2, f"exit {rc}:\n{out[-3000:]}"
+    assert "writing the sweep's state failed" in out and f"sweep resume {name}" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    kill_processes_of(home)
+    run_to_end(["resume", name, "--tracking-uri", mlflow_server], home, env)
+    counts = assert_records_agree(home, name, mlflow_server)
+    assert counts["tune"] == 3

@@ -95,7 +95,7 @@ def test_sweep_runs_trials_on_both_nodes_and_tracks_them_all(
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id],
-                              f"tags.sweep = '{name}' and tags.fwsweep_role = 'trial'")
+                              f"tags.sweep = '{name}' and tags.`fwsweep.role` = 'trial'")
     assert {r.data.tags["trial_id"] for r in runs} == {r.trial_id for r in records}
     for run in runs:
         assert run.info.status == "FINISHED"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     SweepProcess,
+    epoch_steps,
     experiment_dir,
     metric_steps,
     mlflow_runs,
@@ -67,4 +68,4 @@ def test_signal_stops_saves_and_resumes(sig: int, code: int, mlflow_server: str,
     assert len(parents) == 1 and len(children) == 2
     assert all(r.info.status == "FINISHED" for r in parents + children)
     for r in children:
-        assert metric_steps(mlflow_server, r.info.run_id, "val_accuracy") == [1, 2, 3]
+        assert metric_steps(mlflow_server, r.info.run_id, "val_accuracy") == epoch_steps(3)

@@ -58,8 +58,8 @@ def _runs(url: str, sweep: str) -> tuple[list, list]:
     client = mlflow.MlflowClient(url)
     exp = client.get_experiment_by_name(sweep)
     runs = client.search_runs([exp.experiment_id], f"tags.sweep = '{sweep}'", max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("fwsweep_role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("fwsweep_role") == "trial"]
+    parents = [r for r in runs if r.data.tags.get("fwsweep.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("fwsweep.role") == "trial"]
     return parents, children
 
 

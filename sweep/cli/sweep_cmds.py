@@ -1,4 +1,4 @@
-"""Commands: `run`, `resume`, `export`, `ui`, `list`, `show` (sweeps on Ray Tune, tracked in MLflow)."""
+"""Commands: `run`, `resume`, `sync`, `export`, `ui`, `list`, `show` (sweeps on Ray Tune + MLflow)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from sweep.cli import app
 from sweep.cli.live import SweepView, fmt_params
-from sweep.cli.output import console
+from sweep.cli.output import console, err_console
 from sweep.errors import UserError
 
 SPEC_HELP = "search-space YAML (see search_spaces/ and docs/sweeps.md)"
@@ -70,11 +70,19 @@ def _ui_hint(spec, tracking_uri: str | None) -> None:  # noqa: ANN001
         console.print("browse:     sweep ui   (restarts the local MLflow server at that address)")
 
 
+TRACKING_BEHIND_EXIT = 3  # the sweep's results are safe on disk, MLflow lacks some: `sweep sync NAME`
+
+
 def _exit_code(result, terminated: bool) -> None:  # noqa: ANN001
+    if result.tracking_behind is not None:
+        err_console.print(f"[red]not in MLflow yet[/]: {escape(result.tracking_behind.message(result.name))}",
+                          soft_wrap=True)
     if result.interrupted:
         raise typer.Exit(143 if terminated else 130)
     if result.best is None:  # no trial produced a result: the sweep failed
         raise typer.Exit(1)
+    if result.tracking_behind is not None:
+        raise typer.Exit(TRACKING_BEHIND_EXIT)
 
 
 def _apply_sets(data: dict, sets: list[str]) -> dict:
@@ -183,6 +191,36 @@ def _run_to_the_end(spec, address: str | None, tracking_uri: str | None, resume:
     _summary(result, spec)
     _ui_hint(spec, tracking_uri)
     _exit_code(result, bool(terminated))
+
+
+@app.command()
+def sync(
+    name: str = typer.Argument(..., metavar="NAME", help=NAME_HELP),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", metavar="URL", help=TRACKING_HELP),
+    storage: str | None = _storage_option(),
+) -> None:
+    """Bring the sweep's MLflow runs level with its records: missing runs, steps, statuses (idempotent)."""
+    from sweep.cli import sweep_tables
+    from sweep.errors import Problem
+    from sweep.mlflow_runs.content import git_commit
+    from sweep.mlflow_runs.reconcile import sync_sweep
+    from sweep.store import open_sweep
+    from sweep.tracking import tracking_server
+
+    store = open_sweep(name, storage)
+    spec = store.load_spec()
+    if sweep_tables._is_running(store):
+        raise UserError(Problem(name, "this sweep is running (its state changed in the last 30 s)",
+                                "sync it after it ends (`run` and `resume` sync at their end anyway)"))
+    records = store.load_trials(spec)
+    with tracking_server(tracking_uri, spec_uri=spec.tracking.uri) as server:
+        report = sync_sweep(store, server.url, spec=spec, records=records, git=git_commit())
+    console.print(f"[bold]{name}[/]: {report.trials} trial(s) in the sweep's records; MLflow now matches "
+                  f"them ({report.runs_created} run(s) created, {report.rows_backfilled} result row(s) "
+                  f"backfilled, {report.runs_closed} status(es) set, {report.runs_trashed} stray run(s) "
+                  f"trashed, {report.uploads} artifact(s) uploaded)", soft_wrap=True)
+    if report.url:
+        console.print(f"MLflow:     {report.url}", soft_wrap=True)
 
 
 @app.command()

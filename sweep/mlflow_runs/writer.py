@@ -1,0 +1,313 @@
+"""The run writer: every MLflow write of fwsweep goes through here (sweeps, `sweep sync`, comparisons).
+
+Tune-agnostic and idempotent: a run is found by its tags before one is created, params are logged only
+where absent (MLflow refuses to change one), a metric row is logged once per step, a run is reopened or
+ended only when its status differs. HTTP retries are MLflow's own (urllib3 `Retry` with back-off,
+configured by MLFLOW_HTTP_REQUEST_MAX_RETRIES / _BACKOFF_FACTOR / _TIMEOUT: fwsweep lowers the defaults,
+minutes of retries per request, to seconds, unless they are set). A failure is then either *transient*
+(server down, timeout, 5xx, 429: try again later) or *permanent* (4xx: skipped with a warning).
+
+`LiveWriter` runs writes on a background thread in order, so a Tune driver only enqueues them; when
+the server is down it keeps them (bounded) and retries with a back-off. Completeness does not depend on
+it: `sweep.mlflow_runs.reconcile` brings MLflow level with the sweep's own records afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from sweep.mlflow_runs.content import MAX_TAG_VALUE
+
+log = logging.getLogger(__name__)
+
+MAX_PARAMS_PER_BATCH = 100  # MLflow's own limits per log_batch
+MAX_METRICS_PER_BATCH = 1000
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+Row = tuple[int, Mapping[str, float], int | None]  # (step, values, timestamp in ms or None)
+
+
+def configure_http() -> None:
+    """Seconds, not minutes, of MLflow's own retries per request (a user's settings are kept)."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Server down, timeout, 5xx, 429: retry later. A 4xx (bad value, run deleted) will never succeed."""
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return status >= 500 or status == 429
+    with contextlib.suppress(ImportError):
+        import requests
+
+        if isinstance(err, requests.exceptions.HTTPError) and err.response is not None:
+            return err.response.status_code >= 500 or err.response.status_code == 429
+        if isinstance(err, requests.exceptions.RequestException):
+            return True
+    return isinstance(err, ConnectionError | TimeoutError)
+
+
+def sha(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:16]
+
+
+class RunWriter:
+    """Idempotent writes to one tracking server (see the module docstring); one per thread."""
+
+    def __init__(self, tracking_uri: str, client: MlflowClient | None = None) -> None:
+        configure_http()
+        self.tracking_uri = tracking_uri
+        self.client = client or MlflowClient(tracking_uri=tracking_uri)
+        self._steps: dict[str, set[int]] = {}  # run id -> steps it holds (known, or learned once)
+        self.requests = 0
+
+    # ---- runs
+    def create_run(self, exp_id: str, name: str, tags: Mapping[str, str],
+                   parent_id: str | None = None) -> str:
+        tags = dict(tags) | ({"mlflow.parentRunId": parent_id} if parent_id else {})
+        self.requests += 1
+        run_id = self.client.create_run(exp_id, tags=tags, run_name=name).info.run_id
+        self._steps[run_id] = set()
+        return run_id
+
+    def set_status(self, run: Any, status: str) -> None:
+        """End a run with `status` (FINISHED, FAILED, KILLED), or reopen it (RUNNING), if it differs."""
+        if run.info.status == status:
+            return
+        self.requests += 1
+        if status == "RUNNING":
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(run.info.run_id, status=status)
+
+    def end(self, run_id: str, status: str) -> None:
+        """End a run whose state this writer does not hold (FINISHED, FAILED, KILLED)."""
+        self.requests += 1
+        self.client.set_terminated(run_id, status=status)
+
+    def delete_run(self, run_id: str) -> None:
+        self.requests += 1
+        self.client.delete_run(run_id)  # to MLflow's trash: restorable
+
+    # ---- params and tags
+    def log_params(self, run_id: str, params: Mapping[str, str], existing: Mapping[str, str] | None = None
+                   ) -> int:
+        """Log the params the run does not hold yet; returns how many."""
+        todo = [Param(k, v) for k, v in params.items() if k not in (existing or {})]
+        for i in range(0, len(todo), MAX_PARAMS_PER_BATCH):
+            self.requests += 1
+            self.client.log_batch(run_id, params=todo[i:i + MAX_PARAMS_PER_BATCH])
+        return len(todo)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str], existing: Mapping[str, str] | None = None
+                 ) -> int:
+        """Set the tags whose value differs from `existing` (the run's tags, when known)."""
+        existing = existing or {}
+        todo = [RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()
+                if existing.get(k) != str(v)[:MAX_TAG_VALUE]]
+        if todo:
+            self.requests += 1
+            self.client.log_batch(run_id, tags=todo)
+        return len(todo)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self.requests += 1
+        self.client.delete_tag(run_id, key)
+
+    # ---- metrics
+    def logged_steps(self, run_id: str, probe_key: str) -> set[int]:
+        """The steps the run holds. Each row is logged in one batch (all its metrics or none), so one
+        metric's history tells them all; learned once per run, then kept up to date here."""
+        if run_id not in self._steps:
+            self.requests += 1
+            self._steps[run_id] = {m.step for m in self.client.get_metric_history(run_id, probe_key)}
+        return self._steps[run_id]
+
+    def log_rows(self, run_id: str, rows: Sequence[Row]) -> int:
+        """Log the rows whose step the run does not hold yet, in step order; returns how many rows."""
+        rows = [r for r in rows if r[1]]
+        if not rows:
+            return 0
+        probe = max({k for r in rows for k in r[1]}, key=lambda k: sum(k in r[1] for r in rows))
+        have = self.logged_steps(run_id, probe)
+        todo: dict[int, Row] = {}
+        for row in rows:
+            if row[0] not in have and row[0] not in todo:
+                todo[row[0]] = row
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, ts or now, step) for step, values, ts in (todo[s] for s in sorted(todo))
+                   for k, v in values.items()]
+        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            self.requests += 1
+            self.client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+        have.update(todo)
+        return len(todo)
+
+    # ---- artifacts
+    def upload_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.requests += 1
+        self.client.log_text(run_id, text, artifact_file)
+
+    def upload_path(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.requests += 1
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+
+# ---------------------------------------------------------------------------------------------- live
+
+
+@dataclass
+class _Op:
+    do: Callable[[RunWriter], Any]
+    what: str
+    reports: int  # metric rows it carries (what a dropped op loses until the next reconcile)
+
+
+class LiveWriter:
+    """A RunWriter on a background thread: `submit` returns at once; ops run in order.
+
+    While the server does not answer, ops wait (the oldest first) and are retried with a back-off
+    (`retry_after_s` doubling to `max_retry_after_s`). Beyond `max_pending` waiting ops the oldest
+    metric ops are dropped and counted (`unsent_reports`): `sweep sync` backfills them from the sweep's
+    records. A permanent failure (4xx) skips its op with a warning.
+    """
+
+    def __init__(self, writer: RunWriter, *, retry_after_s: float = 2.0, max_retry_after_s: float = 30.0,
+                 max_pending: int = 20_000) -> None:
+        self.writer = writer
+        self.retry_after_s, self.max_retry_after_s = retry_after_s, max_retry_after_s
+        self.max_pending = max_pending
+        self.dropped_reports = 0
+        self.sent_reports = 0
+        self._ops: deque[_Op] = deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self._down_since: float | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def unsent_reports(self) -> int:
+        with self._cond:
+            return self.dropped_reports + sum(op.reports for op in self._ops)
+
+    @property
+    def server_down(self) -> bool:
+        return self._down_since is not None
+
+    def submit(self, do: Callable[[RunWriter], Any], what: str, reports: int = 0) -> None:
+        with self._cond:
+            if self._closed:
+                self.dropped_reports += reports
+                return
+            self._ops.append(_Op(do, what, reports))
+            if len(self._ops) > self.max_pending:
+                victim = next((op for op in self._ops if op.reports), None)
+                if victim is not None:
+                    self._ops.remove(victim)
+                    self.dropped_reports += victim.reports
+            self._cond.notify_all()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="fwsweep-mlflow-writer", daemon=True)
+            self._thread.start()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every op ran (True) or `timeout_s` passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._ops or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    def close(self, timeout_s: float) -> int:
+        """Drain (up to `timeout_s`; 2 s when the server is down), stop the thread; the reports not sent."""
+        self.drain(min(timeout_s, 2.0) if self.server_down else timeout_s)
+        with self._cond:
+            self._closed = True
+            self.dropped_reports += sum(op.reports for op in self._ops)
+            self._ops.clear()
+            self._cond.notify_all()
+        return self.dropped_reports
+
+    def _loop(self) -> None:
+        backoff = self.retry_after_s
+        while True:
+            with self._cond:
+                while not self._ops and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                op = self._ops[0]
+                self._busy = True
+            if not _server_ready(self.writer.tracking_uri, backoff):  # a local server (re)booting: wait
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+                continue
+            try:
+                op.do(self.writer)
+            except Exception as err:  # noqa: BLE001 - a logging failure must never reach the sweep
+                if is_transient(err):
+                    if self._down_since is None:
+                        self._down_since = time.monotonic()
+                        log.warning("MLflow at %s is not answering (%s); results wait in memory and "
+                                    "`sweep sync` completes MLflow from the sweep's records",
+                                    self.writer.tracking_uri, str(err).splitlines()[0][:200])
+                    with self._cond:
+                        self._busy = False
+                        self._cond.notify_all()
+                        self._cond.wait(backoff)
+                    backoff = min(backoff * 2, self.max_retry_after_s)
+                    continue
+                log.warning("MLflow rejected %s; skipped: %s", op.what, str(err).splitlines()[0][:300])
+            if self._down_since is not None:
+                log.warning("MLflow at %s answers again", self.writer.tracking_uri)
+                self._down_since = None
+            backoff = self.retry_after_s
+            with self._cond:
+                if self._ops and self._ops[0] is op:
+                    self._ops.popleft()
+                    self.sent_reports += op.reports
+                self._busy = False
+                self._cond.notify_all()
+
+
+def _server_ready(url: str, timeout_s: float) -> bool:
+    """False while fwsweep's local server at `url` boots or is restarted (after waiting up to timeout_s)."""
+    from sweep import tracking
+
+    return tracking.is_ready(url) or tracking.wait_ready(url, timeout_s)
+
+
+def rows_of(history: Iterable[Mapping[str, Any]]) -> list[Row]:
+    """Tune result rows -> metric rows (step, values, timestamp), first report of a step kept."""
+    from sweep.mlflow_runs.content import metric_step, metric_values
+
+    rows: dict[int, Row] = {}
+    for row in history:
+        step = metric_step(row)
+        ts = row.get("timestamp")
+        ms = int(ts * 1000) if isinstance(ts, int | float) else None
+        rows.setdefault(step, (step, metric_values(row), ms))
+    return [rows[s] for s in sorted(rows)]
