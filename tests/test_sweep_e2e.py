@@ -108,7 +108,7 @@ def test_sweep_end_to_end_tracks_stops_early_and_exports(home, mlflow_server):
         assert len(history) == record.epochs
         assert child.data.metrics["val_accuracy"] == pytest.approx(record.value("val_accuracy"))
         assert client.list_artifacts(child.info.run_id), "a trial run has no artifacts"
-    assert result.mlflow_url and parents[0].info.run_id in result.mlflow_url
+    assert result.mlflow_url and f"/experiments/{parents[0].info.experiment_id}/runs" in result.mlflow_url
 
     # Export: the best config re-runs to the same validation accuracy (same seed, same device)
     best = result.best
