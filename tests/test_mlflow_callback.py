@@ -182,10 +182,13 @@ def test_callback_pickles_as_the_registered_one(mlflow_server: str) -> None:
     session registered for the sweep (no private Tune API), or a no-op one when none is."""
     import pickle
 
+    from sweep import live_callbacks
+
     spec = _spec(f"reg-{uuid.uuid4().hex[:6]}")
     callback = MlflowSweepCallback(mlflow_server, spec)
     assert pickle.loads(pickle.dumps(callback)) is callback
     callback.close()
+    live_callbacks.unregister([callback])
     restored = pickle.loads(pickle.dumps(callback))
     assert type(restored) is tune.Callback  # the live one is gone: a callback that does nothing
 
