@@ -238,6 +238,9 @@ CASES = [
     Case("resume-unknown-sweep", ["resume", "no-such-sweep"], ["no-such-sweep", "sweep list"]),
     Case("show-unknown-sweep", ["show", "no-such-sweep"], ["no-such-sweep", "sweep list"]),
     Case("export-unknown-sweep", ["export", "no-such-sweep"], ["no-such-sweep", "sweep list"]),
+    Case("sync-unknown-sweep", ["sync", "no-such-sweep"], ["no-such-sweep", "sweep list"]),
+    Case("sync-corrupt-spec", ["sync", "faults-tiny"], ["sweep_spec.yaml", "damaged", "rm -r"],
+         {f"{SWEEPS}/faults-tiny/sweep_spec.yaml": CORRUPT_SPEC}),
     Case("compare-spec-missing", ["compare", "nope.yaml"], ["nope.yaml", "not found"]),
     # ---- environment and servers that are not there
     Case("run-no-ray-cluster", ["run", S, "--address", "127.0.0.1:{port}"],
@@ -339,7 +342,7 @@ def test_every_command_is_covered() -> None:
     commands = set(typer.main.get_command(app).commands)
     used = {c.argv[0] for c in CASES if c.id != "cli-unknown-command"}
     assert used <= commands, f"cases for commands that do not exist: {used - commands}"
-    reading_input = {"run", "resume", "export", "show", "train", "validate", "compare"}
+    reading_input = {"run", "resume", "export", "show", "sync", "train", "validate", "compare"}
     assert reading_input <= used, f"commands without a bad-input case: {reading_input - used}"
 
 
