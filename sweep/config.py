@@ -170,6 +170,14 @@ class Distribution(Strict):
     choice: list[Any] | None = None
     step: float | None = Field(None, gt=0, description="quantisation step for uniform/int")
 
+    @field_validator("uniform", "loguniform", "int", "logint", mode="before")
+    @classmethod
+    def _bounds_are_numbers(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple) and any(isinstance(x, bool) for x in v):
+            raise ValueError("a bound is a yes/no value, not a number (YAML reads yes/no/on/off/true/false "
+                             "as booleans); write numbers")
+        return v
+
     @model_validator(mode="after")
     def _one_kind(self) -> Distribution:
         kinds = [

@@ -100,6 +100,8 @@ CASES = [
     Case("spec-yes-is-not-a-number", ["validate", S],
          ["budget.max_concurrent", "yes/no value", "write a number"],
          {S: spec_text(budget="{num_samples: 2, max_concurrent: yes}")}),
+    Case("spec-bool-as-bound", ["validate", S], ["space.common.lr.uniform", "yes/no value"],
+         {S: spec_text(space="{common: {lr: {uniform: [no, 0.1]}}}")}),
     Case("spec-bool-for-model-int", ["validate", S], ["space.common.hidden_size", "yes/no value"],
          {S: TINY_SPEC_TEXT.replace("hidden_size: 8", "hidden_size: true")}),
     Case("spec-absurd-budget", ["run", S], ["budget.num_samples", "1,000,000,000,000", "10,000"],
