@@ -5,28 +5,18 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SWEEP
+from conftest import run_cli_in_process as run_cli
 
-from sweep.cli import main
-
-SWEEP = Path(sys.executable).with_name("sweep")
 SETS = ["task.train_size=2000", "task.val_size=400", "task.test_size=400", "train.batch_size=64",
         "train.num_threads=1", "train.target_accuracy=null", "model.embed_size=16", "model.head_size=16"]
 TINY = ["--model", "lstm", "--pairs", "2", "--hidden-size", "16", "--lr", "0.003", "--device", "cpu",
         *[arg for s in SETS for arg in ("--set", s)]]
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["sweep", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    out = capsys.readouterr()
-    return (0 if info.value.code is None else int(info.value.code)), out.out + out.err
 
 
 def trajectory(history: list[dict]) -> list[dict]:
