@@ -3,9 +3,10 @@
 A sweep of `--trials` tiny trials (LSTM, hidden 8, 2 epochs of 4 steps: ~0.1-0.2 s of training each),
 FIFO, 2 at a time, against a local MLflow server, run by the `sweep` CLI under `py-spy record --threads
 --format raw` (the driver process only: trials run in Ray workers). The samples (on-CPU, all threads of
-the driver) are grouped by what they are in: matplotlib, MLflow client calls, on Tune's event loop (main
-thread) or fwsweep's writer thread, and the rest. `--source DIR` profiles another checkout of the package
-(e.g. `git archive` of an older commit) with this venv, for a before/after comparison.
+the driver) are grouped by where they are: on Tune's event loop (matplotlib, MLflow requests, the rest),
+before Tune starts, after it (exports and the MLflow reconcile), fwsweep's MLflow writer thread.
+`--source DIR` profiles another checkout of the package (e.g. `git archive` of an older commit) with this
+venv, for a before/after comparison.
 
 Usage: .venv/bin/python benchmarks/driver_profile.py [--trials 40] [--source DIR] [--out FILE.txt]
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -26,32 +26,30 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = "import sys; from sweep.cli import main; sys.argv[0] = 'sweep'; main()"  # the `sweep` command
-GROUPS = (  # first match wins, checked on the whole stack
-    ("matplotlib (per-trial PNG)", re.compile(r"matplotlib")),
-    ("MLflow requests", re.compile(r"mlflow|requests/|urllib3")),
-    ("Tune: trial results, state snapshots", re.compile(r"ray/tune/")),
-    ("Ray core (object store, RPC)", re.compile(r"ray/_private|ray/_raylet|ray/util")),
-    ("imports, start-up", re.compile(r"<frozen importlib")),
+GROUPS = (  # (name, test on (thread, stack)); first match wins
+    ("Tune's event loop: matplotlib", lambda t, st: "Tuner.fit" in st and "matplotlib" in st),
+    ("Tune's event loop: MLflow requests", lambda t, st: "Tuner.fit" in st and "mlflow" in st),
+    ("Tune's event loop: the rest", lambda t, st: "Tuner.fit" in st),
+    ("after Tune: exports + MLflow reconcile", lambda t, st: "sync_after" in st or "write_exports" in st
+     or "_log_summary" in st or ".close (sweep/mlflow" in st),
+    ("before Tune: imports, Ray, server start", lambda t, st: "MainThread" in t),
+    ("MLflow writer thread (off the loop)", lambda t, st: "fwsweep-mlflow-writer" in t),
 )
 
 
-def summarise(raw: Path) -> tuple[Counter, int, Counter]:
-    """(samples per group, total samples, samples per thread) of a py-spy raw (collapsed) file."""
+def summarise(raw: Path) -> tuple[Counter, int]:
+    """(samples per group, total samples) of a py-spy raw (collapsed, --threads) file."""
     groups: Counter = Counter()
-    threads: Counter = Counter()
     total = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        n = int(count)
-        total += n
-        thread = stack.split(";", 1)[0]
-        threads["writer thread" if "fwsweep-mlflow-writer" in thread or "_loop (sweep/mlflow_runs" in stack
-                else "main thread" if "MainThread" in thread or "0x" not in thread else thread[:40]] += n
-        name = next((g for g, pattern in GROUPS if pattern.search(stack)), "other")
-        groups[name] += n
-    return groups, total, threads
+        thread, _, frames = stack.partition(";")
+        total += int(count)
+        name = next((g for g, test in GROUPS if test(thread, frames)), "other threads")
+        groups[name] += int(count)
+    return groups, total
 
 
 def main() -> None:
@@ -76,13 +74,11 @@ def main() -> None:
                     "--", sys.executable, "-c", CLI, "run", str(work / "spec.yaml")],
                    env=env, cwd=work, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    groups, total, threads = summarise(raw)
+    groups, total = summarise(raw)
     print(f"source {args.source}: {args.trials} trials in {wall:.0f} s (load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after); {total} on-CPU samples of the driver at 50 Hz")
     for name, n in groups.most_common():
         print(f"  {name:40s} {100 * n / max(total, 1):5.1f} %")
-    for name, n in threads.most_common(4):
-        print(f"  thread {name:33s} {100 * n / max(total, 1):5.1f} %")
 
 
 if __name__ == "__main__":
