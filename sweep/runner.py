@@ -426,7 +426,7 @@ def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store:
 
     Afterwards MLflow is brought level with the sweep's records (`sweep.mlflow_runs.reconcile`), whatever
     the live logging managed to send."""
-    from sweep import export
+    from sweep import export, tracking
 
     tracker = _tracker(spec, tracking_url, store)
     callbacks = _callbacks(spec, tracker, store, on_event)  # registered before a restore unpickles them
@@ -461,6 +461,7 @@ def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store:
     finally:
         live_callbacks.unregister(callbacks)
     if tracker is not None:  # live logging ends before the reconcile, which then owns every write
+        tracking.wait_ready(tracking_url, tracking.START_TIMEOUT_S)  # a sweep shorter than the server's boot
         unsent = tracker.close()
     with storage_faults(spec, store):
         records = store.load_trials(spec)

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 3.0  # one /health probe of a given server
-START_TIMEOUT_S = 90.0  # a fresh local server is usually healthy in 4-10 s; a loaded machine is slower
+START_TIMEOUT_S = 180.0  # a fresh local server is healthy in 4-10 s when idle; 35-70 s measured at load 15
 WATCH_EVERY_S = 2.0  # the watchdog's probe interval
 HUNG_AFTER_S = 60.0  # a live server process that has not answered /health this long is replaced
 STATE_FILE = "server.json"  # the running server: {url, pid, started_at}
@@ -298,17 +298,29 @@ class Watchdog:
     def _revive(self) -> None:
         with _locked(self.folder):
             state = read_state(self.folder)
-            if state and _is_mlflow_process(state.get("pid")):
-                since = max(state.get("started_at", 0), self._last_healthy)
-                if time.time() - since < HUNG_AFTER_S or is_healthy(state["url"]):
-                    return  # booting, busy, or restarted by another command meanwhile
             if state and state.get("url") != self.url:
                 return  # another command replaced it on another port: not ours to touch
-            log.warning("the local MLflow server at %s is down: restarting it on the same port", self.url)
+            if state and _is_mlflow_process(state.get("pid")):
+                if not self._hung(state) or is_healthy(state["url"]):
+                    return  # booting, busy, or restarted by another command meanwhile
+                log.warning("the local MLflow server at %s has not answered for %.0f s: replacing it on the "
+                            "same port", self.url, HUNG_AFTER_S)
+                _kill_tree(state["pid"])
+                (self.folder / STATE_FILE).unlink(missing_ok=True)
+            else:
+                log.warning("the local MLflow server at %s is down: restarting it on the same port", self.url)
             _reuse_or_launch(self.folder)
             self.restarts += 1
             self._failed_launches += 1  # reset once it answers; a server that cannot boot is retried slowly
             self._next_try = time.monotonic() + min(2.0 ** self._failed_launches, 30.0)
+
+    def _hung(self, state: dict) -> bool:
+        """Silent for HUNG_AFTER_S since it last answered; one that never answered gets START_TIMEOUT_S
+        to boot (a loaded machine boots slowly, and killing a slow boot only starts another)."""
+        started = state.get("started_at", 0.0)
+        if self._last_healthy > started:
+            return time.time() - self._last_healthy > HUNG_AFTER_S
+        return time.time() - started > START_TIMEOUT_S
 
 
 # ---------------------------------------------------------------------------------------------- local server
