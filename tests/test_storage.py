@@ -1,0 +1,126 @@
+"""Sweep storage as a URI: one layout (sweep.store) in a local folder or in S3 (moto's server on loopback),
+and bad storage settings refused before anything starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures_s3 import CREDENTIALS, S3Store, s3_store  # noqa: F401  (real S3-compatible server)
+
+from sweep.config import SweepSpec
+from sweep.store import SPEC_FILE, open_storage, open_sweep
+from sweep.tracking import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = Path(sys.executable).with_name("sweep")
+SPEC = yaml.safe_load((ROOT / "search_spaces/tests/multinode.yaml").read_text())
+
+
+@pytest.fixture
+def s3_env(s3_store: S3Store, monkeypatch: pytest.MonkeyPatch) -> S3Store:  # noqa: F811
+    for key, value in s3_store.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_store
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_one_layout_for_a_folder_and_a_bucket(where: str, s3_env: S3Store, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path / "home"))
+    uri = str(tmp_path / "store") if where == "local" else s3_env.uri(f"layout-{where}")
+    storage = open_storage(uri)
+    assert storage.remote == (where == "s3")
+    storage.check()
+    spec = SweepSpec.model_validate(SPEC | {"name": "layout"})
+    store = storage.sweep("layout")
+    assert store.read_spec() is None and storage.sweep_names() == []
+    store.write_spec(spec)
+    store.write_text("exports/index.json", '{"exports": [{"file": "best.yaml"}]}')
+
+    # Read back through a fresh handle, as another machine would.
+    again = open_sweep("layout", uri)
+    assert again.read_spec() == spec
+    assert open_storage(uri).sweep_names() == ["layout"]
+    assert again.export_index() == {"exports": [{"file": "best.yaml"}]}
+    assert again.uri == f"{storage.uri}/layout"
+    assert again.load_trials() == []  # no Tune state yet: nothing, not an error
+    if where == "s3":
+        assert sorted(s3_env.keys("layout-s3/")) == ["layout-s3/layout/exports/index.json",
+                                                     f"layout-s3/layout/{SPEC_FILE}"]
+    else:
+        assert (tmp_path / "store" / "layout" / SPEC_FILE).is_file()
+        assert not (tmp_path / "home").exists()  # an explicit storage leaves FWSWEEP_HOME alone
+
+
+def test_storage_setting_order_flag_then_env_then_home(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FWSWEEP_STORAGE", raising=False)
+    assert open_storage().uri == str(tmp_path / "home" / "sweeps")
+    monkeypatch.setenv("FWSWEEP_STORAGE", "s3://from-env/p")
+    assert open_storage().uri == "s3://from-env/p" and open_storage().root == "from-env/p"
+    assert open_storage(str(tmp_path / "flag")).uri == str(tmp_path / "flag")
+
+
+def _sweep_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FWSWEEP_", "RAY_", "MLFLOW_"))}
+    return subprocess.run([str(SWEEP), *args], env=base | env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+BAD_STORAGE = {
+    # id: (what changes in the environment, what the message must name)
+    "unreachable endpoint": (lambda s3: s3.env | {"FWSWEEP_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"},
+                             ["FWSWEEP_S3_ENDPOINT", "cannot reach"]),
+    "missing credentials": (lambda s3: {k: v for k, v in s3.env.items()
+                                        if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+                            ["AWS credentials", "AWS_ACCESS_KEY_ID"]),
+    "missing bucket": (lambda s3: s3.env, ["--storage", "does not exist", "create it"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STORAGE))
+def test_bad_storage_fails_before_anything_starts(case: str, s3_store: S3Store, tmp_path: Path) -> None:  # noqa: F811
+    make_env, expected = BAD_STORAGE[case]
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(SPEC))
+    bucket = "no-such-bucket" if case == "missing bucket" else s3_store.bucket
+    env = make_env(s3_store) | {"FWSWEEP_HOME": str(tmp_path / "home"), "HOME": str(tmp_path),
+                                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    before = set(s3_store.keys())
+    result = _sweep_cli(["run", str(spec_file), "--storage", f"s3://{bucket}/bad-{case.replace(' ', '-')}"],
+                        env, tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert "Traceback" not in out
+    for text in expected:
+        assert text.lower() in out.lower(), (text, out)
+    assert set(s3_store.keys()) == before  # nothing written to the store
+    assert not (tmp_path / "home").exists()  # no MLflow server, no local sweep folder
+    assert "ray" not in {p.name for p in tmp_path.iterdir()}
+
+
+def test_fwsweep_home_must_be_a_folder_not_a_uri(tmp_path: Path) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(SPEC))
+    result = _sweep_cli(["run", str(spec_file)], {"FWSWEEP_HOME": "s3://bucket/home"}, tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert "FWSWEEP_HOME" in out and "FWSWEEP_STORAGE" in out and "Traceback" not in out
+    assert not (tmp_path / "s3:").exists()  # not mangled into a relative folder
+
+
+def test_ray_client_addresses_are_refused_with_the_alternative(tmp_path: Path) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(SPEC))
+    result = _sweep_cli(["run", str(spec_file), "--address", "ray://127.0.0.1:10001"],
+                        {"FWSWEEP_HOME": str(tmp_path / "home")}, tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert "--address" in out and "ray job submit" in out and "HEAD:6379" in out
+    assert not (tmp_path / "home").exists()
