@@ -255,8 +255,44 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
     if spec.compare is None:
         raise UserError(Problem("compare", "the spec has no compare: section",
                                 "add one (see docs/reports.md) or use `sweep run` for a single sweep"))
+    check_workers_reach_tracking(address, tracking_uri or spec.tracking.uri)
     with tracking_server(tracking_uri, spec_uri=spec.tracking.uri) as server:  # one for every sweep in it
         return _compare(spec, server.url, address, log, on_event)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_workers_reach_tracking(address: str | None, tracking_uri: str | None) -> None:
+    """Seed runs log to MLflow from the Ray workers: refuse, before anything starts, a cluster on other
+    machines (an --address / $RAY_ADDRESS host that is not loopback) with a tracking store only this
+    machine can reach (the local server, a 127.0.0.1 / localhost URL, a local file or SQLite store)."""
+    import os
+    from urllib.parse import urlparse
+
+    address = address or os.environ.get("RAY_ADDRESS") or ""
+    head = address.rstrip("/").rpartition(":")[0]
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not head or _is_loopback(head):
+        return  # a local Ray, or nodes on this machine: 127.0.0.1 reaches them all
+    parsed = urlparse(uri)
+    this_machine_only = (not uri or parsed.scheme in ("", "file", "sqlite")
+                         or parsed.scheme in ("http", "https") and _is_loopback(parsed.hostname or ""))
+    if not this_machine_only:
+        return
+    where = uri or "the local MLflow server (127.0.0.1)"
+    raise UserError(Problem("--tracking-uri", f"the seed runs log from the Ray workers at {address}, which "
+                            f"cannot reach {where}",
+                            "give a tracking server every node can reach: --tracking-uri "
+                            "http://MLFLOW_HOST:5000 (or the spec's tracking.uri / $MLFLOW_TRACKING_URI)"))
 
 
 def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log,  # noqa: ANN001

@@ -221,15 +221,25 @@ class TrialRecord:
 
 
 def parse_history(text: str) -> list[dict[str, Any]]:
-    """result.json's lines; a line cut short by a kill ends it (everything before it is valid)."""
-    rows = []
+    """result.json's lines, one per epoch. A line cut short by a kill ends it (everything before it is
+    valid); an epoch reported again (a trial re-run from an earlier checkpoint after its driver died)
+    replaces the rows from that epoch on, so the history is the one path that led to the trial's end."""
+    rows: list[dict[str, Any]] = []
     for line in text.splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        while rows and _epoch_of(rows[-1]) >= _epoch_of(row) > 0:
+            rows.pop()
+        rows.append(row)
     return rows
+
+
+def _epoch_of(row: dict[str, Any]) -> int:
+    return int(row.get("epoch", row.get("training_iteration", 0)) or 0)
 
 
 # ---------------------------------------------------------------------------------------------- one sweep
@@ -363,12 +373,17 @@ class SweepStore:
         from ray.tune import ExperimentAnalysis
 
         spec = spec or self.load_spec()
-        # Trials that never reported have no result.json: Tune warns about each; for us they are pending.
-        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+        # ExperimentAnalysis also loads every result.json into DataFrames and warns about trials that have
+        # none yet (a running sweep); the histories are read below, so its warnings are noise here.
+        quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
         try:
             analysis = ExperimentAnalysis(self.path, storage_filesystem=self.storage.fs)
         except (ValueError, FileNotFoundError):
             return []  # started, but interrupted before Tune saved any state
+        finally:
+            quiet.setLevel(level)
         records = []
         for trial in analysis.trials:
             rel = posixpath.relpath(trial.storage.trial_fs_path, self.path)

@@ -124,3 +124,26 @@ def test_ray_client_addresses_are_refused_with_the_alternative(tmp_path: Path) -
     assert result.returncode == 2, out
     assert "--address" in out and "ray job submit" in out and "HEAD:6379" in out
     assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("tracking", [None, "http://127.0.0.1:5000", "sqlite:///mlflow.db"])
+def test_compare_on_other_machines_refuses_a_tracking_store_only_this_one_reaches(
+    tracking: str | None, tmp_path: Path
+) -> None:
+    """Seed runs log from the workers: a remote cluster + the local server (or 127.0.0.1, or a local file)
+    is refused before anything starts, naming --tracking-uri."""
+    args = ["compare", str(ROOT / "search_spaces/compare_quick.yaml"), "--address", "10.255.255.1:6379"]
+    result = _sweep_cli(args + (["--tracking-uri", tracking] if tracking else []),
+                        {"FWSWEEP_HOME": str(tmp_path / "home")}, tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert "--tracking-uri" in out and "10.255.255.1:6379" in out and "Traceback" not in out
+    assert not (tmp_path / "home").exists()  # no local server started, no manifest written
+
+
+def test_compare_accepts_a_tracking_server_every_node_reaches() -> None:
+    from sweep.compare import check_workers_reach_tracking
+
+    check_workers_reach_tracking("10.0.0.5:6379", "http://mlflow.internal:5000")  # a shared server
+    check_workers_reach_tracking("127.0.0.1:6379", None)  # nodes on this machine reach 127.0.0.1
+    check_workers_reach_tracking(None, None)  # a local Ray
