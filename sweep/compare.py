@@ -3,11 +3,12 @@
 For each (model, difficulty) the spec is narrowed to that model and task (same trials, scheduler, searcher
 and epochs for every model) and tuned with `sweep.runner.run_sweep`. The best config of each is then
 retrained once per seed as Ray tasks (`retrain_seed`, in the package so workers import it), each a child
-run of one comparison parent run in MLflow. State lives in sweep.paths.sweep_dir(NAME):
+run of one comparison parent run in MLflow. State lives in the sweep storage (sweep.store: a folder or
+s3://...; the spec's storage:, --storage or $FWSWEEP_STORAGE), in the folder NAME beside its tuning sweeps:
 
     comparison.json   manifest: spec, tuning sweeps, best configs, MLflow parent run (rerun skips done work)
     seed_runs.jsonl   one line per finished seed run: history and final metrics
-    seed_runs/        per-seed working folders (checkpoints)
+    seed_runs/        per-seed working folders (checkpoints; on the worker's own disk, $FWSWEEP_HOME/sweeps)
     report/           what `sweep report NAME` writes (also logged to the parent run under report/)
 """
 
@@ -27,6 +28,7 @@ from sweep.events import Listener
 from sweep.mlflow_runs import content, identity
 from sweep.mlflow_runs.writer import RunWriter, rows_of
 from sweep.report import SeedRun, seed_run_from_dict, seed_run_to_dict, write_report
+from sweep.store import SweepStore, open_sweep
 
 MANIFEST = "comparison.json"
 SEED_RUNS = "seed_runs.jsonl"
@@ -73,42 +75,40 @@ class Manifest:
     tuning: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> sweep name, best config
     git_commit: str | None = None  # of the code that ran the comparison (the report may be rewritten later)
     started: float = field(default_factory=time.time)
+    storage: str | None = None  # the sweep storage it lives in (None: $FWSWEEP_STORAGE or the default)
 
-    @staticmethod
-    def path(name: str) -> Path:
-        return paths.sweep_dir(name) / MANIFEST
+    @property
+    def store(self) -> SweepStore:
+        return open_sweep(self.name, self.storage)
 
     def save(self) -> None:
-        p = self.path(self.name)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=1), encoding="utf-8")
-        tmp.replace(p)  # never a half-written manifest
+        self.store.write_text(MANIFEST, json.dumps(self.__dict__, indent=1))  # never half-written
 
     @classmethod
-    def load(cls, name: str) -> Manifest:
-        p = cls.path(name)
-        if not p.exists():
-            raise UserError(Problem(name, f"no comparison of that name under {paths.sweeps_dir()}",
-                                    "run `sweep compare SPEC` first, or check the name and FWSWEEP_HOME"))
-        return cls(**json.loads(p.read_text(encoding="utf-8")))
+    def load(cls, name: str, storage: str | None = None) -> Manifest:
+        store = open_sweep(name, storage)
+        text = store.read_text(MANIFEST)
+        if text is None:
+            raise UserError(Problem(name, f"no comparison of that name in {store.storage.uri}",
+                                    "run `sweep compare SPEC` first, or check the name and --storage / "
+                                    "$FWSWEEP_STORAGE / FWSWEEP_HOME"))
+        return cls(**json.loads(text) | {"storage": storage or json.loads(text).get("storage")})
 
 
 def key(model: str, difficulty: Difficulty) -> str:
     return f"{model}/{difficulty.label}"
 
 
-def load_seed_runs(name: str) -> list[SeedRun]:
-    p = paths.sweep_dir(name) / SEED_RUNS
-    if not p.exists():
-        return []
-    lines = p.read_text(encoding="utf-8").splitlines()
+def load_seed_runs(name: str, storage: str | None = None) -> list[SeedRun]:
+    lines = (open_sweep(name, storage).read_text(SEED_RUNS) or "").splitlines()
     return [seed_run_from_dict(json.loads(line)) for line in lines if line.strip()]
 
 
-def _append_seed_run(name: str, run: SeedRun) -> None:
-    with (paths.sweep_dir(name) / SEED_RUNS).open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(seed_run_to_dict(run)) + "\n")
+def _append_seed_run(name: str, run: SeedRun, storage: str | None = None) -> None:
+    """Object stores cannot append: the file is rewritten whole (it holds one short line per seed run)."""
+    store = open_sweep(name, storage)
+    text = store.read_text(SEED_RUNS) or ""
+    store.write_text(SEED_RUNS, text + json.dumps(seed_run_to_dict(run)) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- mlflow
@@ -297,14 +297,14 @@ def check_workers_reach_tracking(address: str | None, tracking_uri: str | None) 
 
 def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log,  # noqa: ANN001
              on_event: Listener | None = None) -> list[Path]:
-    from ray import tune
-
     from sweep.runner import connect_ray, run_sweep
 
-    manifest = Manifest.load(spec.name) if Manifest.path(spec.name).exists() else Manifest(spec.name, {})
+    store = open_sweep(spec.name, spec.storage)
+    manifest = Manifest.load(spec.name, spec.storage) if store.exists(MANIFEST) else \
+        Manifest(spec.name, {}, storage=spec.storage)
     if manifest.spec and manifest.spec != spec.model_dump(mode="json"):
         raise UserError(Problem(spec.name, "a different comparison with this name already exists",
-                                f"give the spec another name, or delete {paths.sweep_dir(spec.name)}"))
+                                f"give the spec another name, or {store.how_to_remove()}"))
     manifest.spec, manifest.tracking_uri = spec.model_dump(mode="json"), tracking_url
     manifest.git_commit = manifest.git_commit or git_commit()
     _parent_run(manifest, spec)
@@ -320,7 +320,7 @@ def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log,  # no
                 log(f"tuning {k}: {sub.budget.num_samples} trials ({sub.scheduler.name}, "
                     f"{sub.max_epochs} epochs max)")
                 ray_started = connect_ray(address) or ray_started
-                resume = tune.Tuner.can_restore(str(paths.sweep_dir(sub.name)))  # an interrupted rerun
+                resume = open_sweep(sub.name, sub.storage).can_restore()  # an interrupted rerun
                 manifest.tuning[k] = {"sweep": sub.name}
                 manifest.save()
                 result = run_sweep(sub, address=address, tracking_uri=tracking_url, resume=resume,
@@ -334,7 +334,7 @@ def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log,  # no
                                        "best_value": result.best.value(spec.metric.name)}
                 manifest.save()
         _retrain_all(spec, manifest, address, log)
-        files = make_report(spec.name, tracking_uri=tracking_url)
+        files = make_report(spec.name, tracking_uri=tracking_url, storage=spec.storage)
         _sync_tuning_sweeps(spec, manifest, tracking_url, log)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
@@ -371,7 +371,7 @@ def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) 
 
     cmp = spec.compare
     epochs = cmp.retrain_epochs or spec.max_epochs
-    done = {(r.model, r.task, r.pairs, r.seed) for r in load_seed_runs(spec.name)}
+    done = {(r.model, r.task, r.pairs, r.seed) for r in load_seed_runs(spec.name, spec.storage)}
     jobs = []
     for difficulty in spec.difficulties():
         for model in spec.compared_models():
@@ -402,11 +402,11 @@ def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) 
         pending: list[Any] = []
         for config, workdir, tags in jobs:
             if len(pending) >= limit:
-                pending = _collect(spec.name, pending, log)
+                pending = _collect(spec.name, pending, log, spec.storage)
             pending.append(task.remote(config, workdir, manifest.tracking_uri, manifest.experiment_id,
                                        manifest.parent_run_id, tags))
         while pending:
-            pending = _collect(spec.name, pending, log)
+            pending = _collect(spec.name, pending, log, spec.storage)
     finally:
         if started:
             ray.shutdown()
@@ -422,12 +422,12 @@ def _close_orphans(manifest: Manifest) -> None:
         w.end(run.info.run_id, "KILLED")
 
 
-def _collect(name: str, pending: list[Any], log) -> list[Any]:
+def _collect(name: str, pending: list[Any], log, storage: str | None) -> list[Any]:  # noqa: ANN001
     import ray
 
     ready, rest = ray.wait(pending, num_returns=1)
     record = ray.get(ready[0])
-    _append_seed_run(name, seed_run_from_dict(record))
+    _append_seed_run(name, seed_run_from_dict(record), storage)
     run = seed_run_from_dict(record)
     log(f"  {run.model} {run.difficulty} seed {run.seed}: {run.status}, test error {run.test_error_pct:.2f}%")
     return rest
@@ -436,19 +436,24 @@ def _collect(name: str, pending: list[Any], log) -> list[Any]:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def make_report(name: str, tracking_uri: str | None = None) -> list[Path]:
-    """Write the report of comparison NAME into its folder and log it to the comparison's parent run."""
-    manifest = Manifest.load(name)
+def make_report(name: str, tracking_uri: str | None = None, storage: str | None = None) -> list[Path]:
+    """Write the report of comparison NAME into its folder and log it to the comparison's parent run.
+
+    A comparison in object storage gets its report there too (report/), written first to a local copy in
+    $FWSWEEP_HOME/reports/NAME; the returned paths are the local files."""
+    manifest = Manifest.load(name, storage)
     spec = SweepSpec.model_validate(manifest.spec)
     if manifest.parent_run_id:
         from sweep.tracking import resolve_tracking_uri
 
         resolve_tracking_uri(tracking_uri, spec.tracking.uri)  # a bad URI: exit 2 before anything is written
-    runs = load_seed_runs(name)
+    runs = load_seed_runs(name, manifest.storage)
     if not runs:
         raise UserError(Problem(name, "has no finished seed runs yet", "run `sweep compare` on its spec"))
     cmp = spec.compare
-    out = paths.sweep_dir(name) / REPORT_DIR
+    store = manifest.store
+    local = store.local_path()
+    out = local / REPORT_DIR if local else paths.home() / "reports" / name
     files = write_report(runs, out, provenance(manifest), thresholds=cmp.thresholds, test=cmp.test,
                          alpha=cmp.alpha, title=f"Comparison {name}")
     best_dir = out / "best_configs"
@@ -458,6 +463,7 @@ def make_report(name: str, tracking_uri: str | None = None) -> list[Path]:
             path = best_dir / (k.replace("/", ".") + ".yaml")
             path.write_text(dump_yaml(v["best_config"]), encoding="utf-8")
             files.append(path)
+    store.upload(out, REPORT_DIR)
     if manifest.parent_run_id:
         from sweep.tracking import tracking_server
 

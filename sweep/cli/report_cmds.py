@@ -11,6 +11,7 @@ from rich.table import Table
 from sweep.cli import app
 from sweep.cli.live import SweepView
 from sweep.cli.output import console
+from sweep.cli.sweep_cmds import storage_option
 
 
 def _num(value: str, fmt: str) -> str:
@@ -51,13 +52,17 @@ def compare(
         None, "--tracking-uri", metavar="URL",
         help="MLflow server URL; default: the spec's, else the local server"
     ),
+    storage: str | None = storage_option(),
 ) -> None:
     """Tune each model at each difficulty with the same budget, retrain the best over seeds, report."""
     from sweep.compare import run_comparison
     from sweep.config import load_spec
 
+    loaded = load_spec(spec)
+    if storage:
+        loaded = loaded.model_copy(update={"storage": storage})
     with SweepView(console) as view:  # each tuning sweep live, as `sweep run` shows one
-        files = run_comparison(load_spec(spec), address=address, tracking_uri=tracking_uri, log=console.print,
+        files = run_comparison(loaded, address=address, tracking_uri=tracking_uri, log=console.print,
                                on_event=view)
     _show(files)
 
@@ -69,8 +74,9 @@ def report(
         None, "--tracking-uri", metavar="URL",
         help="MLflow server URL; default: the spec's, else the local server"
     ),
+    storage: str | None = storage_option(),
 ) -> None:
     """(Re)write a comparison's tables, plots and provenance, on disk and in its MLflow parent run."""
     from sweep.compare import make_report
 
-    _show(make_report(name, tracking_uri=tracking_uri))
+    _show(make_report(name, tracking_uri=tracking_uri, storage=storage))

@@ -29,7 +29,7 @@ STORAGE_HELP = ("where sweeps live: a folder or s3://BUCKET/PREFIX (gs://...; en
                 "$FWSWEEP_HOME/sweeps")
 
 
-def _storage_option() -> str | None:
+def storage_option() -> str | None:
     return typer.Option(None, "--storage", metavar="PATH|URI", help=STORAGE_HELP)
 
 
@@ -131,7 +131,7 @@ def run(
                                     help="sweep name (default: the spec's name:)"),
     sets: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE",
                                    help="override a spec field: task.pairs=16 (repeatable)"),
-    storage: str | None = _storage_option(),
+    storage: str | None = storage_option(),
 ) -> None:
     """Run a sweep: Optuna proposes trials, Ray Tune runs and early-stops them, MLflow records them."""
     from sweep.config import SweepSpec, check_name, read_yaml, validate_as
@@ -152,7 +152,7 @@ def resume(
     name: str = typer.Argument(..., metavar="NAME", help=NAME_HELP),
     address: str | None = typer.Option(None, "--address", metavar="HOST:PORT", help=ADDRESS_HELP),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", metavar="URL", help=TRACKING_HELP),
-    storage: str | None = _storage_option(),
+    storage: str | None = storage_option(),
 ) -> None:
     """Continue an interrupted sweep (from this or any machine that reaches its storage): finished trials
     are kept, unfinished ones go on from a checkpoint."""
@@ -197,7 +197,7 @@ def _run_to_the_end(spec, address: str | None, tracking_uri: str | None, resume:
 def sync(
     name: str = typer.Argument(..., metavar="NAME", help=NAME_HELP),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", metavar="URL", help=TRACKING_HELP),
-    storage: str | None = _storage_option(),
+    storage: str | None = storage_option(),
 ) -> None:
     """Bring the sweep's MLflow runs level with its records: missing runs, steps, statuses (idempotent)."""
     from sweep.cli import sweep_tables
@@ -233,7 +233,7 @@ def export(
                                                 help="yaml (with a provenance header) or json"),
     out: Path | None = typer.Option(None, "--out", metavar="PATH",
                                     help="output folder; default: <sweep folder>/exports"),
-    storage: str | None = _storage_option(),
+    storage: str | None = storage_option(),
 ) -> None:
     """Write the best configs of a sweep as TrialConfig files that `sweep train --config` re-runs."""
     from sweep.export import write_exports
@@ -308,7 +308,7 @@ def _mlflow_runs(tracking_uri: str | None) -> dict[str, str]:
 @app.command("list")
 def list_sweeps(
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", metavar="URL", help=TRACKING_HELP),
-    storage: str | None = _storage_option(),
+    storage: str | None = storage_option(),
 ) -> None:
     """The sweeps in the storage (and their parent runs in MLflow, when its server is up)."""
     from sweep.store import open_storage
@@ -340,7 +340,7 @@ def show(
     name: str = typer.Argument(..., metavar="NAME", help=NAME_HELP),
     top: int = typer.Option(10, "--top", metavar="N", min=1,
                             help="trials to list, best first (then failed and unfinished ones)"),
-    storage: str | None = _storage_option(),
+    storage: str | None = storage_option(),
 ) -> None:
     """One sweep: its status, where it is stored, and its best trials."""
     from sweep.cli.sweep_tables import overview, trials_table
