@@ -373,17 +373,13 @@ class SweepStore:
         from ray.tune import ExperimentAnalysis
 
         spec = spec or self.load_spec()
-        # ExperimentAnalysis also loads every result.json into DataFrames and warns about trials that have
-        # none yet (a running sweep); the histories are read below, so its warnings are noise here.
-        quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
+        # Trials that never reported have no result.json: Tune warns about each (here and when fit() builds
+        # its ResultGrid); for us they are pending, and the histories are read below.
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         try:
             analysis = ExperimentAnalysis(self.path, storage_filesystem=self.storage.fs)
         except (ValueError, FileNotFoundError):
             return []  # started, but interrupted before Tune saved any state
-        finally:
-            quiet.setLevel(level)
         records = []
         for trial in analysis.trials:
             rel = posixpath.relpath(trial.storage.trial_fs_path, self.path)
