@@ -27,7 +27,7 @@ from sweep.config import SweepSpec
 from sweep.errors import Problem, TrialDiverged, UserError
 from sweep.events import FINISHED_STATES, UNFINISHED, Listener, Phase, SweepEnded, SweepStarted
 from sweep.space import MODEL_KEY, DefineByRun, trial_config
-from sweep.store import SPEC_FILE, SweepStore, open_storage, trial_threads
+from sweep.store import SPEC_FILE, SweepStore, hush_missing_results, open_storage, trial_threads
 
 __all__ = ["SPEC_FILE", "SweepResult", "build_tuner", "connect_ray", "restore_tuner", "run_sweep",
            "trial_threads", "tune_trial"]
@@ -445,6 +445,7 @@ def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store:
             # Tune snapshots its experiment state every >= 10 s by default: a driver killed in that window
             # forgets the trials that finished in it, and `resume` re-runs their last epoch. It is small.
             os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+            hush_missing_results()
             with storage_faults(spec, store):
                 tuner.fit()
         finally:

@@ -242,6 +242,13 @@ def _epoch_of(row: dict[str, Any]) -> int:
     return int(row.get("epoch", row.get("training_iteration", 0)) or 0)
 
 
+def hush_missing_results() -> None:
+    """Trials that never reported have no result.json: Tune's ExperimentAnalysis warns about each (in
+    load_trials, and when Tuner.fit builds its ResultGrid after a Ctrl-C); for a sweep they are pending,
+    and their histories are read from result.json directly."""
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+
 # ---------------------------------------------------------------------------------------------- one sweep
 
 
@@ -373,9 +380,7 @@ class SweepStore:
         from ray.tune import ExperimentAnalysis
 
         spec = spec or self.load_spec()
-        # Trials that never reported have no result.json: Tune warns about each (here and when fit() builds
-        # its ResultGrid); for us they are pending, and the histories are read below.
-        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+        hush_missing_results()
         try:
             analysis = ExperimentAnalysis(self.path, storage_filesystem=self.storage.fs)
         except (ValueError, FileNotFoundError):

@@ -105,12 +105,13 @@ class LoopbackCluster:
         """Ray's per-process log files of every node (each node keeps its own under its temp folder)."""
         return sorted(self.temp_dir.glob(f"*/session_*/logs/{pattern}"))
 
-    def run_client(self, cmd: list[str], timeout_s: float, **env: str) -> subprocess.CompletedProcess:
-        """Run a client of this cluster (`sweep run`, `ray job submit`) from the repository root with the
-        cluster's auth and `env`; its output (stdout and stderr), or a test failure after `timeout_s`."""
+    def run_client(self, cmd: list[str], timeout_s: float, cwd: Path = ROOT,
+                   **env: str) -> subprocess.CompletedProcess:
+        """Run a client of this cluster (`sweep run`, `ray job submit`) from `cwd` (the repository root) with
+        the cluster's auth and `env`; its output (stdout and stderr), or a test failure after `timeout_s`."""
         import pytest
 
-        proc = subprocess.Popen(cmd, env=self.env(**env), cwd=ROOT, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, env=self.env(**env), cwd=cwd, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             out, _ = proc.communicate(timeout=timeout_s)

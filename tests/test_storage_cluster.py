@@ -26,7 +26,6 @@ from ray_cluster import BIN, LoopbackCluster
 from test_multinode import SPEC
 
 from sweep.store import open_sweep
-from sweep.tracking import stop_process_tree
 
 pytestmark = pytest.mark.slow
 EPOCHS, TRIALS = 3, 4
@@ -70,17 +69,6 @@ def _sweep(c: LoopbackCluster, s3: S3Store, machine: Path, *args: str) -> subpro
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen, what: str) -> str:
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        stop_process_tree(proc.pid, grace_s=5)
-        out, _ = proc.communicate()
-        pytest.fail(f"{what} did not finish in {TIMEOUT_S} s:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"{what} failed:\n{out[-4000:]}"
-    return out
-
-
 def _epochs(records: list) -> dict[str, list[int]]:
     return {r.trial_id: [int(row["epoch"]) for row in r.history] for r in records}
 
@@ -122,7 +110,10 @@ def test_sweep_in_s3_survives_its_driver_and_resumes_from_another_machine(
     raw_before = {t: store.read_text(f"trial_{t}/result.json") for t in before}
 
     # 2. Machine B (another folder, another FWSWEEP_HOME, nothing copied) resumes it from the URI alone.
-    out = _finish(_sweep(c, s3, tmp_path / "b", "resume", name, *common), "sweep resume")
+    resumed = c.run_client([str(BIN / "sweep"), "resume", name, *common], TIMEOUT_S, cwd=tmp_path / "b",
+                           **s3.env, **_machine(tmp_path / "b"))
+    out = resumed.stdout
+    assert resumed.returncode == 0, out[-4000:]
     assert storage in out
     records = store.load_trials()
     assert len(records) == TRIALS and {r.status for r in records} == {"TERMINATED"}, \
