@@ -426,6 +426,56 @@ def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store:
 
     Afterwards MLflow is brought level with the sweep's records (`sweep.mlflow_runs.reconcile`), whatever
     the live logging managed to send."""
+    with driver_lock(store):
+        return _run_locked(spec, resume, tracking_url, started, store, on_event)
+
+
+DRIVER_LOCK = ".driver.lock"  # held (an OS file lock) by the process driving the sweep; gone with it
+
+
+@contextlib.contextmanager
+def driver_lock(store: SweepStore) -> Any:
+    """Hold the sweep's driver lock while this process drives it (local folders; best effort)."""
+    from filelock import FileLock, Timeout
+
+    local = store.local_path()
+    lock = None
+    if local is not None:
+        with contextlib.suppress(OSError, Timeout):
+            local.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(local / DRIVER_LOCK))
+            lock.acquire(timeout=0)
+    try:
+        yield
+    finally:
+        if lock is not None and lock.is_locked:
+            lock.release()
+
+
+def is_driven(store: SweepStore) -> bool:
+    """True while a live process drives the sweep: its lock is held (local), or (object storage) Tune
+    saved its state in the last 30 s."""
+    from filelock import FileLock, Timeout
+
+    local = store.local_path()
+    if local is None:
+        saved = store.state_mtime()
+        return saved is not None and time.time() - saved < 30
+    if not (local / DRIVER_LOCK).exists():
+        return False
+    lock = FileLock(str(local / DRIVER_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    except OSError:
+        return False
+    lock.release()
+    return False
+
+
+def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store: SweepStore,
+                on_event: Listener | None = None) -> SweepResult:
     from sweep import export, tracking
 
     tracker = _tracker(spec, tracking_url, store)

@@ -200,17 +200,17 @@ def sync(
     storage: str | None = storage_option(),
 ) -> None:
     """Bring the sweep's MLflow runs level with its records: missing runs, steps, statuses (idempotent)."""
-    from sweep.cli import sweep_tables
     from sweep.errors import Problem
     from sweep.mlflow_runs.content import git_commit
     from sweep.mlflow_runs.reconcile import sync_sweep
+    from sweep.runner import is_driven
     from sweep.store import open_sweep
     from sweep.tracking import tracking_server
 
     store = open_sweep(name, storage)
     spec = store.load_spec()
-    if sweep_tables._is_running(store):
-        raise UserError(Problem(name, "this sweep is running (its state changed in the last 30 s)",
+    if is_driven(store):
+        raise UserError(Problem(name, "this sweep is running (a driver holds it)",
                                 "sync it after it ends (`run` and `resume` sync at their end anyway)"))
     records = store.load_trials(spec)
     with tracking_server(tracking_uri, spec_uri=spec.tracking.uri) as server:
