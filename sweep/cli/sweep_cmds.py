@@ -358,7 +358,8 @@ def show(
     index = store.export_index()
     if index:
         files = [e["file"] for e in index.get("exports", [])]
-        console.print(f"exports: {escape(store.where(EXPORT_DIR))} ({', '.join(files)})", soft_wrap=True)
+        console.print(f"exports: {', '.join(files)} in")  # the folder on a line of its own, never cut
+        console.print(f"  {escape(store.where(EXPORT_DIR))}", soft_wrap=True)
     link = sweep_link(mlflow_url, spec)
     console.print(f"MLflow: {link}" if link else "MLflow: `sweep ui` brings up the server and prints this "
                   "sweep's link", soft_wrap=True)
