@@ -73,7 +73,7 @@ def test_ray_job_submit_runs_a_sweep_across_both_nodes(
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None
-    trials = f"tags.sweep = '{name}' and tags.fwsweep_role = 'trial'"
+    trials = f"tags.sweep = '{name}' and tags.`fwsweep.role` = 'trial'"
     runs = client.search_runs([experiment.experiment_id], trials)
     assert {r.data.tags["trial_id"] for r in runs} == {r.trial_id for r in records}
     assert {r.info.status for r in runs} == {"FINISHED"}
