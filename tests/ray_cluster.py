@@ -75,13 +75,22 @@ class LoopbackCluster:
         path = {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}  # `sweep` on PATH, as in the image
         return env | auth | path | extra
 
-    def start_head(self, *args: str, env: dict[str, str] | None = None) -> Node:
-        """The head; `env` is added to the node's environment (and so to every job driver it runs)."""
-        node = self._start("head", env or {}, "--head", f"--port={self.gcs_port}",
-                           "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                           f"--ray-client-server-port={free_port()}", *args)
-        self._wait(lambda: ray_http_status(f"{self.dashboard}/api/gcs_healthz") == 200, node, "head")
-        return node
+    def start_head(self, *args: str, env: dict[str, str] | None = None, tries: int = 3) -> Node:
+        """The head; `env` is added to the node's environment (and so to every job driver it runs). A port
+        another process took between free_port() and Ray's bind is retried on new ports."""
+        for attempt in range(tries):
+            node = self._start("head", env or {}, "--head", f"--port={self.gcs_port}",
+                               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                               f"--ray-client-server-port={free_port()}", *args)
+            try:
+                self._wait(lambda: ray_http_status(f"{self.dashboard}/api/gcs_healthz") == 200, node, "head")
+                return node
+            except RuntimeError as err:
+                if attempt == tries - 1 or not port_clash(str(err)):
+                    raise
+                self.stop_node(node)
+                self.gcs_port, self.dashboard_port = free_port(), free_port()
+        raise AssertionError("unreachable")
 
     def add_node(self, name: str, *args: str, env: dict[str, str] | None = None) -> Node:
         return self._start(name, env or {}, f"--address={self.address}", *args)
@@ -164,6 +173,11 @@ class LoopbackCluster:
             if str(self.temp_dir) in cmdline:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(int(proc.name), signal.SIGKILL)
+
+
+def port_clash(log: str) -> bool:
+    """Ray could not bind a port it was given: taken by another process since free_port() chose it."""
+    return "Failed to start the grpc server" in log or "Address already in use" in log
 
 
 @contextlib.contextmanager

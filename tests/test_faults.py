@@ -38,6 +38,7 @@ from conftest import (
     wait_until,
     write_spec,
 )
+from ray_cluster import port_clash
 
 from sweep.tracking import free_port
 
@@ -306,6 +307,20 @@ class RayNode:
         self.proc.wait(10)
 
 
+def _start_head(args: list[str], env: dict[str, str], log: Path, tries: int = 3) -> int:
+    """A head node on a free port; its GCS port. A port taken by another process between free_port() and
+    Ray's bind (a race on a busy machine) is retried on another one, never anything else."""
+    for attempt in range(tries):
+        port = free_port()
+        try:
+            RayNode(["--head", f"--port={port}", f"--ray-client-server-port={free_port()}", *args], env, log)
+            return port
+        except AssertionError:
+            if attempt == tries - 1 or not port_clash(log.read_text(errors="replace")):
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_lost_worker_node_trials_finish_on_the_remaining_node(
@@ -319,11 +334,9 @@ def test_lost_worker_node_trials_finish_on_the_remaining_node(
     env |= {"FWSWEEP_HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_health_check_period_ms": "500",
             "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "4",
             "FWSWEEP_FAULT": "slow=2"}  # trials run in the nodes' worker processes: their env counts
-    port = free_port()
     try:
-        RayNode(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-                 f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
-                 "--include-dashboard=false", "--disable-usage-stats"], env, tmp_path / "head.log")
+        port = _start_head(["--node-ip-address=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp_dir}",
+                            "--include-dashboard=false", "--disable-usage-stats"], env, tmp_path / "head.log")
         worker = RayNode([f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1"], env,
                          tmp_path / "worker.log")
         spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2},

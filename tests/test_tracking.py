@@ -326,7 +326,6 @@ def test_trials_train_while_the_local_server_does_not_answer_yet(home: Path, tmp
     from sweep.config import SweepSpec
     from sweep.runner import run_sweep
 
-    monkeypatch.setenv("TMPDIR", os.environ.get("TMPDIR", str(tmp_path)))
     data = yaml.safe_load((ROOT / "search_spaces/tests/faults_tiny.yaml").read_text())
     data["name"] = "boot-overlap"
     data["budget"] |= {"num_samples": 2}
