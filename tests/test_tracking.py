@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from sweep import paths
-from sweep.curves import plot_learning_curve, plot_sweep_curves
 from sweep.errors import UserError
 from sweep.tracking import (
     _descendants,
@@ -245,18 +243,6 @@ def test_stale_record_of_a_foreign_pid_is_not_killed(tmp_path: Path, monkeypatch
     monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path / "home"))
     assert stop_local_server() is False  # not an mlflow server: nothing to stop, and we are still alive
     assert read_state(folder) is None
-
-
-def test_learning_curve_pngs(tmp_path: Path) -> None:
-    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_accuracy": 0.2 * e}
-               for e in (1, 2, 3)]
-    history.append({"epoch": 4, "train_loss": math.nan, "val_accuracy": None, "diverged": 1})
-    one = plot_learning_curve(history, tmp_path / "a" / "curve.png", title="t")
-    many = plot_sweep_curves({"t1": ("lstm", history), "t2": ("fw_lstm", [])}, "val_accuracy",
-                             tmp_path / "sweep.png")
-    empty = plot_learning_curve([], tmp_path / "empty.png")
-    for png in (one, many, empty):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_unwritable_home_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
