@@ -34,11 +34,13 @@ TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def bare_cluster(s3_store: S3Store) -> Iterator[LoopbackCluster]:  # noqa: F811
-    """A head with no CPUs and a worker with two, sharing nothing with the driver; every report waits 0.5 s
-    so the driver can be killed with some trials finished and others not."""
+    """A head with no CPUs and a worker with two, sharing nothing with the driver. Every report waits 3 s, so
+    the second pair of trials runs for 9 s or more: several of Tune's 2-s state uploads fall inside it, and
+    the driver can be killed on a consistent snapshot with some trials finished and others not, even on a
+    slow or loaded machine (with 0.5 s a CI run once found all four finished at the first consistent one)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="fwsc", dir="/tmp"))  # short: Ray's socket paths have a limit
     c = LoopbackCluster(temp_dir)  # each node its own Ray temp folder (temp_dir/NAME)
-    node_env = s3_store.env | {"FWSWEEP_FAULT": "slow=0.5"}  # the keys an instance role would give
+    node_env = s3_store.env | {"FWSWEEP_FAULT": "slow=3"}  # the keys an instance role would give
     try:
         # As cluster/aws-gpu.yaml starts it: a head with no CPUs for trials, a worker with its own disk.
         c.start_head("--num-cpus=0", "--num-gpus=0", '--resources={"head_node": 1}',
@@ -106,7 +108,7 @@ def test_sweep_in_s3_survives_its_driver_and_resumes_from_another_machine(
             consistent = folders == {f"trial_{r.trial_id}" for r in saved}
             if consistent and any(r.status == "TERMINATED" for r in saved):
                 break
-            time.sleep(1)
+            time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
