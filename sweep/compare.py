@@ -44,12 +44,19 @@ def tuning_name(spec: SweepSpec, model: str, difficulty: Difficulty) -> str:
     return f"{spec.name}.{model}.{difficulty.label}"
 
 
-def tuning_spec(spec: SweepSpec, model: str, difficulty: Difficulty) -> SweepSpec:
-    """The spec narrowed to one model and one difficulty; budget, scheduler and searcher stay the same."""
+def tuning_spec(spec: SweepSpec, entry: str, difficulty: Difficulty) -> SweepSpec:
+    """The spec narrowed to one entry (a model, or a variant: a model with settings fixed) and one
+    difficulty; budget, scheduler and searcher stay the same for every entry."""
+    model, fixed = spec.entry_model(entry)
     data = spec.model_dump(mode="json", exclude={"compare"})
-    data["name"] = tuning_name(spec, model, difficulty)
+    data["name"] = tuning_name(spec, entry, difficulty)
     data["models"] = [model]
     data["space"] = {k: v for k, v in data["space"].items() if k in ("common", model)}
+    if fixed:  # a model section's constant wins over a common entry of the same name (sweep.space)
+        own = {k: v for k, v in (data["space"].get(model) or {}).items() if k not in fixed}
+        data["space"][model] = own | fixed
+        data["description"] = f"{spec.description or spec.name}: {entry} = {model} with " + \
+            ", ".join(f"{k}={v}" for k, v in fixed.items())
     data["task"] |= {"name": difficulty.task, "pairs": difficulty.pairs}
     data["tracking"]["experiment"] = spec.experiment
     return SweepSpec.model_validate(data)
@@ -74,6 +81,7 @@ class Manifest:
     parent_run_id: str | None = None
     tuning: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> sweep name, best config
     git_commit: str | None = None  # of the code that ran the comparison (the report may be rewritten later)
+    git_commits: list[str] = field(default_factory=list)  # every commit a run or rerun of it ran from
     started: float = field(default_factory=time.time)
     storage: str | None = None  # the sweep storage it lives in (None: $FWSWEEP_STORAGE or the default)
 
@@ -193,7 +201,7 @@ def retrain_seed(config: dict[str, Any], workdir: str, tracking_uri: str | None,
     if w is not None:
         w.end(run_id, status)
     final = dict(history[-1]) if history else {}
-    return {"model": trial.model.name, "task": trial.task.name, "pairs": trial.task.pairs,
+    return {"model": tags.get("model", trial.model.name), "task": trial.task.name, "pairs": trial.task.pairs,
             "seed": trial.train.seed, "status": result, "history": history, "final": final,
             "run_id": run_id}
 
@@ -205,6 +213,11 @@ def git_commit() -> str | None:
     """The commit of the code that runs (this package's checkout), '+dirty' with local edits."""
     commit, dirty = content.git_commit(Path(__file__).resolve().parent)
     return commit and commit + ("+dirty" if dirty else "")
+
+
+def clean_commit(commits: list[str]) -> bool:
+    """One known commit with no local edits: the only provenance a published result can cite."""
+    return len(commits) == 1 and commits[0] != "unknown" and not commits[0].endswith("+dirty")
 
 
 def _version(pkg: str) -> str | None:
@@ -228,6 +241,9 @@ def provenance(manifest: Manifest) -> dict[str, Any]:
                           f"{spec.searcher.sampler} seed {spec.searcher.seed}",
                           "retrain_epochs": cmp.retrain_epochs or spec.max_epochs},
         "git_commit": manifest.git_commit or "unknown",
+        "git_commits": manifest.git_commits or [manifest.git_commit or "unknown"],
+        "reproducible_from_one_clean_commit": clean_commit(manifest.git_commits or [manifest.git_commit or
+                                                                                     "unknown"]),
         "report_git_commit": git_commit() or "unknown",
         "versions": {p: _version(p) for p in VERSIONED},
         "tracking": {"uri": manifest.tracking_uri, "experiment": spec.experiment,
@@ -306,7 +322,13 @@ def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log,  # no
         raise UserError(Problem(spec.name, "a different comparison with this name already exists",
                                 f"give the spec another name, or {store.how_to_remove()}"))
     manifest.spec, manifest.tracking_uri = spec.model_dump(mode="json"), tracking_url
-    manifest.git_commit = manifest.git_commit or git_commit()
+    commit = git_commit() or "unknown"
+    manifest.git_commit = manifest.git_commit or commit
+    manifest.git_commits = list(dict.fromkeys([*(manifest.git_commits or [manifest.git_commit]), commit]))
+    if not clean_commit(manifest.git_commits):
+        log(f"warning: this comparison is not reproducible from one clean commit "
+            f"({', '.join(manifest.git_commits)}); its report will say so. Run it from a clean checkout "
+            "(git worktree add) for results to publish.")
     _parent_run(manifest, spec)
     manifest.save()
     ray_started = False  # one Ray for every sweep and the seed runs, started only if there is work

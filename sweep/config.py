@@ -302,18 +302,40 @@ class Difficulty(Strict):
         return f"{self.task}-K{self.pairs}"
 
 
+LEVEL_PATTERN = re.compile(r"^(?P<task>[a-z_]+)-K(?P<pairs>\d+)$")
+
+
 class CompareSpec(Strict):
     """`compare:` section: a fair multi-model comparison (equal tuning budget, several seeds)."""
 
-    models: list[str] | None = Field(None, description="models to compare; default: the spec's `models`")
+    models: list[str] | None = Field(None, description="models (or variant labels) to compare; default: the "
+                                     "spec's `models`")
+    variants: dict[str, dict[str, Any]] = Field(
+        {}, description="extra entries LABEL: {model: NAME, FIELD: VALUE, ...}: a listed model with some "
+        "model settings fixed (e.g. a smaller hidden_size for an equal-parameter comparison); "
+        "name LABEL in models")
     tasks: list[str] | None = Field(None, description="task variants (art, mart); default: task.name")
     pairs: list[int] | None = Field(None, description="difficulty levels K; default: task.pairs")
+    levels: list[str] | None = Field(None, description="difficulty levels as TASK-KN (art-K8, mart-K4), when "
+                                     "they are not every task x pairs; instead of tasks and pairs")
     seeds: int | list[int] = Field(5, description="retraining seeds of each best config: a count or a list")
     retrain_epochs: int | None = Field(None, ge=1, description="epochs of each seed run; default: max_epochs")
     thresholds: list[float] = Field([0.95, 0.99], description="val accuracies whose steps-to-reach we report")
     test: Literal["welch", "mannwhitney"] = Field("welch", description="significance test against the best")
     alpha: float = Field(0.05, gt=0, lt=1, description="family-wise error rate (Holm-Bonferroni)")
     max_concurrent: int | None = Field(None, ge=1, description="seed runs at once; default: budget's")
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[str] | None) -> list[str] | None:
+        for level in v or []:
+            match = LEVEL_PATTERN.match(level)
+            if not match or match["task"] not in task_names() or int(match["pairs"]) < 1:
+                raise ValueError(f"{level!r} is not TASK-KN with TASK one of "
+                                 f"{', '.join(task_names())} and N >= 1; write e.g. art-K8")
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("give at least one level, each once")
+        return v
 
     @field_validator("tasks")
     @classmethod
@@ -411,8 +433,11 @@ class SweepSpec(Strict):
         return self
 
     def difficulties(self) -> list[Difficulty]:
-        """The comparison's difficulty levels (task x pairs); the spec's own task when none are given."""
+        """The comparison's difficulty levels (`levels`, or task x pairs); the spec's own task by default."""
         cmp = self.compare or CompareSpec()
+        if cmp.levels:
+            return [Difficulty(task=m["task"], pairs=int(m["pairs"]))
+                    for m in map(LEVEL_PATTERN.match, cmp.levels) if m]
         return [
             Difficulty(task=t, pairs=k)
             for t in (cmp.tasks or [self.task.name])
@@ -420,21 +445,62 @@ class SweepSpec(Strict):
         ]
 
     def compared_models(self) -> list[str]:
+        """The comparison's entries: model names and variant labels."""
         return (self.compare.models if self.compare and self.compare.models else None) or list(self.models)
+
+    def entry_model(self, entry: str) -> tuple[str, dict[str, Any]]:
+        """(model name, fixed model settings) of a comparison entry: a model, or a variant of one."""
+        variant = dict((self.compare.variants if self.compare else {}).get(entry) or {})
+        return (variant.pop("model"), variant) if variant else (entry, {})
 
 
 def compare_problems(spec: SweepSpec) -> list[str]:
     """The compare section must name listed models and feasible difficulty levels."""
     assert spec.compare is not None
     problems = []
-    extra = [m for m in spec.compare.models or [] if m not in spec.models]
+    cmp = spec.compare
+    extra = [m for m in cmp.models or [] if m not in spec.models and m not in cmp.variants]
     if extra:
-        problems.append(f"compare.models: {extra} are not in the spec's models {spec.models}; add them there")
-    if spec.compare.models is not None and len(set(spec.compare.models)) != len(spec.compare.models):
+        problems.append(f"compare.models: {extra} are neither in the spec's models {spec.models} nor "
+                        "compare.variants; add them there")
+    if cmp.models is not None and len(set(cmp.models)) != len(cmp.models):
         problems.append("compare.models: a model is listed twice")
-    too_many = [k for k in spec.compare.pairs or [] if k > spec.task.num_keys]
+    problems += [p for label, v in cmp.variants.items() for p in _variant_problems(spec, label, v)]
+    if cmp.levels and (cmp.tasks or cmp.pairs):
+        problems.append("compare.levels: give either levels or tasks and pairs, not both; remove one")
+    levels = [d.pairs for d in spec.difficulties()] if cmp.levels else cmp.pairs or []
+    too_many = [k for k in levels if k > spec.task.num_keys]
     if too_many:
-        problems.append(f"compare.pairs: {too_many} exceed task.num_keys={spec.task.num_keys}; lower them")
+        field = "levels" if cmp.levels else "pairs"
+        problems.append(f"compare.{field}: K={too_many} exceed task.num_keys={spec.task.num_keys}; "
+                        "lower them")
+    return problems
+
+
+def _variant_problems(spec: SweepSpec, label: str, variant: dict[str, Any]) -> list[str]:
+    """A variant is a listed model with constant model settings, under a label usable in sweep names."""
+    where = f"compare.variants.{label}"
+    if label in MODELS or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", label):
+        return [f"{where}: a label is letters, digits, '_', '.', '-' (at most 40) and not a model's name; "
+                "rename it, e.g. fw_lstm-R20"]
+    model = variant.get("model")
+    if model not in spec.models:
+        return [f"{where}.model: {model!r} is not in the spec's models {spec.models}; name one of them"]
+    problems = []
+    fields = params_class(model).model_fields
+    for name, value in variant.items():
+        if name == "model":
+            continue
+        if name not in fields or name == "name":
+            hint = did_you_mean(name, [f for f in fields if f != "name"])
+            problems.append(f"{where}.{name}: not a setting of {model}{hint}; use one of its model fields")
+        elif isinstance(value, dict | list):
+            problems.append(f"{where}.{name}: a variant fixes a setting to one value; write a number or word")
+    if not problems:
+        try:  # the fixed settings must make a valid model
+            params_class(model).model_validate({k: v for k, v in variant.items() if k != "model"})
+        except ValidationError as err:
+            problems += [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
     return problems
 
 

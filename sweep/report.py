@@ -296,7 +296,7 @@ def write_report(runs: Sequence[SeedRun], out_dir: Path, provenance: dict[str, A
         files.append(path)
     plot_difficulty(rows, out_dir / DIFFICULTY_PNG)
     files.append(out_dir / DIFFICULTY_PNG)
-    md = [f"# {title}", "", _provenance_md(provenance), "", "## Results", "",
+    md = [f"# {title}", "", *_dirty_banner(provenance), _provenance_md(provenance), "", "## Results", "",
           markdown_tables(rows, test, alpha), "## Plots", "",
           f"![test error vs difficulty]({DIFFICULTY_PNG})", ""]
     md += [f"![learning curves {t}-K{k}]({curves_png_name(t, k)})" for t, k in dict.fromkeys(
@@ -307,10 +307,21 @@ def write_report(runs: Sequence[SeedRun], out_dir: Path, provenance: dict[str, A
     return files
 
 
+def _dirty_banner(prov: dict[str, Any]) -> list[str]:
+    """A run whose code was not one clean commit cannot be re-run exactly: say so before any number."""
+    if prov.get("reproducible_from_one_clean_commit", True):
+        return []
+    commits = ", ".join(f"`{c}`" for c in prov.get("git_commits") or [prov.get("git_commit", "unknown")])
+    return [f"> **Warning: not reproducible from one clean commit.** The code that produced these numbers "
+            f"was {commits} (`+dirty`: uncommitted edits; several: the code changed between reruns). Re-run "
+            "from a clean checkout (`git worktree add`) before citing them.", ""]
+
+
 def _provenance_md(prov: dict[str, Any]) -> str:
     keys = [("models", "models"), ("difficulties", "difficulties"), ("seeds", "seeds"),
-            ("tuning_budget", "tuning budget per model and difficulty"), ("git_commit", "git commit"),
+            ("tuning_budget", "tuning budget per model and difficulty"), ("git_commits", "git commit"),
             ("versions", "package versions"), ("tracking", "MLflow")]
+    prov = {"git_commits": prov.get("git_commit", "unknown")} | prov  # a report of an older manifest
     lines = []
     for key, label in keys:
         if key in prov:

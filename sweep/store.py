@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,16 +171,18 @@ def _storage_error(uri: str, err: OSError) -> UserError:
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return UserError(Problem("--storage", f"the bucket of {uri} does not exist",
                                  "create it (e.g. `aws s3 mb s3://BUCKET`) or give an existing bucket"))
-    if any(s in text for s in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
-        return UserError(Problem("AWS credentials", f"{uri} refused them ({text.splitlines()[0][:200]})",
-                                 "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to keys that "
-                                 "may write there"))
+    # The network first: the message of an unreachable endpoint quotes its URL, whose port may hold '403'.
     if any(s in text.lower() for s in ("connect", "network", "resolve host", "timed out", "timeout")):
         where = f"endpoint {endpoint}" if endpoint else "its endpoint"
         return UserError(Problem("FWSWEEP_S3_ENDPOINT" if endpoint else "--storage",
                                  f"cannot reach {uri} at {where} ({text.splitlines()[0][:200]})",
                                  "start the object store or fix FWSWEEP_S3_ENDPOINT / AWS_ENDPOINT_URL "
                                  "(host:port, http:// for a plain-HTTP store)"))
+    if any(s in text for s in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")) or \
+            re.search(r"(?<![\d:])403(?!\d)", text):  # the HTTP status, not digits of a port or an id
+        return UserError(Problem("AWS credentials", f"{uri} refused them ({text.splitlines()[0][:200]})",
+                                 "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to keys that "
+                                 "may write there"))
     first = text.splitlines()[0][:300] if text else type(err).__name__
     return UserError(Problem("--storage", f"cannot write to {uri}: {first}", STORAGE_FIX))
 

@@ -49,6 +49,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if _uses_module_fixture(item):  # `make test` runs pytest-xdist with --dist loadgroup: keep a
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # module's cluster in one worker
+
+
+def _uses_module_fixture(item: pytest.Item) -> bool:
+    """A test whose module-scoped fixture (a Ray cluster, an S3 server) its module's other tests share: run
+    them in one xdist worker, or each worker would start its own copy. Other tests spread one by one."""
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info is not None else ()
+    return any(d[-1].scope in ("module", "class", "package") for d in defs if d)
 
 
 # ---------------------------------------------------------------------------------------------- MLflow

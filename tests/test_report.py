@@ -77,6 +77,19 @@ def test_report_files_exist_and_match_the_runs(runs, tmp_path):
     ({"thresholds": [1.5]}, "compare.thresholds"),
     ({"test": "ttest"}, "compare.test"),
     ({"seed": 3}, "compare.seed"),
+    ({"levels": ["art-K8", "art8"]}, "compare.levels"),
+    ({"levels": ["art-K8"], "pairs": [4]}, "compare.levels"),
+    ({"levels": ["mart-K30"]}, "compare.levels"),
+    ({"models": ["fw_lstm", "small"], "variants": {"small": {"model": "lstm", "hidden_size": 8}}},
+     "compare.variants.small.model"),
+    ({"models": ["fw_lstm", "small"], "variants": {"small": {"model": "fw_lstm", "hiden_size": 8}}},
+     "compare.variants.small.hiden_size"),
+    ({"models": ["fw_lstm", "small"], "variants": {"small": {"model": "fw_lstm", "hidden_size": -3}}},
+     "compare.variants.small.hidden_size"),
+    ({"models": ["fw_lstm", "small"], "variants": {"small": {"model": "fw_lstm", "hidden_size": [8, 16]}}},
+     "compare.variants.small.hidden_size"),
+    ({"models": ["fw_lstm", "ln_lstm"], "variants": {"ln_lstm": {"model": "fw_lstm", "hidden_size": 8}}},
+     "compare.variants.ln_lstm"),
 ])
 def test_bad_compare_section_is_a_user_error_naming_the_field(tmp_path, compare, field):
     from sweep.config import load_spec
@@ -145,3 +158,47 @@ def test_a_seed_run_continues_from_its_checkpoint(tmp_path):
     resumed = retrain_seed(cfg.to_dict(), str(tmp_path), None, None, None, tags)
     assert [h["step"] for h in resumed["history"]] == [4, 8, 12]
     assert resumed["history"][:2] == first["history"][:2] and "test_accuracy" in resumed["final"]
+
+
+def test_levels_and_variants_give_each_entry_its_own_sweep_with_the_same_budget(tmp_path):
+    """Issue 13's comparison: levels that are not a task x pairs grid, and a model at a fixed smaller width
+    (an equal-parameter entry) beside the same model at the searched width."""
+    from sweep.compare import tuning_spec
+    from sweep.config import load_spec
+    from sweep.space import DefineByRun, trial_config
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "eq", "models": ["fw_lstm", "ln_lstm"],
+        "space": {"common": {"hidden_size": 50, "lr": {"loguniform": [1e-3, 1e-2]}}},
+        "compare": {"models": ["fw_lstm", "ln_lstm", "fw_lstm-R20"], "levels": ["art-K16", "mart-K4"],
+                    "variants": {"fw_lstm-R20": {"model": "fw_lstm", "hidden_size": 20}}}}))
+    spec = load_spec(path)
+    assert [d.label for d in spec.difficulties()] == ["art-K16", "mart-K4"]
+    entries = spec.compared_models()
+    subs = {(e, d.label): tuning_spec(spec, e, d) for d in spec.difficulties() for e in entries}
+    assert len({s.name for s in subs.values()}) == 6
+    small, full = subs[("fw_lstm-R20", "mart-K4")], subs[("fw_lstm", "mart-K4")]
+    assert small.name == "eq.fw_lstm-R20.mart-K4" and small.models == ["fw_lstm"] and "hidden_size=20" in \
+        small.description
+    assert (small.budget, small.searcher, small.scheduler) == (full.budget, full.searcher, full.scheduler)
+    optuna = pytest.importorskip("optuna")
+    for sub, width in ((small, 20), (full, 50)):
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+        config = trial_config(sub, DefineByRun(sub)(trial) | trial.params)
+        assert (config.model.name, config.model.hidden_size, config.task.name) == ("fw_lstm", width, "mart")
+
+
+def test_a_report_of_code_that_was_not_one_clean_commit_says_so_first(runs, tmp_path):
+    from sweep.compare import clean_commit
+
+    assert clean_commit(["abc123"]) and not clean_commit(["abc123+dirty"]) and not clean_commit(["a", "b"])
+    prov = {"git_commit": "abc123", "git_commits": ["abc123", "def456+dirty"],
+            "reproducible_from_one_clean_commit": False}
+    write_report(runs, tmp_path / "dirty", prov)
+    md = (tmp_path / "dirty" / "report.md").read_text()
+    assert md.index("not reproducible from one clean commit") < md.index("## Results")
+    assert "`def456+dirty`" in md
+    clean = {"git_commits": ["abc123"], "reproducible_from_one_clean_commit": True}
+    write_report(runs, tmp_path / "clean", clean)
+    assert "not reproducible" not in (tmp_path / "clean" / "report.md").read_text()

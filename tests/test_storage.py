@@ -147,3 +147,22 @@ def test_compare_accepts_a_tracking_server_every_node_reaches() -> None:
     check_workers_reach_tracking("10.0.0.5:6379", "http://mlflow.internal:5000")  # a shared server
     check_workers_reach_tracking("127.0.0.1:6379", None)  # nodes on this machine reach 127.0.0.1
     check_workers_reach_tracking(None, None)  # a local Ray
+
+
+@pytest.mark.parametrize("message, field", [
+    # a CI run: the unreachable endpoint's port (40353) made this read as a refused key
+    ("When initiating multiple part upload for key 'x' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+     "CreateMultipartUpload operation: curlCode: 7, Couldn't connect to server http://127.0.0.1:40353",
+     "FWSWEEP_S3_ENDPOINT"),
+    ("AWS Error ACCESS_DENIED during PutObject operation: HTTP response code 403", "AWS credentials"),
+    ("AWS Error UNKNOWN (HTTP status 403) during HeadObject operation", "AWS credentials"),
+    ("InvalidAccessKeyId: the key 4031 does not exist", "AWS credentials"),
+    ("AWS Error NO_SUCH_BUCKET: NoSuchBucket", "--storage"),
+])
+def test_a_storage_error_is_named_by_what_failed_not_by_digits_in_it(message: str, field: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from sweep.store import _storage_error
+
+    monkeypatch.setenv("FWSWEEP_S3_ENDPOINT", "http://127.0.0.1:40353")
+    err = _storage_error("s3://b/x", OSError(message))
+    assert err.problems[0].where == field, err.render()
