@@ -21,6 +21,7 @@ from sweep.stats import compare_samples, first_reach, holm, mean_band, mean_ci
 REPORT_MD = "report.md"
 SUMMARY_CSV = "summary.csv"
 SEEDS_CSV = "seed_runs.csv"
+PAIRWISE_CSV = "pairwise.csv"
 DIFFICULTY_PNG = "difficulty.png"
 REPRODUCE_YAML = "reproduce.yaml"
 
@@ -131,6 +132,57 @@ def summarize(runs: Sequence[SeedRun], thresholds: Sequence[float] = (0.95, 0.99
                 row.significant = None if math.isnan(adj) else adj < alpha
         rows += sorted(table, key=lambda row: (not row.best, row.error_mean))
     return rows
+
+
+@dataclass
+class Contrast:
+    """One pair of entries at one difficulty: the paper's claims are pairwise (FW-LSTM vs FW-RNN, a small
+    FW-LSTM vs a large LN-LSTM), so each pair gets its own test, not only each entry against the best."""
+
+    task: str
+    pairs: int
+    better: str  # the lower mean test error
+    worse: str
+    diff: float  # worse minus better, in test-error points
+    p_value: float
+    p_holm: float = math.nan
+    significant: bool | None = None
+
+
+def pairwise(runs: Sequence[SeedRun], test: str = "welch", alpha: float = 0.05) -> list[Contrast]:
+    """Every pair of entries at every difficulty; p-values Holm-corrected within the difficulty."""
+    groups: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in runs:
+        if not math.isnan(r.test_error_pct):
+            groups.setdefault((r.task, r.pairs), {}).setdefault(r.model, []).append(r.test_error_pct)
+    out: list[Contrast] = []
+    for (task, pairs), errors in sorted(groups.items()):
+        ranked = sorted(errors, key=lambda m: _mean(errors[m]))
+        level = [Contrast(task, pairs, a, b, _mean(errors[b]) - _mean(errors[a]),
+                          compare_samples(errors[b], errors[a], test))
+                 for i, a in enumerate(ranked) for b in ranked[i + 1:]]
+        for c, adj in zip(level, holm([c.p_value for c in level]), strict=True):
+            c.p_holm, c.significant = adj, None if math.isnan(adj) else adj < alpha
+        out += level
+    return out
+
+
+def pairwise_tables(contrasts: Sequence[Contrast], test: str, alpha: float) -> str:
+    out = []
+    for task, pairs in dict.fromkeys((c.task, c.pairs) for c in contrasts):
+        out += [f"### Every pair, {task.upper()}, K = {pairs}", "",
+                "| lower error | higher error | difference (points) | p | p (Holm) | "
+                f"significant (α={alpha}) |",
+                "|---|---|---|---|---|---|"]
+        for c in (c for c in contrasts if (c.task, c.pairs) == (task, pairs)):
+            sig = {True: "yes", False: "no", None: "–"}[c.significant]
+            out.append(f"| {c.better} | {c.worse} | {_fmt(c.diff)} | {_fmt_p(c.p_value)} | "
+                       f"{_fmt_p(c.p_holm)} | {sig} |")
+        out.append("")
+    test_name = {"welch": "Welch's t-test", "mannwhitney": "Mann-Whitney U"}[test]
+    out += [f"p: two-sided {test_name} of the two entries' per-seed test errors, Holm-Bonferroni corrected "
+            "over every pair of this difficulty.", ""]
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -286,8 +338,11 @@ def write_report(runs: Sequence[SeedRun], out_dir: Path, provenance: dict[str, A
     for old in out_dir.glob("curves_*.png"):
         old.unlink()
     rows = summarize(runs, thresholds, test, alpha)
-    files = [out_dir / REPORT_MD, out_dir / SUMMARY_CSV, out_dir / SEEDS_CSV, out_dir / REPRODUCE_YAML]
+    contrasts = pairwise(runs, test, alpha)
+    files = [out_dir / REPORT_MD, out_dir / SUMMARY_CSV, out_dir / SEEDS_CSV, out_dir / PAIRWISE_CSV,
+             out_dir / REPRODUCE_YAML]
     write_csv(out_dir / SUMMARY_CSV, summary_records(rows))
+    write_csv(out_dir / PAIRWISE_CSV, [asdict(c) for c in contrasts])
     write_csv(out_dir / SEEDS_CSV, seed_records(runs, thresholds))
     (out_dir / REPRODUCE_YAML).write_text(yaml.safe_dump(provenance, sort_keys=False), encoding="utf-8")
     for task, pairs in dict.fromkeys((r.task, r.pairs) for r in rows):
@@ -297,11 +352,12 @@ def write_report(runs: Sequence[SeedRun], out_dir: Path, provenance: dict[str, A
     plot_difficulty(rows, out_dir / DIFFICULTY_PNG)
     files.append(out_dir / DIFFICULTY_PNG)
     md = [f"# {title}", "", *_dirty_banner(provenance), _provenance_md(provenance), "", "## Results", "",
-          markdown_tables(rows, test, alpha), "## Plots", "",
+          markdown_tables(rows, test, alpha), "## Every pair of entries", "",
+          pairwise_tables(contrasts, test, alpha), "## Plots", "",
           f"![test error vs difficulty]({DIFFICULTY_PNG})", ""]
     md += [f"![learning curves {t}-K{k}]({curves_png_name(t, k)})" for t, k in dict.fromkeys(
         (r.task, r.pairs) for r in rows)]
-    md += ["", f"Per-seed numbers: `{SEEDS_CSV}`; summary: `{SUMMARY_CSV}`; "
+    md += ["", f"Per-seed numbers: `{SEEDS_CSV}`; summary: `{SUMMARY_CSV}`; every pair: `{PAIRWISE_CSV}`; "
            f"reproduce: `{REPRODUCE_YAML}`.", ""]
     (out_dir / REPORT_MD).write_text("\n".join(md), encoding="utf-8")
     return files

@@ -202,3 +202,20 @@ def test_a_report_of_code_that_was_not_one_clean_commit_says_so_first(runs, tmp_
     clean = {"git_commits": ["abc123"], "reproducible_from_one_clean_commit": True}
     write_report(runs, tmp_path / "clean", clean)
     assert "not reproducible" not in (tmp_path / "clean" / "report.md").read_text()
+
+
+def test_every_pair_of_entries_is_tested_once_with_holm_within_the_level(runs, tmp_path):
+    from sweep.report import pairwise
+
+    contrasts = pairwise(runs)
+    k8 = {(c.better, c.worse): c for c in contrasts if c.pairs == 8}
+    assert len(k8) == 3 and len([c for c in contrasts if c.pairs == 12]) == 1  # C(3,2) and C(2,2)
+    ln = k8[("fw_lstm", "ln_lstm")] if ("fw_lstm", "ln_lstm") in k8 else k8[("fw_rnn", "ln_lstm")]
+    assert ln.diff == pytest.approx(5.0) and ln.significant and ln.p_holm >= ln.p_value
+    same = next(c for c in k8.values() if {c.better, c.worse} == {"fw_lstm", "fw_rnn"})
+    assert same.diff == pytest.approx(0.0) and same.p_value == 1.0 and same.significant is False
+    write_report(runs, tmp_path, {})
+    rows = list(csv.DictReader((tmp_path / "pairwise.csv").open()))
+    assert len(rows) == len(contrasts)
+    md = (tmp_path / "report.md").read_text()
+    assert "### Every pair, ART, K = 8" in md and "| fw_lstm | ln_lstm | 5.00 |" in md  # K=12: 26 vs 21
