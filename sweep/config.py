@@ -484,8 +484,12 @@ def _variant_problems(spec: SweepSpec, label: str, variant: dict[str, Any]) -> l
         return [f"{where}: a label is letters, digits, '_', '.', '-' (at most 40) and not a model's name; "
                 "rename it, e.g. fw_lstm-R20"]
     model = variant.get("model")
+    if model is None:
+        return [f"{where}.model: missing; a variant names the model it varies: model: {spec.models[0]}"]
     if model not in spec.models:
         return [f"{where}.model: {model!r} is not in the spec's models {spec.models}; name one of them"]
+    if label not in (spec.compare.models or []):
+        return [f"{where}: defined but not compared; list {label} in compare.models (or remove it)"]
     problems = []
     fields = params_class(model).model_fields
     for name, value in variant.items():

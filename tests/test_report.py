@@ -90,6 +90,9 @@ def test_report_files_exist_and_match_the_runs(runs, tmp_path):
      "compare.variants.small.hidden_size"),
     ({"models": ["fw_lstm", "ln_lstm"], "variants": {"ln_lstm": {"model": "fw_lstm", "hidden_size": 8}}},
      "compare.variants.ln_lstm"),
+    ({"variants": {"small": {"model": "fw_lstm", "hidden_size": 8}}}, "compare.variants.small"),  # unused
+    ({"models": ["fw_lstm", "small"], "variants": {"small": {"hidden_size": 8}}},
+     "compare.variants.small.model"),
 ])
 def test_bad_compare_section_is_a_user_error_naming_the_field(tmp_path, compare, field):
     from sweep.config import load_spec
