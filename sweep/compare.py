@@ -231,6 +231,7 @@ def provenance(manifest: Manifest) -> dict[str, Any]:
     """Everything needed to rerun the comparison: spec, budgets, seeds, tuned configs, versions, commit."""
     spec = SweepSpec.model_validate(manifest.spec)
     cmp = spec.compare
+    commits = manifest.git_commits or [manifest.git_commit or "unknown"]  # an older manifest: one commit
     return {
         "comparison": spec.name,
         "models": spec.compared_models(),
@@ -241,9 +242,8 @@ def provenance(manifest: Manifest) -> dict[str, Any]:
                           f"{spec.searcher.sampler} seed {spec.searcher.seed}",
                           "retrain_epochs": cmp.retrain_epochs or spec.max_epochs},
         "git_commit": manifest.git_commit or "unknown",
-        "git_commits": manifest.git_commits or [manifest.git_commit or "unknown"],
-        "reproducible_from_one_clean_commit": clean_commit(manifest.git_commits or [manifest.git_commit or
-                                                                                     "unknown"]),
+        "git_commits": commits,
+        "reproducible_from_one_clean_commit": clean_commit(commits),
         "report_git_commit": git_commit() or "unknown",
         "versions": {p: _version(p) for p in VERSIONED},
         "tracking": {"uri": manifest.tracking_uri, "experiment": spec.experiment,

@@ -480,7 +480,7 @@ def compare_problems(spec: SweepSpec) -> list[str]:
 def _variant_problems(spec: SweepSpec, label: str, variant: dict[str, Any]) -> list[str]:
     """A variant is a listed model with constant model settings, under a label usable in sweep names."""
     where = f"compare.variants.{label}"
-    if label in MODELS or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", label):
+    if label in MODELS or len(label) > 40 or not NAME_RULE.fullmatch(label):  # it goes into sweep names
         return [f"{where}: a label is letters, digits, '_', '.', '-' (at most 40) and not a model's name; "
                 "rename it, e.g. fw_lstm-R20"]
     model = variant.get("model")

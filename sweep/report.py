@@ -103,15 +103,20 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def by_level(runs: Sequence[SeedRun]) -> dict[tuple[str, int], dict[str, list[SeedRun]]]:
+    """{(task, pairs): {entry: its seed runs}}, levels in order: what every table and test groups by."""
+    groups: dict[tuple[str, int], dict[str, list[SeedRun]]] = {}
+    for r in runs:
+        groups.setdefault((r.task, r.pairs), {}).setdefault(r.model, []).append(r)
+    return dict(sorted(groups.items()))
+
+
 def summarize(runs: Sequence[SeedRun], thresholds: Sequence[float] = (0.95, 0.99), test: str = "welch",
               alpha: float = 0.05) -> list[ModelRow]:
     """One row per (difficulty, model); each model tested against the difficulty's best (lowest mean error),
     p-values Holm-corrected within the difficulty (the family is the comparisons one table makes)."""
-    groups: dict[tuple[str, int], dict[str, list[SeedRun]]] = {}
-    for r in runs:
-        groups.setdefault((r.task, r.pairs), {}).setdefault(r.model, []).append(r)
     rows: list[ModelRow] = []
-    for (task, pairs), by_model in sorted(groups.items()):
+    for (task, pairs), by_model in by_level(runs).items():
         table = []
         for model, model_runs in by_model.items():
             ci = mean_ci([r.test_error_pct for r in model_runs])
@@ -151,12 +156,10 @@ class Contrast:
 
 def pairwise(runs: Sequence[SeedRun], test: str = "welch", alpha: float = 0.05) -> list[Contrast]:
     """Every pair of entries at every difficulty; p-values Holm-corrected within the difficulty."""
-    groups: dict[tuple[str, int], dict[str, list[float]]] = {}
-    for r in runs:
-        if not math.isnan(r.test_error_pct):
-            groups.setdefault((r.task, r.pairs), {}).setdefault(r.model, []).append(r.test_error_pct)
     out: list[Contrast] = []
-    for (task, pairs), errors in sorted(groups.items()):
+    for (task, pairs), by_model in by_level(runs).items():
+        errors = {m: e for m, rs in by_model.items() if (e := [r.test_error_pct for r in rs
+                                                              if not math.isnan(r.test_error_pct)])}
         ranked = sorted(errors, key=lambda m: _mean(errors[m]))
         level = [Contrast(task, pairs, a, b, _mean(errors[b]) - _mean(errors[a]),
                           compare_samples(errors[b], errors[a], test))
