@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,11 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import record  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
+RATE_HZ = 50  # py-spy samples per second
 CLI = "import sys; from sweep.cli import main; sys.argv[0] = 'sweep'; main()"  # the `sweep` command
 GROUPS = (  # (name, test on (thread, stack)); first match wins
     ("Tune's event loop: matplotlib", lambda t, st: "Tuner.fit" in st and "matplotlib" in st),
@@ -37,9 +42,14 @@ GROUPS = (  # (name, test on (thread, stack)); first match wins
 )
 
 
-def summarise(raw: Path) -> tuple[Counter, int]:
-    """(samples per group, total samples) of a py-spy raw (collapsed, --threads) file."""
+THREAD_ID = re.compile(r"\s*\(?0x[0-9a-fA-F]+\)?:?\s*")
+
+
+def summarise(raw: Path) -> tuple[Counter, int, Counter]:
+    """(samples per group, total samples, samples per thread name within "other threads") of a py-spy raw
+    (collapsed, --threads) file."""
     groups: Counter = Counter()
+    others: Counter = Counter()
     total = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -49,10 +59,12 @@ def summarise(raw: Path) -> tuple[Counter, int]:
         total += int(count)
         name = next((g for g, test in GROUPS if test(thread, frames)), "other threads")
         groups[name] += int(count)
-    return groups, total
+        if name == "other threads":
+            others[THREAD_ID.sub(" ", thread).strip(' "') or "?"] += int(count)
+    return groups, total, others
 
 
-def main() -> None:
+def profile() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--source", type=Path, default=ROOT, help="checkout whose `sweep` package runs")
@@ -70,15 +82,26 @@ def main() -> None:
     py_spy = Path(sys.executable).with_name("py-spy")
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    subprocess.run([str(py_spy), "record", "--threads", "--format", "raw", "--rate", "50", "-o", str(raw),
-                    "--", sys.executable, "-c", CLI, "run", str(work / "spec.yaml")],
+    subprocess.run([str(py_spy), "record", "--threads", "--format", "raw", "--rate", str(RATE_HZ),
+                    "-o", str(raw), "--", sys.executable, "-c", CLI, "run", str(work / "spec.yaml")],
                    env=env, cwd=work, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    groups, total = summarise(raw)
+    groups, total, others = summarise(raw)
     print(f"source {args.source}: {args.trials} trials in {wall:.0f} s (load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after); {total} on-CPU samples of the driver at 50 Hz")
     for name, n in groups.most_common():
         print(f"  {name:40s} {100 * n / max(total, 1):5.1f} %")
+    for name, n in others.most_common(8):
+        print(f"    other thread {name[:60]:60s} {100 * n / max(total, 1):5.1f} %")
+    return {"trials": args.trials, "wall_s": wall, "samples": total, "rate_hz": RATE_HZ,
+            "driver_cpu_s": total / RATE_HZ, "driver_cpu_s_per_trial": total / RATE_HZ / max(args.trials, 1),
+            "groups": dict(groups.most_common()), "other_threads": dict(others.most_common(12))}
+
+
+def main() -> None:
+    name = "driver_profile" if "--source" not in sys.argv else "driver_profile_source"
+    with record(name, {"argv": sys.argv[1:]}, kind="driver_profile") as payload:
+        payload["results"] = profile()
 
 
 if __name__ == "__main__":

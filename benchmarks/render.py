@@ -217,7 +217,23 @@ def render_gpu(p: dict[str, Any]) -> str:
     return "\n\n".join([provenance(p), steps, sharing])
 
 
+def render_driver_profile(p: dict[str, Any]) -> str:
+    r = p["results"]
+    total, per_trial = max(r["samples"], 1), r["driver_cpu_s"] / max(r["trials"], 1)
+
+    def row(name: str, n: int) -> list[str]:
+        return [name, f"{100 * n / total:.1f} %", f"{per_trial * n / total:.3f}"]
+
+    rows = [row(name, n) for name, n in r["groups"].items()]
+    rows += [row(f"... other thread: {name}", n) for name, n in list(r["other_threads"].items())[:6]]
+    head = (f"{r['trials']} trials in {r['wall_s']:.0f} s; the driver process used {r['driver_cpu_s']:.0f} "
+            f"CPU-s ({r['samples']} on-CPU samples at {r['rate_hz']} Hz), {per_trial:.2f} CPU-s per trial.")
+    header = ["where the driver's CPU went", "share", "CPU-s per trial"]
+    return "\n\n".join([provenance(p), head, table(header, rows)])
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "driver_profile": render_driver_profile,
     "models": render_models,
     "sweep_overhead": render_sweep_overhead,
     "search_efficiency": render_search_efficiency,

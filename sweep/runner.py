@@ -255,6 +255,29 @@ def _quiet_tune() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+AUTO_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+JSON_LOGGER_MARK = ".json-logger-only"  # in a sweep's folder: its saved Tuner carries its own JSON logger
+
+
+@contextlib.contextmanager
+def json_logger_only(store: SweepStore, fresh: bool) -> Any:
+    """Tune's default CSV and TensorBoard loggers off for this fit. They write every result twice more, on
+    the driver, with a TensorBoard writer thread per trial; the sweep's records are result.json (its own
+    JsonLoggerCallback, see build_tuner) and its view is MLflow. A sweep begun by an older fwsweep has no
+    logger of its own (no mark): Tune keeps adding its defaults there. A user's setting of the variable
+    wins."""
+    if fresh:
+        store.write_text(JSON_LOGGER_MARK, "Tune's default CSV/TensorBoard loggers are off for this sweep\n")
+    if os.environ.get(AUTO_LOGGERS_ENV) is not None or not (fresh or store.exists(JSON_LOGGER_MARK)):
+        yield
+        return
+    os.environ[AUTO_LOGGERS_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(AUTO_LOGGERS_ENV, None)
+
+
 def _trainable(spec: SweepSpec) -> Any:
     from ray import tune
 
@@ -292,6 +315,7 @@ def _tracker(spec: SweepSpec, tracking_url: str | None, store: SweepStore) -> An
 
 def build_tuner(spec: SweepSpec, callbacks: list[Any] | None = None, store: SweepStore | None = None) -> Any:
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -305,7 +329,7 @@ def build_tuner(spec: SweepSpec, callbacks: list[Any] | None = None, store: Swee
         storage_filesystem=_tune_filesystem(store),
         failure_config=tune.FailureConfig(max_failures=spec.retries.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-        callbacks=list(callbacks or []),
+        callbacks=list(callbacks or []) + [JsonLoggerCallback()],  # result.json: what sweep.store reads
         verbose=0,
     )
     tune_config = tune.TuneConfig(
@@ -496,7 +520,7 @@ def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, started: bool,
             # forgets the trials that finished in it, and `resume` re-runs their last epoch. It is small.
             os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
             hush_missing_results()
-            with storage_faults(spec, store):
+            with storage_faults(spec, store), json_logger_only(store, fresh=not resume):
                 tuner.fit()
         finally:
             if started:
@@ -518,7 +542,8 @@ def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, started: bool,
         records = store.load_trials(spec)
         best = export.best_trials(records, spec.metric.name, spec.metric.mode, k=1)
         exported = export.write_exports(spec.name, records=records, storage=store.storage.uri) if best else []
-    mlflow_url, behind = sync_after(spec, tracking_url, store, records, unsent)
+    writer = tracker.settled_writer() if tracker is not None else None
+    mlflow_url, behind = sync_after(spec, tracking_url, store, records, unsent, writer)
     if behind is None:
         from sweep.tracking import sweep_link
 
@@ -560,9 +585,10 @@ def storage_faults(spec: SweepSpec, store: SweepStore) -> Any:
 
 
 def sync_after(spec: SweepSpec, tracking_url: str, store: SweepStore, records: list[Any] | None = None,
-               unsent: int = 0) -> tuple[str | None, TrackingBehind | None]:
+               unsent: int = 0, writer: Any = None) -> tuple[str | None, TrackingBehind | None]:
     """The reconcile that ends run/resume/compare: (parent run URL, None), or (None, what MLflow lacks)
-    when the server does not answer (or refuses); the results stay in the sweep's records."""
+    when the server does not answer (or refuses); the results stay in the sweep's records. `writer`: the
+    live logging's, once settled (what it sent need not be asked for again)."""
     import logging
 
     from sweep.mlflow_runs.content import git_commit
@@ -570,7 +596,7 @@ def sync_after(spec: SweepSpec, tracking_url: str, store: SweepStore, records: l
 
     records = store.load_trials(spec) if records is None else records
     try:
-        report = sync_sweep(store, tracking_url, spec=spec, records=records, git=git_commit())
+        report = sync_sweep(store, tracking_url, spec=spec, records=records, writer=writer, git=git_commit())
     except Exception as err:  # noqa: BLE001 - the sweep's results are safe on disk: say so, exit non-zero
         logging.getLogger(__name__).debug("reconcile failed", exc_info=True)
         return None, TrackingBehind(tracking_url, unsent, len(records), str(err).splitlines()[0][:300])

@@ -222,6 +222,19 @@ class TrialRecord:
         """Stopped by the scheduler before max epochs (not by the target accuracy, not failed)."""
         return self.state(max_epochs) == events.STOPPED_EARLY
 
+    @classmethod
+    def of_trial(cls, spec: SweepSpec, trial_id: str, params: dict[str, Any], metrics: dict[str, Any],
+                 history: list[dict[str, Any]] | None = None, status: str = "PENDING", path: str = ""
+                 ) -> TrialRecord:
+        """A trial as Tune has it (sampled config, last report): its config re-runnable by `sweep train`,
+        with the threads it had and the epochs it ran."""
+        tc = trial_config(spec, params)
+        epochs = int(metrics.get("epoch", metrics.get("training_iteration", 0)) or 0)
+        train = {"num_threads": trial_threads(spec, tc)} | ({"epochs": epochs} if epochs else {})
+        tc = tc.model_copy(update={"train": tc.train.model_copy(update=train)})
+        return cls(trial_id=trial_id, model=params.get(MODEL_KEY, tc.model.name), config=tc, metrics=metrics,
+                   history=list(history or []), status=status, params=params, path=path)
+
 
 def parse_history(text: str) -> list[dict[str, Any]]:
     """result.json's lines, one per epoch. A line cut short by a kill ends it (everything before it is
@@ -393,14 +406,8 @@ class SweepStore:
             rel = posixpath.relpath(trial.storage.trial_fs_path, self.path)
             history = parse_history(self.read_text(posixpath.join(rel, RESULT_FILE)) or "")
             metrics = dict(trial.last_result or {}) or (history[-1] if history else {})
-            config = dict(trial.config)
-            tc = trial_config(spec, config)
-            epochs = int(metrics.get("epoch", metrics.get("training_iteration", 0)) or 0)
-            train = {"num_threads": trial_threads(spec, tc)} | ({"epochs": epochs} if epochs else {})
-            tc = tc.model_copy(update={"train": tc.train.model_copy(update=train)})
-            records.append(TrialRecord(trial_id=trial.trial_id, model=config.get(MODEL_KEY, tc.model.name),
-                                       config=tc, metrics=metrics, history=history, status=trial.status,
-                                       params=config, path=self.where(rel)))
+            records.append(TrialRecord.of_trial(spec, trial.trial_id, dict(trial.config), metrics, history,
+                                                trial.status, self.where(rel)))
         return records
 
     # -- exports ------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 3.0  # one /health probe of a given server
 START_TIMEOUT_S = 180.0  # a fresh local server is healthy in 4-10 s when idle; 35-70 s measured at load 15
-WATCH_EVERY_S = 2.0  # the watchdog's probe interval
+WATCH_EVERY_S = 2.0  # the watchdog checks that the server's process lives this often (one cheap syscall)
+PROBE_EVERY_S = 15.0  # ...and asks a live one for /health this often (sooner when a writer saw it fail)
 HUNG_AFTER_S = 60.0  # a live server process that has not answered /health this long is replaced
 STATE_FILE = "server.json"  # the running server: {url, pid, started_at}
 PORT_FILE = "port"  # the port of the last server: kept across stops so links stay valid
@@ -125,10 +126,22 @@ def is_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
 
 
 _readiness: dict[str, threading.Event] = {}  # url -> set while this process knows it to answer
+_suspicions: dict[str, threading.Event] = {}  # url -> set when a writer's request to it failed
 
 
 def _ready_event(url: str) -> threading.Event:
     return _readiness.setdefault(url.rstrip("/"), threading.Event())
+
+
+def _suspect_event(url: str) -> threading.Event:
+    return _suspicions.setdefault(url.rstrip("/"), threading.Event())
+
+
+def suspect(url: str) -> None:
+    """A request to `url` failed as if the server were down: its watchdog (if any) probes it now."""
+    event = _suspicions.get(url.rstrip("/"))
+    if event is not None:
+        event.set()
 
 
 def is_ready(url: str) -> bool:
@@ -257,10 +270,13 @@ def active_users(folder: Path | None = None) -> list[int]:
 class Watchdog:
     """Keeps the local server at `url` up while a command uses it, and says when it answers.
 
-    Every WATCH_EVERY_S it probes `/health`. While the server does not answer, `is_ready(url)` is False
-    (writers buffer). A dead server is relaunched on the same port over the same store; a live one that
-    has not answered for HUNG_AFTER_S is replaced. Several commands may watch one server: the lock and the
-    state file make exactly one of them restart it.
+    While the server answers, the watchdog sleeps: every WATCH_EVERY_S it checks that the server's process
+    lives (a signal-0 syscall, not a request, since a sweep's driver shares the cores with its trials),
+    and every PROBE_EVERY_S, or at once when a writer's request failed (`suspect`), it asks `/health`.
+    While the server does not answer, `is_ready(url)` is False (writers buffer) and it probes every 0.25 s.
+    A dead server is relaunched on the same port over the same store; a live one that has not answered
+    for HUNG_AFTER_S is replaced. Several commands may watch one server: the lock and the state file make
+    exactly one of them restart it.
     """
 
     def __init__(self, folder: Path, url: str) -> None:
@@ -269,6 +285,7 @@ class Watchdog:
         self._failed_launches = 0
         self._next_try = 0.0
         self._last_healthy = 0.0
+        self._pid: int | None = None  # the server's process, from the state file when it last answered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fwsweep-mlflow-watchdog", daemon=True)
 
@@ -277,23 +294,41 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        _suspect_event(self.url).set()  # wakes the sleeping loop
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
     def _loop(self) -> None:
-        ready = _ready_event(self.url)
+        ready, suspect = _ready_event(self.url), _suspect_event(self.url)
+        next_probe = 0.0
         while not self._stop.is_set():
+            if ready.is_set() and not suspect.is_set() and time.monotonic() < next_probe and self._alive():
+                self._wait(suspect, WATCH_EVERY_S)
+                continue
+            suspect.clear()
             if is_healthy(self.url, timeout=HEALTH_TIMEOUT_S):
                 ready.set()
                 self._last_healthy, self._failed_launches = time.time(), 0
-            else:
-                ready.clear()
-                if time.monotonic() >= self._next_try:
-                    try:
-                        self._revive()
-                    except Exception as err:  # noqa: BLE001 - retried after a back-off
-                        log.warning("could not restart the local MLflow server: %s", err)
-            self._stop.wait(WATCH_EVERY_S if ready.is_set() else 0.25)
+                self._pid = (read_state(self.folder) or {}).get("pid")
+                next_probe = time.monotonic() + PROBE_EVERY_S
+                self._wait(suspect, WATCH_EVERY_S)
+                continue
+            ready.clear()
+            if time.monotonic() >= self._next_try:
+                try:
+                    self._revive()
+                except Exception as err:  # noqa: BLE001 - retried after a back-off
+                    log.warning("could not restart the local MLflow server: %s", err)
+            self._stop.wait(0.25)
+
+    @staticmethod
+    def _wait(suspect: threading.Event, seconds: float) -> None:
+        """Sleep `seconds`, or less when a writer reports a failed request (or the command stops)."""
+        suspect.wait(seconds)
+
+    def _alive(self) -> bool:
+        """The server's process still exists (False when its pid is unknown: then probe)."""
+        return self._pid is not None and _exists(self._pid)
 
     def _revive(self) -> None:
         with _locked(self.folder):

@@ -234,6 +234,15 @@ def finished_trials_on_disk(home: Path, name: str, epochs: int) -> dict[str, lis
     return out
 
 
+def running_trial_runs(url: str, name: str) -> list[str]:
+    """The RUNNING trial runs of sweep `name` in MLflow (none while its experiment does not exist yet)."""
+    from mlflow import MlflowClient
+
+    if MlflowClient(url).get_experiment_by_name(name) is None:
+        return []
+    return [r.info.run_id for r in mlflow_runs(url, name)[1] if r.info.status == "RUNNING"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_killed_driver_is_resumed_without_rerunning_or_duplicating(
@@ -243,12 +252,15 @@ def test_killed_driver_is_resumed_without_rerunning_or_duplicating(
     RUNNING, every metric step is logged once, and Optuna's study holds each trial exactly once."""
     name, epochs = "faults-driver", 3
     spec = write_spec(tmp_path, name, budget={"num_samples": 3, "max_concurrent": 2})
-    env = {"FWSWEEP_FAULT": "slow=1.5"}  # ~5 s per trial: time to kill the sweep mid-way
+    env = {"FWSWEEP_FAULT": "slow=3"}  # ~10 s per trial: time to kill the sweep mid-way, even when loaded
     run = SweepProcess(["run", str(spec), "--tracking-uri", mlflow_server], home, env)
     wait_until(lambda: finished_trials_on_disk(home, name, epochs) and
                len(started_trials_on_disk(home, name)) >= 2 or run.proc.poll() is not None,
                150, "a finished trial and a running one")
     time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S (2 s): Tune's experiment state now knows the finished trial
+    # the live logging runs behind the trials (more so on a loaded machine): wait for a run it opened
+    wait_until(lambda: running_trial_runs(mlflow_server, name) or run.proc.poll() is not None, 60,
+               "an MLflow run of a running trial")
     assert run.proc.poll() is None, f"the sweep ended before it could be killed:\n{run.output()[-3000:]}"
     run.signal(signal.SIGKILL)
     run.wait(10)

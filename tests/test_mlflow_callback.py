@@ -17,7 +17,7 @@ from sweep.config import SweepSpec
 from sweep.mlflow_runs import content, identity
 from sweep.mlflow_runs.callback import MlflowSweepCallback
 from sweep.mlflow_runs.reconcile import sync_sweep
-from sweep.mlflow_runs.writer import RunWriter
+from sweep.mlflow_runs.writer import RunWriter, sha
 from sweep.store import open_sweep
 from sweep.testing import tiny_trainable
 from sweep.tracking import free_port
@@ -156,6 +156,25 @@ def test_live_statuses_and_descriptions(live_sweep: dict[str, Any], mlflow_serve
     assert (stopped.info.status, stopped.data.tags["stopped_early"]) == ("FINISHED", "true")
     assert stopped.data.tags[identity.NOTE_TAG] == "fw_lstm · lr 0.003 · stopped by ASHA after epoch 2"
     assert failed.info.status == "FAILED"
+
+
+def test_live_logging_leaves_the_reconcile_no_per_trial_work(live_sweep: dict[str, Any], mlflow_server: str,
+                                                             tmp_path: Path) -> None:
+    """Each trial's run gets its config.yaml (and the digest the reconcile compares) when it ends, and the
+    run's requests are few: created with its tags, params once, one batch per report, one to end it."""
+    client = MlflowClient(mlflow_server)
+    _, children = _runs(client, live_sweep["name"], live_sweep["name"])
+    for run in children.values():
+        text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+        assert text.startswith("# fwsweep export: trial ") and "re-run: sweep train --config" in text
+        assert run.data.tags[content.CONFIG_SHA_TAG] == sha(text)
+        assert run.data.tags["end_reason"] != "running"
+    writer = live_sweep["callback"].settled_writer()
+    assert writer is not None, "the live writer is idle after close()"
+    # the parent: create, params; per trial: create (running, with its tags), params, one batch per report,
+    # num_params (a constant of the first report) once, config.yaml, the end tags, the end status
+    expected = 2 + 6 * len(children) + live_sweep["reports"]
+    assert writer.requests == expected, (writer.requests, expected)
 
 
 def test_hooks_never_wait_for_a_dead_server() -> None:

@@ -19,7 +19,7 @@ import yaml
 from sweep import events, paths
 from sweep.config import SweepSpec, load_trial_config
 from sweep.export import load_trials
-from sweep.runner import run_sweep
+from sweep.runner import JSON_LOGGER_MARK, run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -212,6 +212,9 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(home, mlflow
     assert len(after) == 6
     for trial, epochs in before.items():
         assert after[trial] == epochs, f"{trial} was re-run after resume"
+    # Tune's JSON results only, in the first session and after the resume: no CSV or TensorBoard copies
+    assert (folder / JSON_LOGGER_MARK).exists()
+    assert not list(folder.glob("trial_*/progress.csv")) and not list(folder.glob("trial_*/events.out.*"))
 
     parents, children = _runs(mlflow_server, "e2e-resume")
     assert len(parents) == 1, "resume created a second parent run"

@@ -21,14 +21,17 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from sweep import events
+from sweep import events, export
 from sweep.config import SweepSpec
 from sweep.live_callbacks import LiveCallback
 from sweep.mlflow_runs import content, identity
-from sweep.mlflow_runs.writer import LiveWriter, RunWriter
+from sweep.mlflow_runs.writer import LiveWriter, RunWriter, sha
 from sweep.space import MODEL_KEY, trial_config
+from sweep.store import TrialRecord
 
 log = logging.getLogger(__name__)
+
+RUNNING_TAGS = {"end_reason": "running"}
 
 class MlflowSweepCallback(LiveCallback):
     """Live MLflow logging of one sweep. Pass it in `tune.RunConfig(callbacks=[...])`, keep the handle,
@@ -50,6 +53,8 @@ class MlflowSweepCallback(LiveCallback):
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._runs: dict[str, str] = {}  # trial_id -> run id (writer thread only)
+        self._open: set[str] = set()  # trials whose run is RUNNING (writer thread only)
+        self._earlier: dict[str, Any] = {}  # trial_id -> its run from an earlier session, not yet adopted
         self._trials: dict[str, tuple[str, dict[str, str], dict[str, str]]] = {}  # id -> name, tags, params
         self._retries: dict[str, int] = {}
         self._errors: dict[str, str] = {}  # trial_id -> the failure text already noted (writer thread)
@@ -63,13 +68,20 @@ class MlflowSweepCallback(LiveCallback):
         """Send what is pending (up to `timeout_s`); returns the reports MLflow did not get."""
         return self.live.close(timeout_s)
 
+    def settled_writer(self) -> RunWriter | None:
+        """After `close`: the writer, for the reconcile (it knows which steps each run holds: no request to
+        learn them), unless an op of it still runs."""
+        return self.live.settled()
+
     # ------------------------------------------------------------------------------ in the writer thread
 
     def _parent(self, w: RunWriter) -> str:
         if self.parent_run_id is None:
             self.experiment_id = identity.experiment_id(w.client, self.spec.experiment,
                                                         content.sweep_description(self.spec))
-            run = identity.find_parent(w.client, self.experiment_id, self.spec.name)
+            found = identity.sweep_runs(w.client, self.experiment_id, self.spec.name)  # one search for all
+            self._earlier = {tid: runs[0] for tid, runs in found.trials.items()}
+            run = found.parent
             if run is None:
                 run_id = w.create_run(self.experiment_id, self.spec.name, self._tags(
                     content.parent_tags(self.spec, self.git)))
@@ -84,15 +96,17 @@ class MlflowSweepCallback(LiveCallback):
         if trial_id not in self._runs:
             parent = self._parent(w)
             name, tags, params = self._trials[trial_id]
-            run = identity.find_trial_run(w.client, self.experiment_id, self.spec.name, trial_id)
-            if run is None:
-                run_id = w.create_run(self.experiment_id, name, tags, parent_id=parent)
+            run = self._earlier.pop(trial_id, None)
+            if run is None:  # created running, with its params: two requests
+                run_id = w.create_run(self.experiment_id, name, tags | RUNNING_TAGS, parent_id=parent)
                 w.log_params(run_id, params)
-            else:  # resumed: adopt it, reopen it, add only the params it lacks
+            else:  # an earlier session's (resumed): adopt it, reopen it, add only the params it lacks
                 run_id = run.info.run_id
+                w.set_tags(run_id, RUNNING_TAGS, run.data.tags)
                 w.set_status(run, "RUNNING")
                 w.log_params(run_id, params, run.data.params)
             self._runs[trial_id] = run_id
+            self._open.add(trial_id)
         return self._runs[trial_id]
 
     def _tags(self, tags: dict[str, str]) -> dict[str, str]:
@@ -117,9 +131,12 @@ class MlflowSweepCallback(LiveCallback):
         self.live.submit(lambda w: self._reopen(w, tid), f"run of trial {tid}")
 
     def _reopen(self, w: RunWriter, trial_id: str) -> None:
+        """The trial's run, running: made or adopted now, or reopened (a trial Tune restarts or resumes)."""
         run_id = self._run(w, trial_id)
-        w.set_tags(run_id, {"end_reason": "running"})
-        w.client.update_run(run_id, status="RUNNING")
+        if trial_id not in self._open:
+            w.set_tags(run_id, RUNNING_TAGS)
+            w.reopen(run_id)
+            self._open.add(trial_id)
 
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.on_trial_start(iteration, trials, trial)
@@ -160,10 +177,20 @@ class MlflowSweepCallback(LiveCallback):
                 "stopped_early": str(how == events.STOPPED_EARLY).lower(),
                 identity.NOTE_TAG: content.trial_description(self.spec, model, sampled, how, epochs)}
 
+        try:  # the re-runnable config, as the reconcile would upload it (then it has nothing left to do)
+            record = TrialRecord.of_trial(self.spec, tid, dict(trial.config), last)
+            config = export.config_text(self.spec.name, record, self.spec.metric.name)
+        except Exception:  # noqa: BLE001 - a config the spec cannot read: the reconcile says so
+            config = None
+
         def end(w: RunWriter) -> None:
             run_id = self._run(w, tid)
+            if config is not None:
+                w.upload_text(run_id, config, "config.yaml")
+                tags[content.CONFIG_SHA_TAG] = sha(config)
             w.set_tags(run_id, tags)
             w.end(run_id, content.run_status(how))
+            self._open.discard(tid)
 
         self.live.submit(end, f"end of trial {tid}")
 

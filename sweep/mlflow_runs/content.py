@@ -37,6 +37,12 @@ _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 SCHEDULER_WORDS = {"asha": "ASHA", "hyperband": "HyperBand", "median": "the median stopping rule",
                    "fifo": "the scheduler"}
 
+# Digests of what a run's artifacts were made from: an upload is skipped when its digest is unchanged.
+CONFIG_SHA_TAG = "fwsweep.config_sha"
+SPEC_SHA_TAG = "fwsweep.spec_sha"
+EXPORTS_SHA_TAG = "fwsweep.exports_sha"
+ERROR_SHA_TAG = "fwsweep.error_sha"
+
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}."""

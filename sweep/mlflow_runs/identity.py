@@ -93,12 +93,6 @@ def find_parent(client: MlflowClient, exp_id: str, sweep: str) -> Any | None:
     return next((r for r in runs if role(r) == PARENT_ROLE), None)
 
 
-def find_trial_run(client: MlflowClient, exp_id: str, sweep: str, trial_id: str) -> Any | None:
-    runs = search_all(client, exp_id, f"tags.{SWEEP_TAG} = '{quote(sweep)}' and "
-                                      f"tags.{TRIAL_TAG} = '{quote(trial_id)}'")
-    return next((r for r in runs if role(r) == TRIAL_ROLE), None)
-
-
 def run_url(tracking_uri: str, exp_id: str | None, run_id: str | None) -> str | None:
     """Link to a run in the MLflow UI (HTTP servers only)."""
     if not (exp_id and run_id and tracking_uri.startswith("http")):

@@ -20,14 +20,10 @@ from sweep import events, outcome
 from sweep.config import SweepSpec, dump_yaml
 from sweep.errors import UserError
 from sweep.mlflow_runs import content, identity
+from sweep.mlflow_runs.content import CONFIG_SHA_TAG, ERROR_SHA_TAG, EXPORTS_SHA_TAG, SPEC_SHA_TAG
 from sweep.mlflow_runs.writer import RunWriter, rows_of, sha
 from sweep.space import trial_config
 from sweep.store import ERROR_FILE, EXPORT_DIR, SweepStore
-
-CONFIG_SHA_TAG = "fwsweep.config_sha"
-SPEC_SHA_TAG = "fwsweep.spec_sha"
-EXPORTS_SHA_TAG = "fwsweep.exports_sha"
-ERROR_SHA_TAG = "fwsweep.error_sha"
 
 
 @dataclass

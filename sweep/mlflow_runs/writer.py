@@ -30,6 +30,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from sweep import tracking
 from sweep.mlflow_runs.content import MAX_TAG_VALUE
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,11 @@ class RunWriter:
         """End a run whose state this writer does not hold (FINISHED, FAILED, KILLED)."""
         self.requests += 1
         self.client.set_terminated(run_id, status=status)
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a run RUNNING again (a trial restarted or resumed)."""
+        self.requests += 1
+        self.client.update_run(run_id, status="RUNNING")
 
     def delete_run(self, run_id: str) -> None:
         self.requests += 1
@@ -250,6 +256,12 @@ class LiveWriter:
             self._cond.notify_all()
         return self.dropped_reports
 
+    def settled(self) -> RunWriter | None:
+        """After `close`: the RunWriter, when no op of it is still running (then another thread may use it,
+        with what it learned of the runs' steps); else None."""
+        with self._cond:
+            return self.writer if self._closed and not self._busy else None
+
     def _loop(self) -> None:
         backoff = self.retry_after_s
         while True:
@@ -269,6 +281,7 @@ class LiveWriter:
                 op.do(self.writer)
             except Exception as err:  # noqa: BLE001 - a logging failure must never reach the sweep
                 if is_transient(err):
+                    tracking.suspect(self.writer.tracking_uri)  # its watchdog (if ours) probes now
                     if self._down_since is None:
                         self._down_since = time.monotonic()
                         log.warning("MLflow at %s is not answering (%s); results wait in memory and "
@@ -295,8 +308,6 @@ class LiveWriter:
 
 def _server_ready(url: str, timeout_s: float) -> bool:
     """False while fwsweep's local server at `url` boots or is restarted (after waiting up to timeout_s)."""
-    from sweep import tracking
-
     return tracking.is_ready(url) or tracking.wait_ready(url, timeout_s)
 
 
