@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -42,10 +44,25 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BA
 Row = tuple[int, Mapping[str, float], int | None]  # (step, values, timestamp in ms or None)
 
 
+# Modules MLflow's Databricks checks try to import on every request (request headers, REPL context).
+DATABRICKS_PROBES = ("dbruntime", "IPython", "pyspark")
+
+
 def configure_http() -> None:
-    """Seconds, not minutes, of MLflow's own retries per request (a user's settings are kept)."""
+    """Seconds, not minutes, of MLflow's own retries per request (a user's settings are kept); no search of
+    sys.path per request for Databricks modules that are not installed."""
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    mark_absent(DATABRICKS_PROBES)
+
+
+def mark_absent(modules: Iterable[str]) -> None:
+    """Record the modules that are not installed as such (None in sys.modules, Python's own marker), so
+    each later `import` of them fails at once instead of searching every path entry again: a fifth of the
+    MLflow writer's CPU per request in the driver profile (docs/benchmarks.md). Installed ones are left."""
+    for name in modules:
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            sys.modules[name] = None  # type: ignore[assignment]
 
 
 def is_transient(err: BaseException) -> bool:
