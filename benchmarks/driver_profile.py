@@ -42,7 +42,12 @@ GROUPS = (  # (name, test on (thread, stack)); first match wins
 )
 
 
-THREAD_ID = re.compile(r"\s*\(?0x[0-9a-fA-F]+\)?:?\s*")
+THREAD_ID = re.compile(r"^\s*thread\s*\((?:0x)?[0-9a-fA-F]+\):?\s*|-\d+\b")  # "thread (4504): Thread-203"
+
+
+def thread_name(thread: str) -> str:
+    """A thread's name without its id or counter: the same kind of thread in every trial is one row."""
+    return THREAD_ID.sub("", thread).strip(' "') or "(unnamed)"
 
 
 def summarise(raw: Path) -> tuple[Counter, int, Counter]:
@@ -60,7 +65,7 @@ def summarise(raw: Path) -> tuple[Counter, int, Counter]:
         name = next((g for g, test in GROUPS if test(thread, frames)), "other threads")
         groups[name] += int(count)
         if name == "other threads":
-            others[THREAD_ID.sub(" ", thread).strip(' "') or "?"] += int(count)
+            others[thread_name(thread)] += int(count)
     return groups, total, others
 
 
