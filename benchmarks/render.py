@@ -137,6 +137,9 @@ def render_sweep_overhead(p: dict[str, Any]) -> str:
         ],
         ["fixed start/stop cost", f"{r['fixed_cost_s']:.1f} s"],
     ]
+    if "driver_cpu_s" in r:
+        rows.append(["the driver process's own CPU (user + system, all its threads)",
+                     f"{r['driver_cpu_s']:.1f} s ({r['driver_cpu_s_per_trial']:.2f} s per trial)"])
     return provenance(p) + "\n\n" + table(["measure", "value"], rows)
 
 
@@ -226,9 +229,10 @@ def render_driver_profile(p: dict[str, Any]) -> str:
 
     rows = [row(name, n) for name, n in r["groups"].items()]
     rows += [row(f"... other thread: {name}", n) for name, n in list(r["other_threads"].items())[:6]]
-    head = (f"{r['trials']} trials in {r['wall_s']:.0f} s; the driver process used {r['driver_cpu_s']:.0f} "
-            f"CPU-s ({r['samples']} on-CPU samples at {r['rate_hz']} Hz), {per_trial:.2f} CPU-s per trial.")
-    header = ["where the driver's CPU went", "share", "CPU-s per trial"]
+    head = (f"{r['trials']} trials in {r['wall_s']:.0f} s; py-spy saw the driver's threads active for "
+            f"{r['driver_cpu_s']:.0f} thread-s ({r['samples']} samples at {r['rate_hz']} Hz), "
+            f"{per_trial:.2f} s per trial (an upper bound on its CPU: see below).")
+    header = ["where the driver's threads were", "share of samples", "sampled s per trial"]
     return "\n\n".join([provenance(p), head, table(header, rows)])
 
 

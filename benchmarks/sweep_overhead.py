@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -79,11 +80,11 @@ def measure(trials: int, seconds: float, pairs: int, epochs: int, concurrent: in
     if warm_server:
         with tracking.tracking_server(None, keep=True):
             pass
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _process_cpu_s()
     try:
         result = run_sweep(spec)
     finally:
-        wall = time.perf_counter() - start
+        wall, driver_cpu = time.perf_counter() - start, _process_cpu_s() - cpu_start
         tracking.stop_local_server()
     records = load_trials(spec.name)
     train_s = sum(r.metrics.get("elapsed_s", 0.0) for r in records)
@@ -102,7 +103,15 @@ def measure(trials: int, seconds: float, pairs: int, epochs: int, concurrent: in
         "tune_wall_s": tune_wall, "tune_utilisation": train_s / (tune_wall * cores),
         "tune_overhead_core_s_per_trial": (tune_wall * cores - train_s) / len(records),
         "fixed_cost_s": wall - tune_wall,
+        "driver_cpu_s": driver_cpu, "driver_cpu_s_per_trial": driver_cpu / len(records),
     }
+
+
+def _process_cpu_s() -> float:
+    """CPU seconds (user + system, all threads) this process has used: the sweep driver's own share of
+    the cores, which py-spy's samples overstate (it counts threads blocked in waits)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
