@@ -58,8 +58,32 @@ def tuning_spec(spec: SweepSpec, entry: str, difficulty: Difficulty) -> SweepSpe
         data["description"] = f"{spec.description or spec.name}: {entry} = {model} with " + \
             ", ".join(f"{k}={v}" for k, v in fixed.items())
     data["task"] |= {"name": difficulty.task, "pairs": difficulty.pairs}
+    level = spec.compare.level_budgets.get(difficulty.label) if spec.compare else None
+    if level is not None and level.max_epochs is not None:
+        data["budget"]["max_epochs"] = level.max_epochs
+    if level is not None and level.steps_per_epoch is not None:
+        data["train"]["steps_per_epoch"] = level.steps_per_epoch
     data["tracking"]["experiment"] = spec.experiment
     return SweepSpec.model_validate(data)
+
+
+def retrain_epochs(spec: SweepSpec, difficulty: Difficulty) -> int:
+    """Epochs of a level's seed runs: its own budget's, else compare.retrain_epochs, else max_epochs."""
+    cmp = spec.compare
+    level = cmp.level_budgets.get(difficulty.label) if cmp else None
+    if level is not None and level.max_epochs is not None:
+        return level.max_epochs
+    return (cmp.retrain_epochs if cmp else None) or spec.max_epochs
+
+
+def level_budgets(spec: SweepSpec) -> dict[str, dict[str, int | None]]:
+    """Each level's step budget as run: tuning epochs, seed-run epochs, steps per epoch."""
+    out = {}
+    for difficulty in spec.difficulties():
+        sub = tuning_spec(spec, spec.compared_models()[0], difficulty)
+        out[difficulty.label] = {"max_epochs": sub.max_epochs, "steps_per_epoch": sub.train.steps_per_epoch,
+                                 "retrain_epochs": retrain_epochs(spec, difficulty)}
+    return out
 
 
 def seed_config(best: TrialConfig, seed: int, epochs: int) -> TrialConfig:
@@ -240,7 +264,8 @@ def provenance(manifest: Manifest) -> dict[str, Any]:
         "tuning_budget": {"trials": spec.budget.num_samples, "max_epochs": spec.max_epochs,
                           "scheduler": spec.scheduler.name, "searcher": f"{spec.searcher.name}/"
                           f"{spec.searcher.sampler} seed {spec.searcher.seed}",
-                          "retrain_epochs": cmp.retrain_epochs or spec.max_epochs},
+                          "retrain_epochs": cmp.retrain_epochs or spec.max_epochs}
+        | ({"level_budgets": level_budgets(spec)} if cmp.level_budgets else {}),
         "git_commit": manifest.git_commit or "unknown",
         "git_commits": commits,
         "reproducible_from_one_clean_commit": clean_commit(commits),
@@ -392,7 +417,6 @@ def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) 
     import ray
 
     cmp = spec.compare
-    epochs = cmp.retrain_epochs or spec.max_epochs
     done = {(r.model, r.task, r.pairs, r.seed) for r in load_seed_runs(spec.name, spec.storage)}
     jobs = []
     for difficulty in spec.difficulties():
@@ -404,7 +428,7 @@ def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) 
                 tags = {"model": model, "task": difficulty.task, "difficulty": difficulty.label,
                         "seed": str(seed), "comparison": spec.name, "sweep": spec.name}
                 workdir = paths.sweep_dir(spec.name) / "seed_runs" / f"{model}.{difficulty.label}.s{seed}"
-                config = seed_config(best, seed, epochs)
+                config = seed_config(best, seed, retrain_epochs(spec, difficulty))
                 threads = config.train.num_threads or max(1, int(spec.resources.cpu))
                 config.train.num_threads = threads
                 config.train.device = "cuda" if spec.resources.gpu > 0 else "cpu"  # Ray gives GPUs as asked

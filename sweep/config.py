@@ -305,6 +305,16 @@ class Difficulty(Strict):
 LEVEL_PATTERN = re.compile(r"^(?P<task>[a-z_]+)-K(?P<pairs>\d+)$")
 
 
+class LevelBudget(Strict):
+    """One level's own step budget in a comparison, for every entry alike (tuning trials and seed runs):
+    a harder level may need more steps before anything is learned."""
+
+    max_epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS, description="epochs of its tuning trials and "
+                                   "seed runs; default: the spec's (compare.retrain_epochs for seed runs)")
+    steps_per_epoch: int | None = Field(None, ge=1, description="optimizer steps per epoch (an evaluation "
+                                        "after each); default: the spec's train.steps_per_epoch")
+
+
 class CompareSpec(Strict):
     """`compare:` section: a fair multi-model comparison (equal tuning budget, several seeds)."""
 
@@ -318,6 +328,9 @@ class CompareSpec(Strict):
     pairs: list[int] | None = Field(None, description="difficulty levels K; default: task.pairs")
     levels: list[str] | None = Field(None, description="difficulty levels as TASK-KN (art-K8, mart-K4), when "
                                      "they are not every task x pairs; instead of tasks and pairs")
+    level_budgets: dict[str, LevelBudget] = Field(
+        {}, description="LEVEL: {max_epochs: N, steps_per_epoch: S}: a level's own step budget (LEVEL as in "
+        "levels, e.g. mart-K4), the same for every entry; other levels keep the spec's")
     seeds: int | list[int] = Field(5, description="retraining seeds of each best config: a count or a list")
     retrain_epochs: int | None = Field(None, ge=1, description="epochs of each seed run; default: max_epochs")
     thresholds: list[float] = Field([0.95, 0.99], description="val accuracies whose steps-to-reach we report")
@@ -468,12 +481,31 @@ def compare_problems(spec: SweepSpec) -> list[str]:
     problems += [p for label, v in cmp.variants.items() for p in _variant_problems(spec, label, v)]
     if cmp.levels and (cmp.tasks or cmp.pairs):
         problems.append("compare.levels: give either levels or tasks and pairs, not both; remove one")
+    problems += _level_budget_problems(spec)
     levels = [d.pairs for d in spec.difficulties()] if cmp.levels else cmp.pairs or []
     too_many = [k for k in levels if k > spec.task.num_keys]
     if too_many:
         field = "levels" if cmp.levels else "pairs"
         problems.append(f"compare.{field}: K={too_many} exceed task.num_keys={spec.task.num_keys}; "
                         "lower them")
+    return problems
+
+
+def _level_budget_problems(spec: SweepSpec) -> list[str]:
+    """A level budget names a compared level, changes something, and leaves ASHA its grace period."""
+    assert spec.compare is not None
+    labels = [d.label for d in spec.difficulties()]
+    problems = []
+    for label, budget in spec.compare.level_budgets.items():
+        where = f"compare.level_budgets.{label}"
+        if label not in labels:
+            problems.append(f"{where}: not a level of this comparison ({', '.join(labels)}); use one of them")
+        elif budget.max_epochs is None and budget.steps_per_epoch is None:
+            problems.append(f"{where}: empty; give max_epochs and/or steps_per_epoch, or remove it")
+        elif budget.max_epochs is not None and spec.scheduler.name in ("asha", "hyperband") and \
+                spec.scheduler.grace_period > budget.max_epochs:
+            problems.append(f"{where}.max_epochs: {budget.max_epochs} is below scheduler.grace_period "
+                            f"({spec.scheduler.grace_period}); raise it or lower grace_period")
     return problems
 
 

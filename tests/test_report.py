@@ -93,6 +93,11 @@ def test_report_files_exist_and_match_the_runs(runs, tmp_path):
     ({"variants": {"small": {"model": "fw_lstm", "hidden_size": 8}}}, "compare.variants.small"),  # unused
     ({"models": ["fw_lstm", "small"], "variants": {"small": {"hidden_size": 8}}},
      "compare.variants.small.model"),
+    ({"levels": ["art-K8"], "level_budgets": {"mart-K4": {"max_epochs": 40}}},
+     "compare.level_budgets.mart-K4"),
+    ({"levels": ["art-K8"], "level_budgets": {"art-K8": {}}}, "compare.level_budgets.art-K8"),
+    ({"levels": ["art-K8"], "level_budgets": {"art-K8": {"max_epochs": -1}}}, "compare.level_budgets.art-K8"),
+    ({"levels": ["art-K8"], "level_budgets": {"art-K8": {"steps": 400}}}, "compare.level_budgets.art-K8"),
 ])
 def test_bad_compare_section_is_a_user_error_naming_the_field(tmp_path, compare, field):
     from sweep.config import load_spec
@@ -190,6 +195,37 @@ def test_levels_and_variants_give_each_entry_its_own_sweep_with_the_same_budget(
         trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
         config = trial_config(sub, DefineByRun(sub)(trial) | trial.params)
         assert (config.model.name, config.model.hidden_size, config.task.name) == ("fw_lstm", width, "mart")
+
+
+def test_a_level_budget_gives_one_level_more_steps_for_every_entry_alike(tmp_path):
+    """mART needs more steps than ART before anything is learned: one comparison gives each level its own
+    budget (tuning trials and seed runs), the same for every entry; other levels keep the spec's."""
+    from sweep.compare import level_budgets, retrain_epochs, tuning_spec
+    from sweep.config import load_spec
+    from sweep.errors import UserError
+
+    data = {"name": "lb", "models": ["fw_lstm", "fw_rnn"], "train": {"steps_per_epoch": 100},
+            "budget": {"max_epochs": 18}, "scheduler": {"name": "asha", "grace_period": 2},
+            "compare": {"levels": ["art-K8", "mart-K4"], "retrain_epochs": 12,
+                        "level_budgets": {"mart-K4": {"max_epochs": 20, "steps_per_epoch": 400}}}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec = load_spec(path)
+    art, mart = spec.difficulties()
+    for entry in spec.compared_models():
+        for level, budget in ((art, (18, 100)), (mart, (20, 400))):
+            sub = tuning_spec(spec, entry, level)
+            assert (sub.max_epochs, sub.train.steps_per_epoch) == budget
+    assert (retrain_epochs(spec, art), retrain_epochs(spec, mart)) == (12, 20)
+    assert level_budgets(spec) == {
+        "art-K8": {"max_epochs": 18, "steps_per_epoch": 100, "retrain_epochs": 12},
+        "mart-K4": {"max_epochs": 20, "steps_per_epoch": 400, "retrain_epochs": 20}}
+    data["compare"]["level_budgets"] = {"mart-K4": {"max_epochs": 1}}  # below ASHA's grace period
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError) as err:
+        load_spec(path)
+    assert [p.where for p in err.value.problems] == ["compare.level_budgets.mart-K4.max_epochs"]
+    assert "grace_period" in err.value.render()
 
 
 def test_a_report_of_code_that_was_not_one_clean_commit_says_so_first(runs, tmp_path):
