@@ -164,7 +164,14 @@ def render_search_efficiency(p: dict[str, Any]) -> str:
         "total trial-epochs (median)",
         "best val acc (median)",
     ]
-    return provenance(p) + "\n\n" + table(header, rows)
+    out = provenance(p) + "\n\n" + table(header, rows)
+    eff = r.get("efficiency")
+    if eff:
+        ci = f", 95% CI {eff['ci_low']:.2f}-{eff['ci_high']:.2f}" if "ci_low" in eff else ""
+        out += (f"\n\n**tpe+asha / random+fifo, mean trial-epochs to {r['target']:.0%}: {eff['ratio']:.2f}**"
+                f"{ci} (paired by seed over {eff['seeds']} seeds, bootstrap; a search that never reached "
+                f"it counts {eff['censored_at']} epochs). Target: <= 0.33.")
+    return out
 
 
 def render_tracking(p: dict[str, Any]) -> str:

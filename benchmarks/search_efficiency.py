@@ -1,14 +1,19 @@
 """Search efficiency: trial-epochs a sweep spends before some trial reaches a target validation accuracy.
 
-Two strategies on the same space (FW-LSTM and LSTM on ART K=4, learning rate and fast-weight rates),
-the same trial budget, 3 searcher seeds each:
+Two strategies on the same space (FW-LSTM and LSTM on ART, learning rate and fast-weight rates), the same
+trial budget, `--seeds` searcher seeds each:
   - tpe+asha: Optuna TPE (4 random start-up trials) with ASHA (grace 1 epoch, reduction factor 3);
   - random+fifo: Optuna's random sampler, every trial trained to the end (no early stopping).
 Per sweep: the epochs of all trials, in the order they were reported, until the first report at or
-above the target ("epochs to target"); the total epochs spent; the best accuracy. One local Ray and one
-local MLflow server for all sweeps. Usage: .venv/bin/python benchmarks/search_efficiency.py
-[--seeds 3] [--target 0.95]. Writes benchmarks/results/search_efficiency.json; `benchmarks/render.py`
-puts the table in docs/benchmarks.md.
+above the target ("epochs to target"); the total epochs spent; the best accuracy. The figure of merit is
+the ratio of the mean epochs to target, tpe+asha over random+fifo, paired by seed, with a bootstrap 95%
+interval (scipy); a sweep that never reaches the target counts its whole budget (trials x epochs), so the
+ratio does not reward giving up early. One local Ray and one local MLflow server for all sweeps.
+
+Usage: .venv/bin/python benchmarks/search_efficiency.py [--seeds 3] [--target 0.95] [--pairs 4]
+[--epochs 6] [--steps 60] [--trials 8]; issue 14's setting: --seeds 10 --pairs 8 --target 0.99 --epochs 12
+--steps 150. Writes benchmarks/results/search_efficiency.json; `benchmarks/render.py` puts the table in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -29,16 +34,16 @@ STRATEGIES = {
 }
 
 
-def spec_for(strategy: str, seed: int, trials: int):  # noqa: ANN201
+def spec_for(strategy: str, seed: int, args: argparse.Namespace):  # noqa: ANN201
     from sweep.config import SweepSpec
 
     searcher, scheduler = STRATEGIES[strategy]
     return SweepSpec.model_validate({
         "name": f"efficiency-{strategy.replace('+', '-')}-s{seed}",
-        "task": {"name": "art", "pairs": 4, "train_size": 20000, "val_size": 1000, "test_size": 1000,
+        "task": {"name": "art", "pairs": args.pairs, "train_size": 20000, "val_size": 1000, "test_size": 1000,
                  "seed": 0},
-        "train": {"batch_size": 128, "steps_per_epoch": 60, "eval_batch_size": 1000, "keep_checkpoints": 1,
-                  "seed": 0},
+        "train": {"batch_size": 128, "steps_per_epoch": args.steps, "eval_batch_size": 1000,
+                  "keep_checkpoints": 1, "seed": 0},
         "models": ["fw_lstm", "lstm"],
         "space": {
             "common": {"lr": {"loguniform": [5e-4, 2e-2]}, "hidden_size": 50},
@@ -46,7 +51,7 @@ def spec_for(strategy: str, seed: int, trials: int):  # noqa: ANN201
         },
         "searcher": searcher | {"seed": seed},
         "scheduler": scheduler,
-        "budget": {"num_samples": trials, "max_epochs": 6, "max_concurrent": 2},
+        "budget": {"num_samples": args.trials, "max_epochs": args.epochs, "max_concurrent": 2},
         "resources": {"cpu": 1, "gpu": 0},
     })
 
@@ -61,11 +66,35 @@ def epochs_to_target(records, target: float) -> tuple[int | None, int]:  # noqa:
     return None, len(rows)
 
 
+def efficiency_ratio(strategies: dict[str, list[dict]], budget: int) -> dict[str, float]:
+    """Mean epochs to target of tpe+asha over random+fifo, paired by seed, with a bootstrap 95% interval;
+    a seed that never reached the target counts `budget` epochs (censored: a lower bound of its cost)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    cost = {name: np.array([s["epochs_to_target"] or budget for s in seeds], dtype=float)
+            for name, seeds in strategies.items()}
+    smart, plain = cost["tpe+asha"], cost["random+fifo"]
+
+    def ratio(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.mean(a, axis=axis) / np.mean(b, axis=axis)
+
+    out = {"ratio": float(ratio(smart, plain)), "censored_at": budget, "seeds": len(smart)}
+    if len(smart) >= 3:
+        ci = bootstrap((smart, plain), ratio, paired=True, vectorized=True, n_resamples=10_000,
+                       method="percentile", random_state=0).confidence_interval
+        out |= {"ci_low": float(ci.low), "ci_high": float(ci.high)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--target", type=float, default=0.95)
+    parser.add_argument("--pairs", type=int, default=4, help="ART's K")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per trial at most")
+    parser.add_argument("--steps", type=int, default=60, help="steps per epoch")
     args = parser.parse_args()
     os.environ.setdefault("FWSWEEP_HOME", tempfile.mkdtemp(prefix="fwsweep-bench-"))
 
@@ -84,13 +113,17 @@ def main() -> None:
         finally:
             ray.shutdown()
             tracking.stop_local_server()
+        strategies = {name: [{"seed": seed, "epochs_to_target": v[0], "total_epochs": v[1], "best": v[2]}
+                             for seed, v in enumerate(values)] for name, values in rows.items()}
         payload["results"] = {
-            "target": args.target, "wall_s": time.perf_counter() - start,
-            "strategies": {name: [{"seed": seed, "epochs_to_target": v[0], "total_epochs": v[1], "best": v[2]}
-                                  for seed, v in enumerate(values)] for name, values in rows.items()},
+            "target": args.target, "wall_s": time.perf_counter() - start, "pairs": args.pairs,
+            "trials": args.trials, "epochs": args.epochs, "steps_per_epoch": args.steps,
+            "strategies": strategies,
+            "efficiency": efficiency_ratio(strategies, args.trials * args.epochs),
         }
-    print(f"\n{args.seeds} seeds, {args.trials} trials of <= 6 epochs of 60 steps, "
-          f"{time.perf_counter() - start:.0f} s, load average after: {os.getloadavg()[0]:.2f}")
+    print(f"\n{args.seeds} seeds, {args.trials} trials of <= {args.epochs} epochs of {args.steps} steps, "
+          f"{time.perf_counter() - start:.0f} s, load average after: {os.getloadavg()[0]:.2f}; "
+          f"{payload['results']['efficiency']}")
 
 
 def run_all(args: argparse.Namespace, rows: dict[str, list[tuple[int | None, int, float]]]) -> None:
@@ -99,7 +132,7 @@ def run_all(args: argparse.Namespace, rows: dict[str, list[tuple[int | None, int
 
     for seed in range(args.seeds):
         for strategy in STRATEGIES:
-            spec = spec_for(strategy, seed, args.trials)
+            spec = spec_for(strategy, seed, args)
             result = run_sweep(spec)
             to_target, total = epochs_to_target(load_trials(spec.name), args.target)
             best = result.best.value("val_accuracy") if result.best else float("nan")

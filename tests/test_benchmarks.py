@@ -106,7 +106,10 @@ def test_every_kind_of_result_has_a_renderer():
     search = {
         "target": 0.95,
         "strategies": {"tpe+asha": [{"seed": 0, "epochs_to_target": 5, "total_epochs": 20, "best": 0.99}]},
+        "efficiency": {"ratio": 0.41, "ci_low": 0.2, "ci_high": 0.7, "censored_at": 48, "seeds": 10},
     }
+    profile = {"trials": 200, "wall_s": 75.0, "samples": 3400, "rate_hz": 50, "driver_cpu_s": 68.0,
+               "groups": {"Tune's event loop: the rest": 1200}, "other_threads": {"PythonGCThread": 190}}
     tracking = {
         "reports": 2,
         "fields": 18,
@@ -143,11 +146,22 @@ def test_every_kind_of_result_has_a_renderer():
     }
     for kind, results, expected in [
         ("sweep_overhead", sweep, "0.24 core-s"),
-        ("search_efficiency", search, "5"),
+        ("search_efficiency", search, "0.41**, 95% CI 0.20-0.70"),
+        ("driver_profile", profile, "other thread: PythonGCThread"),
         ("tracking", tracking, "10.0x"),
         ("gpu", gpu_results, "3.00"),
     ]:
         assert expected in render.RENDERERS[kind](base | {"kind": kind, "results": results})
+
+
+def test_search_efficiency_ratio_is_paired_by_seed_and_counts_a_miss_as_the_whole_budget():
+    from search_efficiency import efficiency_ratio
+
+    seeds = {"tpe+asha": [{"epochs_to_target": e} for e in (5, 10, None, 6)],
+             "random+fifo": [{"epochs_to_target": e} for e in (20, 30, 40, None)]}
+    eff = efficiency_ratio(seeds, budget=48)
+    assert eff["ratio"] == pytest.approx((5 + 10 + 48 + 6) / (20 + 30 + 40 + 48))
+    assert eff["ci_low"] <= eff["ratio"] <= eff["ci_high"] and eff["seeds"] == 4
 
 
 def test_committed_docs_match_the_committed_results():
