@@ -286,3 +286,48 @@ def test_config_artifact_is_the_export_byte_for_byte(synced_sweep: dict[str, Any
     artifact = client.download_artifacts(best_run.info.run_id, "config.yaml", str(tmp_path))
     exported = synced_sweep["home"] / "sweeps" / spec.name / "exports" / "best.yaml"
     assert Path(artifact).read_bytes() == exported.read_bytes()
+
+
+def test_a_row_with_metrics_of_its_own_does_not_hide_earlier_steps(mlflow_server: str) -> None:
+    """A resumed trial's first row can be its last (with test metrics no earlier row has). Learning the
+    run's steps from that row's rarest metric must not make a later write of the whole history re-log the
+    earlier rows: every step stays in MLflow once."""
+    client = MlflowClient(mlflow_server)
+    exp = client.create_experiment(f"rows-{uuid.uuid4().hex[:6]}")
+    earlier = RunWriter(mlflow_server)  # the session that was killed
+    run_id = earlier.create_run(exp, "trial", {})
+    epoch = [(1, {"val_accuracy": 0.5, "train_loss": 1.0}, None),
+             (2, {"val_accuracy": 0.6, "train_loss": 0.8}, None)]
+    assert earlier.log_rows(run_id, epoch) == 2
+    last = (3, {"val_accuracy": 0.7, "train_loss": 0.6, "test_loss": 0.9, "test_accuracy": 0.7}, None)
+    resumed = RunWriter(mlflow_server)  # adopts the run
+    assert resumed.log_rows(run_id, [last]) == 1
+    assert resumed.log_rows(run_id, [last]) == 0  # the same report again: once
+    assert resumed.log_rows(run_id, [*epoch, last]) == 0  # the reconcile's full history: nothing new
+    for key, steps in (("val_accuracy", [1, 2, 3]), ("train_loss", [1, 2, 3]), ("test_loss", [3])):
+        assert _steps(client, run_id, key) == steps, key
+
+
+def test_a_batch_cut_off_after_it_landed_is_not_logged_twice(mlflow_server: str) -> None:
+    """At-least-once delivery made idempotent: a log_batch that reached the server but whose answer was
+    lost (the server died mid-request) is retried; the retry asks the server what it holds first."""
+    client = MlflowClient(mlflow_server)
+    exp = client.create_experiment(f"cut-{uuid.uuid4().hex[:6]}")
+
+    class AnswerLost(MlflowClient):
+        lose = True
+
+        def log_batch(self, run_id: str, metrics=(), params=(), tags=(), **kwargs: Any):  # noqa: ANN201
+            out = super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+            if metrics and self.lose:
+                self.lose = False
+                raise ConnectionError("connection reset by peer")  # after the server stored it
+            return out
+
+    w = RunWriter(mlflow_server, AnswerLost(mlflow_server))
+    run_id = w.create_run(exp, "trial", {})
+    row = (1, {"val_accuracy": 0.5}, None)
+    with pytest.raises(ConnectionError):
+        w.log_rows(run_id, [row])
+    assert w.log_rows(run_id, [row]) == 0  # the retry finds it there
+    assert _steps(client, run_id, "val_accuracy") == [1]

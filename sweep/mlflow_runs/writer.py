@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +91,8 @@ class RunWriter:
         configure_http()
         self.tracking_uri = tracking_uri
         self.client = client or MlflowClient(tracking_uri=tracking_uri)
-        self._steps: dict[str, set[int]] = {}  # run id -> steps it holds (known, or learned once)
+        self._created: dict[str, set[int]] = {}  # run made by this writer -> every step it logged there
+        self._learned: dict[tuple[str, str], set[int]] = {}  # (other run, metric) -> steps of its history
         self.requests = 0
 
     # ---- runs
@@ -100,7 +101,7 @@ class RunWriter:
         tags = dict(tags) | ({"mlflow.parentRunId": parent_id} if parent_id else {})
         self.requests += 1
         run_id = self.client.create_run(exp_id, tags=tags, run_name=name).info.run_id
-        self._steps[run_id] = set()
+        self._created[run_id] = set()
         return run_id
 
     def set_status(self, run: Any, status: str) -> None:
@@ -154,32 +155,55 @@ class RunWriter:
 
     # ---- metrics
     def logged_steps(self, run_id: str, probe_key: str) -> set[int]:
-        """The steps the run holds. Each row is logged in one batch (all its metrics or none), so one
-        metric's history tells them all; learned once per run, then kept up to date here."""
-        if run_id not in self._steps:
+        """The steps at which the run holds the rows that have `probe_key`. Each row is logged in one batch
+        (all its metrics or none), so that metric's history tells whether each of them is there; it says
+        nothing of rows without the metric (a final row's test metrics are in no earlier row), hence one
+        learned history per (run, metric). A run this writer made holds exactly what it logged."""
+        if run_id in self._created:
+            return self._created[run_id]
+        if (run_id, probe_key) not in self._learned:
             self.requests += 1
-            self._steps[run_id] = {m.step for m in self.client.get_metric_history(run_id, probe_key)}
-        return self._steps[run_id]
+            history = self.client.get_metric_history(run_id, probe_key)
+            self._learned[(run_id, probe_key)] = {m.step for m in history}
+        return self._learned[(run_id, probe_key)]
+
+    def _logged(self, run_id: str, rows: Iterable[Row]) -> None:
+        """Keep what this writer knows of the run's steps in step with the rows it just logged."""
+        for step, values, _ in rows:
+            if run_id in self._created:
+                self._created[run_id].add(step)
+            for key in values:
+                if (run_id, key) in self._learned:
+                    self._learned[(run_id, key)].add(step)
 
     def log_rows(self, run_id: str, rows: Sequence[Row]) -> int:
         """Log the rows whose step the run does not hold yet, in step order; returns how many rows."""
         rows = [r for r in rows if r[1]]
         if not rows:
             return 0
-        probe = max({k for r in rows for k in r[1]}, key=lambda k: sum(k in r[1] for r in rows))
-        have = self.logged_steps(run_id, probe)
+        counts = Counter(k for r in rows for k in r[1])
         todo: dict[int, Row] = {}
-        for row in rows:
-            if row[0] not in have and row[0] not in todo:
+        for row in rows:  # each row judged by a metric it has: the most common one (one history per run)
+            probe = max(row[1], key=lambda k: (counts[k], k))
+            if row[0] not in self.logged_steps(run_id, probe) and row[0] not in todo:
                 todo[row[0]] = row
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, ts or now, step) for step, values, ts in (todo[s] for s in sorted(todo))
                    for k, v in values.items()]
-        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            self.requests += 1
-            self.client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
-        have.update(todo)
+        try:
+            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                self.requests += 1
+                self.client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+        except Exception:
+            self._forget(run_id)  # a request cut off by an outage may have landed: ask the server next time
+            raise
+        self._logged(run_id, todo.values())
         return len(todo)
+
+    def _forget(self, run_id: str) -> None:
+        self._created.pop(run_id, None)
+        for key in [k for k in self._learned if k[0] == run_id]:
+            del self._learned[key]
 
     # ---- artifacts
     def upload_text(self, run_id: str, text: str, artifact_file: str) -> None:
