@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep import paths
-from sweep.config import Difficulty, SweepSpec, TrialConfig, dump_yaml
+from sweep.config import Difficulty, LevelBudget, SweepSpec, TrialConfig, dump_yaml
 from sweep.errors import Problem, TrialDiverged, UserError
 from sweep.events import Listener
 from sweep.mlflow_runs import content, identity
@@ -58,22 +58,24 @@ def tuning_spec(spec: SweepSpec, entry: str, difficulty: Difficulty) -> SweepSpe
         data["description"] = f"{spec.description or spec.name}: {entry} = {model} with " + \
             ", ".join(f"{k}={v}" for k, v in fixed.items())
     data["task"] |= {"name": difficulty.task, "pairs": difficulty.pairs}
-    level = spec.compare.level_budgets.get(difficulty.label) if spec.compare else None
-    if level is not None and level.max_epochs is not None:
+    level = _level_budget(spec, difficulty)
+    if level.max_epochs is not None:
         data["budget"]["max_epochs"] = level.max_epochs
-    if level is not None and level.steps_per_epoch is not None:
+    if level.steps_per_epoch is not None:
         data["train"]["steps_per_epoch"] = level.steps_per_epoch
     data["tracking"]["experiment"] = spec.experiment
     return SweepSpec.model_validate(data)
 
 
+def _level_budget(spec: SweepSpec, difficulty: Difficulty) -> LevelBudget:
+    """The level's own budget (compare.level_budgets), or an empty one: the spec's budget applies."""
+    return (spec.compare.level_budgets.get(difficulty.label) if spec.compare else None) or LevelBudget()
+
+
 def retrain_epochs(spec: SweepSpec, difficulty: Difficulty) -> int:
     """Epochs of a level's seed runs: its own budget's, else compare.retrain_epochs, else max_epochs."""
-    cmp = spec.compare
-    level = cmp.level_budgets.get(difficulty.label) if cmp else None
-    if level is not None and level.max_epochs is not None:
-        return level.max_epochs
-    return (cmp.retrain_epochs if cmp else None) or spec.max_epochs
+    return _level_budget(spec, difficulty).max_epochs or \
+        (spec.compare.retrain_epochs if spec.compare else None) or spec.max_epochs
 
 
 def level_budgets(spec: SweepSpec) -> dict[str, dict[str, int | None]]:

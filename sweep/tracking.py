@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 3.0  # one /health probe of a given server
 START_TIMEOUT_S = 180.0  # a fresh local server is healthy in 4-10 s when idle; 35-70 s measured at load 15
-WATCH_EVERY_S = 2.0  # the watchdog checks that the server's process lives this often (one cheap syscall)
+WATCH_EVERY_S = 2.0  # the watchdog checks that the server's process lives this often (no request)
 PROBE_EVERY_S = 15.0  # ...and asks a live one for /health this often (sooner when a writer saw it fail)
 HUNG_AFTER_S = 60.0  # a live server process that has not answered /health this long is replaced
 STATE_FILE = "server.json"  # the running server: {url, pid, started_at}
@@ -271,7 +271,7 @@ class Watchdog:
     """Keeps the local server at `url` up while a command uses it, and says when it answers.
 
     While the server answers, the watchdog sleeps: every WATCH_EVERY_S it checks that the server's process
-    lives (a signal-0 syscall, not a request, since a sweep's driver shares the cores with its trials),
+    lives (a look at /proc, not a request, since a sweep's driver shares the cores with its trials),
     and every PROBE_EVERY_S, or at once when a writer's request failed (`suspect`), it asks `/health`.
     While the server does not answer, `is_ready(url)` is False (writers buffer) and it probes every 0.25 s.
     A dead server is relaunched on the same port over the same store; a live one that has not answered
@@ -303,7 +303,7 @@ class Watchdog:
         next_probe = 0.0
         while not self._stop.is_set():
             if ready.is_set() and not suspect.is_set() and time.monotonic() < next_probe and self._alive():
-                self._wait(suspect, WATCH_EVERY_S)
+                suspect.wait(WATCH_EVERY_S)  # woken early by a writer's failed request, or by stop()
                 continue
             suspect.clear()
             if is_healthy(self.url, timeout=HEALTH_TIMEOUT_S):
@@ -311,7 +311,7 @@ class Watchdog:
                 self._last_healthy, self._failed_launches = time.time(), 0
                 self._pid = (read_state(self.folder) or {}).get("pid")
                 next_probe = time.monotonic() + PROBE_EVERY_S
-                self._wait(suspect, WATCH_EVERY_S)
+                suspect.wait(WATCH_EVERY_S)
                 continue
             ready.clear()
             if time.monotonic() >= self._next_try:
@@ -320,11 +320,6 @@ class Watchdog:
                 except Exception as err:  # noqa: BLE001 - retried after a back-off
                     log.warning("could not restart the local MLflow server: %s", err)
             self._stop.wait(0.25)
-
-    @staticmethod
-    def _wait(suspect: threading.Event, seconds: float) -> None:
-        """Sleep `seconds`, or less when a writer reports a failed request (or the command stops)."""
-        suspect.wait(seconds)
 
     def _alive(self) -> bool:
         """The server's process still exists (False when its pid is unknown: then probe)."""

@@ -177,15 +177,12 @@ class MlflowSweepCallback(LiveCallback):
                 "stopped_early": str(how == events.STOPPED_EARLY).lower(),
                 identity.NOTE_TAG: content.trial_description(self.spec, model, sampled, how, epochs)}
 
-        try:  # the re-runnable config, as the reconcile would upload it (then it has nothing left to do)
-            record = TrialRecord.of_trial(self.spec, tid, dict(trial.config), last)
-            config = export.config_text(self.spec.name, record, self.spec.metric.name)
-        except Exception:  # noqa: BLE001 - a config the spec cannot read: the reconcile says so
-            config = None
+        params = dict(trial.config)
 
         def end(w: RunWriter) -> None:
             run_id = self._run(w, tid)
-            if config is not None:
+            config = self._config_text(tid, params, last)
+            if config is not None:  # as the reconcile would upload it: then it has nothing left to do
                 w.upload_text(run_id, config, "config.yaml")
                 tags[content.CONFIG_SHA_TAG] = sha(config)
             w.set_tags(run_id, tags)
@@ -193,6 +190,15 @@ class MlflowSweepCallback(LiveCallback):
             self._open.discard(tid)
 
         self.live.submit(end, f"end of trial {tid}")
+
+    def _config_text(self, trial_id: str, params: dict[str, Any], last: dict[str, Any]) -> str | None:
+        """The trial's re-runnable config.yaml, as `sweep export` writes it (writer thread: off Tune's loop);
+        None for a config the spec cannot read (the reconcile reports it)."""
+        try:
+            record = TrialRecord.of_trial(self.spec, trial_id, params, last)
+            return export.config_text(self.spec.name, record, self.spec.metric.name)
+        except Exception:  # noqa: BLE001 - a logging failure must never reach the sweep
+            return None
 
     def _new_error_text(self, trial_id: str, wait_s: float = 15.0) -> str | None:
         """The trial's latest failure text from the sweep's storage (writer thread). Tune writes it next to
