@@ -1,6 +1,6 @@
 """Hyperparameters of each model, as pydantic models (torch-free, so configs validate fast).
 
-Defaults follow ../shared/spec/paper.md: embedding 100, a 100-unit ReLU head, S=1, eta=0.5, lambda=0.9.
+Defaults follow docs/paper.md: embedding 100, a 100-unit ReLU head, S=1, eta=0.5, lambda=0.9.
 """
 
 from __future__ import annotations
