@@ -84,6 +84,7 @@ class ModelRow:
     error_ci: float
     error_std: float
     reach: list[Reach] = field(default_factory=list)
+    steps: int | None = None  # what the seed runs trained: the level's step budget
     best: bool = False
     p_value: float = math.nan
     p_holm: float = math.nan
@@ -101,6 +102,17 @@ def steps_to_reach(runs: Sequence[SeedRun], threshold: float) -> Reach:
 
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
+
+
+def trained_steps(runs: Sequence[SeedRun]) -> int | None:
+    """The optimizer steps a level's seed runs trained (the longest run's last evaluation): a comparison
+    may give its levels different budgets, and a reader must see which numbers came from which."""
+    steps = [row["step"] for r in runs for row in r.history if row.get("step") is not None]
+    return int(max(steps)) if steps else None
+
+
+def level_title(task: str, pairs: int, steps: int | None) -> str:
+    return f"{task.upper()}, K = {pairs}" + (f", {steps:,} steps" if steps else "")
 
 
 def by_level(runs: Sequence[SeedRun]) -> dict[tuple[str, int], dict[str, list[SeedRun]]]:
@@ -123,6 +135,7 @@ def summarize(runs: Sequence[SeedRun], thresholds: Sequence[float] = (0.95, 0.99
             params = next((r.num_params for r in model_runs if r.num_params is not None), None)
             table.append(ModelRow(task, pairs, model, params, ci.n, ci.mean, ci.half_width, ci.std,
                                   [steps_to_reach(model_runs, t) for t in thresholds],
+                                  steps=trained_steps([r for rs in by_model.values() for r in rs]),
                                   failed=len(model_runs) - ci.n))
         scored = [row for row in table if not math.isnan(row.error_mean)]
         if scored:
@@ -215,7 +228,7 @@ def markdown_tables(rows: Sequence[ModelRow], test: str, alpha: float) -> str:
         head = ["model", "params", "test error % (mean ± 95% CI)", "seeds"]
         head += [f"steps to {t}" for t in thresholds] + [f"time to {t}" for t in thresholds]
         head += ["p vs best", "p (Holm)", f"significant (α={alpha})"]
-        out += [f"### {task.upper()}, K = {pairs}", "", "| " + " | ".join(head) + " |",
+        out += [f"### {level_title(task, pairs, table[0].steps)}", "", "| " + " | ".join(head) + " |",
                 "|" + "---|" * len(head)]
         for r in table:
             sig = "best" if r.best else {True: "yes", False: "no", None: "–"}[r.significant]
@@ -285,9 +298,9 @@ def plot_learning_curves(runs: Sequence[SeedRun], task: str, pairs: int, path: P
     """Validation accuracy against optimizer steps: the mean over seeds with a 95% t-band, per model."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    models = sorted({r.model for r in runs if (r.task, r.pairs) == (task, pairs)})
-    for model in models:
-        seeds = [r for r in runs if (r.task, r.pairs, r.model) == (task, pairs, model)]
+    level = [r for r in runs if (r.task, r.pairs) == (task, pairs)]
+    for model in sorted({r.model for r in level}):
+        seeds = [r for r in level if r.model == model]
         curves = [[(row["step"], row.get("val_accuracy")) for row in r.history if "step" in row]
                   for r in seeds]
         steps, mean, half = mean_band(curves)
@@ -298,8 +311,8 @@ def plot_learning_curves(runs: Sequence[SeedRun], task: str, pairs: int, path: P
         ax.fill_between(steps, low, high, alpha=0.2, color=line.get_color())
     for t in thresholds:
         ax.axhline(t, color="grey", linestyle=":", linewidth=0.8)
-    ax.set(xlabel="optimizer steps", ylabel="validation accuracy", title=f"{task.upper()}, K = {pairs}",
-           ylim=(0, 1.02))
+    ax.set(xlabel="optimizer steps", ylabel="validation accuracy",
+           title=level_title(task, pairs, trained_steps(level)), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -322,7 +335,9 @@ def plot_difficulty(rows: Sequence[ModelRow], path: Path) -> None:
             ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in es], marker="o", capsize=3,
                         label=model)
         ax.set(xlabel="key-value pairs K", ylabel="test error % (mean ± 95% CI)", title=task.upper())
-        ax.set_xticks(sorted({r.pairs for r in rows if r.task == task}))
+        levels = sorted({(r.pairs, r.steps) for r in rows if r.task == task})
+        # each level's step budget under its K: levels trained for different budgets are not one curve
+        ax.set_xticks([k for k, _ in levels], [f"{k}\n{s:,} steps" if s else str(k) for k, s in levels])
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -65,6 +65,8 @@ def test_report_files_exist_and_match_the_runs(runs, tmp_path):
     assert len(seeds) == len(runs)
     md = (tmp_path / "report.md").read_text()
     assert "### ART, K = 8" in md and "1.00 ± 0.20" in md and "not reached (0/5)" in md
+    # each level's heading names the steps its runs trained (the longest run): budgets may differ by level
+    assert "### ART, K = 8, 500 steps" in md and "### ART, K = 12, 1,000 steps" in md
     assert "git commit**: abc" in md
 
 
