@@ -775,6 +775,15 @@ def load_spec(path: str | Path) -> SweepSpec:
     return validate_as(SweepSpec, read_yaml(path), str(path))
 
 
+def load_compare_spec(path: str | Path) -> tuple[SweepSpec, dict[str, Any] | None]:
+    """A comparison's spec from a spec file or from a report's reproduce.yaml (the spec it ran is under
+    `spec:`), so a published result re-runs from the file beside it; with the report's provenance."""
+    data = read_yaml(path)
+    if "comparison" in data and isinstance(data.get("spec"), dict):
+        return validate_as(SweepSpec, data["spec"], f"{path}, under spec"), data
+    return validate_as(SweepSpec, data, str(path)), None
+
+
 def load_saved_spec(text: str, where: str, remove: str) -> SweepSpec:
     """The spec a sweep saved beside its state (`text`, read from `where`). Damage there is corrupt state,
     not a typo: the error names the file and how to recover (`remove`: how to delete the sweep)."""

@@ -244,6 +244,10 @@ CASES = [
     Case("sync-corrupt-spec", ["sync", "faults-tiny"], ["sweep_spec.yaml", "damaged", "rm -r"],
          {f"{SWEEPS}/faults-tiny/sweep_spec.yaml": CORRUPT_SPEC}),
     Case("compare-spec-missing", ["compare", "nope.yaml"], ["nope.yaml", "not found"]),
+    Case("compare-reproduce-bad-spec", ["compare", "reproduce.yaml"],
+         ["reproduce.yaml", "under spec", "compare.seeds", "at least 2"],
+         {"reproduce.yaml": "comparison: x\ngit_commit: abc\nspec: {name: x, models: [lstm], "
+                            "compare: {seeds: 1}}\n"}),
     # ---- environment and servers that are not there
     Case("run-no-ray-cluster", ["run", S, "--address", "127.0.0.1:{port}"],
          ["--address", "no Ray cluster answers"],

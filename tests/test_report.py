@@ -70,6 +70,30 @@ def test_report_files_exist_and_match_the_runs(runs, tmp_path):
     assert "git commit**: abc" in md
 
 
+def test_a_reports_reproduce_yaml_is_what_sweep_compare_reruns(runs, tmp_path):
+    """docs/results/reproduce.yaml re-runs the published comparison: `sweep compare` reads its spec."""
+    from sweep.config import load_compare_spec, load_spec
+
+    spec = load_spec("search_spaces/results_cpu.yaml")
+    write_report(runs, tmp_path, {"comparison": spec.name, "git_commit": "abc",
+                                  "spec": spec.model_dump(mode="json")})
+    loaded, recorded = load_compare_spec(tmp_path / "reproduce.yaml")
+    assert loaded == spec and recorded["git_commit"] == "abc"
+    assert load_compare_spec("search_spaces/results_cpu.yaml") == (spec, None)  # a plain spec file
+
+    from sweep.cli.output import console
+    from sweep.cli.report_cmds import _same_code_note
+    from sweep.compare import git_commit
+
+    with console.capture() as other:
+        _same_code_note(recorded)  # made by another commit: the user learns which one to check out
+    here = git_commit() or "unknown"
+    with console.capture() as same:
+        _same_code_note({"git_commit": here.removesuffix("+dirty")})
+    assert "made by commit abc" in other.get() and "git worktree add" in other.get()
+    assert (same.get() == "") == (not here.endswith("+dirty"))  # local edits are not the same code
+
+
 @pytest.mark.parametrize("compare, field", [
     ({"tasks": ["art", "nope"]}, "compare.tasks"),
     ({"seeds": 1}, "compare.seeds"),

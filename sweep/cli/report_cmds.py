@@ -56,15 +56,29 @@ def compare(
 ) -> None:
     """Tune each model at each difficulty with the same budget, retrain the best over seeds, report."""
     from sweep.compare import run_comparison
-    from sweep.config import load_spec
+    from sweep.config import load_compare_spec
 
-    loaded = load_spec(spec)
+    loaded, recorded = load_compare_spec(spec)
+    if recorded:
+        _same_code_note(recorded)
     if storage:
         loaded = loaded.model_copy(update={"storage": storage})
     with SweepView(console) as view:  # each tuning sweep live, as `sweep run` shows one
         files = run_comparison(loaded, address=address, tracking_uri=tracking_uri, log=console.print,
                                on_event=view)
     _show(files)
+
+
+def _same_code_note(recorded: dict) -> None:
+    """A reproduce.yaml re-runs the spec exactly; the numbers are the same only with the same code."""
+    from sweep.compare import git_commit
+
+    made_by = str(recorded.get("git_commit") or "unknown").removesuffix("+dirty")
+    here = git_commit() or "unknown"
+    if here != made_by:
+        console.print(f"note: this reproduce.yaml was made by commit {made_by}; this checkout is {here}. "
+                      f"For the same numbers, run it from a clean checkout of {made_by} "
+                      "(git worktree add DIR COMMIT).")
 
 
 @app.command()
