@@ -183,7 +183,12 @@ def port_clash(log: str) -> bool:
 @contextlib.contextmanager
 def two_node_cluster(prefix: str, node_env: dict[str, str] | None = None) -> Iterator[LoopbackCluster]:
     """A head and one worker node, one CPU each, told apart by a custom resource (head_node, worker_node);
-    `node_env` goes into both nodes' environment, as a cluster file sets it on every node."""
+    `node_env` goes into both nodes' environment, as a cluster file sets it on every node.
+
+    Every trial report waits 3 s more (FWSWEEP_FAULT=slow=3, in the nodes' trial processes): the tests prove
+    both nodes were used by two trials at once on one CPU each, and a sub-second trial can end before a
+    loaded machine has placed the second, which then also runs on the first node."""
+    node_env = {"FWSWEEP_FAULT": "slow=3", **(node_env or {})}
     temp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: Ray's socket paths have a limit
     cluster = LoopbackCluster(temp_dir)
     try:
