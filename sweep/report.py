@@ -130,12 +130,13 @@ def summarize(runs: Sequence[SeedRun], thresholds: Sequence[float] = (0.95, 0.99
     rows: list[ModelRow] = []
     for (task, pairs), by_model in by_level(runs).items():
         table = []
+        steps = trained_steps([r for rs in by_model.values() for r in rs])  # the level's, once
         for model, model_runs in by_model.items():
             ci = mean_ci([r.test_error_pct for r in model_runs])
             params = next((r.num_params for r in model_runs if r.num_params is not None), None)
             table.append(ModelRow(task, pairs, model, params, ci.n, ci.mean, ci.half_width, ci.std,
                                   [steps_to_reach(model_runs, t) for t in thresholds],
-                                  steps=trained_steps([r for rs in by_model.values() for r in rs]),
+                                  steps=steps,
                                   failed=len(model_runs) - ci.n))
         scored = [row for row in table if not math.isnan(row.error_mean)]
         if scored:
