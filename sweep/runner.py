@@ -71,21 +71,25 @@ class TrackingBehind:
 class TuneReporter:
     """The Reporter protocol on top of Tune's session: one tune.report per epoch, checkpoints persisted."""
 
-    def __init__(self) -> None:
-        self.restored_epoch = 0  # the epochs Tune already holds results for (a restored trial)
+    def __init__(self, recorded_epochs: int = 0) -> None:
+        self.restored_epoch = 0  # the epochs the checkpoint Tune restored this trial from holds
+        self.recorded_epochs = recorded_epochs  # the epochs the sweep's records already hold (a resume)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         import ray
         from ray import tune
 
-        if int(metrics.get("epoch") or 0) <= self.restored_epoch:
-            return  # a finished trial restored by `sweep resume` repeats its last epoch: Tune has it already
+        epoch = int(metrics.get("epoch") or 0)
+        if epoch <= max(self.restored_epoch, self.recorded_epochs):
+            return  # an epoch `sweep resume` repeats (from an older checkpoint): Tune has its result already
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         # Where the epoch ran: the Ray node (Tune's hostname/node_ip coincide for nodes on one host) and the
         # GPU ids Ray assigned this trial ("" without a GPU).
         node = {"node_id": ray.get_runtime_context().get_node_id(),
                 "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids())}
-        tune.report(dict(metrics) | node, checkpoint=checkpoint)
+        # Tune counts iterations by reports; a restored trial that skipped repeated epochs would drift, so
+        # the scheduler's time (training_iteration) is the epoch itself.
+        tune.report(dict(metrics) | node | {"training_iteration": epoch}, checkpoint=checkpoint)
 
     def restore_dir(self) -> Path | None:
         from ray import tune
@@ -101,14 +105,25 @@ class TuneReporter:
         return path
 
 
-def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None) -> None:
-    """The Tune trainable: the sampled config -> TrialConfig -> sweep.train.run_trial on this worker."""
+def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None,
+               recorded: dict[str, list[Any]] | None = None) -> None:
+    """The Tune trainable: the sampled config -> TrialConfig -> sweep.train.run_trial on this worker.
+
+    `recorded` (a resume): trial id -> [epochs its result.json holds, whether its last result ended it].
+    Tune snapshots its state apart from the results it logs, so a driver stopped between the two can hand
+    back a trial whose last results (even its final one) are logged but whose state is older. Such a
+    trial is not trained again past what is recorded: an ended one returns at once, Tune closing it with
+    its last result; another re-trains from its checkpoint without reporting the epochs recorded."""
     import ray
     import torch
+    from ray import tune
 
     from sweep import testing_faults
     from sweep.train import run_trial
 
+    epochs_recorded, ended = (recorded or {}).get(tune.get_context().get_trial_id(), [0, False])
+    if ended:
+        return
     sweep_spec = SweepSpec.model_validate(spec)
     trial = trial_config(sweep_spec, config)
     threads = trial_threads(sweep_spec, trial)
@@ -118,7 +133,8 @@ def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None) -> No
                                                                                "num_threads": threads})})
     workdir = Path(tempfile.mkdtemp(prefix="fwsweep-trial-"))
     try:
-        run_trial(trial, testing_faults.wrap(TuneReporter()), workdir)  # no-op unless FWSWEEP_FAULT
+        reporter = testing_faults.wrap(TuneReporter(epochs_recorded))  # wraps only if FWSWEEP_FAULT is set
+        run_trial(trial, reporter, workdir)
     except TrialDiverged:
         pass  # reported with `diverged: 1`; ending normally keeps Tune from retrying a hopeless trial
     finally:
@@ -278,11 +294,24 @@ def json_logger_only(store: SweepStore, fresh: bool) -> Any:
         os.environ.pop(AUTO_LOGGERS_ENV, None)
 
 
-def _trainable(spec: SweepSpec) -> Any:
+def _trainable(spec: SweepSpec, recorded: dict[str, list[Any]] | None = None) -> Any:
     from ray import tune
 
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    return tune.with_resources(tune.with_parameters(tune_trial, spec=spec.model_dump(mode="json")), resources)
+    trainable = tune.with_parameters(tune_trial, spec=spec.model_dump(mode="json"), recorded=recorded or {})
+    return tune.with_resources(trainable, resources)
+
+
+def recorded_progress(store: SweepStore, spec: SweepSpec) -> dict[str, list[Any]]:
+    """Each unfinished trial's recorded epochs and whether its last result ended it (see tune_trial): Tune
+    said done (its scheduler stopped it), or the trial's final report (test metrics, or diverged) is in."""
+    out: dict[str, list[Any]] = {}
+    for r in store.load_trials(spec):
+        if r.status != "TERMINATED" and r.history:
+            last = r.history[-1]
+            ended = bool(last.get("done")) or "test_accuracy" in last or bool(last.get("diverged"))
+            out[r.trial_id] = [int(last.get("epoch") or 0), ended]
+    return out
 
 
 def _callbacks(spec: SweepSpec, tracker: Any, store: SweepStore, on_event: Listener | None = None
@@ -291,8 +320,9 @@ def _callbacks(spec: SweepSpec, tracker: Any, store: SweepStore, on_event: Liste
     runner) and, for a local folder, the storage watch. The first two pickle as references to this
     session's objects (sweep.live_callbacks), so a restored Tuner gets them without private Tune APIs."""
     from sweep.storage_watch import StorageWatch
+    from sweep.testing_faults import driver_callbacks
 
-    out: list[Any] = []
+    out: list[Any] = driver_callbacks()  # none unless FWSWEEP_FAULT asks
     if on_event is not None:
         from sweep.tune_events import SweepEvents
 
@@ -352,7 +382,8 @@ def restore_tuner(spec: SweepSpec, store: SweepStore | None = None) -> Any:
     from ray import tune
 
     store = store or open_storage(spec.storage).sweep(spec.name)
-    return tune.Tuner.restore(store.path, trainable=_trainable(spec), resume_unfinished=True,
+    trainable = _trainable(spec, recorded_progress(store, spec))
+    return tune.Tuner.restore(store.path, trainable=trainable, resume_unfinished=True,
                               resume_errored=True, storage_filesystem=_tune_filesystem(store))
 
 

@@ -11,6 +11,9 @@ FWSWEEP_FAULT holds directives separated by ';', each `KIND[@EPOCH][xTIMES][=VAL
                TrialDiverged, as `run_trial` does when the loss becomes NaN/inf
 - `crash@2`    the worker process dies at epoch 2 (os._exit, like an OOM kill or a segfault)
 - `slow=1.5`   every report waits 1.5 s more (keeps a sweep running long enough to interrupt it)
+- `interrupt@3` the driver sends itself SIGINT (as Ctrl-C) the moment Tune has logged a trial's epoch-3
+               result, before Tune's state records that result's checkpoint or the trial's end: the
+               narrowest window an interrupt can hit (see `DriverFaults`)
 
 `xTIMES` fires the fault at most TIMES times across the whole sweep (all workers on this machine count
 together through marker files in FWSWEEP_FAULT_STATE, a folder), so `raise@2x1` fails exactly one trial
@@ -22,10 +25,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ray.tune import Callback
 
 from sweep.errors import TrialDiverged
 from sweep.reporter import Reporter
@@ -33,7 +39,7 @@ from sweep.reporter import Reporter
 ENV = "FWSWEEP_FAULT"
 STATE_ENV = "FWSWEEP_FAULT_STATE"
 
-_DIRECTIVE = re.compile(r"^(raise|nan|crash|slow)(?:@(\d+))?(?:x(\d+))?(?:=([0-9.]+))?$")
+_DIRECTIVE = re.compile(r"^(raise|nan|crash|slow|interrupt)(?:@(\d+))?(?:x(\d+))?(?:=([0-9.]+))?$")
 
 
 class InjectedFault(RuntimeError):
@@ -90,6 +96,8 @@ class FaultyReporter:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         epoch = metrics.get("epoch")
         for fault in self.faults:
+            if fault.kind == "interrupt":
+                continue  # the driver's (DriverFaults)
             if fault.kind == "slow":
                 time.sleep(fault.value)
                 continue
@@ -111,3 +119,20 @@ def wrap(reporter: Reporter) -> Reporter:
     """The reporter itself unless FWSWEEP_FAULT asks for faults."""
     text = os.environ.get(ENV, "")
     return FaultyReporter(reporter, parse(text)) if text.strip() else reporter
+
+
+class DriverFaults(Callback):
+    """The driver's directives (`interrupt`), read from this process's FWSWEEP_FAULT when a result comes
+    in, so a later session (a resume, which unpickles this callback) without the variable is unaffected."""
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                        **info: Any) -> None:
+        for fault in parse(os.environ.get(ENV, "")):
+            if fault.kind == "interrupt" and fault.epoch in (None, result.get("epoch")) and _claim(fault):
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+def driver_callbacks() -> list[Callback]:
+    """[DriverFaults()] when FWSWEEP_FAULT asks for a driver fault, else nothing."""
+    wanted = any(f.kind == "interrupt" for f in parse(os.environ.get(ENV, "")))
+    return [DriverFaults()] if wanted else []

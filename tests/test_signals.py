@@ -69,3 +69,35 @@ def test_signal_stops_saves_and_resumes(sig: int, code: int, mlflow_server: str,
     assert all(r.info.status == "FINISHED" for r in parents + children)
     for r in children:
         assert metric_steps(mlflow_server, r.info.run_id, "val_accuracy") == epoch_steps(3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_interrupt_between_a_logged_result_and_tunes_snapshot(mlflow_server: str, home: Path,
+                                                              tmp_path: Path) -> None:
+    """Ctrl-C lands the moment Tune has logged a trial's last result, before its state holds that
+    epoch's checkpoint or the trial's end: `sweep resume` must neither train that trial again nor
+    report any of its epochs twice."""
+    name = "faults-interrupt-window"
+    spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 1})
+    run = SweepProcess(["run", str(spec), "--tracking-uri", mlflow_server], home,
+                       {"FWSWEEP_FAULT": "interrupt@3", "FWSWEEP_FAULT_STATE": str(tmp_path / "faults")})
+    rc = run.wait(200)
+    assert rc == 130, f"exit {rc}:\n{run.output()[-3000:]}"
+    before = trial_rows(home, name)
+    done = [tid for tid, rows in before.items() if rows and "test_accuracy" in rows[-1]]  # its final report
+    assert len(done) == 1 and [r["epoch"] for r in before[done[0]]] == [1, 2, 3], before
+    saved = tune_trials(home, name)
+    assert saved[done[0]]["status"] != "TERMINATED", "the interrupt missed the window this test is about"
+
+    run_to_end(["resume", name, "--tracking-uri", mlflow_server], home)
+    trials = tune_trials(home, name)
+    assert len(trials) == 2 and all(t["status"] == "TERMINATED" for t in trials.values()), trials
+    for tid, t in trials.items():
+        assert t["epochs"] == [1, 2, 3], f"trial {tid}: {t['epochs']} (before: {before.get(tid)})"
+    assert trial_rows(home, name)[done[0]] == before[done[0]], "the finished trial was trained again"
+    parents, children = mlflow_runs(mlflow_server, name)
+    assert len(parents) == 1 and len(children) == 2
+    assert all(r.info.status == "FINISHED" for r in parents + children)
+    for r in children:
+        assert metric_steps(mlflow_server, r.info.run_id, "val_accuracy") == epoch_steps(3)

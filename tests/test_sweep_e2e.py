@@ -212,6 +212,9 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(home, mlflow
     assert len(after) == 6
     for trial, epochs in before.items():
         assert after[trial] == epochs, f"{trial} was re-run after resume"
+    for result in folder.glob("trial_*/result.json"):  # ASHA's rungs count training_iteration: = the epoch
+        rows = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        assert [r["training_iteration"] for r in rows] == [r["epoch"] for r in rows], result
     # Tune's JSON results only, in the first session and after the resume: no CSV or TensorBoard copies
     assert (folder / JSON_LOGGER_MARK).exists()
     assert not list(folder.glob("trial_*/progress.csv")) and not list(folder.glob("trial_*/events.out.*"))
