@@ -243,9 +243,65 @@ def render_driver_profile(p: dict[str, Any]) -> str:
     return "\n\n".join([provenance(p), head, table(header, rows)])
 
 
+def render_peers(p: dict[str, Any]) -> str:
+    r = p["results"]
+
+    def ours(name: str, options: dict[str, Any]) -> str:
+        return f"`{name}` ({', '.join(f'{k}: {v}' for k, v in options.items())})"
+
+    peers = table(
+        ["peer", "repository @ commit", "file: class", "timed as", "implements (S = 1)", "timed against",
+         "differences from ours"],
+        [
+            [
+                q["key"],
+                f"[{q['repo']}]({q['url']}) @ `{q['commit'][:7]}`",
+                q["entry"],
+                q["form"],
+                q["implements"],
+                ours(q["ours"], q["ours_options"]),
+                q["differences"] or "none",
+            ]
+            for q in r["peers"]
+        ],
+    )
+
+    def same(s: dict[str, Any]) -> str:
+        if s["same_function"] is None:
+            return "not checked"
+        diff = max(s["logits_max_abs_diff"], s["embed_grad_max_abs_diff"])
+        return f"{'yes' if s['same_function'] else '**no**'} ({diff:.1e})"
+
+    steps = table(
+        ["peer", "repo", "commit", "H", "peer ms", "ours ms", "speed-up (peer / ours)",
+         "same function? (float64 max abs diff)"],
+        [
+            [
+                s["peer"],
+                s["repo"],
+                f"`{s['commit'][:7]}`",
+                s["hidden_size"],
+                f"{s['peer_cpu_ms']:.1f}",
+                f"{s['ours_cpu_ms']:.1f}",
+                f"**{s['speedup']:.2f}x**",
+                same(s),
+            ]
+            for s in r["steps"]
+        ],
+    )
+    setup = (
+        f"Batch {r['batch']}, T={r['length']}, S={r['inner_steps']}, η={r['fast_lr']}, λ={r['decay']}; "
+        f"ms = median CPU time of one train step (`time.thread_time`), one torch thread; \"same function\": "
+        f"logits and embedding gradient within {r['same_function_below']:.0e} of ours in float64, with the "
+        "peer's weights copied into ours."
+    )
+    return "\n\n".join([provenance(p), peers, setup, steps])
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "driver_profile": render_driver_profile,
     "models": render_models,
+    "peers": render_peers,
     "sweep_overhead": render_sweep_overhead,
     "search_efficiency": render_search_efficiency,
     "tracking": render_tracking,

@@ -303,14 +303,22 @@ def _trainable(spec: SweepSpec, recorded: dict[str, list[Any]] | None = None) ->
 
 
 def recorded_progress(store: SweepStore, spec: SweepSpec) -> dict[str, list[Any]]:
-    """Each unfinished trial's recorded epochs and whether its last result ended it (see tune_trial): Tune
-    said done (its scheduler stopped it), or the trial's final report (test metrics, or diverged) is in."""
+    """Each unfinished trial's [epochs not to report again, whether it ends at once] (see tune_trial).
+
+    A trial ended when its last recorded result says so: Tune's `done` (its scheduler stopped it) or the
+    trial's final report (test metrics, or diverged). It ends at once only if Tune's saved state holds
+    that same result, which Tune then closes the trial with; if the state is older (a driver killed
+    between snapshots), the trial re-trains from its checkpoint and reports its final epoch once more,
+    so Tune holds it (result.json's repeated row is read as a replacement, see store.parse_history)."""
     out: dict[str, list[Any]] = {}
     for r in store.load_trials(spec):
-        if r.status != "TERMINATED" and r.history:
-            last = r.history[-1]
-            ended = bool(last.get("done")) or "test_accuracy" in last or bool(last.get("diverged"))
-            out[r.trial_id] = [int(last.get("epoch") or 0), ended]
+        if r.status == "TERMINATED" or not r.history:
+            continue
+        last = r.history[-1]
+        epoch = int(last.get("epoch") or 0)
+        ended = bool(last.get("done")) or "test_accuracy" in last or bool(last.get("diverged"))
+        in_state = int(r.metrics.get("epoch") or 0) == epoch
+        out[r.trial_id] = [epoch, True] if ended and in_state else [epoch - 1 if ended else epoch, False]
     return out
 
 

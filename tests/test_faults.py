@@ -401,7 +401,9 @@ def test_tracking_server_outage_loses_no_metric(own_mlflow: MlflowServer, home: 
     """The MLflow server process tree is stopped for >= 20 s mid-sweep and restarted on the same port and
     database. Trials keep training meanwhile; what they reported during the outage reaches MLflow once it
     is back, and no step is missing or logged twice."""
-    name, epochs, outage_s = "faults-mlflow", 10, 20
+    # >= 48 s per trial (slow=3): the first metric can reach MLflow late on a loaded machine, and the
+    # sweep must still be running when the outage ends
+    name, epochs, outage_s = "faults-mlflow", 16, 20
     spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2},
                       train={"epochs": epochs})
     run = SweepProcess(["run", str(spec), "--tracking-uri", own_mlflow.url], home,
