@@ -91,6 +91,21 @@ class TuneReporter:
         # the scheduler's time (training_iteration) is the epoch itself.
         tune.report(dict(metrics) | node | {"training_iteration": epoch}, checkpoint=checkpoint)
 
+    def close_with(self, final: dict[str, Any]) -> None:
+        """End a restored trial whose final result is already recorded, without training it again.
+
+        Tune closes a trial with the metrics of the checkpoint it restored it from: if that checkpoint is
+        the final epoch's, nothing is needed; if it is older (the final epoch's checkpoint was not in
+        Tune's state yet), the recorded final result is reported once more, as it was, so that Tune and
+        the scheduler see the trial's real end. result.json then holds that row twice; fwsweep reads the
+        repeat as the same epoch (store.parse_history) and MLflow logs a step once."""
+        from ray import tune
+
+        self.restore_dir()
+        epoch = int(final.get("epoch") or 0)
+        if self.restored_epoch < epoch:
+            tune.report(dict(final) | {"training_iteration": epoch})
+
     def restore_dir(self) -> Path | None:
         from ray import tune
 
@@ -106,14 +121,15 @@ class TuneReporter:
 
 
 def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None,
-               recorded: dict[str, list[Any]] | None = None) -> None:
+               recorded: dict[str, dict[str, Any]] | None = None) -> None:
     """The Tune trainable: the sampled config -> TrialConfig -> sweep.train.run_trial on this worker.
 
-    `recorded` (a resume): trial id -> [epochs its result.json holds, whether its last result ended it].
-    Tune snapshots its state apart from the results it logs, so a driver stopped between the two can hand
-    back a trial whose last results (even its final one) are logged but whose state is older. Such a
-    trial is not trained again past what is recorded: an ended one returns at once, Tune closing it with
-    its last result; another re-trains from its checkpoint without reporting the epochs recorded."""
+    `recorded` (a resume): trial id -> {"epochs": epochs its result.json holds, "final": its last result
+    if that ended the trial, else None} (recorded_progress). Tune snapshots its state apart from the
+    results it logs, so a driver stopped between the two can hand back a trial whose last results (even
+    its final one) are logged but whose state is older. Such a trial is not trained past what is
+    recorded: an ended one is closed with its final result (TuneReporter.close_with); another re-trains
+    from its checkpoint without reporting the epochs already recorded."""
     import ray
     import torch
     from ray import tune
@@ -121,8 +137,9 @@ def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None,
     from sweep import testing_faults
     from sweep.train import run_trial
 
-    epochs_recorded, ended = (recorded or {}).get(tune.get_context().get_trial_id(), [0, False])
-    if ended:
+    progress = (recorded or {}).get(tune.get_context().get_trial_id()) or {}
+    if progress.get("final"):
+        TuneReporter().close_with(progress["final"])
         return
     sweep_spec = SweepSpec.model_validate(spec)
     trial = trial_config(sweep_spec, config)
@@ -133,7 +150,7 @@ def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None,
                                                                                "num_threads": threads})})
     workdir = Path(tempfile.mkdtemp(prefix="fwsweep-trial-"))
     try:
-        reporter = testing_faults.wrap(TuneReporter(epochs_recorded))  # wraps only if FWSWEEP_FAULT is set
+        reporter = testing_faults.wrap(TuneReporter(progress.get("epochs", 0)))  # wraps if FWSWEEP_FAULT
         run_trial(trial, reporter, workdir)
     except TrialDiverged:
         pass  # reported with `diverged: 1`; ending normally keeps Tune from retrying a hopeless trial
@@ -269,6 +286,10 @@ def _quiet_tune() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no new-engine output either (verbose=0 is silent)
     for name in ("ray.tune.tune", "ray.tune.utils.util"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # A resumed trial closed with its recorded final result (TuneReporter.close_with) reports that epoch
+    # once more; Optuna keeps the first value for a step and says so: expected, nothing to act on.
+    warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step=",
+                            category=UserWarning)
 
 
 AUTO_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
@@ -294,7 +315,7 @@ def json_logger_only(store: SweepStore, fresh: bool) -> Any:
         os.environ.pop(AUTO_LOGGERS_ENV, None)
 
 
-def _trainable(spec: SweepSpec, recorded: dict[str, list[Any]] | None = None) -> Any:
+def _trainable(spec: SweepSpec, recorded: dict[str, dict[str, Any]] | None = None) -> Any:
     from ray import tune
 
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
@@ -302,23 +323,22 @@ def _trainable(spec: SweepSpec, recorded: dict[str, list[Any]] | None = None) ->
     return tune.with_resources(trainable, resources)
 
 
-def recorded_progress(store: SweepStore, spec: SweepSpec) -> dict[str, list[Any]]:
-    """Each unfinished trial's [epochs not to report again, whether it ends at once] (see tune_trial).
+def recorded_progress(store: SweepStore, spec: SweepSpec) -> dict[str, dict[str, Any]]:
+    """Each unfinished trial's recorded progress, for tune_trial: {"epochs": the epochs its result.json
+    holds, "final": its last result (our metrics, without Tune's own keys) if that ended the trial, else
+    None}. A result ends a trial when Tune said done (its scheduler stopped it) or it is the trial's
+    final report (test metrics, or diverged)."""
+    from ray.tune.result import AUTO_RESULT_KEYS
 
-    A trial ended when its last recorded result says so: Tune's `done` (its scheduler stopped it) or the
-    trial's final report (test metrics, or diverged). It ends at once only if Tune's saved state holds
-    that same result, which Tune then closes the trial with; if the state is older (a driver killed
-    between snapshots), the trial re-trains from its checkpoint and reports its final epoch once more,
-    so Tune holds it (result.json's repeated row is read as a replacement, see store.parse_history)."""
-    out: dict[str, list[Any]] = {}
+    tune_keys = {*AUTO_RESULT_KEYS, "done", "trial_id", "should_checkpoint"}
+    out: dict[str, dict[str, Any]] = {}
     for r in store.load_trials(spec):
         if r.status == "TERMINATED" or not r.history:
             continue
         last = r.history[-1]
-        epoch = int(last.get("epoch") or 0)
         ended = bool(last.get("done")) or "test_accuracy" in last or bool(last.get("diverged"))
-        in_state = int(r.metrics.get("epoch") or 0) == epoch
-        out[r.trial_id] = [epoch, True] if ended and in_state else [epoch - 1 if ended else epoch, False]
+        final = {k: v for k, v in last.items() if k not in tune_keys} if ended else None
+        out[r.trial_id] = {"epochs": int(last.get("epoch") or 0), "final": final}
     return out
 
 
