@@ -94,8 +94,29 @@ def test_large_alphabets_decode_with_separators() -> None:
 
 @pytest.mark.parametrize("name", ["art", "mart"])
 def test_100k_sequences_are_fast(name: str) -> None:
+    from sweep.tasks import _cached_splits
+
     make_splits(small(name, train_size=10))  # warm-up (imports)
+    _cached_splits.cache_clear()  # time the generation, not the process's cache
     start = time.perf_counter()
     s = make_splits(TaskConfig(name=name, pairs=8, train_size=100_000, val_size=10_000, test_size=20_000))
     assert time.perf_counter() - start < 3.0  # ~0.15 s on one core
     assert len(s.train) == 100_000
+
+
+def test_a_process_generates_a_task_once_and_training_leaves_it_unchanged(tiny_trial, tmp_path) -> None:
+    """Tune runs trial after trial of a sweep in one worker: the splits are generated once per task config
+    (a reused actor starts its next trial without the 0.2-3 s of generation), and a trial only reads them."""
+    from sweep.reporter import NullReporter
+    from sweep.tasks.retrieval import make_art_splits
+    from sweep.train import run_trial
+
+    trial = tiny_trial()
+    first = make_splits(trial.task)
+    assert make_splits(trial.task.model_copy()) is first  # an equal config: the same splits
+    assert make_splits(trial.task.model_copy(update={"seed": 2})) is not first
+    run_trial(trial, NullReporter(), tmp_path)
+    fresh = make_art_splits(trial.task)
+    for name in ("train", "val", "test"):
+        kept, new = getattr(make_splits(trial.task), name), getattr(fresh, name)
+        assert torch.equal(kept.x, new.x) and torch.equal(kept.y, new.y), name
