@@ -20,6 +20,12 @@ FINISHED_STATES = (DONE, STOPPED_EARLY, DIVERGED, FAILED)
 UNFINISHED = "unfinished"  # any of the others, once a sweep stopped: `sweep resume` continues them
 
 
+def final_report(last: Mapping[str, Any]) -> bool:
+    """A result the trial itself ended with: the test report `run_trial` makes after its last epoch (or on
+    reaching its target accuracy), or the report of a diverged loss."""
+    return bool(last.get("diverged")) or "test_accuracy" in last or bool(last.get("target_reached"))
+
+
 def trial_state(tune_status: str, last: Mapping[str, Any], max_epochs: int) -> str:
     """One trial's state in users' words. A TERMINATED trial was stopped early when the scheduler ended it
     before `max_epochs` without the final test report `run_trial` makes when it completes (or reaches its
@@ -30,7 +36,7 @@ def trial_state(tune_status: str, last: Mapping[str, Any], max_epochs: int) -> s
         if last.get("diverged"):
             return DIVERGED
         epoch = int(last.get("epoch", last.get("training_iteration", 0)) or 0)
-        if "test_accuracy" not in last and not last.get("target_reached") and 0 < epoch < max_epochs:
+        if not final_report(last) and 0 < epoch < max_epochs:
             return STOPPED_EARLY
         return DONE
     if tune_status == "RUNNING":

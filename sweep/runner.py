@@ -25,7 +25,7 @@ from typing import Any
 from sweep import capacity, live_callbacks, paths
 from sweep.config import SweepSpec
 from sweep.errors import Problem, TrialDiverged, UserError
-from sweep.events import FINISHED_STATES, UNFINISHED, Listener, Phase, SweepEnded, SweepStarted
+from sweep.events import FINISHED_STATES, UNFINISHED, Listener, Phase, SweepEnded, SweepStarted, final_report
 from sweep.space import MODEL_KEY, DefineByRun, trial_config
 from sweep.store import SPEC_FILE, SweepStore, hush_missing_results, open_storage, trial_threads
 
@@ -327,7 +327,7 @@ def recorded_progress(store: SweepStore, spec: SweepSpec) -> dict[str, dict[str,
     """Each unfinished trial's recorded progress, for tune_trial: {"epochs": the epochs its result.json
     holds, "final": its last result (our metrics, without Tune's own keys) if that ended the trial, else
     None}. A result ends a trial when Tune said done (its scheduler stopped it) or it is the trial's
-    final report (test metrics, or diverged)."""
+    own final report (events.final_report)."""
     from ray.tune.result import AUTO_RESULT_KEYS
 
     tune_keys = {*AUTO_RESULT_KEYS, "done", "trial_id", "should_checkpoint"}
@@ -336,7 +336,7 @@ def recorded_progress(store: SweepStore, spec: SweepSpec) -> dict[str, dict[str,
         if r.status == "TERMINATED" or not r.history:
             continue
         last = r.history[-1]
-        ended = bool(last.get("done")) or "test_accuracy" in last or bool(last.get("diverged"))
+        ended = bool(last.get("done")) or final_report(last)
         final = {k: v for k, v in last.items() if k not in tune_keys} if ended else None
         out[r.trial_id] = {"epochs": int(last.get("epoch") or 0), "final": final}
     return out
