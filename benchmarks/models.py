@@ -184,6 +184,21 @@ def options_label(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
 
 
+def time_round_robin(steps: list[Callable[[], None]], rounds: int) -> list[tuple[float, float]]:
+    """(median CPU s, median wall s) of each step, timed one after another `rounds` times, so that load
+    from other processes spreads evenly over them. CPU time is time.thread_time: with one torch thread
+    the whole step, backward included, runs on the calling thread."""
+    cpu: list[list[float]] = [[] for _ in steps]
+    wall: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):
+        for i, step in enumerate(steps):
+            start_cpu, start_wall = time.thread_time(), time.perf_counter()
+            step()
+            cpu[i].append(time.thread_time() - start_cpu)
+            wall[i].append(time.perf_counter() - start_wall)
+    return [(statistics.median(c), statistics.median(w)) for c, w in zip(cpu, wall, strict=True)]
+
+
 def bench_hidden_size(hidden: int, batch: int, pairs: int, steps: int, configs: list[tuple[str, dict]],
                       gflops_per_s: float) -> list[Result]:
     x, y = art_shaped_batch(batch, pairs)
@@ -194,18 +209,10 @@ def bench_hidden_size(hidden: int, batch: int, pairs: int, steps: int, configs: 
         step = train_step_fn(model, x, y)
         step()  # warm-up: allocator, Adam state
         built.append((name, options, model, step))
-    cpu: list[list[float]] = [[] for _ in built]
-    wall: list[list[float]] = [[] for _ in built]
-    for _ in range(steps):
-        for i, (*_, step) in enumerate(built):
-            start_cpu, start_wall = time.thread_time(), time.perf_counter()
-            step()
-            cpu[i].append(time.thread_time() - start_cpu)
-            wall[i].append(time.perf_counter() - start_wall)
+    timings = time_round_robin([step for *_, step in built], steps)
     results = []
-    for (name, options, model, step), cpu_s, wall_s in zip(built, cpu, wall, strict=True):
+    for (name, options, model, step), (cpu_median, wall_median) in zip(built, timings, strict=True):
         rss = rss_peak_bytes(step)
-        cpu_median = statistics.median(cpu_s)
         flops = train_step_flops(name, options, hidden, batch, 2 * pairs + 3)
         results.append(
             Result(
@@ -214,7 +221,7 @@ def bench_hidden_size(hidden: int, batch: int, pairs: int, steps: int, configs: 
                 hidden_size=hidden,
                 num_params=count_parameters(model),
                 cpu_ms=1e3 * cpu_median,
-                wall_ms=1e3 * statistics.median(wall_s),
+                wall_ms=1e3 * wall_median,
                 sequences_per_s=batch / cpu_median,
                 gflop=flops / 1e9,
                 flop_limit_ms=1e3 * flops / (gflops_per_s * 1e9),

@@ -48,9 +48,7 @@ import importlib
 import importlib.util
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -63,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import CLASSES, EMBED, HEAD, VOCAB, art_shaped_batch, train_step_fn  # noqa: E402
+from models import CLASSES, EMBED, HEAD, VOCAB, art_shaped_batch, time_round_robin, train_step_fn  # noqa: E402
 from record import record  # noqa: E402
 
 from sweep.models import build_model, count_parameters, params_class  # noqa: E402
@@ -348,7 +346,6 @@ def compare(peer: Peer, folder: Path, hidden: int, batch: int, pairs: int) -> di
         F.cross_entropy(z, y).backward()
         logits.append(z.detach())
     out["logits_max_abs_diff"] = (logits[0] - logits[1]).abs().max().item()
-    out["logits_max_abs"] = logits[1].abs().max().item()
     embeds = [m.emb if hasattr(m, "emb") else m.embed for m in (theirs, ours)]
     out["embed_grad_max_abs_diff"] = (embeds[0].weight.grad - embeds[1].weight.grad).abs().max().item()
     return out
@@ -385,26 +382,19 @@ def bench_hidden_size(peers: list[tuple[Peer, Path, dict]], hidden: int, batch: 
             for _ in range(warmup):
                 fn()
         built.append((peer, folder, src, fns, (theirs, ours)))
-    cpu = [[[], []] for _ in built]
-    wall = [[[], []] for _ in built]
-    for _ in range(steps):
-        for i, (*_, fns, _models) in enumerate(built):
-            for j, fn in enumerate(fns):
-                start_cpu, start_wall = time.thread_time(), time.perf_counter()
-                fn()
-                cpu[i][j].append(time.thread_time() - start_cpu)
-                wall[i][j].append(time.perf_counter() - start_wall)
+    timings = time_round_robin([fn for *_, fns, _models in built for fn in fns], steps)  # peer, ours, ...
     rows = []
-    for (peer, folder, src, _fns, (theirs, ours)), c, w in zip(built, cpu, wall, strict=True):
+    for i, (peer, folder, src, _fns, (theirs, ours)) in enumerate(built):
+        (peer_cpu, peer_wall), (ours_cpu, ours_wall) = timings[2 * i : 2 * i + 2]
         diff = compare(peer, folder, hidden, batch, pairs) if check else {}
-        peer_ms, ours_ms = (1e3 * statistics.median(t) for t in c)
+        peer_ms, ours_ms = 1e3 * peer_cpu, 1e3 * ours_cpu
         worst = max(diff["logits_max_abs_diff"], diff["embed_grad_max_abs_diff"]) if diff else None
         rows.append(Row(
             peer=peer.key, repo=src["repo"], commit=src["commit"], hidden_size=hidden, ours=peer.ours,
             ours_options=", ".join(f"{k}={v}" for k, v in peer.ours_options.items()),
             peer_params=count_parameters(theirs), ours_params=count_parameters(ours),
             peer_cpu_ms=peer_ms, ours_cpu_ms=ours_ms,
-            peer_wall_ms=1e3 * statistics.median(w[0]), ours_wall_ms=1e3 * statistics.median(w[1]),
+            peer_wall_ms=1e3 * peer_wall, ours_wall_ms=1e3 * ours_wall,
             speedup=peer_ms / ours_ms,
             logits_max_abs_diff=diff.get("logits_max_abs_diff"),
             embed_grad_max_abs_diff=diff.get("embed_grad_max_abs_diff"),
