@@ -154,6 +154,7 @@ def render_search_efficiency(p: dict[str, Any]) -> str:
                 ", ".join(str(s["epochs_to_target"]) for s in seeds),
                 f"{len(reached)} of {len(seeds)}",
                 statistics.median(s["total_epochs"] for s in seeds),
+                statistics.median(s.get("trials", r["trials"]) for s in seeds),
                 f"{statistics.median(s['best'] for s in seeds):.3f}",
             ]
         )
@@ -162,6 +163,7 @@ def render_search_efficiency(p: dict[str, Any]) -> str:
         f"epochs to {r['target']:.0%} (per seed)",
         "reached",
         "total trial-epochs (median)",
+        f"trials of {r['trials']} started (median)",
         "best val acc (median)",
     ]
     out = provenance(p) + "\n\n" + table(header, rows)

@@ -4,16 +4,18 @@ Two strategies on the same space (FW-LSTM and LSTM on ART, learning rate and fas
 trial budget, `--seeds` searcher seeds each:
   - tpe+asha: Optuna TPE (4 random start-up trials) with ASHA (grace 1 epoch, reduction factor 3);
   - random+fifo: Optuna's random sampler, every trial trained to the end (no early stopping).
-Per sweep: the epochs of all trials, in the order they were reported, until the first report at or
-above the target ("epochs to target"); the total epochs spent; the best accuracy. The figure of merit is
-the ratio of the mean epochs to target, tpe+asha over random+fifo, paired by seed, with a bootstrap 95%
-interval (scipy); a sweep that never reaches the target counts its whole budget (trials x epochs), so the
-ratio does not reward giving up early. One local Ray and one local MLflow server for all sweeps.
+Each sweep searches until a trial reaches the target (`budget.target`, which ends the sweep, and the
+same `train.target_accuracy`, so that trial ends with its test report) or its trials run out. Per sweep:
+the epochs of all trials, in the order they were reported, until the first report at or above the target
+("epochs to target"); the total epochs spent; the best accuracy. The figure of merit is the ratio of the
+mean epochs to target, tpe+asha over random+fifo, paired by seed, with a bootstrap 95% interval (scipy);
+a sweep that never reaches the target counts its whole budget (trials x epochs), so the ratio does not
+reward giving up early. One local Ray and one local MLflow server for all sweeps.
 
 Usage: .venv/bin/python benchmarks/search_efficiency.py [--seeds 3] [--target 0.95] [--pairs 4]
-[--epochs 6] [--steps 60] [--trials 8]; issue 14's setting: --seeds 10 --pairs 8 --target 0.99 --epochs 12
---steps 150. Writes benchmarks/results/search_efficiency.json; `benchmarks/render.py` puts the table in
-docs/benchmarks.md.
+[--epochs 6] [--steps 60] [--trials 24]; issue 14's setting: --seeds 10 --pairs 8 --target 0.99 --epochs 12
+--steps 150 --trials 40. Writes benchmarks/results/search_efficiency.json; `benchmarks/render.py` puts the
+table in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def spec_for(strategy: str, seed: int, args: argparse.Namespace):  # noqa: ANN20
         "task": {"name": "art", "pairs": args.pairs, "train_size": 20000, "val_size": 1000, "test_size": 1000,
                  "seed": 0},
         "train": {"batch_size": 128, "steps_per_epoch": args.steps, "eval_batch_size": 1000,
-                  "keep_checkpoints": 1, "seed": 0},
+                  "keep_checkpoints": 1, "seed": 0, "target_accuracy": args.target},
         "models": ["fw_lstm", "lstm"],
         "space": {
             "common": {"lr": {"loguniform": [5e-4, 2e-2]}, "hidden_size": 50},
@@ -51,7 +53,8 @@ def spec_for(strategy: str, seed: int, args: argparse.Namespace):  # noqa: ANN20
         },
         "searcher": searcher | {"seed": seed},
         "scheduler": scheduler,
-        "budget": {"num_samples": args.trials, "max_epochs": args.epochs, "max_concurrent": 2},
+        "budget": {"num_samples": args.trials, "max_epochs": args.epochs, "max_concurrent": 2,
+                   "target": args.target},
         "resources": {"cpu": 1, "gpu": 0},
     })
 
@@ -90,7 +93,7 @@ def efficiency_ratio(strategies: dict[str, list[dict]], budget: int) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=24, help="trials at most, per sweep")
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--pairs", type=int, default=4, help="ART's K")
     parser.add_argument("--epochs", type=int, default=6, help="epochs per trial at most")
@@ -105,7 +108,7 @@ def main() -> None:
 
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     connect_ray()
-    rows: dict[str, list[tuple[int | None, int, float]]] = {s: [] for s in STRATEGIES}
+    rows: dict[str, list[tuple[int | None, int, float, int]]] = {s: [] for s in STRATEGIES}
     start = time.perf_counter()
     with record("search_efficiency", vars(args)) as payload:
         try:
@@ -113,7 +116,8 @@ def main() -> None:
         finally:
             ray.shutdown()
             tracking.stop_local_server()
-        strategies = {name: [{"seed": seed, "epochs_to_target": v[0], "total_epochs": v[1], "best": v[2]}
+        keys = ("epochs_to_target", "total_epochs", "best", "trials")
+        strategies = {name: [{"seed": seed, **dict(zip(keys, v, strict=True))}
                              for seed, v in enumerate(values)] for name, values in rows.items()}
         payload["results"] = {
             "target": args.target, "wall_s": time.perf_counter() - start, "pairs": args.pairs,
@@ -126,7 +130,7 @@ def main() -> None:
           f"{payload['results']['efficiency']}")
 
 
-def run_all(args: argparse.Namespace, rows: dict[str, list[tuple[int | None, int, float]]]) -> None:
+def run_all(args: argparse.Namespace, rows: dict[str, list[tuple[int | None, int, float, int]]]) -> None:
     from sweep.export import load_trials
     from sweep.runner import run_sweep
 
@@ -134,11 +138,12 @@ def run_all(args: argparse.Namespace, rows: dict[str, list[tuple[int | None, int
         for strategy in STRATEGIES:
             spec = spec_for(strategy, seed, args)
             result = run_sweep(spec)
-            to_target, total = epochs_to_target(load_trials(spec.name), args.target)
+            records = load_trials(spec.name)
+            to_target, total = epochs_to_target(records, args.target)
             best = result.best.value("val_accuracy") if result.best else float("nan")
-            rows[strategy].append((to_target, total, best))
+            rows[strategy].append((to_target, total, best, len(records)))
             print(f"{strategy:12s} seed {seed}: epochs to {args.target:.0%}: {to_target}, "
-                  f"total {total}, best {best:.4f}", flush=True)
+                  f"total {total} in {len(records)} trials, best {best:.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -251,6 +251,11 @@ class BudgetConfig(Strict):
                                    description="epochs per trial; default: train.epochs")
     time_budget_s: float | None = Field(None, gt=0, description="stop starting trials after this long")
     max_concurrent: int = Field(2, ge=1, le=MAX_TRIALS, description="trials running at once")
+    target: float | None = Field(
+        None, allow_inf_nan=False,
+        description="end the sweep at the first report whose metric reaches this (>= when the metric is "
+        "maximised, <= when minimised): running trials stop, no new ones start"
+    )
 
     @field_validator("num_samples")
     @classmethod
@@ -439,6 +444,10 @@ class SweepSpec(Strict):
                 f"scheduler.grace_period: {self.scheduler.grace_period} exceeds the {self.max_epochs} "
                 "epochs a trial runs (budget.max_epochs or train.epochs); lower grace_period"
             )
+        target = self.budget.target
+        if target is not None and "accuracy" in self.metric.name and not 0 < target <= 1:
+            problems.append(f"budget.target: {target} is not an accuracy; {self.metric.name} is in [0, 1], "
+                            "e.g. target: 0.99")
         if self.compare is not None:
             problems += compare_problems(self)
         if problems:

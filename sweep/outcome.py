@@ -46,6 +46,24 @@ def best_trials(records: Sequence[Record], metric: str, mode: str, k: int = 1,
     return out
 
 
+def reached_target(spec: Any, records: Sequence[Any]) -> tuple[str, int] | None:
+    """(trial, epoch) of the first recorded report that reached `budget.target`, or None: the sweep
+    ended there by design, not short of its budget."""
+    target = spec.budget.target
+    if target is None:
+        return None
+    hits = [(row.get("timestamp", 0), r.trial_id, int(row.get("epoch", 0) or 0)) for r in records
+            for row in r.history if events.reaches(row.get(spec.metric.name), spec.metric.mode, target)]
+    return min(hits)[1:] if hits else None
+
+
+def budget_spent(spec: Any, records: Sequence[Any]) -> bool:
+    """No trial is still due: all `num_samples` were made, or Tune ended the sweep on purpose (its time
+    budget, or a trial reached the target)."""
+    return (len(records) >= spec.budget.num_samples or spec.budget.time_budget_s is not None
+            or reached_target(spec, records) is not None)
+
+
 @dataclass
 class Summary:
     """A sweep's counts per state and its best trials (overall and per model), computed once."""

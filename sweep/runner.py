@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep import capacity, live_callbacks, paths
+from sweep import capacity, live_callbacks, outcome, paths
 from sweep.config import SweepSpec
 from sweep.errors import Problem, TrialDiverged, UserError
 from sweep.events import FINISHED_STATES, UNFINISHED, Listener, Phase, SweepEnded, SweepStarted, final_report
@@ -46,6 +46,7 @@ class SweepResult:
     wall_s: float = 0.0
     interrupted: bool = False
     tracking_behind: TrackingBehind | None = None  # MLflow could not be brought level at the end
+    target_reached: tuple[str, int] | None = None  # (trial, epoch) that reached budget.target
 
 
 @dataclass(frozen=True)
@@ -388,6 +389,7 @@ def build_tuner(spec: SweepSpec, callbacks: list[Any] | None = None, store: Swee
         failure_config=tune.FailureConfig(max_failures=spec.retries.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
         callbacks=list(callbacks or []) + [JsonLoggerCallback()],  # result.json: what sweep.store reads
+        stop=_stopper(spec),
         verbose=0,
     )
     tune_config = tune.TuneConfig(
@@ -396,6 +398,14 @@ def build_tuner(spec: SweepSpec, callbacks: list[Any] | None = None, store: Swee
         trial_name_creator=_trial_name,
     )
     return tune.Tuner(_trainable(spec), tune_config=tune_config, run_config=run_config)
+
+
+def _stopper(spec: SweepSpec) -> Any:
+    if spec.budget.target is None:
+        return None
+    from sweep.stopping import TargetReached
+
+    return TargetReached(spec.metric.name, spec.metric.mode, spec.budget.target)
 
 
 def _tune_filesystem(store: SweepStore) -> Any:
@@ -612,13 +622,13 @@ def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, started: bool,
         state = r.state(spec.max_epochs)
         state = state if state in FINISHED_STATES else UNFINISHED  # Tune saves a cut-off trial as pending
         counts[state] = counts.get(state, 0) + 1
-    interrupted = bool(counts.get(UNFINISHED)) or \
-        len(records) < spec.budget.num_samples and spec.budget.time_budget_s is None
+    interrupted = bool(counts.get(UNFINISHED)) or not outcome.budget_spent(spec, records)
     return SweepResult(
         name=spec.name, path=store.uri, status_counts=counts, total=spec.budget.num_samples,
         best=best[0] if best else None,
         metric=spec.metric.name, mlflow_url=mlflow_url or tracking_url, exported=exported,
         wall_s=0.0, interrupted=interrupted, tracking_behind=behind,
+        target_reached=outcome.reached_target(spec, records),
     )
 
 

@@ -104,8 +104,9 @@ def test_every_kind_of_result_has_a_renderer():
         "fixed_cost_s": 10.0,
     }
     search = {
-        "target": 0.95,
-        "strategies": {"tpe+asha": [{"seed": 0, "epochs_to_target": 5, "total_epochs": 20, "best": 0.99}]},
+        "target": 0.95, "trials": 40,
+        "strategies": {"tpe+asha": [{"seed": 0, "epochs_to_target": 5, "total_epochs": 20, "best": 0.99,
+                                     "trials": 7}]},
         "efficiency": {"ratio": 0.41, "ci_low": 0.2, "ci_high": 0.7, "censored_at": 48, "seeds": 10},
     }
     profile = {"trials": 200, "wall_s": 75.0, "samples": 3400, "rate_hz": 50, "driver_cpu_s": 68.0,

@@ -226,6 +226,24 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(home, mlflow
         [(r.data.tags.get("trial_id"), r.info.status) for r in parents + children]
 
 
+def test_a_sweep_ends_when_a_trial_reaches_its_target(home, mlflow_server):
+    """budget.target: the first report at the target ends the sweep; it is finished (not interrupted) in
+    the result, in `sweep list` and in MLflow, and no trial past that point was started."""
+    from sweep.cli.sweep_tables import overview
+    from sweep.store import open_sweep
+
+    data = TINY_SPEC | {"name": "e2e-target", "scheduler": {"name": "fifo"},
+                        "budget": {"num_samples": 6, "max_epochs": 4, "max_concurrent": 1, "target": 0.05}}
+    result = run_sweep(SweepSpec.model_validate(data), tracking_uri=mlflow_server)
+    records = load_trials("e2e-target")
+    assert len(records) == 1 and records[0].epochs == 1, [(r.trial_id, r.epochs) for r in records]
+    assert result.target_reached == (records[0].trial_id, 1)
+    assert not result.interrupted and result.best is not None
+    assert overview(open_sweep("e2e-target")).status == "finished"
+    parents, children = _runs(mlflow_server, "e2e-target")
+    assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 1
+
+
 def test_resume_refuses_another_spec(home, mlflow_server):
     """A finished sweep's folder + a changed spec under the same name: a UserError, nothing re-run.
     Self-contained: it runs its own one-trial sweep first (not another test's leftovers)."""

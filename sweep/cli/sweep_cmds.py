@@ -42,6 +42,10 @@ def _summary(result, spec) -> None:  # noqa: ANN001  (SweepResult, SweepSpec: im
     if result.status_counts.get(UNFINISHED):
         line += f", {result.status_counts[UNFINISHED]} unfinished"
     console.print(f"\n[bold]sweep {result.name}[/]: {line} in {result.wall_s:.0f} s")
+    if result.target_reached is not None:
+        trial, epoch = result.target_reached
+        console.print(f"target:     {result.metric} reached {spec.budget.target:g} ({trial}, epoch {epoch}): "
+                      "the sweep ended there, as budget.target asks", soft_wrap=True)
     best = result.best
     if best is not None:
         value = best.value(result.metric)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from rich import box
 from rich.table import Table
 
-from sweep import events
+from sweep import events, outcome
 from sweep.cli.live import fmt_metric, fmt_value
 from sweep.config import SweepSpec
 
@@ -47,10 +47,12 @@ def overview(store) -> SweepOverview:  # noqa: ANN001  (sweep.store.SweepStore)
     records = store.load_trials(spec)
     states = Counter(r.state(spec.max_epochs) for r in records)
     finished = sum(states[s] for s in events.FINISHED_STATES)
-    if finished >= spec.budget.num_samples:
+    ended = bool(records) and finished == len(records)
+    if finished >= spec.budget.num_samples or ended and outcome.reached_target(spec, records) is not None:
         status = "finished"
     elif records:
-        status = "running" if _is_running(store) else "interrupted"
+        status = "running" if _is_running(store) else \
+            "finished" if ended and outcome.budget_spent(spec, records) else "interrupted"  # its time budget
     else:
         status = "not started"
     best = best_trials(records, spec.metric.name, spec.metric.mode)

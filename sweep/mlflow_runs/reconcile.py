@@ -66,8 +66,7 @@ def export_files(store: SweepStore) -> dict[str, str]:
 def sweep_status(spec: SweepSpec, records: list[Any]) -> str:
     """FINISHED when every trial ended and the budget is spent, else KILLED (interrupted)."""
     ended = all(r.state(spec.max_epochs) in events.FINISHED_STATES for r in records)
-    spent = len(records) >= spec.budget.num_samples or spec.budget.time_budget_s is not None
-    return "FINISHED" if records and ended and spent else "KILLED"
+    return "FINISHED" if records and ended and outcome.budget_spent(spec, records) else "KILLED"
 
 
 def sync_sweep(store: SweepStore, tracking_uri: str, *, spec: SweepSpec | None = None,
