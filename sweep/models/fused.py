@@ -34,16 +34,26 @@ aten = torch.ops.aten
 EPS = 1e-5  # nn.LayerNorm's default, as in the readable forms
 
 
-def _layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(LN(x), mean, 1/std) over the last dimension."""
-    return aten.native_layer_norm(x, [x.shape[-1]], weight, bias, EPS)
+def _layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """(LN(x), mean, 1/std) over the last dimension; LN(x) written into `out` when given (no copy)."""
+    if out is None:
+        return aten.native_layer_norm(x, [x.shape[-1]], weight, bias, EPS)
+    stats = x.new_empty(2, *x.shape[:-1], 1)
+    return aten.native_layer_norm.out(x, [x.shape[-1]], weight, bias, EPS, out0=out, out1=stats[0],
+                                      out2=stats[1])
 
 
 def _layer_norm_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
-                         bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                         bias: Tensor | None, out: tuple[Tensor, Tensor, Tensor] | None = None
+                         ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(dx, dweight, dbias); with `out`, written into those tensors (rows of the caller's buffers)."""
     affine = weight is not None
-    return aten.native_layer_norm_backward(grad, x, [x.shape[-1]], mean, rstd, weight, bias,
-                                           [True, affine, affine])
+    mask = [True, affine, affine]
+    if out is None:
+        return aten.native_layer_norm_backward(grad, x, [x.shape[-1]], mean, rstd, weight, bias, mask)
+    return aten.native_layer_norm_backward.out(grad, x, [x.shape[-1]], mean, rstd, weight, bias, mask,
+                                               out0=out[0], out1=out[1], out2=out[2])
 
 
 def _relu_backward(grad: Tensor, out: Tensor) -> Tensor:
@@ -56,32 +66,41 @@ class _DecayedMemory:
     `read_times[r]` is n for read r (reads in forward order, n never decreasing): the newest stored
     vector that read r sees. Each read keeps its query q_r and, in backward, its output gradient g_r
     (rows 2r+1 and 2r of GQ), and the weighted dot products of both with every vector it saw
-    (columns 2r and 2r+1 of SG). Then dv_k = Σ_r SG[k, 2r] g_r + SG[k, 2r+1] q_r, one product.
+    (rows 2r and 2r+1 of SG, written there by the product itself). Then
+    dv_k = Σ_r SG[2r, k] g_r + SG[2r+1, k] q_r, one product.
     """
 
     def __init__(self, batch: int, length: int, dim: int, read_times: list[int], fast_lr: float,
                  decay: float, like: Tensor):
         self.read_times = read_times
-        self.V = like.new_empty(batch, length, dim)  # v_0 .. v_{T-1}
         powers = fast_lr * decay ** torch.arange(length, dtype=like.dtype, device=like.device)
         self.weights = powers.flip(0)  # weights[T-1-n:][k] = η λ^(n-k)
         self.GQ = like.new_empty(batch, 2 * len(read_times), dim)  # g_0, q_0, g_1, q_1, ...
-        # SG[:, k, 2r] = w (q_r·v_k), SG[:, k, 2r+1] = w (g_r·v_k)
-        self.SG = like.new_empty(batch, length, 2 * len(read_times))
+        # v_0 .. v_{T-1}. One read per step, of the vector just written (FW-LSTM with S = 1): that vector
+        # is the read's query, so the memory is the query rows of GQ (no second copy of each vector).
+        self.V = self.GQ[:, 1::2] if read_times == list(range(length)) else like.new_empty(batch, length, dim)
+        # SG[:, 2r, k] = w (q_r·v_k), SG[:, 2r+1, k] = w (g_r·v_k)
+        self.SG = like.new_empty(batch, 2 * len(read_times), length)
         self.first_read = [bisect.bisect_left(read_times, k) for k in range(length)]
 
     def write(self, k: int, v: Tensor) -> None:
-        self.V[:, k] = v
+        if v.data_ptr() != self.V[:, k].data_ptr():
+            self.V[:, k] = v
+
+    def write_relu(self, k: int, x: Tensor) -> Tensor:
+        """v_k = ReLU(x), computed straight into the memory (no copy); returns v_k."""
+        return torch.clamp_min(x, 0, out=self.V[:, k])
 
     def _weighted_dots(self, r: int, x: Tensor, column: int) -> tuple[Tensor, Tensor]:
         n = self.read_times[r]
         past = self.V[:, : n + 1]
-        dots = torch.bmm(x.unsqueeze(1), past.transpose(1, 2)) * self.weights[-n - 1 :]
-        self.SG[:, : n + 1, column] = dots.squeeze(1)
+        dots = torch.mul(torch.bmm(x.unsqueeze(1), past.transpose(1, 2)), self.weights[-n - 1 :],
+                         out=self.SG[:, column : column + 1, : n + 1])
         return dots, past
 
     def read(self, r: int, q: Tensor) -> Tensor:
-        self.GQ[:, 2 * r + 1] = q
+        if q.data_ptr() != self.GQ[:, 2 * r + 1].data_ptr():  # else q is v_r, already there
+            self.GQ[:, 2 * r + 1] = q
         scores, past = self._weighted_dots(r, q, 2 * r)
         return torch.bmm(scores, past).squeeze(1)
 
@@ -99,7 +118,7 @@ class _DecayedMemory:
         lo = 2 * self.first_read[k]
         if lo == self.GQ.shape[1]:
             return None
-        return torch.bmm(self.SG[:, k : k + 1, lo:], self.GQ[:, lo:]).squeeze(1)
+        return torch.bmm(self.SG[:, lo:, k : k + 1].transpose(1, 2), self.GQ[:, lo:]).squeeze(1)
 
 
 class FWLSTMSequence(torch.autograd.Function):
@@ -123,13 +142,12 @@ class FWLSTMSequence(torch.autograd.Function):
             z = torch.addmm(xW[:, t], Hs[t], W_hT, out=Z[t])
             z_hat, z_mean, z_rstd = _layer_norm(z, gamma, beta)
             pre = z_hat[:, m0:]
-            q = torch.relu(pre)
-            mem.write(t, q)
+            q = mem.write_relu(t, pre)
             a = mem.read(t * reads, q)
             for s in range(1, reads):
                 a = mem.read(t * reads + s, torch.relu(pre + a))
             gates = z_hat + fb
-            gates[:, m0:] += a
+            gates[:, m0:].add_(a)  # not `+=` on a slice: Python would copy the slice back onto itself
             sig = torch.sigmoid(gates[:, : 3 * H])  # i, f, o
             g = torch.relu(gates[:, 3 * H :])
             c_pre = torch.addcmul(c * sig[:, H : 2 * H], sig[:, :H], g, out=C_pre[t])
@@ -149,16 +167,17 @@ class FWLSTMSequence(torch.autograd.Function):
         W_h, gamma, beta, gamma_c, beta_c = ctx.params
         mem, Z, C_pre, Hs = ctx.mem, ctx.Z, ctx.C_pre, ctx.Hs
         dZ = Z.new_empty(T, B, G)
+        d_ln = Z.new_empty(2, T, G)  # each step's d gamma, d beta of the gates' LN, summed at the end
+        d_cell_ln = Z.new_empty(2, T, H)
         dh, dc = grad_h, None
-        ln_grads, cell_ln_grads = [], []
         for t in reversed(range(T)):
             z_mean, z_rstd, sig, g, c_prev, c_mean, c_rstd, relu_c = ctx.saved[t]
             dsig = torch.empty_like(sig)
             torch.mul(dh, relu_c, out=dsig[:, 2 * H :])  # d σ(o)
             dc_out = _relu_backward(dh * sig[:, 2 * H :], relu_c)
             dc = dc_out if dc is None else dc + dc_out
-            dc_pre, dgc, dbc = _layer_norm_backward(dc, C_pre[t], c_mean, c_rstd, gamma_c, beta_c)
-            cell_ln_grads.append((dgc, dbc))
+            dc_pre = _layer_norm_backward(dc, C_pre[t], c_mean, c_rstd, gamma_c, beta_c,
+                                          out=(torch.empty_like(dc), d_cell_ln[0, t], d_cell_ln[1, t]))[0]
             torch.mul(dc_pre, c_prev, out=dsig[:, H : 2 * H])  # d σ(f)
             torch.mul(dc_pre, g, out=dsig[:, :H])  # d σ(i)
             dc = dc_pre * sig[:, H : 2 * H]
@@ -174,14 +193,13 @@ class FWLSTMSequence(torch.autograd.Function):
                     dq = dq + mem.stored_grad(t)  # r_0 is also the vector written at t
                 da = _relu_backward(dq, mem.query(r))
                 d_pre = da if d_pre is None else d_pre + da
-            d_gates[:, m0:] += d_pre
-            dz, dg_, db_ = _layer_norm_backward(d_gates, Z[t], z_mean, z_rstd, gamma, beta)
-            ln_grads.append((dg_, db_))
-            dZ[t] = dz
-            dh = dz @ W_h
+            d_gates[:, m0:].add_(d_pre)
+            _layer_norm_backward(d_gates, Z[t], z_mean, z_rstd, gamma, beta,
+                                 out=(dZ[t], d_ln[0, t], d_ln[1, t]))
+            dh = dZ[t] @ W_h
         dW_h = dZ.view(T * B, G).t() @ Hs[:T].view(T * B, H)
-        dgamma, dbeta = (torch.stack(x).sum(0) for x in zip(*ln_grads, strict=True))
-        dgamma_c, dbeta_c = (torch.stack(x).sum(0) for x in zip(*cell_ln_grads, strict=True))
+        dgamma, dbeta = d_ln.sum(1)
+        dgamma_c, dbeta_c = d_cell_ln.sum(1)
         return dZ.transpose(0, 1), dW_h, dgamma, dbeta, dgamma_c, dbeta_c, None, None, None, None, None
 
 
@@ -202,8 +220,7 @@ class FWRNNSequence(torch.autograd.Function):
         for t in range(T):
             slow = torch.addmm(Cx[:, t], Hs[t], WT)
             if authors:  # u = ReLU(W h(t-1) + C x), written before the inner loop reads
-                U[t] = torch.relu(slow)
-                h_s = U[t]
+                h_s = torch.clamp_min(slow, 0, out=U[t])  # ReLU, into U
                 mem.write(t, h_s)
                 slow = torch.addmm(Cx[:, t], h_s, WT)
             else:
@@ -292,8 +309,7 @@ class LNLSTMSequence(torch.autograd.Function):
         saved = []
         for t in range(T):
             z = torch.addmm(xW[:, t], Hs[t], W_hT, out=Z[t])
-            n, z_mean, z_rstd = _layer_norm(z.view(B, 4, H), None, None)
-            N[t] = n
+            n, z_mean, z_rstd = _layer_norm(z.view(B, 4, H), None, None, out=N[t])
             y = torch.addcmul(beta_fb, n, gamma)  # the four gates' LN, forget bias included
             sig = torch.sigmoid(y)  # σ of i, (j), f, o
             g = torch.tanh(y[:, 1])
