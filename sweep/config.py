@@ -436,6 +436,12 @@ class SweepSpec(Strict):
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
 
+    def budget_text(self) -> str:
+        """The budget in words, for summaries: '8 trials of up to 12 epochs (until val_accuracy >= 0.99)'."""
+        until = f" (until {self.metric.name} {'>=' if self.metric.mode == 'max' else '<='} " \
+            f"{self.budget.target:g})" if self.budget.target is not None else ""
+        return f"{self.budget.num_samples} trials of up to {self.max_epochs} epochs{until}"
+
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
         problems = space_problems(self)

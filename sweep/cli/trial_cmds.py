@@ -186,7 +186,7 @@ def validate(
                 spec = load_spec(path)
                 summary = (
                     f"sweep spec '{spec.name}': {', '.join(spec.models)} on {spec.task.difficulty}, "
-                    f"{spec.budget.num_samples} trials of up to {spec.max_epochs} epochs, "
+                    f"{spec.budget_text()}, "
                     f"searcher {spec.searcher.name}/{spec.searcher.sampler}, scheduler {spec.scheduler.name}"
                 )
             else:

@@ -158,7 +158,7 @@ def common_tags(spec: SweepSpec, git: tuple[str | None, bool] = (None, False)) -
 def sweep_description(spec: SweepSpec) -> str:
     own = f"{spec.description.strip()}\n\n" if spec.description.strip() else ""
     return (f"{own}fwsweep sweep `{spec.name}`: {', '.join(spec.models)} on {spec.task.difficulty}, "
-            f"{spec.budget.num_samples} trials of up to {spec.max_epochs} epochs, "
+            f"{spec.budget_text()}, "
             f"{spec.searcher.name}/{spec.searcher.sampler} + {spec.scheduler.name}, "
             f"best by {spec.metric.name} ({spec.metric.mode}). Child runs: one per trial.")
 
