@@ -340,7 +340,7 @@ def check_workers_reach_tracking(address: str | None, tracking_uri: str | None) 
 
 def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log,  # noqa: ANN001
              on_event: Listener | None = None) -> list[Path]:
-    from sweep.runner import connect_ray, run_sweep
+    from sweep.runner import connect_ray, run_sweep, stop_ray
 
     store = open_sweep(spec.name, spec.storage)
     manifest = Manifest.load(spec.name, spec.storage) if store.exists(MANIFEST) else \
@@ -391,9 +391,7 @@ def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log,  # no
         raise
     finally:
         if ray_started:
-            import ray
-
-            ray.shutdown()
+            stop_ray()
     RunWriter(tracking_url).end(manifest.parent_run_id, "FINISHED")
     return files
 
@@ -439,7 +437,7 @@ def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) 
         return
     _close_orphans(manifest)
     log(f"retraining {len(jobs)} seed runs (best config x {len(cmp.seed_list)} seeds)")
-    from sweep.runner import connect_ray
+    from sweep.runner import connect_ray, stop_ray
 
     started = connect_ray(address)
     try:
@@ -457,7 +455,7 @@ def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) 
             pending = _collect(spec.name, pending, log, spec.storage)
     finally:
         if started:
-            ray.shutdown()
+            stop_ray()
 
 
 def _close_orphans(manifest: Manifest) -> None:

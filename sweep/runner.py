@@ -217,13 +217,27 @@ def connect_ray(address: str | None = None) -> bool:
             ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
             return True
         except Exception as err:  # "The current node timed out during startup"
-            ray.shutdown()
+            stop_ray()
             if attempt == 2:
                 raise UserError(Problem("ray", f"Ray did not start on this machine (tried twice): {err}",
                                         "try again when the machine is less busy, or start Ray yourself "
                                         "(`ray start --head --num-cpus 2`) and pass --address "
                                         "127.0.0.1:6379")) from None
     return True
+
+
+def stop_ray() -> None:
+    """Shut down the Ray this process started, after freeing the Ray handles Tune left in reference
+    cycles. Else the garbage collector may free one (an ObjectRef, an actor handle) from another thread
+    (the MLflow writer, the live view) while `ray.shutdown` is between shutting the core worker down and
+    unsetting it, and Ray then ends the whole process with exit code 1 ("The core worker has already
+    been shutdown ... The process will exit"), without a word of ours: seen once, under load."""
+    import gc
+
+    import ray
+
+    gc.collect()
+    ray.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------- Tuner
@@ -508,7 +522,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
             import ray
 
             if ray.is_initialized():
-                ray.shutdown()
+                stop_ray()
     result.wall_s = time.monotonic() - start
     return result
 
@@ -593,9 +607,7 @@ def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, started: bool,
                 tuner.fit()
         finally:
             if started:
-                import ray
-
-                ray.shutdown()
+                stop_ray()
     except BaseException:  # interrupted or failed: still no run left RUNNING, as far as the records go
         if tracker is not None:
             tracker.close(timeout_s=5.0)
