@@ -52,11 +52,10 @@ def metric_value(last: Mapping[str, Any], metric: str) -> float | None:
     return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
 
 
-def reaches(value: Any, mode: str, target: float) -> bool:
-    """A reported metric at or past the sweep's target (budget.target), in the metric's direction."""
-    if not isinstance(value, int | float) or not math.isfinite(value):
-        return False
-    return value >= target if mode == "max" else value <= target
+def reaches(report: Mapping[str, Any], metric: str, mode: str, target: float) -> bool:
+    """The report's metric at or past the sweep's target (budget.target), in the metric's direction."""
+    value = metric_value(report, metric)
+    return value is not None and (value >= target if mode == "max" else value <= target)
 
 
 def searched_keys(spec: SweepSpec) -> set[str]:

@@ -53,7 +53,7 @@ def reached_target(spec: Any, records: Sequence[Any]) -> tuple[str, int] | None:
     if target is None:
         return None
     hits = [(row.get("timestamp", 0), r.trial_id, int(row.get("epoch", 0) or 0)) for r in records
-            for row in r.history if events.reaches(row.get(spec.metric.name), spec.metric.mode, target)]
+            for row in r.history if events.reaches(row, spec.metric.name, spec.metric.mode, target)]
     return min(hits)[1:] if hits else None
 
 

@@ -21,7 +21,7 @@ class TargetReached(Stopper):
         self.reached_by: str | None = None
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        if self.reached_by is None and reaches(result.get(self.metric), self.mode, self.target):
+        if self.reached_by is None and reaches(result, self.metric, self.mode, self.target):
             self.reached_by = trial_id
         return False  # the trial itself is stopped with all the others, by stop_all
 
