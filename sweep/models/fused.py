@@ -83,9 +83,10 @@ class _DecayedMemory:
         self.SG = like.new_empty(batch, 2 * len(read_times), length)
         self.first_read = [bisect.bisect_left(read_times, k) for k in range(length)]
 
-    def write(self, k: int, v: Tensor) -> None:
-        if v.data_ptr() != self.V[:, k].data_ptr():
-            self.V[:, k] = v
+    def write(self, k: int, v: Tensor) -> Tensor:
+        """Store v_k; returns the stored copy (for S = 1 the query row a read of it then finds in place)."""
+        self.V[:, k] = v
+        return self.V[:, k]
 
     def write_relu(self, k: int, x: Tensor) -> Tensor:
         """v_k = ReLU(x), computed straight into the memory (no copy); returns v_k."""
@@ -220,8 +221,7 @@ class FWRNNSequence(torch.autograd.Function):
         for t in range(T):
             slow = torch.addmm(Cx[:, t], Hs[t], WT)
             if authors:  # u = ReLU(W h(t-1) + C x), written before the inner loop reads
-                h_s = torch.clamp_min(slow, 0, out=U[t])  # ReLU, into U
-                mem.write(t, h_s)
+                h_s = mem.write(t, torch.clamp_min(slow, 0, out=U[t]))  # ReLU, into U and the memory
                 slow = torch.addmm(Cx[:, t], h_s, WT)
             else:
                 h_s = torch.relu(slow)
