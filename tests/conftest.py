@@ -319,3 +319,15 @@ def trial_rows(home: Path, name: str) -> dict[str, list[dict[str, Any]]]:
         out[result.parent.name.removeprefix("trial_")] = [
             json.loads(line) for line in result.read_text().splitlines() if line.strip()]
     return out
+
+
+RESULT_KEYS = ("epoch", "step", "val_accuracy", "test_accuracy", "elapsed_s")
+
+
+def repeats_only_the_final_row(before: list[dict], after: list[dict]) -> bool:
+    """A finished trial's result.json after `sweep resume`: the rows it had, then at most the same final
+    result again (Tune closes a trial restored from an older checkpoint with it), never a re-trained
+    epoch (which would differ in elapsed_s at least)."""
+    final = [before[-1].get(k) for k in RESULT_KEYS]
+    return after[: len(before)] == before and all(
+        [row.get(k) for k in RESULT_KEYS] == final for row in after[len(before):])

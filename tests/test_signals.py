@@ -15,6 +15,7 @@ from conftest import (
     experiment_dir,
     metric_steps,
     mlflow_runs,
+    repeats_only_the_final_row,
     run_to_end,
     started_trials_on_disk,
     trial_rows,
@@ -98,10 +99,7 @@ def test_interrupt_between_a_logged_result_and_tunes_snapshot(mlflow_server: str
         epochs = t["epochs"][:-1] if t["epochs"][-2:] == [3, 3] and tid == done[0] else t["epochs"]
         assert epochs == [1, 2, 3], f"trial {tid}: {t['epochs']} (before: {before.get(tid)})"
     final, after = before[done[0]][-1], trial_rows(home, name)[done[0]]
-    assert after[: len(before[done[0]])] == before[done[0]]
-    for row in after[len(before[done[0]]):]:  # the same result again, not a re-trained epoch
-        assert [row[k] for k in ("epoch", "step", "val_accuracy", "test_accuracy", "elapsed_s")] == \
-            [final[k] for k in ("epoch", "step", "val_accuracy", "test_accuracy", "elapsed_s")], row
+    assert repeats_only_the_final_row(before[done[0]], after), (before[done[0]], after)
     assert "stopped early" not in out, out  # the ended trial closes as done, at its final epoch
     assert "Warning" not in out, out  # e.g. Optuna's note on the step reported again
     from sweep.store import open_sweep
