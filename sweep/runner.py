@@ -72,7 +72,8 @@ class TrackingBehind:
 class TuneReporter:
     """The Reporter protocol on top of Tune's session: one tune.report per epoch, checkpoints persisted."""
 
-    def __init__(self, recorded_epochs: int = 0) -> None:
+    def __init__(self, workdir: Path, recorded_epochs: int = 0) -> None:
+        self.workdir = workdir  # the trial's scratch folder, removed when the trial ends
         self.restored_epoch = 0  # the epochs the checkpoint Tune restored this trial from holds
         self.recorded_epochs = recorded_epochs  # the epochs the sweep's records already hold (a resume)
 
@@ -115,7 +116,9 @@ class TuneReporter:
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
             return None
-        path = Path(checkpoint.to_directory())
+        # Into the trial's workdir: to_directory() without a path copies into the system temp folder
+        # under a name nothing removes, one left-over copy per restored trial.
+        path = Path(checkpoint.to_directory(str(self.workdir / "restored")))
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             self.restored_epoch = int(json.loads((path / META_FILE).read_text(encoding="utf-8"))["epoch"])
         return path
@@ -139,19 +142,20 @@ def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None,
     from sweep.train import run_trial
 
     progress = (recorded or {}).get(tune.get_context().get_trial_id()) or {}
-    if progress.get("final"):
-        TuneReporter().close_with(progress["final"])
-        return
-    sweep_spec = SweepSpec.model_validate(spec)
-    trial = trial_config(sweep_spec, config)
-    threads = trial_threads(sweep_spec, trial)
-    torch.set_num_threads(threads)
-    device = "cuda" if ray.get_gpu_ids() else "cpu"  # CUDA only when Ray assigned this trial a GPU
-    trial = trial.model_copy(update={"train": trial.train.model_copy(update={"device": device,
-                                                                               "num_threads": threads})})
     workdir = Path(tempfile.mkdtemp(prefix="fwsweep-trial-"))
     try:
-        reporter = testing_faults.wrap(TuneReporter(progress.get("epochs", 0)))  # wraps if FWSWEEP_FAULT
+        if progress.get("final"):
+            TuneReporter(workdir).close_with(progress["final"])
+            return
+        sweep_spec = SweepSpec.model_validate(spec)
+        trial = trial_config(sweep_spec, config)
+        threads = trial_threads(sweep_spec, trial)
+        torch.set_num_threads(threads)
+        device = "cuda" if ray.get_gpu_ids() else "cpu"  # CUDA only when Ray assigned this trial a GPU
+        trial = trial.model_copy(update={"train": trial.train.model_copy(update={"device": device,
+                                                                                   "num_threads": threads})})
+        # testing_faults.wrap wraps the reporter only when FWSWEEP_FAULT is set
+        reporter = testing_faults.wrap(TuneReporter(workdir, progress.get("epochs", 0)))
         run_trial(trial, reporter, workdir)
     except TrialDiverged:
         pass  # reported with `diverged: 1`; ending normally keeps Tune from retrying a hopeless trial

@@ -16,6 +16,7 @@ import os
 import pickle
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -177,7 +178,9 @@ def test_failing_trials_are_recorded_everywhere_and_retried_from_checkpoints(
     spec = write_spec(tmp_path, "faults-fail", budget={"num_samples": 4, "max_concurrent": 1},
                       retries={"max_failures": 1})
     env = {"FWSWEEP_FAULT": "nan@1x1;raise@2x2;crash@3x1", "FWSWEEP_FAULT_STATE": str(tmp_path / "faults")}
+    copies_before = restored_copies_in_temp()
     run_to_end(["run", str(spec), "--tracking-uri", mlflow_server], home, env)
+    assert restored_copies_in_temp() <= copies_before, "a restored checkpoint was left in the temp folder"
 
     trials = tune_trials(home, "faults-fail")
     assert len(trials) == 4
@@ -213,6 +216,11 @@ def test_failing_trials_are_recorded_everywhere_and_retried_from_checkpoints(
     assert "diverged" in nan_run.data.tags.get("error", "").lower()
     parents, _ = mlflow_runs(mlflow_server, "faults-fail")
     assert [p.info.status for p in parents] == ["FINISHED"]
+
+
+def restored_copies_in_temp() -> set[str]:
+    """Folders Tune's Checkpoint.to_directory() makes when given no path (trial workers share our temp)."""
+    return {p.name for p in Path(tempfile.gettempdir()).glob("checkpoint_tmp_*")}
 
 
 def optuna_by_tune_trial(home: Path, name: str) -> dict[str, Any]:
