@@ -510,35 +510,40 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
             signal.signal(signal.SIGTERM, sigterm)  # ray.init replaced the caller's SIGTERM handler: keep it
         capacity.check_resources(spec)  # before Tune/MLflow write anything: a trial no node fits would hang
 
-    try:
-        with tracking_server(uri, meanwhile=start_ray, wait=False) as server:  # trials start while it boots
-            if announce:
-                how = "starting on 127.0.0.1; trials start meanwhile" if server.started_here else \
-                    "reused" if not uri else "given"
-                announce(f"MLflow: {server.url} ({how}); sweep state: {store.uri}")
-            try:
-                result = _run(spec, resume, server.url, any(ray_started), store, on_event)
-            finally:
-                if on_event is not None:
-                    on_event(SweepEnded(spec.name))
-    finally:  # e.g. the MLflow server failed to start after Ray did
+    def stop_started_ray() -> None:  # after the reconcile; overlaps the local MLflow server's shutdown
         if any(ray_started):
             import ray
 
             if ray.is_initialized():
                 stop_ray()
+
+    try:
+        # trials start while the server boots; Ray stops while it shuts down
+        with tracking_server(uri, meanwhile=start_ray, wait=False,
+                             meanwhile_stopping=stop_started_ray) as server:
+            if announce:
+                how = "starting on 127.0.0.1; trials start meanwhile" if server.started_here else \
+                    "reused" if not uri else "given"
+                announce(f"MLflow: {server.url} ({how}); sweep state: {store.uri}")
+            try:
+                result = _run(spec, resume, server.url, store, on_event)
+            finally:
+                if on_event is not None:
+                    on_event(SweepEnded(spec.name))
+    finally:  # e.g. the MLflow server failed to start after Ray did
+        stop_started_ray()
     result.wall_s = time.monotonic() - start
     return result
 
 
-def _run(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store: SweepStore,
+def _run(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepStore,
          on_event: Listener | None = None) -> SweepResult:
-    """The sweep on a connected Ray; `started`: this process started Ray, and shuts it down after Tune.
+    """The sweep on a connected Ray (left running: the caller stops a Ray it started).
 
     Afterwards MLflow is brought level with the sweep's records (`sweep.mlflow_runs.reconcile`), whatever
     the live logging managed to send."""
     with driver_lock(store):
-        return _run_locked(spec, resume, tracking_url, started, store, on_event)
+        return _run_locked(spec, resume, tracking_url, store, on_event)
 
 
 DRIVER_LOCK = ".driver.lock"  # held (an OS file lock) by the process driving the sweep; gone with it
@@ -585,7 +590,7 @@ def is_driven(store: SweepStore) -> bool:
     return False
 
 
-def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, started: bool, store: SweepStore,
+def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepStore,
                 on_event: Listener | None = None) -> SweepResult:
     from sweep import export, tracking
 
@@ -593,25 +598,21 @@ def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, started: bool,
     callbacks = _callbacks(spec, tracker, store, on_event)  # registered before a restore unpickles them
     unsent = 0
     try:
-        try:
-            _quiet_tune()
-            if resume:
-                tuner = restore_tuner(spec, store)
-            else:
-                store.write_spec(spec)
-                tuner = build_tuner(spec, callbacks, store)
-            if on_event is not None:
-                on_event(SweepStarted(spec.name, spec.metric.name, spec.metric.mode, spec.budget.num_samples,
-                                      spec.max_epochs, spec.budget.max_concurrent, resumed=resume))
-            # Tune snapshots its experiment state every >= 10 s by default: a driver killed in that window
-            # forgets the trials that finished in it, and `resume` re-runs their last epoch. It is small.
-            os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-            hush_missing_results()
-            with storage_faults(spec, store), json_logger_only(store, fresh=not resume):
-                tuner.fit()
-        finally:
-            if started:
-                stop_ray()
+        _quiet_tune()
+        if resume:
+            tuner = restore_tuner(spec, store)
+        else:
+            store.write_spec(spec)
+            tuner = build_tuner(spec, callbacks, store)
+        if on_event is not None:
+            on_event(SweepStarted(spec.name, spec.metric.name, spec.metric.mode, spec.budget.num_samples,
+                                  spec.max_epochs, spec.budget.max_concurrent, resumed=resume))
+        # Tune snapshots its experiment state every >= 10 s by default: a driver killed in that window
+        # forgets the trials that finished in it, and `resume` re-runs their last epoch. It is small.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+        hush_missing_results()
+        with storage_faults(spec, store), json_logger_only(store, fresh=not resume):
+            tuner.fit()
     except BaseException:  # interrupted or failed: still no run left RUNNING, as far as the records go
         if tracker is not None:
             tracker.close(timeout_s=5.0)

@@ -182,7 +182,8 @@ def ensure_server(uri: str | None, meanwhile: Callable[[], object] | None = None
 
 @contextlib.contextmanager
 def tracking_server(uri: str | None, keep: bool = False, meanwhile: Callable[[], object] | None = None,
-                    *, spec_uri: str | None = None, wait: bool = True) -> Iterator[TrackingServer]:
+                    *, spec_uri: str | None = None, wait: bool = True,
+                    meanwhile_stopping: Callable[[], object] | None = None) -> Iterator[TrackingServer]:
     """The server one command logs to, kept up for as long as the command runs.
 
     A given URI (`uri`, $MLFLOW_TRACKING_URI, `spec_uri`) is someone else's server: checked, never
@@ -191,11 +192,15 @@ def tracking_server(uri: str | None, keep: bool = False, meanwhile: Callable[[],
     on the same port if it dies; the last command out stops it unless it was kept (`keep`: `sweep ui
     --detach`). `meanwhile` (e.g. starting Ray) overlaps the server's boot. `wait=False` yields before
     the server answers: `is_ready(server.url)` turns True once it does (a sweep trains meanwhile).
+    `meanwhile_stopping` (e.g. stopping Ray) runs once at the end, while the server shuts down.
     """
     uri = resolve_tracking_uri(uri, spec_uri)
     if uri is not None:
         _call(meanwhile)
-        yield TrackingServer(url=uri)
+        try:
+            yield TrackingServer(url=uri)
+        finally:
+            _call(meanwhile_stopping)
         return
     folder = _local_folder()
     with _locked(folder):
@@ -214,10 +219,13 @@ def tracking_server(uri: str | None, keep: bool = False, meanwhile: Callable[[],
         yield server
     finally:
         watchdog.stop()
+        pending = [meanwhile_stopping] if meanwhile_stopping is not None else []
         with _locked(folder):
             lease.unlink(missing_ok=True)
-            if not active_users(folder) and not (folder / KEEP_FILE).exists() and stop_local_server(folder):
+            if not active_users(folder) and not (folder / KEEP_FILE).exists() and \
+                    stop_local_server(folder, meanwhile=lambda: _call(pending.pop() if pending else None)):
                 _readiness.pop(server.url, None)
+        _call(pending.pop() if pending else None)  # the server was kept, reused by others, or gone
 
 
 def running_server_url(uri: str | None = None, spec_uri: str | None = None) -> str | None:
@@ -491,10 +499,11 @@ def _wait_until_healthy(url: str, proc: subprocess.Popen | None, timeout: float,
                        f"last lines of {log_file}:\n{_tail(log_file)}")
 
 
-def stop_local_server(folder: Path | None = None) -> bool:
+def stop_local_server(folder: Path | None = None, meanwhile: Callable[[], object] | None = None) -> bool:
     """Stop the recorded local server and its whole process tree; False if none was running.
 
-    Its port stays remembered: the next start reuses it when free.
+    Its port stays remembered: the next start reuses it when free. `meanwhile` runs between asking the
+    processes to end and waiting for them (its shutdown takes about a second and a half).
     """
     folder = folder or paths.mlflow_dir()
     state = read_state(folder)
@@ -503,7 +512,7 @@ def stop_local_server(folder: Path | None = None) -> bool:
         return False
     alive = _is_mlflow_process(state.get("pid"))
     if alive:
-        _kill_tree(state["pid"])
+        _kill_tree(state["pid"], meanwhile=meanwhile)
     (folder / STATE_FILE).unlink(missing_ok=True)
     return alive
 
@@ -570,7 +579,7 @@ def stop_process_tree(pid: int, grace_s: float = 10.0) -> None:
     _kill_tree(pid, grace_s)
 
 
-def _kill_tree(pid: int | None, grace_s: float = 10.0) -> None:
+def _kill_tree(pid: int | None, grace_s: float = 10.0, meanwhile: Callable[[], object] | None = None) -> None:
     root = _process(pid)
     if root is None:
         return
@@ -580,11 +589,14 @@ def _kill_tree(pid: int | None, grace_s: float = 10.0) -> None:
     for proc in victims:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(victims, timeout=grace_s)  # also reaps our own children
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5.0)
+    try:
+        _call(meanwhile)
+    finally:
+        _, alive = psutil.wait_procs(victims, timeout=grace_s)  # also reaps our own children
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5.0)
 
 
 def _process(pid: int | None) -> psutil.Process | None:
