@@ -33,10 +33,12 @@ quickstart: setup
 
 # Everything, what CI runs: real Ray, real MLflow servers, subprocesses, training to target accuracies.
 # Two pytest-xdist workers: most of a test's time is waiting on a server or Ray, so two overlap well on
-# 2 cores (tests sharing a module's cluster stay in one worker: tests/conftest.py).
-test: setup browser
+# 2 cores (tests sharing a module's cluster stay in one worker: tests/conftest.py). On a fresh machine the
+# venv (pip) and the browser (apt) install side by side. --durations: where the suite's time goes, per run.
+test:
+	$(MAKE) --no-print-directory -j2 setup browser
 	$(VENV)/bin/ruff check sweep tests benchmarks
-	$(PY) -m pytest -q -rs -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -rs -n 2 --dist loadgroup --durations=15 tests
 
 # Everyday work: in-process tests only (no Ray, no MLflow server: `slow` tests are left out).
 test-fast: setup
