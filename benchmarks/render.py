@@ -143,6 +143,28 @@ def render_sweep_overhead(p: dict[str, Any]) -> str:
     return provenance(p) + "\n\n" + table(["measure", "value"], rows)
 
 
+def render_fixed_cost(p: dict[str, Any]) -> str:
+    r = p["results"]
+    parts, rows = [], []
+    for store, m in r["mlflow_server"].items():
+        cpu = ", ".join(f"{name} {s:.1f}" for name, s in m["cpu_s"].items())
+        rows.append([f"local MLflow server, {store}",
+                     f"{m['ready_s']:.1f} s to /health; stop {m['stop_s']:.1f} s",
+                     f"{sum(m['cpu_s'].values()):.1f} ({cpu})"])
+    ray = r["ray"]
+    ray_cpu = ", ".join(f"{name} {s:.1f}" for name, s in sorted(ray["cpu_s"].items(), key=lambda kv: -kv[1]))
+    rows.append(["local Ray (`ray.init`)", f"{ray['init_s']:.1f} s; stop {ray['shutdown_s']:.1f} s",
+                 f"{sum(ray['cpu_s'].values()):.1f} ({ray_cpu})"])
+    for name, m in r["imports"].items():
+        rows.append([name, f"{m['wall_s']:.2f} s", f"{m['cpu_s']:.2f}"])
+    parts.append(table(["part (each alone)", "wall", "CPU seconds"], rows))
+    sweep = r["sweep"]
+    parts.append(f"One sweep of {sweep['trials']} short trials (2 at a time), seconds from the start of "
+                 "`run_sweep`:")
+    parts.append(table(["s", "event"], [[f"{t:.1f}", what] for t, what in sweep["marks"]]))
+    return "\n\n".join([provenance(p), *parts])
+
+
 def render_search_efficiency(p: dict[str, Any]) -> str:
     r = p["results"]
     rows = []
@@ -302,6 +324,7 @@ def render_peers(p: dict[str, Any]) -> str:
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "driver_profile": render_driver_profile,
+    "fixed_cost": render_fixed_cost,
     "models": render_models,
     "peers": render_peers,
     "sweep_overhead": render_sweep_overhead,

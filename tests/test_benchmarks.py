@@ -137,6 +137,13 @@ def test_every_kind_of_result_has_a_renderer():
             }
         ],
     }
+    fixed = {
+        "imports": {"import torch": {"wall_s": 1.9, "cpu_s": 1.8}},
+        "mlflow_server": {"new store": {"ready_s": 11.6, "cpu_s": {"uvicorn (the server)": 4.8},
+                                        "stop_s": 1.5}},
+        "ray": {"init_s": 4.7, "cpu_s": {"raylet": 0.1, "dashboard agent": 1.6}, "shutdown_s": 1.4},
+        "sweep": {"trials": 6, "marks": [[2.0, "connect_ray starts"], [9.0, "connect_ray ends"]]},
+    }
     base = {
         "started_utc": "t",
         "load_average_before": [0.1] * 3,
@@ -151,6 +158,7 @@ def test_every_kind_of_result_has_a_renderer():
         ("driver_profile", profile, "other thread: PythonGCThread"),
         ("tracking", tracking, "10.0x"),
         ("gpu", gpu_results, "3.00"),
+        ("fixed_cost", fixed, "1.7 (dashboard agent 1.6, raylet 0.1)"),
     ]:
         assert expected in render.RENDERERS[kind](base | {"kind": kind, "results": results})
 
