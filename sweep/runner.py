@@ -218,7 +218,11 @@ def connect_ray(address: str | None = None) -> bool:
     # On an overloaded machine the node's agents can miss Ray's fixed 30 s start-up wait: try once more.
     for attempt in (1, 2):
         try:
-            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # No worker processes prestarted for this driver: Tune's trials run in actors, which Ray gives
+            # workers of their own, so those two sat idle (1.4 CPU-s of a contended start; a sweep of 6
+            # short trials ended 1.3 s sooner over 4 paired runs, docs/benchmarks.md).
+            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     _system_config={"prestart_worker_first_driver": False})
             return True
         except Exception as err:  # "The current node timed out during startup"
             stop_ray()

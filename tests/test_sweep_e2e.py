@@ -259,3 +259,25 @@ def test_resume_refuses_another_spec(home, mlflow_server):
         run_sweep(changed, tracking_uri=mlflow_server, resume=True)
     with pytest.raises(UserError, match="already exists"):
         run_sweep(SweepSpec.model_validate(data), tracking_uri=mlflow_server)
+
+
+def test_the_local_ray_prestarts_no_idle_workers(home):
+    """Tune's trials run in actors, which get workers of their own: a worker prestarted for the driver
+    would only sit idle, a Python process's start-up of CPU in a contended start (docs/benchmarks.md)."""
+    import psutil
+
+    from sweep.runner import connect_ray, stop_ray
+
+    assert connect_ray(None), "a Ray was already connected in this process"
+    try:
+        time.sleep(3)  # Ray prestarts right after the driver connects
+        idle = []
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if "ray::IDLE" in " ".join(proc.cmdline()):
+                    idle.append(proc.pid)
+            except psutil.Error:
+                continue
+    finally:
+        stop_ray()
+    assert idle == [], f"idle Ray workers started: {idle}"
