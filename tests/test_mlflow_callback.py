@@ -171,9 +171,9 @@ def test_live_logging_leaves_the_reconcile_no_per_trial_work(live_sweep: dict[st
         assert run.data.tags["end_reason"] != "running"
     writer = live_sweep["callback"].settled_writer()
     assert writer is not None, "the live writer is idle after close()"
-    # the parent: create, params; per trial: create (running, with its tags), params, one batch per report,
-    # num_params (a constant of the first report) once, config.yaml, the end tags, the end status
-    expected = 2 + 6 * len(children) + live_sweep["reports"]
+    # the parent: create, params; per trial: create (running, with its tags), params, one batch per report
+    # (the first also carries num_params, a constant of the trial), config.yaml, the end tags, the end status
+    expected = 2 + 5 * len(children) + live_sweep["reports"]
     assert writer.requests == expected, (writer.requests, expected)
 
 

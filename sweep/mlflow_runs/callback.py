@@ -150,10 +150,10 @@ class MlflowSweepCallback(LiveCallback):
 
         def log_row(w: RunWriter) -> None:
             run_id = self._run(w, tid)
-            w.log_rows(run_id, [row])
-            if constants and self._trials[tid][2].keys().isdisjoint(constants):
-                self._trials[tid][2].update(constants)
-                w.log_params(run_id, constants)
+            new = constants if constants and self._trials[tid][2].keys().isdisjoint(constants) else None
+            w.log_rows(run_id, [row], params=new)  # one request for both
+            if new:  # only once sent: a retried op sends them again
+                self._trials[tid][2].update(new)
 
         self.live.submit(log_row, f"metrics of trial {tid}", reports=1)
 

@@ -176,10 +176,15 @@ class RunWriter:
                 if (run_id, key) in self._learned:
                     self._learned[(run_id, key)].add(step)
 
-    def log_rows(self, run_id: str, rows: Sequence[Row]) -> int:
-        """Log the rows whose step the run does not hold yet, in step order; returns how many rows."""
+    def log_rows(self, run_id: str, rows: Sequence[Row], params: Mapping[str, str] | None = None) -> int:
+        """Log the rows whose step the run does not hold yet, in step order; returns how many rows.
+
+        `params` (new ones, e.g. a first report's constants) ride in the same request when they fit."""
         rows = [r for r in rows if r[1]]
+        extra = [Param(k, v) for k, v in (params or {}).items()]
         if not rows:
+            if extra:
+                self.log_params(run_id, dict(params or {}))
             return 0
         counts = Counter(k for r in rows for k in r[1])
         todo: dict[int, Row] = {}
@@ -190,10 +195,15 @@ class RunWriter:
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, ts or now, step) for step, values, ts in (todo[s] for s in sorted(todo))
                    for k, v in values.items()]
+        if extra and (not metrics or len(metrics) + len(extra) > MAX_METRICS_PER_BATCH
+                      or len(extra) > MAX_PARAMS_PER_BATCH):
+            self.log_params(run_id, dict(params or {}))  # no room beside the rows: a request of their own
+            extra = []
         try:
             for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
                 self.requests += 1
-                self.client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+                self.client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH],
+                                      params=extra if i == 0 else [])
         except Exception:
             self._forget(run_id)  # a request cut off by an outage may have landed: ask the server next time
             raise
