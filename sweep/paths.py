@@ -69,3 +69,22 @@ def mlflow_dir() -> Path:
 def train_dir() -> Path:
     """Default output folder of `sweep train` runs."""
     return home() / "train"
+
+
+TRIAL_SCRATCH_PREFIX = "fwsweep-trial-"
+
+
+def trial_scratch_dir() -> Path:
+    """A new scratch folder for one trial on this node (its checkpoints until Tune persists them), named
+    after this process. A trial removes its own when it ends; a worker killed mid-trial (a crash, Ctrl-C
+    on the sweep, a lost node) cannot, so folders whose process is gone are removed here first."""
+    import shutil
+
+    import psutil
+
+    temp = Path(tempfile.gettempdir())
+    for old in temp.glob(f"{TRIAL_SCRATCH_PREFIX}*"):
+        pid = old.name.removeprefix(TRIAL_SCRATCH_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{TRIAL_SCRATCH_PREFIX}{os.getpid()}-", dir=temp))

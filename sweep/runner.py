@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 import warnings
@@ -142,7 +141,7 @@ def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None,
     from sweep.train import run_trial
 
     progress = (recorded or {}).get(tune.get_context().get_trial_id()) or {}
-    workdir = Path(tempfile.mkdtemp(prefix="fwsweep-trial-"))
+    workdir = paths.trial_scratch_dir()
     try:
         if progress.get("final"):
             TuneReporter(workdir).close_with(progress["final"])

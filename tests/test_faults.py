@@ -130,6 +130,29 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path,
         assert torch.equal(state["w"], _tiny_state()["w"]) and meta == {"epoch": 1}
 
 
+def test_a_killed_workers_scratch_folder_is_removed_by_the_next_trial(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial's scratch folder (its checkpoints before Tune persists them) outlives a worker killed
+    mid-trial; the next trial on the node removes it, and only folders whose process is gone."""
+    from sweep import paths
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen(["true"])  # a process that has ended: nothing runs under its pid
+    ended.wait()
+    folders = {
+        "dead": tmp_path / f"{paths.TRIAL_SCRATCH_PREFIX}{ended.pid}-abc",
+        "alive": tmp_path / f"{paths.TRIAL_SCRATCH_PREFIX}{os.getppid()}-def",  # another live process's
+        "unnamed": tmp_path / f"{paths.TRIAL_SCRATCH_PREFIX}k2j4_x9q",  # no pid in its name: left alone
+        "other": tmp_path / "somebody-else",
+    }
+    for folder in folders.values():
+        (folder / "checkpoints").mkdir(parents=True)
+    new = paths.trial_scratch_dir()
+    assert new.is_dir() and new.parent == tmp_path and new.name.startswith(f"fwsweep-trial-{os.getpid()}-")
+    assert not folders["dead"].exists(), "the dead worker's folder was kept"
+    assert all(folders[k].is_dir() for k in ("alive", "unnamed", "other"))
+
+
 def test_only_the_last_k_checkpoints_are_kept(tmp_path: Path) -> None:
     from sweep import checkpoint as ck
 
