@@ -219,6 +219,7 @@ def tracking_server(uri: str | None, keep: bool = False, meanwhile: Callable[[],
         yield server
     finally:
         watchdog.stop()
+        # meanwhile_stopping runs once: during the server's shutdown if this command stops it, else after
         pending = [meanwhile_stopping] if meanwhile_stopping is not None else []
         with _locked(folder):
             lease.unlink(missing_ok=True)
