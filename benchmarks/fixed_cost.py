@@ -86,10 +86,11 @@ def mlflow_boot() -> dict[str, Any]:
 
 def process_kind(cmdline: list[str]) -> str:
     text = " ".join(cmdline)
-    for key, name in (("gcs_server", "gcs_server"), ("raylet/raylet", "raylet"), ("monitor.py", "monitor"),
-                      ("dashboard/dashboard.py", "dashboard (head)"), ("log_monitor", "log_monitor"),
-                      ("DashboardAgent", "dashboard agent"), ("RuntimeEnvAgent", "runtime env agent"),
-                      ("ray::IDLE", "idle worker")):
+    kinds = (("gcs_server", "gcs_server"), ("raylet/raylet", "raylet"), ("log_monitor", "log_monitor"),
+             ("monitor.py", "autoscaler monitor"), ("dashboard/dashboard.py", "dashboard (head)"),
+             ("DashboardAgent", "dashboard agent"), ("RuntimeEnvAgent", "runtime env agent"),
+             ("ray::IDLE", "idle worker"))  # log_monitor.py before monitor.py, which it contains
+    for key, name in kinds:
         if key in text:
             return name
     return text[:60]
