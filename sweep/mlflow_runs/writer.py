@@ -182,10 +182,6 @@ class RunWriter:
         `params` (new ones, e.g. a first report's constants) ride in the same request when they fit."""
         rows = [r for r in rows if r[1]]
         extra = [Param(k, v) for k, v in (params or {}).items()]
-        if not rows:
-            if extra:
-                self.log_params(run_id, dict(params or {}))
-            return 0
         counts = Counter(k for r in rows for k in r[1])
         todo: dict[int, Row] = {}
         for row in rows:  # each row judged by a metric it has: the most common one (one history per run)
@@ -197,7 +193,7 @@ class RunWriter:
                    for k, v in values.items()]
         if extra and (not metrics or len(metrics) + len(extra) > MAX_METRICS_PER_BATCH
                       or len(extra) > MAX_PARAMS_PER_BATCH):
-            self.log_params(run_id, dict(params or {}))  # no room beside the rows: a request of their own
+            self.log_params(run_id, params or {})  # no rows to send, or no room beside them: on their own
             extra = []
         try:
             for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
