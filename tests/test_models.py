@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sweep.models import build_model, model_names, params_class
+from sweep.models import build_model, model_names, native_memory, params_class
 from sweep.models.common import count_parameters
 from sweep.models.fast_weights import AttentionMemory, MatrixMemory
 from sweep.models.fused import FWLSTMSequence, FWRNNSequence, LNLSTMSequence
@@ -142,6 +144,52 @@ def test_fused_ln_lstm_passes_gradcheck():
     inputs = (_f64(B, T, 4 * H), _f64(4 * H, H, seed=1), _f64(4, H, seed=2), _f64(4, H, seed=3),
               _f64(H, seed=4), _f64(H, seed=5), 1.0)
     assert torch.autograd.gradcheck(LNLSTMSequence.apply, inputs)
+
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler (cc)")
+
+
+@needs_cc
+def test_the_memory_reads_run_as_c_loops_where_a_compiler_is():
+    """Not a silent fallback: with `cc` on the machine, the fused forms use native_memory's loops."""
+    assert native_memory.usable_for(torch.zeros(1)) and native_memory.usable_for(torch.zeros(1).double())
+    assert not native_memory.usable_for(torch.zeros(1, dtype=torch.bfloat16))  # bmm serves other dtypes
+    assert list(native_memory.cache_dir().glob("fw_memory-*.so"))
+
+
+@needs_cc
+@pytest.mark.parametrize("inner_steps", [1, 3])
+@pytest.mark.parametrize(("name", "fields"), FAST_WEIGHT_MODELS)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_c_loops_equal_torch_bmm(monkeypatch, name, fields, inner_steps, dtype, tol):
+    # T = 11 and odd sizes: the loops' four-row blocks, their remainders and D not a multiple of 8
+    kw = {**fields, "inner_steps": inner_steps, "fast_lr": 0.9, "decay": 0.95, "hidden_size": 7}
+    x = tokens(batch=5, length=11)
+    out_c, grads_c = outputs_and_grads(make(name, dtype=dtype, **kw), x)  # the C loops
+    monkeypatch.setattr(native_memory, "usable_for", lambda like: False)  # decided per forward call
+    out_b, grads_b = outputs_and_grads(make(name, dtype=dtype, **kw), x)  # torch.bmm
+    assert rel_err(out_c, out_b) < tol
+    for param_name, grad in grads_b.items():
+        assert rel_err(grads_c[param_name], grad) < tol, param_name
+
+
+def test_without_a_compiler_the_memory_falls_back_to_bmm(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("FWSWEEP_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails
+    native_memory._library.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="sweep.models.native_memory"):
+            assert not native_memory.usable_for(torch.zeros(1))
+        assert "using torch.bmm instead" in caplog.text
+        assert not list(tmp_path.iterdir())  # no half-built library left in the cache
+        model = make("fw_lstm")
+        assert torch.isfinite(model(tokens())).all()
+        monkeypatch.setenv("FWSWEEP_NATIVE", "0")  # and the switch, with a working compiler
+        monkeypatch.delenv("CC")
+        native_memory._library.cache_clear()
+        assert not native_memory.usable_for(torch.zeros(1))
+    finally:
+        native_memory._library.cache_clear()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from sweep.models import native_memory
+
 aten = torch.ops.aten
 EPS = 1e-5  # nn.LayerNorm's default, as in the readable forms
 
@@ -68,6 +70,8 @@ class _DecayedMemory:
     (rows 2r+1 and 2r of GQ), and the weighted dot products of both with every vector it saw
     (rows 2r and 2r+1 of SG, written there by the product itself). Then
     dv_k = Σ_r SG[2r, k] g_r + SG[2r+1, k] q_r, one product.
+
+    Each product is one C loop over the batch where it can be (native_memory.py), else `torch.bmm`.
     """
 
     def __init__(self, batch: int, length: int, dim: int, read_times: list[int], fast_lr: float,
@@ -82,6 +86,8 @@ class _DecayedMemory:
         # SG[:, 2r, k] = w (q_r·v_k), SG[:, 2r+1, k] = w (g_r·v_k)
         self.SG = like.new_empty(batch, 2 * len(read_times), length)
         self.first_read = [bisect.bisect_left(read_times, k) for k in range(length)]
+        self.native = native_memory.BatchedReads(self.V, self.GQ, self.SG, self.weights) if (
+            native_memory.usable_for(like)) else None
 
     def write(self, k: int, v: Tensor) -> Tensor:
         """Store v_k; returns the stored copy (for S = 1 the query row a read of it then finds in place)."""
@@ -100,6 +106,8 @@ class _DecayedMemory:
         return dots, past
 
     def read(self, r: int, q: Tensor) -> Tensor:
+        if self.native:
+            return self.native.read(q, self.read_times[r] + 1, keep_row=2 * r + 1, dots_row=2 * r)
         if q.data_ptr() != self.GQ[:, 2 * r + 1].data_ptr():  # else q is v_r, already there
             self.GQ[:, 2 * r + 1] = q
         scores, past = self._weighted_dots(r, q, 2 * r)
@@ -110,16 +118,22 @@ class _DecayedMemory:
 
     def read_backward(self, r: int, grad_out: Tensor) -> Tensor:
         """The gradient of read r's query; keeps grad_out for the stored vectors' gradients."""
+        if self.native:
+            return self.native.read(grad_out, self.read_times[r] + 1, keep_row=2 * r, dots_row=2 * r + 1)
         self.GQ[:, 2 * r] = grad_out
         grad_scores, past = self._weighted_dots(r, grad_out, 2 * r + 1)
         return torch.bmm(grad_scores, past).squeeze(1)
 
-    def stored_grad(self, k: int) -> Tensor | None:
-        """dv_k from every read that saw v_k; call once all of them have had `read_backward`."""
+    def stored_grad(self, k: int, plus: Tensor | None = None) -> Tensor | None:
+        """dv_k from every read that saw v_k (+ `plus`, another gradient of v_k); call once all of
+        them have had `read_backward`. None when no read saw v_k and there is no `plus`."""
         lo = 2 * self.first_read[k]
         if lo == self.GQ.shape[1]:
-            return None
-        return torch.bmm(self.SG[:, lo:, k : k + 1].transpose(1, 2), self.GQ[:, lo:]).squeeze(1)
+            return plus
+        if self.native:
+            return self.native.stored_grad(k, lo, plus)
+        dv = torch.bmm(self.SG[:, lo:, k : k + 1].transpose(1, 2), self.GQ[:, lo:]).squeeze(1)
+        return dv if plus is None else dv + plus
 
 
 class FWLSTMSequence(torch.autograd.Function):
@@ -191,7 +205,7 @@ class FWLSTMSequence(torch.autograd.Function):
                 r = t * reads + s
                 dq = mem.read_backward(r, da)
                 if s == 0:
-                    dq = dq + mem.stored_grad(t)  # r_0 is also the vector written at t
+                    dq = mem.stored_grad(t, plus=dq)  # r_0 is also the vector written at t
                 da = _relu_backward(dq, mem.query(r))
                 d_pre = da if d_pre is None else d_pre + da
             d_gates[:, m0:].add_(d_pre)
@@ -251,10 +265,8 @@ class FWRNNSequence(torch.autograd.Function):
         dh = grad_h
         dgamma = dbeta = None
         for t in reversed(range(T)):
-            if not authors:
-                dv = mem.stored_grad(t) if t < T - 1 else None  # h(t) as a stored vector
-                if dv is not None:
-                    dh = dh + dv
+            if not authors and t < T - 1:  # h(t) as a stored vector
+                dh = mem.stored_grad(t, plus=dh)
             has_read = authors or t > 0
             d_slow, d_hs = None, dh
             for s in reversed(range(reads)):
@@ -268,7 +280,7 @@ class FWRNNSequence(torch.autograd.Function):
                 if d_hs is None:
                     break  # without a read, the inner steps depend on the slow path only
             if authors:  # h_0 = u, slow = u Wᵀ + Cx, u = ReLU(h(t-1) Wᵀ + Cx), v_t = u
-                du = d_hs + d_slow @ W + mem.stored_grad(t)
+                du = mem.stored_grad(t, plus=torch.addmm(d_hs, d_slow, W))
                 d_u_pre = _relu_backward(du, U[t])
                 d_u_pre_all[t] = d_u_pre
                 d_slow_all[t] = d_slow
