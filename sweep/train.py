@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sweep.allocator import keep_freed_memory
 from sweep.checkpoint import CHECKPOINTS, find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sweep.config import TrainConfig, TrialConfig, dump_yaml
 from sweep.errors import Problem, TrialDiverged, UserError
@@ -86,6 +87,7 @@ def run_trial(
     `diverged: 1`, then TrialDiverged.
     """
     started = time.perf_counter()
+    keep_freed_memory()  # no page faults per step (sweep/allocator.py)
     tc = config.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
