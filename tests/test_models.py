@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -171,6 +172,20 @@ def test_c_loops_equal_torch_bmm(monkeypatch, name, fields, inner_steps, dtype, 
     assert rel_err(out_c, out_b) < tol
     for param_name, grad in grads_b.items():
         assert rel_err(grads_c[param_name], grad) < tol, param_name
+
+
+@needs_cc
+def test_an_unwritable_kernel_cache_builds_in_the_temp_folder(monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("FWSWEEP_KERNEL_CACHE", str(tmp_path / "a-file" / "kernels"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    native_memory._library.cache_clear()
+    try:
+        assert native_memory.usable_for(torch.zeros(1))
+        assert len(list((tmp_path / "tmp").glob("fwsweep-kernels-*/fw_memory-*.so"))) == 1
+    finally:
+        native_memory._library.cache_clear()
 
 
 def test_without_a_compiler_the_memory_falls_back_to_bmm(monkeypatch, tmp_path, caplog):

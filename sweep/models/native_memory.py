@@ -111,19 +111,40 @@ def cache_dir() -> Path:
 
 
 def _cpu_model() -> str:
+    """The CPU's model and instruction set: code built with -march=native for one CPU can crash another
+    (a folder shared by unlike nodes), so they are part of the cache key."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line  # the first one: the model name on x86
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    first = {}
+    for line in lines:
+        name = line.split(":")[0].strip()
+        if name in ("model name", "flags", "Features", "CPU part"):
+            first.setdefault(name, line)
+    return "\n".join(first.values()) or platform.machine()
 
 
 def _compile(compiler: str) -> Path:
-    """The cached shared library, built first if missing (atomically: trials may race on a fresh node)."""
+    """The cached shared library, built first if missing; in the temp folder if the cache cannot be
+    written (a read-only home on a cluster node)."""
     key = hashlib.sha256("\0".join([SOURCE, *FLAGS, compiler, _cpu_model()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"fw_memory-{key}.so"
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        folder = Path(tempfile.gettempdir()) / f"fwsweep-kernels-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if folder.stat().st_uid != os.getuid():  # a shared /tmp: never load a library someone else put there
+            raise OSError(f"{folder} belongs to another user")
+    return _build(compiler, folder / f"fw_memory-{key}.so")
+
+
+def _build(compiler: str, target: Path) -> Path:
+    """`target`, compiled unless there; atomically (os.replace): trials may race on a fresh node."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
