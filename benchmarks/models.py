@@ -3,12 +3,15 @@
     .venv/bin/python benchmarks/models.py                  # H in {20, 50, 100}, batch 128, ART K=8
     .venv/bin/python benchmarks/models.py --matrix         # also the (slow, big) matrix forms
     .venv/bin/python benchmarks/models.py --hidden 100 --steps 3
+    .venv/bin/python benchmarks/models.py --default-malloc  # malloc's own thresholds (page faults per step)
 
 Writes benchmarks/results/models.json (see benchmarks/record.py); `benchmarks/render.py` makes the tables
 of docs/benchmarks.md from it. Run it on an otherwise idle machine.
 
 A train step is zero_grad + forward + cross-entropy + backward + Adam step on one batch of ART-shaped
-input (K=8 pairs: T=19 tokens, vocabulary 37, 10 classes), one torch thread. Configurations of one
+input (K=8 pairs: T=19 tokens, vocabulary 37, 10 classes), one torch thread, with malloc's thresholds
+raised as `run_trial` raises them for every trial (sweep/allocator.py). Rows "reads=bmm" time the fused
+forms with the memory's reads in torch.bmm instead of native_memory's C loops. Configurations of one
 hidden size are timed round-robin (one step of each, `--steps` rounds) so that load from other processes
 spreads evenly over them.
 
@@ -47,9 +50,11 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from record import record  # noqa: E402
 
-from sweep.models import build_model, count_parameters, params_class  # noqa: E402
+from sweep.allocator import keep_freed_memory  # noqa: E402
+from sweep.models import build_model, count_parameters, native_memory, params_class  # noqa: E402
 
 VOCAB, CLASSES = 37, 10
+READS = "reads"  # not a model option: "bmm" times the fused form with torch.bmm reads, not the C loops
 EMBED, HEAD = 100, 100
 
 CONFIGS: list[tuple[str, dict]] = [
@@ -57,8 +62,10 @@ CONFIGS: list[tuple[str, dict]] = [
     ("ln_lstm", {"cell_form": "fused"}),
     ("ln_lstm", {"cell_form": "autograd"}),
     ("fw_rnn", {"fw_form": "fused"}),
+    ("fw_rnn", {"fw_form": "fused", READS: "bmm"}),
     ("fw_rnn", {"fw_form": "attention"}),
     ("fw_lstm", {"fw_form": "fused"}),
+    ("fw_lstm", {"fw_form": "fused", READS: "bmm"}),
     ("fw_lstm", {"fw_form": "attention"}),
     ("fw_lstm", {"memory": "candidate", "fw_form": "fused"}),
     ("fw_lstm", {"memory": "candidate", "fw_form": "attention"}),
@@ -150,6 +157,19 @@ def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> C
     return step
 
 
+def with_bmm_reads(step: Callable[[], None]) -> Callable[[], None]:
+    """The step with the fused forms' memory reads done by torch.bmm (decided per forward call)."""
+    def bmm_step() -> None:
+        usable_for = native_memory.usable_for
+        native_memory.usable_for = lambda like: False
+        try:
+            step()
+        finally:
+            native_memory.usable_for = usable_for
+
+    return bmm_step
+
+
 def tensor_peak_bytes(step: Callable[[], None]) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -205,8 +225,11 @@ def bench_hidden_size(hidden: int, batch: int, pairs: int, steps: int, configs: 
     built = []
     for name, options in configs:
         torch.manual_seed(0)
-        model = build_model(params_class(name)(hidden_size=hidden, **options), VOCAB, CLASSES)
+        fields = {k: v for k, v in options.items() if k != READS}
+        model = build_model(params_class(name)(hidden_size=hidden, **fields), VOCAB, CLASSES)
         step = train_step_fn(model, x, y)
+        if options.get(READS) == "bmm":
+            step = with_bmm_reads(step)
         step()  # warm-up: allocator, Adam state
         built.append((name, options, model, step))
     timings = time_round_robin([step for *_, step in built], steps)
@@ -264,8 +287,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7, help="timed rounds per hidden size")
     parser.add_argument("--matrix", action="store_true", help="also time the matrix forms (slow, GiBs)")
     parser.add_argument("--name", default="models", help="results file benchmarks/results/NAME.json")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave malloc's thresholds as they are (trials raise them: sweep/allocator.py)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # fair, and what a 1-CPU Tune trial gets
+    kept = not args.default_malloc and keep_freed_memory()  # what run_trial does for every trial
     configs = CONFIGS + (MATRIX_CONFIGS if args.matrix else [])
     with record(args.name, vars(args), kind="models") as payload:
         T = 2 * args.pairs + 3
@@ -275,6 +301,8 @@ def main() -> None:
             best_rate = max(rates[h].values())
             results += bench_hidden_size(h, args.batch, args.pairs, args.steps, configs, best_rate)
         payload["results"] = {
+            "freed_memory_kept": kept,
+            "native_reads": native_memory.usable_for(torch.zeros(1)),
             "matmul_gflops": {str(h): r for h, r in rates.items()},
             "steps": [asdict(r) for r in results],
             "targets": targets(results),
