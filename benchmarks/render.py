@@ -165,6 +165,15 @@ def render_fixed_cost(p: dict[str, Any]) -> str:
     return "\n\n".join([provenance(p), *parts])
 
 
+def render_allocator(p: dict[str, Any]) -> str:
+    rows = [[r["hidden_size"], r["model"], r["options"], f"{r['ms_default']:.1f}", f"{r['ms_kept']:.1f}",
+             f"{r['ratio']:.2f}", f"{r['faults_default']:.0f}", f"{r['faults_kept']:.0f}"]
+            for r in p["results"]["rows"]]
+    header = ["H", "model", "options", "ms, glibc's defaults", "ms, as trials run", "ratio",
+              "page faults per step, defaults", "page faults per step, as trials run"]
+    return "\n\n".join([provenance(p), table(header, rows)])
+
+
 def render_search_efficiency(p: dict[str, Any]) -> str:
     r = p["results"]
     rows = []
@@ -323,6 +332,7 @@ def render_peers(p: dict[str, Any]) -> str:
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "allocator": render_allocator,
     "driver_profile": render_driver_profile,
     "fixed_cost": render_fixed_cost,
     "models": render_models,

@@ -159,6 +159,10 @@ def test_every_kind_of_result_has_a_renderer():
         ("tracking", tracking, "10.0x"),
         ("gpu", gpu_results, "3.00"),
         ("fixed_cost", fixed, "1.7 (dashboard agent 1.6, raylet 0.1)"),
+        ("allocator", {"rows": [{"model": "fw_lstm", "options": "fw_form=fused", "hidden_size": 100,
+                                 "ms_default": 70.0, "ms_kept": 56.0, "ratio": 0.8, "faults_default": 2700.0,
+                                 "faults_kept": 0.0}]},
+         "| 100 | fw_lstm | fw_form=fused | 70.0 | 56.0 | 0.80 |"),
     ]:
         assert expected in render.RENDERERS[kind](base | {"kind": kind, "results": results})
 

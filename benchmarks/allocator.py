@@ -1,0 +1,99 @@
+"""Train-step time and page faults with malloc's thresholds as glibc sets them and as trials set them.
+
+    .venv/bin/python benchmarks/allocator.py              # H in {20, 100}, 3 pairs of processes
+    .venv/bin/python benchmarks/allocator.py --pairs 5
+
+`run_trial` raises glibc's mmap and trim thresholds (sweep/allocator.py) so that the memory one train step
+frees stays mapped for the next. The setting is process-wide and cannot be undone, so the baseline runs in
+processes of its own: pairs of fresh processes, one with glibc's defaults and one with the trial setting,
+one after the other; each times LN-LSTM and FW-LSTM (both fused) round-robin, one torch thread, batch
+128, ART K=8, and counts the minor page faults of its steps (getrusage). The ratio per model is the median
+step time with the trial setting over the median with glibc's defaults, over all pairs.
+
+Writes benchmarks/results/allocator.json; `benchmarks/render.py` renders it into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import record  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [("ln_lstm", {"cell_form": "fused"}), ("fw_lstm", {"fw_form": "fused"})]
+
+# One process: warm-up, then `steps` rounds of one step of each config; prints JSON.
+PROCESS = r"""
+import json, resource, sys, time
+import torch
+sys.path.insert(0, sys.argv[1])
+from models import VOCAB, CLASSES, art_shaped_batch, params_class, train_step_fn
+from sweep.allocator import keep_freed_memory
+from sweep.models import build_model
+mode, hidden, steps, configs = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+torch.set_num_threads(1)
+if mode == "kept":
+    assert keep_freed_memory()
+x, y = art_shaped_batch(128, 8)
+built = []
+for name, options in configs:
+    torch.manual_seed(0)
+    step = train_step_fn(build_model(params_class(name)(hidden_size=hidden, **options), VOCAB, CLASSES), x, y)
+    step(); step(); step()
+    built.append(step)
+times, faults = [[] for _ in built], [0 for _ in built]
+for _ in range(steps):
+    for i, step in enumerate(built):
+        before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time()
+        step()
+        times[i].append(time.thread_time() - start)
+        faults[i] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+ms = [[1e3 * t for t in ts] for ts in times]
+print(json.dumps({"ms": ms, "faults_per_step": [f / steps for f in faults]}))
+"""
+
+
+def run_process(mode: str, hidden: int, steps: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", PROCESS, str(Path(__file__).parent), mode, str(hidden),
+                           str(steps), json.dumps(CONFIGS)], capture_output=True, text=True, env=env,
+                          check=True, timeout=600)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[20, 100])
+    parser.add_argument("--pairs", type=int, default=3, help="pairs of processes (default, kept) per H")
+    parser.add_argument("--steps", type=int, default=9, help="timed rounds per process")
+    args = parser.parse_args()
+    with record("allocator", vars(args), kind="allocator") as payload:
+        rows = []
+        for hidden in args.hidden:
+            runs = {"default": [], "kept": []}
+            for _ in range(args.pairs):
+                for mode in runs:
+                    runs[mode].append(run_process(mode, hidden, args.steps))
+            for i, (name, options) in enumerate(CONFIGS):
+                ms = {m: statistics.median(t for run in rs for t in run["ms"][i]) for m, rs in runs.items()}
+                faults = {m: statistics.median(run["faults_per_step"][i] for run in rs)
+                          for m, rs in runs.items()}
+                rows.append({"model": name, "options": ", ".join(f"{k}={v}" for k, v in options.items()),
+                             "hidden_size": hidden, "ms_default": ms["default"], "ms_kept": ms["kept"],
+                             "ratio": ms["kept"] / ms["default"], "faults_default": faults["default"],
+                             "faults_kept": faults["kept"]})
+                print(f"H={hidden} {name}: {ms['default']:.1f} -> {ms['kept']:.1f} ms "
+                      f"({ms['kept'] / ms['default']:.2f}x), page faults per step {faults['default']:.0f} -> "
+                      f"{faults['kept']:.0f}")
+        payload["results"] = {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()
