@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch  # noqa: F401 (recorded: record() notes the torch version of the measuring processes)
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from record import record  # noqa: E402
 

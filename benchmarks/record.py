@@ -55,9 +55,20 @@ def machine() -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
-    from sweep.compare import git_commit as commit
+    """The commit measured, '+dirty' with local edits to anything but benchmarks/results/ (where the
+    earlier benchmarks of one batch write their JSON: that changes no code measured)."""
+    import subprocess
 
-    return commit()
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        edits = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", ".",
+                                ":(exclude)benchmarks/results"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if edits else "")
 
 
 def write(name: str, payload: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
