@@ -48,6 +48,7 @@ import importlib
 import importlib.util
 import json
 import os
+import statistics
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -387,7 +388,7 @@ def bench_hidden_size(peers: list[tuple[Peer, Path, dict]], hidden: int, batch: 
     for i, (peer, folder, src, _fns, (theirs, ours)) in enumerate(built):
         (peer_cpu, peer_wall), (ours_cpu, ours_wall) = timings[2 * i : 2 * i + 2]
         diff = compare(peer, folder, hidden, batch, pairs) if check else {}
-        peer_ms, ours_ms = 1e3 * peer_cpu, 1e3 * ours_cpu
+        peer_ms, ours_ms = 1e3 * statistics.median(peer_cpu), 1e3 * statistics.median(ours_cpu)
         worst = max(diff["logits_max_abs_diff"], diff["embed_grad_max_abs_diff"]) if diff else None
         rows.append(Row(
             peer=peer.key, repo=src["repo"], commit=src["commit"], hidden_size=hidden, ours=peer.ours,

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -125,10 +126,10 @@ def _cpu_model() -> str:
     return "\n".join(first.values()) or platform.machine()
 
 
-def _compile(compiler: str) -> Path:
+def _compile(compiler: list[str]) -> Path:
     """The cached shared library, built first if missing; in the temp folder if the cache cannot be
     written (a read-only home on a cluster node)."""
-    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, compiler, _cpu_model()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, *compiler, _cpu_model()]).encode()).hexdigest()[:16]
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,7 @@ def _compile(compiler: str) -> Path:
     return _build(compiler, folder / f"fw_memory-{key}.so")
 
 
-def _build(compiler: str, target: Path) -> Path:
+def _build(compiler: list[str], target: Path) -> Path:
     """`target`, compiled unless there; atomically (os.replace): trials may race on a fresh node."""
     if target.exists():
         return target
@@ -151,7 +152,7 @@ def _build(compiler: str, target: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as build:
         source, built = Path(build) / "fw_memory.c", Path(build) / "fw_memory.so"
         source.write_text(SOURCE)
-        subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
+        subprocess.run([*compiler, *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(built, target)
     return target
@@ -161,8 +162,9 @@ def _build(compiler: str, target: Path) -> Path:
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("FWSWEEP_NATIVE", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    found = shutil.which("cc") or shutil.which("gcc")
+    compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])  # CC may carry flags
+    if not compiler:
         log.warning("no C compiler (cc) found: the fast-weight memory uses torch.bmm (slower, same result)")
         return None
     try:
