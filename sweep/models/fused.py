@@ -15,7 +15,8 @@ keeps only what the backward needs, and writes BPTT out:
 
       dv_k = Σ_{reads r, n_r ≥ k} η λ^(n_r - k) [(q_r·v_k) g_r + (g_r·v_k) q_r]
 
-  instead of every read adding into the gradients of all past vectors.
+  instead of every read adding into the gradients of all past vectors. On CPU each of these products
+  is one C loop over the batch (native_memory.py), elsewhere `torch.bmm`.
 
 The equations are those of the model modules (see their docstrings); tests/test_models.py checks every
 output and gradient against the matrix form to 1e-9 in float64 and runs `torch.autograd.gradcheck`.
