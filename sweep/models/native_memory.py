@@ -169,9 +169,13 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         library = ctypes.CDLL(str(_compile(compiler)))
+    except subprocess.CalledProcessError as err:
+        said = (err.stderr or "").strip().splitlines()  # a compiler's last line names the error
+        _fall_back(f"{shlex.join(compiler)} exited with status {err.returncode}"
+                   + (f": {said[-1]}" if said else ""))
+        return None
     except (OSError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", None) or err
-        log.warning("could not build the fast-weight memory kernel (%s): using torch.bmm instead", detail)
+        _fall_back(str(err))
         return None
     for suffix in _SUFFIX.values():
         getattr(library, f"dots_combine_{suffix}").argtypes = [_long] * 3 + [_ptr, _long] * 2 + [
@@ -179,6 +183,11 @@ def _library() -> ctypes.CDLL | None:
         getattr(library, f"column_combine_{suffix}").argtypes = [_long] * 3 + [_ptr, _long, _long] * 2 + [
             _ptr, _long] * 2
     return library
+
+
+def _fall_back(why: str) -> None:
+    log.warning("could not build the fast-weight memory's C loops (%s); its reads use torch.bmm instead "
+                "(same results, slower). FWSWEEP_NATIVE=0 skips the build.", why)
 
 
 def usable_for(like: Tensor) -> bool:
