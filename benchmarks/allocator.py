@@ -27,6 +27,7 @@ from pathlib import Path
 import torch  # noqa: F401 (recorded: record() notes the torch version of the measuring processes)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import options_label  # noqa: E402
 from record import record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def main() -> None:
                         runs[mode].append(run_process(mode, hidden, args.steps, (name, options)))
                 ms = {m: statistics.median(t for run in rs for t in run["ms"]) for m, rs in runs.items()}
                 faults = {m: statistics.median(r["faults_per_step"] for r in rs) for m, rs in runs.items()}
-                rows.append({"model": name, "options": ", ".join(f"{k}={v}" for k, v in options.items()),
+                rows.append({"model": name, "options": options_label(options),
                              "hidden_size": hidden, "ms_default": ms["default"], "ms_kept": ms["kept"],
                              "ratio": ms["kept"] / ms["default"], "faults_default": faults["default"],
                              "faults_kept": faults["kept"]})

@@ -148,7 +148,6 @@ def _build(compiler: list[str], target: Path) -> Path:
     """`target`, compiled unless there; atomically (os.replace): trials may race on a fresh node."""
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as build:
         source, built = Path(build) / "fw_memory.c", Path(build) / "fw_memory.so"
         source.write_text(SOURCE)
@@ -165,7 +164,7 @@ def _library() -> ctypes.CDLL | None:
     found = shutil.which("cc") or shutil.which("gcc")
     compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])  # CC may carry flags
     if not compiler:
-        log.warning("no C compiler (cc) found: the fast-weight memory uses torch.bmm (slower, same result)")
+        _fall_back("no C compiler: neither cc nor gcc is on the PATH and CC is unset")
         return None
     try:
         library = ctypes.CDLL(str(_compile(compiler)))
@@ -210,11 +209,15 @@ class BatchedReads:
         self._column_combine = getattr(library, "column_combine_" + suffix)
         self._buffers = (V, GQ, SG, weights)  # keeps the addresses below valid
         self.batch, self.dim, self.rows = V.shape[0], V.shape[2], GQ.shape[1]
-        size = V.element_size()
+        self._size = V.element_size()  # strides below are in elements, addresses in bytes
         self._V = (V.data_ptr(), V.stride(0), V.stride(1))
-        self._GQ, self._GQ_row = (GQ.data_ptr(), GQ.stride(0)), GQ.stride(1) * size
-        self._SG, self._SG_row = (SG.data_ptr(), SG.stride(0)), SG.stride(1) * size
-        self._w_end, self._size = weights.data_ptr() + weights.numel() * size, size
+        self._GQ = (GQ.data_ptr(), GQ.stride(0), GQ.stride(1))
+        self._SG = (SG.data_ptr(), SG.stride(0), SG.stride(1))
+        self._w_end = weights.data_ptr() + weights.numel() * self._size
+
+    def _row(self, buffer: tuple[int, int, int], row: int, column: int = 0) -> int:
+        """The address of buffer[:, row, column] for batch element 0."""
+        return buffer[0] + (row * buffer[2] + column) * self._size
 
     def read(self, x: Tensor, n: int, keep_row: int, dots_row: int) -> Tensor:
         """Σ_{k<n} SG[b, dots_row, k] V[b, k] with SG[b, dots_row, k] = w[T-n+k] (x[b]·V[b, k]);
@@ -222,11 +225,11 @@ class BatchedReads:
         if x.stride(-1) != 1:
             x = x.contiguous()
         out = x.new_empty(self.batch, self.dim)
-        keep = self._GQ[0] + keep_row * self._GQ_row
+        keep = self._row(self._GQ, keep_row)
         x_ptr = x.data_ptr()
         self._dots_combine(self.batch, n, self.dim, x_ptr, x.stride(0), None if x_ptr == keep else keep,
-                           self._GQ[1], *self._V, self._w_end - n * self._size,
-                           self._SG[0] + dots_row * self._SG_row, self._SG[1], out.data_ptr(), self.dim)
+                           self._GQ[1], *self._V, self._w_end - n * self._size, self._row(self._SG, dots_row),
+                           self._SG[1], out.data_ptr(), self.dim)
         return out
 
     def stored_grad(self, k: int, first_row: int, plus: Tensor | None = None) -> Tensor:
@@ -236,8 +239,8 @@ class BatchedReads:
         if plus is not None and plus.stride(-1) != 1:
             plus = plus.contiguous()
         self._column_combine(self.batch, self.rows - first_row, self.dim,
-                             self._SG[0] + first_row * self._SG_row + k * self._size, self._SG[1],
-                             self._SG_row // self._size, self._GQ[0] + first_row * self._GQ_row, self._GQ[1],
-                             self._GQ_row // self._size, None if plus is None else plus.data_ptr(),
-                             0 if plus is None else plus.stride(0), out.data_ptr(), self.dim)
+                             self._row(self._SG, first_row, k), *self._SG[1:],
+                             self._row(self._GQ, first_row), *self._GQ[1:],
+                             None if plus is None else plus.data_ptr(), 0 if plus is None else plus.stride(0),
+                             out.data_ptr(), self.dim)
         return out
