@@ -12,11 +12,13 @@ all Ray's scheduler looks at.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -77,13 +79,16 @@ class LoopbackCluster:
 
     def start_head(self, *args: str, env: dict[str, str] | None = None, tries: int = 3) -> Node:
         """The head; `env` is added to the node's environment (and so to every job driver it runs). A port
-        another process took between free_port() and Ray's bind is retried on new ports."""
+        another process took between free_port() and Ray's bind is retried on new ports. Ready means the
+        GCS answers and the Ray client server listens: that one binds its port seconds later, and when the
+        port is taken it exits and `ray start` takes the whole head down with it."""
         for attempt in range(tries):
+            client_port = free_port()
             node = self._start("head", env or {}, "--head", f"--port={self.gcs_port}",
                                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                               f"--ray-client-server-port={free_port()}", *args)
+                               f"--ray-client-server-port={client_port}", *args)
             try:
-                self._wait(lambda: ray_http_status(f"{self.dashboard}/api/gcs_healthz") == 200, node, "head")
+                self._wait(functools.partial(self._head_ready, client_port), node, "head")
                 return node
             except RuntimeError as err:
                 if attempt == tries - 1 or not port_clash(str(err)):
@@ -91,6 +96,9 @@ class LoopbackCluster:
                 self.stop_node(node)
                 self.gcs_port, self.dashboard_port = free_port(), free_port()
         raise AssertionError("unreachable")
+
+    def _head_ready(self, client_port: int) -> bool:
+        return ray_http_status(f"{self.dashboard}/api/gcs_healthz") == 200 and listens(client_port)
 
     def add_node(self, name: str, *args: str, env: dict[str, str] | None = None) -> Node:
         return self._start(name, env or {}, f"--address={self.address}", *args)
@@ -173,6 +181,15 @@ class LoopbackCluster:
             if str(self.temp_dir) in cmdline:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(int(proc.name), signal.SIGKILL)
+
+
+def listens(port: int) -> bool:
+    """Something accepts TCP connections on 127.0.0.1:`port`."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def port_clash(log: str) -> bool:
