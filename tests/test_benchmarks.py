@@ -61,12 +61,12 @@ def test_the_step_flop_count_is_written_out():
 
 @pytest.mark.slow  # a benchmark subprocess
 def test_models_benchmark_renders_into_the_marked_block(tmp_path, one_thread):
-    results = models.bench_hidden_size(
-        4, batch=4, pairs=2, steps=1, configs=models.CONFIGS, gflops_per_s=10.0
-    )
+    results, rates = models.bench_hidden_size(4, batch=4, pairs=2, steps=2, configs=models.CONFIGS)
+    assert set(rates) == {"x W_x [B*T, E] @ [E, 4H]", "h W_h [B, H] @ [H, 4H]", "dz W_h [B, 4H] @ [4H, H]"}
+    assert all(len(r.flop_limit_rounds_ms) == len(r.cpu_rounds_ms) == 2 for r in results)
     with record("models", {}, kind="models", results_dir=tmp_path) as payload:
         payload["results"] = {
-            "matmul_gflops": {"4": {"a": 1.0}},
+            "matmul_gflops": {"4": rates},
             "steps": [vars(r) for r in results],
             "targets": models.targets(results),
         }

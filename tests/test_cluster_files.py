@@ -441,7 +441,7 @@ def test_dockerfile_pins_its_base_torch_and_mlflow_and_caches_dependencies() -> 
     installed = re.search(r"apt-get install -y --no-install-recommends ([^\\]+)", text).group(1).split()
     assert {"curl", "wget"} <= set(installed)  # compose health checks; KubeRay < 1.6 default probes
     compiler = re.search(r"apt-get install -y --no-install-recommends ([^\\]+)", fwsweep).group(1).split()
-    assert {"gcc", "libc6-dev"} <= set(compiler)  # native_memory's C loops, built per node
+    assert {"gcc", "libc6-dev"} <= set(compiler)  # the fused forms' C kernels (native.py), built per node
 
 
 def test_image_requirements_come_from_pyproject() -> None:

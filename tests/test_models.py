@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sweep.models import build_model, model_names, native_memory, params_class
+from sweep.models import build_model, model_names, native, native_cells, params_class
 from sweep.models.common import count_parameters
 from sweep.models.fast_weights import AttentionMemory, MatrixMemory
 from sweep.models.fused import FWLSTMSequence, FWRNNSequence, LNLSTMSequence
@@ -151,27 +151,61 @@ needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C comp
 
 
 @needs_cc
-def test_the_memory_reads_run_as_c_loops_where_a_compiler_is():
-    """Not a silent fallback: with `cc` on the machine, the fused forms use native_memory's loops."""
-    assert native_memory.usable_for(torch.zeros(1)) and native_memory.usable_for(torch.zeros(1).double())
-    assert not native_memory.usable_for(torch.zeros(1, dtype=torch.bfloat16))  # bmm serves other dtypes
-    assert list(native_memory.cache_dir().glob("fw_memory-*.so"))
+@pytest.mark.parametrize(("name", "kernel"), [("ln_lstm", "lnlstm_backward"), ("fw_lstm", "fwlstm_backward"),
+                                              ("fw_rnn", "dots_combine")])
+def test_the_fused_forms_run_as_c_where_a_compiler_is(monkeypatch, name, kernel):
+    """Not a silent fallback: with `cc` on the machine, the fused forms use native.py's kernels."""
+    assert native.usable_for(torch.zeros(1)) and native.usable_for(torch.zeros(1).double())
+    assert not native.usable_for(torch.zeros(1, dtype=torch.bfloat16))  # torch ops serve other dtypes
+    assert list(native.cache_dir().glob("fw_kernels-*.so"))
+    calls, original = [], native.kernel
+    monkeypatch.setattr(native, "kernel", lambda name, dtype: calls.append(name) or original(name, dtype))
+    outputs_and_grads(make(name), tokens())
+    assert kernel in calls, calls
 
 
 @needs_cc
 @pytest.mark.parametrize("inner_steps", [1, 3])
-@pytest.mark.parametrize(("name", "fields"), FAST_WEIGHT_MODELS)
+@pytest.mark.parametrize(("name", "fields"), [*FAST_WEIGHT_MODELS, ("ln_lstm", {})])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_c_loops_equal_torch_bmm(monkeypatch, name, fields, inner_steps, dtype, tol):
+def test_c_kernels_equal_the_torch_ops(monkeypatch, name, fields, inner_steps, dtype, tol):
     # T = 11 and odd sizes: the loops' four-row blocks, their remainders and D not a multiple of 8
-    kw = {**fields, "inner_steps": inner_steps, "fast_lr": 0.9, "decay": 0.95, "hidden_size": 7}
+    kw = {**fields, "hidden_size": 7}
+    if name != "ln_lstm":
+        kw.update(inner_steps=inner_steps, fast_lr=0.9, decay=0.95)
     x = tokens(batch=5, length=11)
-    out_c, grads_c = outputs_and_grads(make(name, dtype=dtype, **kw), x)  # the C loops
-    monkeypatch.setattr(native_memory, "usable_for", lambda like: False)  # decided per forward call
-    out_b, grads_b = outputs_and_grads(make(name, dtype=dtype, **kw), x)  # torch.bmm
-    assert rel_err(out_c, out_b) < tol
-    for param_name, grad in grads_b.items():
+    out_c, grads_c = outputs_and_grads(make(name, dtype=dtype, **kw), x)  # C
+    monkeypatch.setattr(native, "usable_for", lambda like: False)  # decided per forward call
+    out_t, grads_t = outputs_and_grads(make(name, dtype=dtype, **kw), x)  # torch ops (as on CUDA)
+    assert rel_err(out_c, out_t) < tol
+    for param_name, grad in grads_t.items():
         assert rel_err(grads_c[param_name], grad) < tol, param_name
+
+
+@needs_cc
+def test_float32_kernels_keep_their_activations_accurate_and_nan_as_nan():
+    """float32 has its own exp and tanh (vectorised): the gate activations of a C step against torch's,
+    over the whole range (saturated at both ends), and a NaN in the input (a diverged trial) must come
+    out as NaN, not as a finite number."""
+    B, T, H = 64, 2, 50
+    xW = torch.randn(B, T, 4 * H, generator=torch.Generator().manual_seed(0))
+    gamma, beta = torch.full((4, H), 60.0), torch.zeros(4, H)  # no bias: y = 60 n has one rounding, as in C
+    ctx = type("Ctx", (), {})()
+    native_cells.ln_lstm_forward(ctx, xW, torch.zeros(4 * H, H), gamma, beta, torch.ones(H), torch.zeros(H))
+    N, ACT, *_ = ctx.native_saved
+    y = (N.view(T, B, 4, H) * gamma).double()
+    expected = torch.sigmoid(y)
+    expected[:, :, 1] = torch.tanh(y[:, :, 1])
+    assert y.min() < -80 and y.max() > 80
+    error = (ACT.view(T, B, 4, H).double() - expected).abs() / expected.abs().clamp_min(1e-30)
+    assert error.max() < 3e-7  # torch's own float32 sigmoid and tanh: 1.1e-7 here
+    xW[3, 1, 5] = float("nan")
+    args = (torch.zeros(4 * H, H), torch.ones(4, H), torch.zeros(4, H), torch.ones(H), torch.zeros(H), 1.0)
+    h = LNLSTMSequence.apply(xW, *args)
+    assert h[3].isnan().all() and not h[:3].isnan().any() and not h[4:].isnan().any()
+    gates = (torch.ones(4 * H), torch.zeros(4 * H))
+    h = FWLSTMSequence.apply(xW, args[0], *gates, *args[3:], 0.5, 0.9, 1, False)
+    assert h[3].isnan().all() and not h[:3].isnan().any() and not h[4:].isnan().any()
 
 
 @needs_cc
@@ -180,31 +214,31 @@ def test_an_unwritable_kernel_cache_builds_in_the_temp_folder(monkeypatch, tmp_p
     (tmp_path / "tmp").mkdir()
     monkeypatch.setenv("FWSWEEP_KERNEL_CACHE", str(tmp_path / "a-file" / "kernels"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    native_memory._library.cache_clear()
+    native._library.cache_clear()
     try:
-        assert native_memory.usable_for(torch.zeros(1))
-        assert len(list((tmp_path / "tmp").glob("fwsweep-kernels-*/fw_memory-*.so"))) == 1
+        assert native.usable_for(torch.zeros(1))
+        assert len(list((tmp_path / "tmp").glob("fwsweep-kernels-*/fw_kernels-*.so"))) == 1
     finally:
-        native_memory._library.cache_clear()
+        native._library.cache_clear()
 
 
-def test_without_a_compiler_the_memory_falls_back_to_bmm(monkeypatch, tmp_path, caplog):
+def test_without_a_compiler_the_fused_forms_fall_back_to_torch_ops(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("FWSWEEP_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails
-    native_memory._library.cache_clear()
+    native._library.cache_clear()
     try:
-        with caplog.at_level("WARNING", logger="sweep.models.native_memory"):
-            assert not native_memory.usable_for(torch.zeros(1))
-        assert "/bin/false exited with status 1" in caplog.text and "use torch.bmm instead" in caplog.text
+        with caplog.at_level("WARNING", logger="sweep.models.native"):
+            assert not native.usable_for(torch.zeros(1))
+        assert "/bin/false exited with status 1" in caplog.text and "use torch ops instead" in caplog.text
         assert not list(tmp_path.iterdir())  # no half-built library left in the cache
-        model = make("fw_lstm")
-        assert torch.isfinite(model(tokens())).all()
+        for name in ("fw_lstm", "ln_lstm", "fw_rnn"):
+            assert torch.isfinite(make(name)(tokens())).all()
         monkeypatch.setenv("FWSWEEP_NATIVE", "0")  # and the switch, with a working compiler
         monkeypatch.delenv("CC")
-        native_memory._library.cache_clear()
-        assert not native_memory.usable_for(torch.zeros(1))
+        native._library.cache_clear()
+        assert not native.usable_for(torch.zeros(1))
     finally:
-        native_memory._library.cache_clear()
+        native._library.cache_clear()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

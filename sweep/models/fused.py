@@ -15,8 +15,12 @@ keeps only what the backward needs, and writes BPTT out:
 
       dv_k = Σ_{reads r, n_r ≥ k} η λ^(n_r - k) [(q_r·v_k) g_r + (g_r·v_k) q_r]
 
-  instead of every read adding into the gradients of all past vectors. On CPU each of these products
-  is one C loop over the batch (native_memory.py), elsewhere `torch.bmm`.
+  instead of every read adding into the gradients of all past vectors.
+
+On CPU (float32, float64, where a C compiler is) the same equations run as C: the LN-LSTM's and
+FW-LSTM's time steps one C call each (native_cells.py), the FW-RNN's memory products one C call per
+product (native_memory.py). The torch-op code below is what runs elsewhere (CUDA, other dtypes,
+FWSWEEP_NATIVE=0), and the reference the C kernels are tested against.
 
 The equations are those of the model modules (see their docstrings); tests/test_models.py checks every
 output and gradient against the matrix form to 1e-9 in float64 and runs `torch.autograd.gradcheck`.
@@ -31,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from sweep.models import native_memory
+from sweep.models import native, native_cells, native_memory
 
 aten = torch.ops.aten
 EPS = 1e-5  # nn.LayerNorm's default, as in the readable forms
@@ -76,7 +80,7 @@ class _DecayedMemory:
     """
 
     def __init__(self, batch: int, length: int, dim: int, read_times: list[int], fast_lr: float,
-                 decay: float, like: Tensor):
+                 decay: float, like: Tensor, batched_reads: bool = True):
         self.read_times = read_times
         powers = fast_lr * decay ** torch.arange(length, dtype=like.dtype, device=like.device)
         self.weights = powers.flip(0)  # weights[T-1-n:][k] = η λ^(n-k)
@@ -88,7 +92,7 @@ class _DecayedMemory:
         self.SG = like.new_empty(batch, 2 * len(read_times), length)
         self.first_read = [bisect.bisect_left(read_times, k) for k in range(length)]
         self.native = native_memory.BatchedReads(self.V, self.GQ, self.SG, self.weights) if (
-            native_memory.usable_for(like)) else None
+            batched_reads and native.usable_for(like)) else None
 
     def write(self, k: int, v: Tensor) -> Tensor:
         """Store v_k; returns the stored copy (for S = 1 the query row a read of it then finds in place)."""
@@ -146,9 +150,14 @@ class FWLSTMSequence(torch.autograd.Function):
         B, T, G = xW.shape
         H = G // 4
         m0 = 3 * H if candidate else 0  # the memory's slice of the gates
-        mem = _DecayedMemory(B, T, G - m0, [t for t in range(T) for _ in range(reads)], fast_lr, decay, xW)
+        ctx.native = native.usable_for(xW)
+        mem = _DecayedMemory(B, T, G - m0, [t for t in range(T) for _ in range(reads)], fast_lr, decay, xW,
+                             batched_reads=not ctx.native)  # the C time step reads the buffers itself
         fb = xW.new_zeros(G)
         fb[H : 2 * H] = forget_bias
+        if ctx.native:
+            return native_cells.fw_lstm_forward(ctx, mem, xW, W_h, gamma, beta, fb, gamma_c, beta_c, reads,
+                                                m0)
         W_hT = W_h.t()
         Z, C_pre = xW.new_empty(T, B, G), xW.new_empty(T, B, H)
         Hs = xW.new_zeros(T + 1, B, H)  # h(-1) = 0, h(0) .. h(T-1)
@@ -179,6 +188,8 @@ class FWLSTMSequence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_h):
+        if ctx.native:
+            return *native_cells.fw_lstm_backward(ctx, grad_h), None, None, None, None, None
         B, T, G, H, m0, reads = ctx.sizes
         W_h, gamma, beta, gamma_c, beta_c = ctx.params
         mem, Z, C_pre, Hs = ctx.mem, ctx.Z, ctx.C_pre, ctx.Hs
@@ -315,6 +326,9 @@ class LNLSTMSequence(torch.autograd.Function):
         H = G // 4
         beta_fb = beta.clone()
         beta_fb[2] += forget_bias  # σ(LN_f(f) + forget_bias); i and o have no bias, j is not a sigmoid
+        ctx.native = native.usable_for(xW)
+        if ctx.native:
+            return native_cells.ln_lstm_forward(ctx, xW, W_h, gamma, beta_fb, gamma_c, beta_c)
         W_hT = W_h.t()
         Z, N, C_pre = xW.new_empty(T, B, G), xW.new_empty(T, B, 4, H), xW.new_empty(T, B, H)
         Hs = xW.new_zeros(T + 1, B, H)
@@ -339,6 +353,8 @@ class LNLSTMSequence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_h):
+        if ctx.native:
+            return *native_cells.ln_lstm_backward(ctx, grad_h), None
         B, T, G, H = ctx.sizes
         W_h, gamma, gamma_c, beta_c = ctx.params
         Z, N, C_pre, Hs = ctx.Z, ctx.N, ctx.C_pre, ctx.Hs

@@ -1,0 +1,495 @@
+"""The fused forms' C kernels, built once per node: the fast-weight memory's reads and whole time steps
+of the LN-LSTM and FW-LSTM cells.
+
+Why C: at the sizes these models train at (batch 128, H <= a few hundred), a time step is a few dozen
+small tensor ops, and each costs a fixed few microseconds of dispatch plus a pass over memory, whatever
+its size. One C call per time step does the whole cell for every row of the batch while the row is in
+cache: layer norms, gate activations, the cell update, the memory's write and reads (forward), and the
+same backward, with the gradient of each stored vector computed once. The slow matmuls stay with torch
+(BLAS). The reads: per batch element, a handful of dot products and weighted sums over the stored vectors
+(`torch.bmm` pays about 1 us per batch element for those, ~130 us per read at batch 128).
+
+The C source below is compiled on first use with the system C compiler (`cc`, about a second) and cached
+per source, compiler flags and CPU model under $FWSWEEP_KERNEL_CACHE (default ~/.cache/fwsweep/kernels),
+so a cluster node compiles it once, for its own CPU. Without a compiler, on CUDA, for other dtypes, or
+with FWSWEEP_NATIVE=0, fused.py runs the same equations with torch ops (the reads with `torch.bmm`):
+checked against each other and against the matrix form in tests/test_models.py.
+
+Each function is written once, for `$real` (float32 `_f32`, float64 `_f64`): `SOURCE` substitutes both.
+float32 uses its own vectorisable exp and tanh (Cephes' polynomials, about 1 ulp); float64 uses libm's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+from string import Template
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+HEADER = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#define LN_EPS 1e-5
+
+/* e^x for float32 as Cephes' expf: 2^n e^r with |r| <= ln2/2 and a degree-6 polynomial (about 1 ulp),
+   written out so that loops over it vectorise; NaN stays NaN. float64 uses libm. */
+static inline float exp_approx_f32(float x) {
+    x = x > 88.0f ? 88.0f : x;
+    x = x < -87.0f ? -87.0f : x;
+    /* n = x log2(e) rounded to nearest by adding and taking away 1.5 * 2^23 (floorf does not vectorise) */
+    const float fn = (1.44269504088896341f * x + 12582912.0f) - 12582912.0f;
+    const float r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)fn + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* tanh for float32 as Cephes' tanhf: an odd polynomial below |x| = 0.625, 1 - 2 / (e^{2|x|} + 1) above */
+static inline float tanh_approx_f32(float x) {
+    const float a = fabsf(x), z = x * x;
+    const float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z
+                          + 1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+    float big = 1.0f - 2.0f / (exp_approx_f32(2.0f * a) + 1.0f);
+    big = x < 0 ? -big : big;
+    return a < 0.625f ? small : big;
+}
+#define EXP_f32 exp_approx_f32
+#define TANH_f32 tanh_approx_f32
+#define SQRT_f32 sqrtf
+#define EXP_f64 exp
+#define TANH_f64 tanh
+#define SQRT_f64 sqrt
+"""
+
+# The memory's products. `dots_combine` does, for every batch element b: sg[k] = w[k] (x·v_k) for k < n,
+# then out = Σ_k sg[k] v_k (and copies x to `keep` if given). `column_combine` does
+# out = init + Σ_j sg[j] g_j over rows j of a second matrix (a stored vector's gradient added to another
+# gradient of the same vector; init = 0 when NULL). Strides are in elements.
+MEMORY = Template(r"""
+/* Rows are taken four at a time: four independent sums per pass hide the FMA latency, and the output row
+   is loaded and stored once per four input rows. */
+static void dots_$sfx(long n, long D, const $real *x, const $real *V, long v_sk, const $real *w, $real *sg) {
+    long k = 0;
+    for (; k + 4 <= n; k += 4) {
+        const $real *v0 = V + k * v_sk, *v1 = v0 + v_sk, *v2 = v1 + v_sk, *v3 = v2 + v_sk;
+        $real s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        _Pragma("omp simd reduction(+:s0,s1,s2,s3)")
+        for (long d = 0; d < D; d++) {
+            s0 += x[d] * v0[d]; s1 += x[d] * v1[d]; s2 += x[d] * v2[d]; s3 += x[d] * v3[d];
+        }
+        sg[k] = w[k] * s0; sg[k + 1] = w[k + 1] * s1; sg[k + 2] = w[k + 2] * s2; sg[k + 3] = w[k + 3] * s3;
+    }
+    for (; k < n; k++) {
+        const $real *v = V + k * v_sk;
+        $real s = 0;
+        _Pragma("omp simd reduction(+:s)")
+        for (long d = 0; d < D; d++) s += x[d] * v[d];
+        sg[k] = w[k] * s;
+    }
+}
+/* out = init + Σ_k c[k * c_s] V[k] (init = 0 when NULL) */
+static void combine_$sfx(long n, long D, const $real *c, long c_s, const $real *V, long v_sk,
+                         const $real *init, $real *out) {
+    for (long d = 0; d < D; d++) out[d] = init ? init[d] : 0;
+    long k = 0;
+    for (; k + 4 <= n; k += 4) {
+        const $real *v0 = V + k * v_sk, *v1 = v0 + v_sk, *v2 = v1 + v_sk, *v3 = v2 + v_sk;
+        const $real c0 = c[k * c_s], c1 = c[(k + 1) * c_s], c2 = c[(k + 2) * c_s], c3 = c[(k + 3) * c_s];
+        _Pragma("omp simd")
+        for (long d = 0; d < D; d++) out[d] += c0 * v0[d] + c1 * v1[d] + c2 * v2[d] + c3 * v3[d];
+    }
+    for (; k < n; k++) {
+        const $real *v = V + k * v_sk;
+        const $real ck = c[k * c_s];
+        _Pragma("omp simd")
+        for (long d = 0; d < D; d++) out[d] += ck * v[d];
+    }
+}
+void dots_combine_$sfx(long B, long n, long D, const $real *x, long x_sb, $real *keep, long keep_sb,
+                       const $real *V, long v_sb, long v_sk, const $real *w, $real *sg, long sg_sb,
+                       $real *out, long out_sb) {
+    for (long b = 0; b < B; b++) {
+        const $real *xb = x + b * x_sb;
+        if (keep) {
+            $real *kb = keep + b * keep_sb;
+            for (long d = 0; d < D; d++) kb[d] = xb[d];
+        }
+        dots_$sfx(n, D, xb, V + b * v_sb, v_sk, w, sg + b * sg_sb);
+        combine_$sfx(n, D, sg + b * sg_sb, 1, V + b * v_sb, v_sk, 0, out + b * out_sb);
+    }
+}
+void column_combine_$sfx(long B, long rows, long D, const $real *sg, long sg_sb, long sg_sj,
+                         const $real *G, long g_sb, long g_sj, const $real *init, long init_sb,
+                         $real *out, long out_sb) {
+    for (long b = 0; b < B; b++)
+        combine_$sfx(rows, D, sg + b * sg_sb, sg_sj, G + b * g_sb, g_sj, init ? init + b * init_sb : 0,
+                     out + b * out_sb);
+}
+""")
+
+CELLS = Template(r"""
+static inline $real sigm_$sfx($real x) { return 1 / (1 + EXP_$sfx(-x)); }
+
+/* LN statistics of one row: mean and 1/sqrt(biased variance + eps), two passes as in ATen */
+static inline void ln_stats_$sfx(long n, const $real *x, $real *mean, $real *rstd) {
+    $real s = 0, v = 0;
+    _Pragma("omp simd reduction(+:s)")
+    for (long k = 0; k < n; k++) s += x[k];
+    const $real m = s / n;
+    _Pragma("omp simd reduction(+:v)")
+    for (long k = 0; k < n; k++) v += (x[k] - m) * (x[k] - m);
+    *mean = m;
+    *rstd = 1 / SQRT_$sfx(v / n + LN_EPS);
+}
+
+/* dx of a layer norm from dxhat (the gradient after the gain):
+   rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) */
+static inline void ln_backward_$sfx(long n, const $real *dxhat, const $real *xhat, $real rstd, $real *dx) {
+    $real s1 = 0, s2 = 0;
+    _Pragma("omp simd reduction(+:s1,s2)")
+    for (long k = 0; k < n; k++) { s1 += dxhat[k]; s2 += dxhat[k] * xhat[k]; }
+    s1 /= n; s2 /= n;
+    _Pragma("omp simd")
+    for (long k = 0; k < n; k++) dx[k] = rstd * (dxhat[k] - s1 - xhat[k] * s2);
+}
+
+/* LN-LSTM, one time step for every row. Gates i, j, f, o, each with its own layer norm (gain gamma, bias
+   beta, forget bias in beta's f row). Saves: n (normalised gates), act (σi, g, σf, σo), rstd (4 gates, cell),
+   cn (normalised c_pre), c, tanh(c); writes h. */
+void lnlstm_forward_$sfx(long B, long H, const $real *z, const $real *gamma, const $real *beta,
+                         const $real *gc, const $real *bc, const $real *c_prev,
+                         $real *n, $real *act, $real *rstd, $real *cn, $real *c, $real *tc, $real *h) {
+    const long G = 4 * H;
+    for (long b = 0; b < B; b++) {
+        const $real *zb = z + b * G;
+        $real *nb = n + b * G, *ab = act + b * G, *rb = rstd + b * 5;
+        for (long q = 0; q < 4; q++) {
+            $real mean;
+            ln_stats_$sfx(H, zb + q * H, &mean, rb + q);
+            const $real r = rb[q];
+            _Pragma("omp simd")
+            for (long k = q * H; k < (q + 1) * H; k++) nb[k] = (zb[k] - mean) * r;
+        }
+        _Pragma("omp simd")
+        for (long k = 0; k < H; k++) ab[k] = sigm_$sfx(nb[k] * gamma[k] + beta[k]);
+        _Pragma("omp simd")
+        for (long k = H; k < 2 * H; k++) ab[k] = TANH_$sfx(nb[k] * gamma[k] + beta[k]);
+        _Pragma("omp simd")
+        for (long k = 2 * H; k < G; k++) ab[k] = sigm_$sfx(nb[k] * gamma[k] + beta[k]);
+        const $real *cp = c_prev ? c_prev + b * H : 0;
+        $real *cnb = cn + b * H, *cb = c + b * H, *tcb = tc + b * H, *hb = h + b * H;
+        _Pragma("omp simd")
+        for (long k = 0; k < H; k++)
+            cnb[k] = (cp ? cp[k] * ab[2 * H + k] : 0) + ab[k] * ab[H + k];  /* c_pre, normalised below */
+        $real mean;
+        ln_stats_$sfx(H, cnb, &mean, rb + 4);
+        const $real r = rb[4];
+        _Pragma("omp simd")
+        for (long k = 0; k < H; k++) {
+            cnb[k] = (cnb[k] - mean) * r;
+            cb[k] = cnb[k] * gc[k] + bc[k];
+            tcb[k] = TANH_$sfx(cb[k]);
+            hb[k] = tcb[k] * ab[3 * H + k];
+        }
+    }
+}
+
+/* Its backward: dh is the gradient of h(t); dc holds that of c(t) from step t+1 and gets that of c(t-1).
+   Writes dz (gradient of the gates' pre-activations, z = x W_x + h W_h + b); adds to the gains' and
+   biases' gradients. */
+void lnlstm_backward_$sfx(long B, long H, const $real *dh, $real *dc, const $real *gamma, const $real *gc,
+                          const $real *n, const $real *act, const $real *rstd, const $real *cn,
+                          const $real *tc, const $real *c_prev, $real *dz, $real *dgamma, $real *dbeta,
+                          $real *dgc, $real *dbc) {
+    const long G = 4 * H;
+    $real dy[G], dcn[H];
+    for (long b = 0; b < B; b++) {
+        const $real *dhb = dh + b * H, *nb = n + b * G, *ab = act + b * G, *rb = rstd + b * 5;
+        const $real *cnb = cn + b * H, *tcb = tc + b * H, *cp = c_prev ? c_prev + b * H : 0;
+        $real *dcb = dc + b * H, *dzb = dz + b * G;
+        _Pragma("omp simd")
+        for (long k = 0; k < H; k++) {
+            const $real so = ab[3 * H + k], t = tcb[k];
+            dy[3 * H + k] = dhb[k] * t * so * (1 - so);
+            const $real d = dcb[k] + dhb[k] * so * (1 - t * t);
+            dgc[k] += d * cnb[k];
+            dbc[k] += d;
+            dcn[k] = d * gc[k];
+        }
+        ln_backward_$sfx(H, dcn, cnb, rb[4], dcn);  /* dcn is now d c_pre */
+        _Pragma("omp simd")
+        for (long k = 0; k < H; k++) {
+            const $real si = ab[k], g = ab[H + k], sf = ab[2 * H + k], d = dcn[k];
+            dy[k] = d * g * si * (1 - si);
+            dy[H + k] = d * si * (1 - g * g);
+            dy[2 * H + k] = (cp ? d * cp[k] : 0) * sf * (1 - sf);
+            dcb[k] = d * sf;
+        }
+        _Pragma("omp simd")
+        for (long k = 0; k < G; k++) {
+            dgamma[k] += dy[k] * nb[k];
+            dbeta[k] += dy[k];
+            dy[k] *= gamma[k];
+        }
+        for (long q = 0; q < 4; q++) ln_backward_$sfx(H, dy + q * H, nb + q * H, rb[q], dzb + q * H);
+    }
+}
+
+/* FW-LSTM, one time step t for every row: z is normalised over all 4H gates (i, f, o, g) with gain gamma
+   and bias beta; the memory holds v = ReLU(ẑ[m0:]) (D = 4H - m0) and S reads a_s = A(t) q_s, q_0 = v,
+   q_s = ReLU(ẑ[m0:] + a_{s-1}), kept in GQ's rows 2r+1 (r = tS + s) with their weighted dots in SG's rows 2r.
+   gates = ẑ + fb, gates[m0:] += a_{S-1}; i, f, o are sigmoids, g a ReLU;
+   c = LN_c(c_prev σf + σi g), h = ReLU(c) σo. Saves n (normalised z), act (σi, σf, σo, g), rstd (z, cell),
+   cn (normalised c_pre), c; writes h. w: the memory's weights, w[T-1-j] = η λ^j. */
+void fwlstm_forward_$sfx(long B, long H, long m0, long t, long S, long T, const $real *z,
+                         const $real *gamma, const $real *beta, const $real *fb, const $real *gc,
+                         const $real *bc, const $real *c_prev, $real *V, long v_sb, long v_sk,
+                         $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb, long sg_sj,
+                         const $real *w, $real *n, $real *act, $real *rstd, $real *cn, $real *c, $real *h) {
+    const long G = 4 * H, D = G - m0, reads = t + 1;
+    const $real *wt = w + T - reads;
+    $real zh[G], a[D];
+    for (long b = 0; b < B; b++) {
+        const $real *zb = z + b * G;
+        $real *nb = n + b * G, *ab = act + b * G, *rb = rstd + b * 2;
+        $real *Vb = V + b * v_sb, *GQb = GQ + b * gq_sb, *SGb = SG + b * sg_sb;
+        $real mean;
+        ln_stats_$sfx(G, zb, &mean, rb);
+        const $real r0 = rb[0];
+        $real *v = Vb + t * v_sk;
+        _Pragma("omp simd")
+        for (long k = 0; k < G; k++) {
+            nb[k] = (zb[k] - mean) * r0;
+            zh[k] = nb[k] * gamma[k] + beta[k];
+        }
+        _Pragma("omp simd")
+        for (long k = 0; k < D; k++) v[k] = zh[m0 + k] > 0 ? zh[m0 + k] : 0;
+        for (long s = 0; s < S; s++) {
+            const long r = t * S + s;
+            $real *q = GQb + (2 * r + 1) * gq_sj, *sg = SGb + 2 * r * sg_sj;
+            if (s == 0) {
+                if (q != v) for (long k = 0; k < D; k++) q[k] = v[k];
+            } else {
+                _Pragma("omp simd")
+                for (long k = 0; k < D; k++) { const $real x = zh[m0 + k] + a[k]; q[k] = x > 0 ? x : 0; }
+            }
+            dots_$sfx(reads, D, q, Vb, v_sk, wt, sg);
+            combine_$sfx(reads, D, sg, 1, Vb, v_sk, 0, a);
+        }
+        _Pragma("omp simd")
+        for (long k = 0; k < D; k++) zh[m0 + k] += a[k];
+        _Pragma("omp simd")
+        for (long k = 0; k < 3 * H; k++) ab[k] = sigm_$sfx(zh[k] + fb[k]);
+        _Pragma("omp simd")
+        for (long k = 3 * H; k < G; k++) ab[k] = zh[k] > 0 ? zh[k] : 0;
+        const $real *cp = c_prev ? c_prev + b * H : 0;
+        $real *cnb = cn + b * H, *cb = c + b * H, *hb = h + b * H;
+        _Pragma("omp simd")
+        for (long k = 0; k < H; k++) cnb[k] = (cp ? cp[k] * ab[H + k] : 0) + ab[k] * ab[3 * H + k];
+        ln_stats_$sfx(H, cnb, &mean, rb + 1);
+        const $real r1 = rb[1];
+        _Pragma("omp simd")
+        for (long k = 0; k < H; k++) {
+            cnb[k] = (cnb[k] - mean) * r1;
+            cb[k] = cnb[k] * gc[k] + bc[k];
+            hb[k] = (cb[k] > 0 ? cb[k] : 0) * ab[2 * H + k];
+        }
+    }
+}
+
+/* Its backward, for step t once steps t+1 .. T-1 are done: dh is the gradient of h(t); dc holds that of
+   c(t) and gets that of c(t-1). Each read keeps its output gradient g_r in GQ's row 2r and the weighted
+   dots w (g_r·v_k) in SG's row 2r+1; v_t's gradient then sums, over every read that saw it (GQ's rows from
+   `lo` on), SG[j, t] GQ[j]: computed once, here. Writes dz; adds to the gains' and biases' gradients. */
+void fwlstm_backward_$sfx(long B, long H, long m0, long t, long S, long T, long lo, long rows,
+                          const $real *dh, $real *dc, const $real *gamma, const $real *gc,
+                          const $real *n, const $real *act, const $real *rstd, const $real *cn,
+                          const $real *c, const $real *c_prev, $real *V, long v_sb, long v_sk,
+                          $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb, long sg_sj,
+                          const $real *w, $real *dz, $real *dgamma, $real *dbeta, $real *dgc, $real *dbc) {
+    const long G = 4 * H, D = G - m0, reads = t + 1;
+    const $real *wt = w + T - reads;
+    $real dg[G], dcn[H], dq[D], dpre[D];
+    for (long b = 0; b < B; b++) {
+        const $real *dhb = dh + b * H, *nb = n + b * G, *ab = act + b * G, *rb = rstd + b * 2;
+        const $real *cnb = cn + b * H, *cb = c + b * H, *cp = c_prev ? c_prev + b * H : 0;
+        $real *Vb = V + b * v_sb, *GQb = GQ + b * gq_sb, *SGb = SG + b * sg_sb;
+        $real *dcb = dc + b * H, *dzb = dz + b * G;
+        _Pragma("omp simd")
+        for (long k = 0; k < H; k++) {
+            const $real so = ab[2 * H + k], ck = cb[k];
+            dg[2 * H + k] = dhb[k] * (ck > 0 ? ck : 0) * so * (1 - so);
+            const $real d = dcb[k] + (ck > 0 ? dhb[k] * so : 0);
+            dgc[k] += d * cnb[k];
+            dbc[k] += d;
+            dcn[k] = d * gc[k];
+        }
+        ln_backward_$sfx(H, dcn, cnb, rb[1], dcn);  /* now d c_pre */
+        _Pragma("omp simd")
+        for (long k = 0; k < H; k++) {
+            const $real si = ab[k], sf = ab[H + k], g = ab[3 * H + k], d = dcn[k];
+            dg[k] = d * g * si * (1 - si);
+            dg[H + k] = (cp ? d * cp[k] : 0) * sf * (1 - sf);
+            dg[3 * H + k] = g > 0 ? d * si : 0;
+            dcb[k] = d * sf;
+        }
+        /* the memory: gates[m0:] = ẑ[m0:] + a_{S-1}; q_s = ReLU(ẑ[m0:] + a_{s-1}); q_0 = v_t */
+        const $real *da = dg + m0;
+        for (long k = 0; k < D; k++) dpre[k] = 0;
+        for (long s = S - 1; s >= 0; s--) {
+            const long r = t * S + s;
+            $real *g_r = GQb + 2 * r * gq_sj, *sg = SGb + (2 * r + 1) * sg_sj;
+            const $real *q = GQb + (2 * r + 1) * gq_sj;
+            for (long k = 0; k < D; k++) g_r[k] = da[k];
+            dots_$sfx(reads, D, g_r, Vb, v_sk, wt, sg);
+            if (s == 0)  /* q_0 is v_t, so add v_t's gradient as a stored vector */
+                combine_$sfx(rows - lo, D, SGb + lo * sg_sj + t, sg_sj, GQb + lo * gq_sj, gq_sj, 0, dq);
+            else
+                for (long k = 0; k < D; k++) dq[k] = 0;
+            combine_$sfx(reads, D, sg, 1, Vb, v_sk, dq, dq);
+            _Pragma("omp simd")
+            for (long k = 0; k < D; k++) { dq[k] = q[k] > 0 ? dq[k] : 0; dpre[k] += dq[k]; }
+            da = dq;
+        }
+        _Pragma("omp simd")
+        for (long k = 0; k < D; k++) dg[m0 + k] += dpre[k];
+        _Pragma("omp simd")
+        for (long k = 0; k < G; k++) {
+            dgamma[k] += dg[k] * nb[k];
+            dbeta[k] += dg[k];
+            dg[k] *= gamma[k];
+        }
+        ln_backward_$sfx(G, dg, nb, rb[0], dzb);
+    }
+}
+""")
+
+TYPES = (("float", "f32"), ("double", "f64"))
+SOURCE = HEADER + "".join(part.substitute(real=r, sfx=sfx) for r, sfx in TYPES for part in (MEMORY, CELLS))
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_long, _ptr = ctypes.c_long, ctypes.c_void_p
+_MEMORY = [_ptr, _long, _long] * 3 + [_ptr]  # V, GQ, SG (address, batch stride, row stride), weights
+SIGNATURES = {
+    "dots_combine": [_long] * 3 + [_ptr, _long] * 2 + [_ptr, _long, _long, _ptr, _ptr, _long, _ptr, _long],
+    "column_combine": [_long] * 3 + [_ptr, _long, _long] * 2 + [_ptr, _long] * 2,
+    "lnlstm_forward": [_long] * 2 + [_ptr] * 13,
+    "lnlstm_backward": [_long] * 2 + [_ptr] * 15,
+    "fwlstm_forward": [_long] * 6 + [_ptr] * 7 + _MEMORY + [_ptr] * 6,
+    "fwlstm_backward": [_long] * 8 + [_ptr] * 10 + _MEMORY + [_ptr] * 5,
+}
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fwsweep" / "kernels"
+    return Path(os.environ.get("FWSWEEP_KERNEL_CACHE", default))
+
+
+def _cpu_model() -> str:
+    """The CPU's model and instruction set: code built with -march=native for one CPU can crash another
+    (a folder shared by unlike nodes), so they are part of the cache key."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    first = {}
+    for line in lines:
+        name = line.split(":")[0].strip()
+        if name in ("model name", "flags", "Features", "CPU part"):
+            first.setdefault(name, line)
+    return "\n".join(first.values()) or platform.machine()
+
+
+def _compile(compiler: list[str]) -> Path:
+    """The cached shared library, built first if missing; in the temp folder if the cache cannot be
+    written (a read-only home on a cluster node)."""
+    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, *compiler, _cpu_model()]).encode()).hexdigest()[:16]
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        folder = Path(tempfile.gettempdir()) / f"fwsweep-kernels-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if folder.stat().st_uid != os.getuid():  # a shared /tmp: never load a library someone else put there
+            raise OSError(f"{folder} belongs to another user")
+    return _build(compiler, folder / f"fw_kernels-{key}.so")
+
+
+def _build(compiler: list[str], target: Path) -> Path:
+    """`target`, compiled unless there; atomically (os.replace): trials may race on a fresh node."""
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as build:
+        source, built = Path(build) / "fw_kernels.c", Path(build) / "fw_kernels.so"
+        source.write_text(SOURCE)
+        subprocess.run([*compiler, *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(built, target)
+    return target
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("FWSWEEP_NATIVE", "1") == "0":
+        return None
+    found = shutil.which("cc") or shutil.which("gcc")
+    compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])  # CC may carry flags
+    if not compiler:
+        _fall_back("no C compiler: neither cc nor gcc is on the PATH and CC is unset")
+        return None
+    try:
+        library = ctypes.CDLL(str(_compile(compiler)))
+    except subprocess.CalledProcessError as err:
+        said = (err.stderr or "").strip().splitlines()  # a compiler's last line names the error
+        _fall_back(f"{shlex.join(compiler)} exited with status {err.returncode}"
+                   + (f": {said[-1]}" if said else ""))
+        return None
+    except (OSError, subprocess.SubprocessError) as err:
+        _fall_back(str(err))
+        return None
+    for name, argtypes in SIGNATURES.items():
+        for suffix in _SUFFIX.values():
+            getattr(library, f"{name}_{suffix}").argtypes = argtypes
+    return library
+
+
+def _fall_back(why: str) -> None:
+    log.warning("could not build the fused forms' C kernels (%s); they use torch ops instead (same results, "
+                "slower). FWSWEEP_NATIVE=0 skips the build.", why)
+
+
+def usable_for(like: Tensor) -> bool:
+    """Whether the C kernels can serve tensors like `like` (CPU, float32/float64, built)."""
+    return like.device.type == "cpu" and like.dtype in _SUFFIX and _library() is not None
+
+
+
+
+def kernel(name: str, dtype: torch.dtype):
+    """The C function `name` for `dtype` (call only where `usable_for` said yes)."""
+    return getattr(_library(), f"{name}_{_SUFFIX[dtype]}")

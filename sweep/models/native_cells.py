@@ -1,0 +1,146 @@
+"""Whole time steps of the LN-LSTM and FW-LSTM as C calls (native.py), for fused.py's Functions on CPU.
+
+Per time step the forward pass is one torch `addmm` (the slow matmul, BLAS) and one C call that does the
+rest of the cell for every row of the batch: layer norms, gates, the cell update and, for the FW-LSTM,
+the memory's write and reads. The backward pass is one C call and one `mm` per step, the weight gradients
+one matmul each at the end. What the backward needs is kept in T-major buffers: Z (pre-activations), N
+(normalised gates), ACT (gate activations), R (1/std of each layer norm), CN (normalised c before its
+gain), C (the cell state), and for the LN-LSTM TC = tanh(c).
+
+The C calls get addresses computed here by integer arithmetic (`_Rows`): a tensor view per row and step
+would cost about a microsecond each, a dozen per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sweep.models import native
+
+
+class _Rows:
+    """Addresses of x[0], x[1], ... of a contiguous buffer (x[t] is one time step's [B, ...] block)."""
+
+    __slots__ = ("base", "step")
+
+    def __init__(self, x: Tensor):
+        assert x.is_contiguous(), x.stride()
+        self.base, self.step = x.data_ptr(), x.stride(0) * x.element_size()
+
+    def __getitem__(self, t: int) -> int:
+        return self.base + t * self.step
+
+
+def _addresses(*tensors: Tensor) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+def _forward_buffers(xW: Tensor, cell_stats: int, extra: int) -> tuple[Tensor, ...]:
+    """Z, N, ACT [T, B, 4H], R [T, B, cell_stats], `extra` buffers [T, B, H], Hs [T + 1, B, H] (h(-1) = 0)."""
+    B, T, G = xW.shape
+    H = G // 4
+    return (*(xW.new_empty(T, B, G) for _ in range(3)), xW.new_empty(T, B, cell_stats),
+            *(xW.new_empty(T, B, H) for _ in range(extra)), xW.new_zeros(T + 1, B, H))
+
+
+def _gradient_buffers(like: Tensor, T: int, B: int, G: int, H: int) -> tuple[Tensor, ...]:
+    """dZ [T, B, G]; the gains' and biases' gradients (zeroed: the C calls add into them); dc, dh [B, H]."""
+    sums = like.new_zeros(2 * G + 2 * H)
+    dgamma, dbeta, dgamma_c, dbeta_c = sums.split([G, G, H, H])
+    dc, dh = like.new_zeros(B, H), like.new_empty(B, H)
+    return like.new_empty(T, B, G), dgamma, dbeta, dgamma_c, dbeta_c, dc, dh
+
+
+def _recurrent_weight_grad(dZ: Tensor, Hs: Tensor) -> Tensor:
+    """dW_h = Σ_t dz(t)ᵀ h(t-1), one matmul over all steps."""
+    T, B, G = dZ.shape
+    return dZ.view(T * B, G).t() @ Hs[:T].reshape(T * B, -1)
+
+
+def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: Tensor, gamma_c: Tensor,
+                    beta_c: Tensor) -> Tensor:
+    """h(T) of the LN-LSTM (fused.LNLSTMSequence's equations); beta_fb has the forget bias in its f row."""
+    B, T, G = xW.shape
+    H = G // 4
+    cell = native.kernel("lnlstm_forward", xW.dtype)
+    Z, N, ACT, R, CN, C, TC, Hs = _forward_buffers(xW, cell_stats=5, extra=3)
+    params = [p.contiguous() for p in (gamma, beta_fb, gamma_c, beta_c)]
+    z, n, act, r, cn, c, tc, h = map(_Rows, (Z, N, ACT, R, CN, C, TC, Hs))
+    W_hT, z_steps, h_steps, xW_steps = W_h.t(), Z.unbind(0), Hs.unbind(0), xW.unbind(1)
+    for t in range(T):
+        torch.addmm(xW_steps[t], h_steps[t], W_hT, out=z_steps[t])
+        cell(B, H, z[t], *_addresses(*params), c[t - 1] if t else None, n[t], act[t], r[t], cn[t], c[t],
+             tc[t], h[t + 1])
+    ctx.native_saved = (N, ACT, R, CN, C, TC, Hs, W_h, params)
+    return Hs[T].clone()
+
+
+def ln_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
+    """Gradients of xW, W_h, gamma [4, H], beta [4, H], gamma_c, beta_c."""
+    N, ACT, R, CN, C, TC, Hs, W_h, (gamma, _, gamma_c, _) = ctx.native_saved
+    T, B, G = N.shape
+    H = G // 4
+    cell = native.kernel("lnlstm_backward", N.dtype)
+    dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc, dh_buffer = _gradient_buffers(N, T, B, G, H)
+    n, act, r, cn, c, tc, dz = map(_Rows, (N, ACT, R, CN, C, TC, dZ))
+    fixed = _addresses(gamma, gamma_c)
+    sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
+    dh, dz_steps = grad_h.contiguous(), dZ.unbind(0)
+    for t in reversed(range(T)):
+        cell(B, H, dh.data_ptr(), dc.data_ptr(), *fixed, n[t], act[t], r[t], cn[t], tc[t],
+             c[t - 1] if t else None, dz[t], *sums)
+        if t:
+            dh = torch.mm(dz_steps[t], W_h, out=dh_buffer)
+    return (dZ.transpose(0, 1), _recurrent_weight_grad(dZ, Hs), dgamma.view(4, H), dbeta.view(4, H),
+            dgamma_c, dbeta_c)
+
+
+def _memory_arguments(mem: Any) -> list[int]:
+    """V, GQ, SG as (address, batch stride, row stride), then the weights' address (fused._DecayedMemory)."""
+    out = []
+    for buffer in (mem.V, mem.GQ, mem.SG):
+        assert buffer.stride(-1) == 1, buffer.stride()
+        out += [buffer.data_ptr(), buffer.stride(0), buffer.stride(1)]
+    return [*out, mem.weights.data_ptr()]
+
+
+def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta: Tensor,
+                    forget_bias: Tensor, gamma_c: Tensor, beta_c: Tensor, reads: int, m0: int) -> Tensor:
+    """h(T) of the FW-LSTM (fused.FWLSTMSequence's equations) with the memory `mem` on gates[m0:]."""
+    B, T, G = xW.shape
+    H = G // 4
+    cell = native.kernel("fwlstm_forward", xW.dtype)
+    Z, N, ACT, R, CN, C, Hs = _forward_buffers(xW, cell_stats=2, extra=2)
+    params = [p.contiguous() for p in (gamma, beta, forget_bias, gamma_c, beta_c)]
+    memory = _memory_arguments(mem)
+    z, n, act, r, cn, c, h = map(_Rows, (Z, N, ACT, R, CN, C, Hs))
+    W_hT, z_steps, h_steps, xW_steps = W_h.t(), Z.unbind(0), Hs.unbind(0), xW.unbind(1)
+    for t in range(T):
+        torch.addmm(xW_steps[t], h_steps[t], W_hT, out=z_steps[t])
+        cell(B, H, m0, t, reads, T, z[t], *_addresses(*params), c[t - 1] if t else None, *memory,
+             n[t], act[t], r[t], cn[t], c[t], h[t + 1])
+    ctx.native_saved = (mem, memory, N, ACT, R, CN, C, Hs, W_h, params, reads, m0)
+    return Hs[T].clone()
+
+
+def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
+    """Gradients of xW, W_h, gamma, beta, gamma_c, beta_c."""
+    mem, memory, N, ACT, R, CN, C, Hs, W_h, (gamma, _, _, gamma_c, _), reads, m0 = ctx.native_saved
+    T, B, G = N.shape
+    H = G // 4
+    cell = native.kernel("fwlstm_backward", N.dtype)
+    dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc, dh_buffer = _gradient_buffers(N, T, B, G, H)
+    n, act, r, cn, c, dz = map(_Rows, (N, ACT, R, CN, C, dZ))
+    fixed = _addresses(gamma, gamma_c)
+    sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
+    rows = mem.GQ.shape[1]
+    dh, dz_steps = grad_h.contiguous(), dZ.unbind(0)
+    for t in reversed(range(T)):
+        cell(B, H, m0, t, reads, T, 2 * mem.first_read[t], rows, dh.data_ptr(), dc.data_ptr(), *fixed,
+             n[t], act[t], r[t], cn[t], c[t], c[t - 1] if t else None, *memory, dz[t], *sums)
+        if t:
+            dh = torch.mm(dz_steps[t], W_h, out=dh_buffer)
+    return dZ.transpose(0, 1), _recurrent_weight_grad(dZ, Hs), dgamma, dbeta, dgamma_c, dbeta_c
