@@ -180,7 +180,8 @@ static inline void ln_backward_$sfx(long n, const $real *dxhat, const $real *xha
    cn (normalised c_pre), c, tanh(c); writes h. */
 void lnlstm_forward_$sfx(long B, long H, const $real *z, const $real *gamma, const $real *beta,
                          const $real *gc, const $real *bc, const $real *c_prev,
-                         $real *n, $real *act, $real *rstd, $real *cn, $real *c, $real *tc, $real *h) {
+                         $real *n, $real *act, $real *rstd, $real *cn, $real *c, $real *tc, $real *h,
+                         long h_sb) {
     const long G = 4 * H;
     for (long b = 0; b < B; b++) {
         const $real *zb = z + b * G;
@@ -199,7 +200,7 @@ void lnlstm_forward_$sfx(long B, long H, const $real *z, const $real *gamma, con
         _Pragma("omp simd")
         for (long k = 2 * H; k < G; k++) ab[k] = sigm_$sfx(nb[k] * gamma[k] + beta[k]);
         const $real *cp = c_prev ? c_prev + b * H : 0;
-        $real *cnb = cn + b * H, *cb = c + b * H, *tcb = tc + b * H, *hb = h + b * H;
+        $real *cnb = cn + b * H, *cb = c + b * H, *tcb = tc + b * H, *hb = h + b * h_sb;
         _Pragma("omp simd")
         for (long k = 0; k < H; k++)
             cnb[k] = (cp ? cp[k] * ab[2 * H + k] : 0) + ab[k] * ab[H + k];  /* c_pre, normalised below */
@@ -221,14 +222,14 @@ void lnlstm_forward_$sfx(long B, long H, const $real *z, const $real *gamma, con
    biases' gradients. */
 void lnlstm_backward_$sfx(long B, long H, const $real *dh, $real *dc, const $real *gamma, const $real *gc,
                           const $real *n, const $real *act, const $real *rstd, const $real *cn,
-                          const $real *tc, const $real *c_prev, $real *dz, $real *dgamma, $real *dbeta,
-                          $real *dgc, $real *dbc) {
+                          const $real *tc, const $real *c_prev, $real *dz, long dz_sb, $real *dgamma,
+                          $real *dbeta, $real *dgc, $real *dbc) {
     const long G = 4 * H;
     $real dy[G], dcn[H];
     for (long b = 0; b < B; b++) {
         const $real *dhb = dh + b * H, *nb = n + b * G, *ab = act + b * G, *rb = rstd + b * 5;
         const $real *cnb = cn + b * H, *tcb = tc + b * H, *cp = c_prev ? c_prev + b * H : 0;
-        $real *dcb = dc + b * H, *dzb = dz + b * G;
+        $real *dcb = dc + b * H, *dzb = dz + b * dz_sb;
         _Pragma("omp simd")
         for (long k = 0; k < H; k++) {
             const $real so = ab[3 * H + k], t = tcb[k];
@@ -267,7 +268,8 @@ void fwlstm_forward_$sfx(long B, long H, long m0, long t, long S, long T, const 
                          const $real *gamma, const $real *beta, const $real *fb, const $real *gc,
                          const $real *bc, const $real *c_prev, $real *V, long v_sb, long v_sk,
                          $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb, long sg_sj,
-                         const $real *w, $real *n, $real *act, $real *rstd, $real *cn, $real *c, $real *h) {
+                         const $real *w, $real *n, $real *act, $real *rstd, $real *cn, $real *c, $real *h,
+                         long h_sb) {
     const long G = 4 * H, D = G - m0, reads = t + 1;
     const $real *wt = w + T - reads;
     $real zh[G], a[D];
@@ -305,7 +307,7 @@ void fwlstm_forward_$sfx(long B, long H, long m0, long t, long S, long T, const 
         _Pragma("omp simd")
         for (long k = 3 * H; k < G; k++) ab[k] = zh[k] > 0 ? zh[k] : 0;
         const $real *cp = c_prev ? c_prev + b * H : 0;
-        $real *cnb = cn + b * H, *cb = c + b * H, *hb = h + b * H;
+        $real *cnb = cn + b * H, *cb = c + b * H, *hb = h + b * h_sb;
         _Pragma("omp simd")
         for (long k = 0; k < H; k++) cnb[k] = (cp ? cp[k] * ab[H + k] : 0) + ab[k] * ab[3 * H + k];
         ln_stats_$sfx(H, cnb, &mean, rb + 1);
@@ -328,7 +330,8 @@ void fwlstm_backward_$sfx(long B, long H, long m0, long t, long S, long T, long 
                           const $real *n, const $real *act, const $real *rstd, const $real *cn,
                           const $real *c, const $real *c_prev, $real *V, long v_sb, long v_sk,
                           $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb, long sg_sj,
-                          const $real *w, $real *dz, $real *dgamma, $real *dbeta, $real *dgc, $real *dbc) {
+                          const $real *w, $real *dz, long dz_sb, $real *dgamma, $real *dbeta, $real *dgc,
+                          $real *dbc) {
     const long G = 4 * H, D = G - m0, reads = t + 1;
     const $real *wt = w + T - reads;
     $real dg[G], dcn[H], dq[D], dpre[D];
@@ -336,7 +339,7 @@ void fwlstm_backward_$sfx(long B, long H, long m0, long t, long S, long T, long 
         const $real *dhb = dh + b * H, *nb = n + b * G, *ab = act + b * G, *rb = rstd + b * 2;
         const $real *cnb = cn + b * H, *cb = c + b * H, *cp = c_prev ? c_prev + b * H : 0;
         $real *Vb = V + b * v_sb, *GQb = GQ + b * gq_sb, *SGb = SG + b * sg_sb;
-        $real *dcb = dc + b * H, *dzb = dz + b * G;
+        $real *dcb = dc + b * H, *dzb = dz + b * dz_sb;
         _Pragma("omp simd")
         for (long k = 0; k < H; k++) {
             const $real so = ab[2 * H + k], ck = cb[k];
@@ -395,10 +398,10 @@ _MEMORY = [_ptr, _long, _long] * 3 + [_ptr]  # V, GQ, SG (address, batch stride,
 SIGNATURES = {
     "dots_combine": [_long] * 3 + [_ptr, _long] * 2 + [_ptr, _long, _long, _ptr, _ptr, _long, _ptr, _long],
     "column_combine": [_long] * 3 + [_ptr, _long, _long] * 2 + [_ptr, _long] * 2,
-    "lnlstm_forward": [_long] * 2 + [_ptr] * 13,
-    "lnlstm_backward": [_long] * 2 + [_ptr] * 15,
-    "fwlstm_forward": [_long] * 6 + [_ptr] * 7 + _MEMORY + [_ptr] * 6,
-    "fwlstm_backward": [_long] * 8 + [_ptr] * 10 + _MEMORY + [_ptr] * 5,
+    "lnlstm_forward": [_long] * 2 + [_ptr] * 13 + [_long],
+    "lnlstm_backward": [_long] * 2 + [_ptr] * 11 + [_long] + [_ptr] * 4,
+    "fwlstm_forward": [_long] * 6 + [_ptr] * 7 + _MEMORY + [_ptr] * 6 + [_long],
+    "fwlstm_backward": [_long] * 8 + [_ptr] * 10 + _MEMORY + [_ptr, _long] + [_ptr] * 4,
 }
 
 

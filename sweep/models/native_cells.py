@@ -5,7 +5,10 @@ rest of the cell for every row of the batch: layer norms, gates, the cell update
 the memory's write and reads. The backward pass is one C call and one `mm` per step, the weight gradients
 one matmul each at the end. What the backward needs is kept in T-major buffers: Z (pre-activations), N
 (normalised gates), ACT (gate activations), R (1/std of each layer norm), CN (normalised c before its
-gain), C (the cell state), and for the LN-LSTM TC = tanh(c).
+gain), C (the cell state), and for the LN-LSTM TC = tanh(c). Two buffers are batch-major, [B, T, ...],
+so that nothing is copied to change layout: the previous hidden states Hprev (h(t-1) at [:, t], read by
+each step's matmul as rows of a strided matrix, and by dW_h's as one matrix) and the gradient dZ, which
+is returned as the gradient of xW [B, T, 4H] as it is.
 
 The C calls get addresses computed here by integer arithmetic (`_Rows`): a tensor view per row and step
 would cost about a microsecond each, a dozen per step.
@@ -22,13 +25,14 @@ from sweep.models import native
 
 
 class _Rows:
-    """Addresses of x[0], x[1], ... of a contiguous buffer (x[t] is one time step's [B, ...] block)."""
+    """Addresses of x[0], x[1], ... of a contiguous buffer (x[t] is one time step's [B, ...] block), or of
+    x[:, 0], x[:, 1], ... with `dim=1` (a batch-major buffer)."""
 
     __slots__ = ("base", "step")
 
-    def __init__(self, x: Tensor):
+    def __init__(self, x: Tensor, dim: int = 0):
         assert x.is_contiguous(), x.stride()
-        self.base, self.step = x.data_ptr(), x.stride(0) * x.element_size()
+        self.base, self.step = x.data_ptr(), x.stride(dim) * x.element_size()
 
     def __getitem__(self, t: int) -> int:
         return self.base + t * self.step
@@ -39,25 +43,44 @@ def _addresses(*tensors: Tensor) -> list[int]:
 
 
 def _forward_buffers(xW: Tensor, cell_stats: int, extra: int) -> tuple[Tensor, ...]:
-    """Z, N, ACT [T, B, 4H], R [T, B, cell_stats], `extra` buffers [T, B, H], Hs [T + 1, B, H] (h(-1) = 0)."""
+    """Z, N, ACT [T, B, 4H], R [T, B, cell_stats], `extra` buffers [T, B, H], Hprev [B, T, H] (h(-1) = 0
+    at [:, 0]) and h(T-1) [B, H]."""
     B, T, G = xW.shape
     H = G // 4
+    Hprev = xW.new_empty(B, T, H)
+    Hprev[:, 0] = 0
     return (*(xW.new_empty(T, B, G) for _ in range(3)), xW.new_empty(T, B, cell_stats),
-            *(xW.new_empty(T, B, H) for _ in range(extra)), xW.new_zeros(T + 1, B, H))
+            *(xW.new_empty(T, B, H) for _ in range(extra)), Hprev, xW.new_empty(B, H))
+
+
+class _HiddenOut:
+    """Where step t writes h(t), and the batch stride there: Hprev[:, t + 1], the last into `last`."""
+
+    def __init__(self, Hprev: Tensor, last: Tensor):
+        self.rows, self.T, self.stride = _Rows(Hprev, dim=1), Hprev.shape[1], Hprev.stride(0)
+        self.last = last.data_ptr()
+
+    def __getitem__(self, t: int) -> tuple[int, int]:
+        return (self.rows[t + 1], self.stride) if t + 1 < self.T else (self.last, self.stride // self.T)
+
+
+def _first_gates(z0: Tensor, xW0: Tensor) -> None:
+    """z(0) = x(0) W_x + b: h(-1) = 0, so no matmul."""
+    z0.copy_(xW0)
 
 
 def _gradient_buffers(like: Tensor, T: int, B: int, G: int, H: int) -> tuple[Tensor, ...]:
-    """dZ [T, B, G]; the gains' and biases' gradients (zeroed: the C calls add into them); dc, dh [B, H]."""
+    """dZ [B, T, G]; the gains' and biases' gradients (zeroed: the C calls add into them); dc, dh [B, H]."""
     sums = like.new_zeros(2 * G + 2 * H)
     dgamma, dbeta, dgamma_c, dbeta_c = sums.split([G, G, H, H])
     dc, dh = like.new_zeros(B, H), like.new_empty(B, H)
-    return like.new_empty(T, B, G), dgamma, dbeta, dgamma_c, dbeta_c, dc, dh
+    return like.new_empty(B, T, G), dgamma, dbeta, dgamma_c, dbeta_c, dc, dh
 
 
-def _recurrent_weight_grad(dZ: Tensor, Hs: Tensor) -> Tensor:
-    """dW_h = Σ_t dz(t)ᵀ h(t-1), one matmul over all steps."""
-    T, B, G = dZ.shape
-    return dZ.view(T * B, G).t() @ Hs[:T].reshape(T * B, -1)
+def _recurrent_weight_grad(dZ: Tensor, Hprev: Tensor) -> Tensor:
+    """dW_h = Σ_t dz(t)ᵀ h(t-1), one matmul over all steps (both batch-major)."""
+    B, T, G = dZ.shape
+    return dZ.view(B * T, G).t() @ Hprev.view(B * T, -1)
 
 
 def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: Tensor, gamma_c: Tensor,
@@ -66,36 +89,39 @@ def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: T
     B, T, G = xW.shape
     H = G // 4
     cell = native.kernel("lnlstm_forward", xW.dtype)
-    Z, N, ACT, R, CN, C, TC, Hs = _forward_buffers(xW, cell_stats=5, extra=3)
+    Z, N, ACT, R, CN, C, TC, Hprev, h_last = _forward_buffers(xW, cell_stats=5, extra=3)
     params = [p.contiguous() for p in (gamma, beta_fb, gamma_c, beta_c)]
-    z, n, act, r, cn, c, tc, h = map(_Rows, (Z, N, ACT, R, CN, C, TC, Hs))
-    W_hT, z_steps, h_steps, xW_steps = W_h.t(), Z.unbind(0), Hs.unbind(0), xW.unbind(1)
+    z, n, act, r, cn, c, tc = map(_Rows, (Z, N, ACT, R, CN, C, TC))
+    h = _HiddenOut(Hprev, h_last)
+    W_hT, z_steps, h_steps, xW_steps = W_h.t(), Z.unbind(0), Hprev.unbind(1), xW.unbind(1)
+    _first_gates(z_steps[0], xW_steps[0])
     for t in range(T):
-        torch.addmm(xW_steps[t], h_steps[t], W_hT, out=z_steps[t])
+        if t:
+            torch.addmm(xW_steps[t], h_steps[t], W_hT, out=z_steps[t])
         cell(B, H, z[t], *_addresses(*params), c[t - 1] if t else None, n[t], act[t], r[t], cn[t], c[t],
-             tc[t], h[t + 1])
-    ctx.native_saved = (N, ACT, R, CN, C, TC, Hs, W_h, params)
-    return Hs[T].clone()
+             tc[t], *h[t])
+    ctx.native_saved = (N, ACT, R, CN, C, TC, Hprev, W_h, params)
+    return h_last
 
 
 def ln_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     """Gradients of xW, W_h, gamma [4, H], beta [4, H], gamma_c, beta_c."""
-    N, ACT, R, CN, C, TC, Hs, W_h, (gamma, _, gamma_c, _) = ctx.native_saved
+    N, ACT, R, CN, C, TC, Hprev, W_h, (gamma, _, gamma_c, _) = ctx.native_saved
     T, B, G = N.shape
     H = G // 4
     cell = native.kernel("lnlstm_backward", N.dtype)
     dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc, dh_buffer = _gradient_buffers(N, T, B, G, H)
-    n, act, r, cn, c, tc, dz = map(_Rows, (N, ACT, R, CN, C, TC, dZ))
+    n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
+    dz, dz_sb = _Rows(dZ, dim=1), dZ.stride(0)
     fixed = _addresses(gamma, gamma_c)
     sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
-    dh, dz_steps = grad_h.contiguous(), dZ.unbind(0)
+    dh, dz_steps = grad_h.contiguous(), dZ.unbind(1)
     for t in reversed(range(T)):
         cell(B, H, dh.data_ptr(), dc.data_ptr(), *fixed, n[t], act[t], r[t], cn[t], tc[t],
-             c[t - 1] if t else None, dz[t], *sums)
+             c[t - 1] if t else None, dz[t], dz_sb, *sums)
         if t:
             dh = torch.mm(dz_steps[t], W_h, out=dh_buffer)
-    return (dZ.transpose(0, 1), _recurrent_weight_grad(dZ, Hs), dgamma.view(4, H), dbeta.view(4, H),
-            dgamma_c, dbeta_c)
+    return (dZ, _recurrent_weight_grad(dZ, Hprev), dgamma.view(4, H), dbeta.view(4, H), dgamma_c, dbeta_c)
 
 
 def _memory_arguments(mem: Any) -> list[int]:
@@ -113,34 +139,38 @@ def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, 
     B, T, G = xW.shape
     H = G // 4
     cell = native.kernel("fwlstm_forward", xW.dtype)
-    Z, N, ACT, R, CN, C, Hs = _forward_buffers(xW, cell_stats=2, extra=2)
+    Z, N, ACT, R, CN, C, Hprev, h_last = _forward_buffers(xW, cell_stats=2, extra=2)
     params = [p.contiguous() for p in (gamma, beta, forget_bias, gamma_c, beta_c)]
     memory = _memory_arguments(mem)
-    z, n, act, r, cn, c, h = map(_Rows, (Z, N, ACT, R, CN, C, Hs))
-    W_hT, z_steps, h_steps, xW_steps = W_h.t(), Z.unbind(0), Hs.unbind(0), xW.unbind(1)
+    z, n, act, r, cn, c = map(_Rows, (Z, N, ACT, R, CN, C))
+    h = _HiddenOut(Hprev, h_last)
+    W_hT, z_steps, h_steps, xW_steps = W_h.t(), Z.unbind(0), Hprev.unbind(1), xW.unbind(1)
+    _first_gates(z_steps[0], xW_steps[0])
     for t in range(T):
-        torch.addmm(xW_steps[t], h_steps[t], W_hT, out=z_steps[t])
+        if t:
+            torch.addmm(xW_steps[t], h_steps[t], W_hT, out=z_steps[t])
         cell(B, H, m0, t, reads, T, z[t], *_addresses(*params), c[t - 1] if t else None, *memory,
-             n[t], act[t], r[t], cn[t], c[t], h[t + 1])
-    ctx.native_saved = (mem, memory, N, ACT, R, CN, C, Hs, W_h, params, reads, m0)
-    return Hs[T].clone()
+             n[t], act[t], r[t], cn[t], c[t], *h[t])
+    ctx.native_saved = (mem, memory, N, ACT, R, CN, C, Hprev, W_h, params, reads, m0)
+    return h_last
 
 
 def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     """Gradients of xW, W_h, gamma, beta, gamma_c, beta_c."""
-    mem, memory, N, ACT, R, CN, C, Hs, W_h, (gamma, _, _, gamma_c, _), reads, m0 = ctx.native_saved
+    mem, memory, N, ACT, R, CN, C, Hprev, W_h, (gamma, _, _, gamma_c, _), reads, m0 = ctx.native_saved
     T, B, G = N.shape
     H = G // 4
     cell = native.kernel("fwlstm_backward", N.dtype)
     dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc, dh_buffer = _gradient_buffers(N, T, B, G, H)
-    n, act, r, cn, c, dz = map(_Rows, (N, ACT, R, CN, C, dZ))
+    n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
+    dz, dz_sb = _Rows(dZ, dim=1), dZ.stride(0)
     fixed = _addresses(gamma, gamma_c)
     sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
     rows = mem.GQ.shape[1]
-    dh, dz_steps = grad_h.contiguous(), dZ.unbind(0)
+    dh, dz_steps = grad_h.contiguous(), dZ.unbind(1)
     for t in reversed(range(T)):
         cell(B, H, m0, t, reads, T, 2 * mem.first_read[t], rows, dh.data_ptr(), dc.data_ptr(), *fixed,
-             n[t], act[t], r[t], cn[t], c[t], c[t - 1] if t else None, *memory, dz[t], *sums)
+             n[t], act[t], r[t], cn[t], c[t], c[t - 1] if t else None, *memory, dz[t], dz_sb, *sums)
         if t:
             dh = torch.mm(dz_steps[t], W_h, out=dh_buffer)
-    return dZ.transpose(0, 1), _recurrent_weight_grad(dZ, Hs), dgamma, dbeta, dgamma_c, dbeta_c
+    return dZ, _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c, dbeta_c
