@@ -152,7 +152,7 @@ needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C comp
 
 @needs_cc
 @pytest.mark.parametrize(("name", "kernel"), [("ln_lstm", "lnlstm_backward"), ("fw_lstm", "fwlstm_backward"),
-                                              ("fw_rnn", "dots_combine")])
+                                              ("fw_rnn", "fwrnn_backward")])
 def test_the_fused_forms_run_as_c_where_a_compiler_is(monkeypatch, name, kernel):
     """Not a silent fallback: with `cc` on the machine, the fused forms use native.py's kernels."""
     assert native.usable_for(torch.zeros(1)) and native.usable_for(torch.zeros(1).double())

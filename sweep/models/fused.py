@@ -18,8 +18,8 @@ keeps only what the backward needs, and writes BPTT out:
   instead of every read adding into the gradients of all past vectors.
 
 On CPU (float32, float64, where a C compiler is) the same equations run as C: the LN-LSTM's and
-FW-LSTM's time steps one C call each (native_cells.py), the FW-RNN's memory products one C call per
-product (native_memory.py). The torch-op code below is what runs elsewhere (CUDA, other dtypes,
+FW-LSTM's time steps, and the FW-RNN's inner loop, one C call each (native_cells.py); the slow matmuls
+stay with torch. The torch-op code below is what runs elsewhere (CUDA, other dtypes,
 FWSWEEP_NATIVE=0), and the reference the C kernels are tested against.
 
 The equations are those of the model modules (see their docstrings); tests/test_models.py checks every
@@ -240,6 +240,9 @@ class FWRNNSequence(torch.autograd.Function):
         times = [t for t in range(T) for _ in range(reads)] if authors else [
             t - 1 for t in range(1, T) for _ in range(reads)]
         mem = _DecayedMemory(B, T, H, times, fast_lr, decay, Cx)
+        ctx.native = native.usable_for(Cx)
+        if ctx.native:
+            return native_cells.fw_rnn_forward(ctx, mem, Cx, W, gamma, beta, reads, authors)
         WT = W.t()
         Hs = Cx.new_zeros(T + 1, B, H)  # h(-1) = 0, then h(0) .. h(T-1)
         U = Cx.new_empty(T, B, H)  # the authors' u(t), the input of their slow path
@@ -269,6 +272,8 @@ class FWRNNSequence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_h):
+        if ctx.native:
+            return *native_cells.fw_rnn_backward(ctx, grad_h), None, None, None, None
         B, T, H, reads = ctx.sizes
         W, gamma, beta = ctx.params
         mem, Hs, U, authors = ctx.mem, ctx.Hs, ctx.U, ctx.authors

@@ -1,5 +1,5 @@
 """The fused forms' C kernels, built once per node: the fast-weight memory's reads and whole time steps
-of the LN-LSTM and FW-LSTM cells.
+of the LN-LSTM and FW-LSTM cells and of the FW-RNN's inner loop.
 
 Why C: at the sizes these models train at (batch 128, H <= a few hundred), a time step is a few dozen
 small tensor ops, and each costs a fixed few microseconds of dispatch plus a pass over memory, whatever
@@ -387,6 +387,111 @@ void fwlstm_backward_$sfx(long B, long H, long m0, long t, long S, long T, long 
         ln_backward_$sfx(G, dg, nb, rb[0], dzb);
     }
 }
+
+/* FW-RNN, the inner loop of time step t for every row: S steps h_s = ReLU(LN(slow + A h_{s-1})) with gain
+   gamma and bias beta, each read r = r0 + s of the n stored vectors v_0 .. v_{n-1} (n = 0: no read, then
+   every h_s = ReLU(LN(slow))). The first query is the stored vector v_{h0_k} (the authors' u, written
+   before the step reads) or, when h0_k < 0, ReLU(slow) (Ba et al.). Queries are kept in GQ's rows 2r+1,
+   their weighted dots in SG's rows 2r. Saves xh (the normalised pre-activations, [S, B, H]) and rstd
+   ([S, B]); writes the last h_s to h (batch stride h_sb) and, when write_k >= 0, into the memory as
+   v_{write_k}. */
+void fwrnn_forward_$sfx(long B, long H, long S, long T, long n, long r0, long write_k, long h0_k,
+                        const $real *slow, const $real *gamma, const $real *beta, $real *V, long v_sb,
+                        long v_sk, $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb, long sg_sj,
+                        const $real *w, $real *xh, $real *rstd, $real *h, long h_sb) {
+    const $real *wn = w + T - n;
+    $real a[H], hs[H];
+    for (long b = 0; b < B; b++) {
+        const $real *sb = slow + b * H;
+        $real *Vb = V + b * v_sb, *GQb = GQ + b * gq_sb, *SGb = SG + b * sg_sb;
+        if (h0_k >= 0)
+            for (long k = 0; k < H; k++) hs[k] = Vb[h0_k * v_sk + k];
+        else
+            _Pragma("omp simd")
+            for (long k = 0; k < H; k++) hs[k] = sb[k] > 0 ? sb[k] : 0;
+        for (long s = 0; s < S; s++) {
+            $real *x = xh + (s * B + b) * H;
+            if (n) {
+                const long r = r0 + s;
+                $real *q = GQb + (2 * r + 1) * gq_sj;
+                for (long k = 0; k < H; k++) q[k] = hs[k];
+                dots_$sfx(n, H, q, Vb, v_sk, wn, SGb + 2 * r * sg_sj);
+                combine_$sfx(n, H, SGb + 2 * r * sg_sj, 1, Vb, v_sk, sb, a);  /* a = slow + A q */
+            } else {
+                for (long k = 0; k < H; k++) a[k] = sb[k];
+            }
+            $real mean;
+            ln_stats_$sfx(H, a, &mean, rstd + s * B + b);
+            const $real r = rstd[s * B + b];
+            _Pragma("omp simd")
+            for (long k = 0; k < H; k++) {
+                x[k] = (a[k] - mean) * r;
+                const $real y = x[k] * gamma[k] + beta[k];
+                hs[k] = y > 0 ? y : 0;
+            }
+        }
+        $real *hb = h + b * h_sb;
+        for (long k = 0; k < H; k++) hb[k] = hs[k];
+        if (write_k >= 0)
+            for (long k = 0; k < H; k++) Vb[write_k * v_sk + k] = hs[k];
+    }
+}
+
+/* Its backward: dh is the gradient of the last h_s; when write_k >= 0 that h is also v_{write_k}, and the
+   gradient it has as a stored vector (from every read that saw it: GQ's rows from `lo` on) is added first.
+   Writes dslow (batch stride dslow_sb) and, when dq0 is given, the gradient reaching the first query
+   (the authors' u) through the reads; without dq0 (Ba) that gradient goes through ReLU(slow) into dslow.
+   Adds to the gain's and bias's gradients. */
+void fwrnn_backward_$sfx(long B, long H, long S, long T, long n, long r0, long write_k, long lo, long rows,
+                         const $real *dh, const $real *gamma, const $real *beta, const $real *xh,
+                         const $real *rstd, $real *V, long v_sb, long v_sk, $real *GQ, long gq_sb,
+                         long gq_sj, $real *SG, long sg_sb, long sg_sj,
+                         const $real *w, $real *dslow, long dslow_sb, $real *dq0, $real *dgamma,
+                         $real *dbeta) {
+    const $real *wn = w + T - n;
+    $real dhs[H], dx[H];
+    for (long b = 0; b < B; b++) {
+        $real *Vb = V + b * v_sb, *GQb = GQ + b * gq_sb, *SGb = SG + b * sg_sb;
+        $real *ds = dslow + b * dslow_sb;
+        if (write_k >= 0)
+            combine_$sfx(rows - lo, H, SGb + lo * sg_sj + write_k, sg_sj, GQb + lo * gq_sj, gq_sj, dh + b * H,
+                         dhs);
+        else
+            for (long k = 0; k < H; k++) dhs[k] = dh[b * H + k];
+        for (long k = 0; k < H; k++) ds[k] = 0;
+        for (long s = S - 1; s >= 0; s--) {
+            const $real *x = xh + (s * B + b) * H;
+            _Pragma("omp simd")
+            for (long k = 0; k < H; k++) {
+                const $real d = x[k] * gamma[k] + beta[k] > 0 ? dhs[k] : 0;
+                dgamma[k] += d * x[k];
+                dbeta[k] += d;
+                dx[k] = d * gamma[k];
+            }
+            ln_backward_$sfx(H, dx, x, rstd[s * B + b], dx);  /* now d pre = d slow + d (A q_s) */
+            _Pragma("omp simd")
+            for (long k = 0; k < H; k++) ds[k] += dx[k];
+            if (!n)
+                break;  /* without reads every inner step is the same function of slow: the last one counts */
+            const long r = r0 + s;
+            $real *g = GQb + 2 * r * gq_sj, *sg = SGb + (2 * r + 1) * sg_sj;
+            const $real *q = GQb + (2 * r + 1) * gq_sj;
+            for (long k = 0; k < H; k++) g[k] = dx[k];
+            dots_$sfx(n, H, g, Vb, v_sk, wn, sg);
+            combine_$sfx(n, H, sg, 1, Vb, v_sk, 0, dhs);  /* d q_s */
+            if (s > 0)  /* q_s = h_{s-1} = ReLU(x_{s-1} gamma + beta): the next iteration masks it */
+                continue;
+            if (dq0) {
+                for (long k = 0; k < H; k++) dq0[b * H + k] = dhs[k];
+            } else {
+                _Pragma("omp simd")
+                for (long k = 0; k < H; k++) ds[k] += q[k] > 0 ? dhs[k] : 0;  /* q_0 = ReLU(slow) */
+            }
+        }
+        if (!n && dq0)
+            for (long k = 0; k < H; k++) dq0[b * H + k] = 0;
+    }
+}
 """)
 
 TYPES = (("float", "f32"), ("double", "f64"))
@@ -402,6 +507,8 @@ SIGNATURES = {
     "lnlstm_backward": [_long] * 2 + [_ptr] * 11 + [_long] + [_ptr] * 4,
     "fwlstm_forward": [_long] * 6 + [_ptr] * 7 + _MEMORY + [_ptr] * 6 + [_long],
     "fwlstm_backward": [_long] * 8 + [_ptr] * 10 + _MEMORY + [_ptr, _long] + [_ptr] * 4,
+    "fwrnn_forward": [_long] * 8 + [_ptr] * 3 + _MEMORY + [_ptr] * 3 + [_long],
+    "fwrnn_backward": [_long] * 9 + [_ptr] * 5 + _MEMORY + [_ptr, _long] + [_ptr] * 3,
 }
 
 

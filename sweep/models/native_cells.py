@@ -174,3 +174,72 @@ def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
         if t:
             dh = torch.mm(dz_steps[t], W_h, out=dh_buffer)
     return dZ, _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c, dbeta_c
+
+
+def fw_rnn_forward(ctx: Any, mem: Any, Cx: Tensor, W: Tensor, gamma: Tensor, beta: Tensor, reads: int,
+                   authors: bool) -> Tensor:
+    """h(T) of the FW-RNN (fused.FWRNNSequence's equations): per step one matmul (the authors' variant:
+    two, and its u written into the memory) and one C call for the inner loop."""
+    B, T, H = Cx.shape
+    inner = native.kernel("fwrnn_forward", Cx.dtype)
+    XH, RS, SLOW = Cx.new_empty(T, reads, B, H), Cx.new_empty(T, reads, B), Cx.new_empty(T, B, H)
+    Hprev, h_last = Cx.new_empty(B, T, H), Cx.new_empty(B, H)
+    Hprev[:, 0] = 0
+    U = Cx.new_empty(B, T, H) if authors else None  # the authors' u = ReLU(W h(t-1) + C x), batch-major
+    params, memory = _addresses(gamma.contiguous(), beta.contiguous()), _memory_arguments(mem)
+    xh, rs, slow, h = _Rows(XH), _Rows(RS), _Rows(SLOW), _HiddenOut(Hprev, h_last)
+    WT, slow_steps, h_steps, Cx_steps = W.t(), SLOW.unbind(0), Hprev.unbind(1), Cx.unbind(1)
+    for t in range(T):
+        if t:
+            torch.addmm(Cx_steps[t], h_steps[t], WT, out=slow_steps[t])
+        else:
+            _first_gates(slow_steps[0], Cx_steps[0])
+        if authors:  # u is written before the inner loop reads it; its slow input is W u + C x
+            mem.write(t, torch.clamp_min(slow_steps[t], 0, out=U[:, t]))
+            torch.addmm(Cx_steps[t], U[:, t], WT, out=slow_steps[t])
+        n, r0, write_k = _read_plan(t, T, reads, authors)
+        inner(B, H, reads, T, n, r0, write_k, t if authors else -1, slow[t], *params, *memory, xh[t], rs[t],
+              *h[t])
+    ctx.native_saved = (mem, memory, XH, RS, Hprev, U, W, params, reads, authors)
+    return h_last
+
+
+def _read_plan(t: int, T: int, reads: int, authors: bool) -> tuple[int, int, int]:
+    """(stored vectors step t reads, its first read's index, the vector it writes or -1): Ba's step t
+    reads h(0) .. h(t-1) and stores h(t) (A(T) is never read); the authors' reads v_0 .. v_t (u)."""
+    if authors:
+        return t + 1, t * reads, -1
+    return t, max(t - 1, 0) * reads, t if t < T - 1 else -1
+
+
+def fw_rnn_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
+    """Gradients of Cx, W, gamma, beta."""
+    mem, memory, XH, RS, Hprev, U, W, params, reads, authors = ctx.native_saved
+    T, _, B, H = XH.shape
+    inner = native.kernel("fwrnn_backward", XH.dtype)
+    sums = XH.new_zeros(2 * H)
+    dgamma, dbeta = sums.split([H, H])
+    dSlow, dh_buffer = XH.new_empty(B, T, H), XH.new_empty(B, H)
+    dU_pre = XH.new_empty(B, T, H) if authors else None
+    dq0 = XH.new_empty(B, H) if authors else None
+    xh, rs, dslow = _Rows(XH), _Rows(RS), _Rows(dSlow, dim=1)
+    rows = mem.GQ.shape[1]
+    dh, dslow_steps = grad_h.contiguous(), dSlow.unbind(1)
+    for t in reversed(range(T)):
+        n, r0, write_k = _read_plan(t, T, reads, authors)
+        lo = 2 * mem.first_read[write_k] if write_k >= 0 else 0
+        inner(B, H, reads, T, n, r0, write_k, lo, rows, dh.data_ptr(), *params, xh[t], rs[t], *memory,
+              dslow[t], dSlow.stride(0), None if dq0 is None else dq0.data_ptr(), *_addresses(dgamma, dbeta))
+        if authors:  # u feeds the first query, W u + C x and, as v_t, every read that saw it
+            du = mem.stored_grad(t, plus=torch.addmm(dq0, dslow_steps[t], W))
+            torch.ops.aten.threshold_backward.grad_input(du, U[:, t], 0, grad_input=dU_pre[:, t])
+            grad_into_h = dU_pre[:, t]
+        else:
+            grad_into_h = dslow_steps[t]
+        if t:
+            dh = torch.mm(grad_into_h, W, out=dh_buffer)
+    dW = dSlow.view(B * T, H).t() @ (U if authors else Hprev).view(B * T, H)
+    if authors:
+        dW += dU_pre.view(B * T, H).t() @ Hprev.view(B * T, H)
+        return dSlow + dU_pre, dW, dgamma, dbeta
+    return dSlow, dW, dgamma, dbeta
