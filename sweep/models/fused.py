@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from sweep.models import native, native_cells, native_memory
+from sweep.models import native, native_cells
 
 aten = torch.ops.aten
 EPS = 1e-5  # nn.LayerNorm's default, as in the readable forms
@@ -76,11 +76,12 @@ class _DecayedMemory:
     (rows 2r and 2r+1 of SG, written there by the product itself). Then
     dv_k = Σ_r SG[2r, k] g_r + SG[2r+1, k] q_r, one product.
 
-    Each product is one C loop over the batch where it can be (native_memory.py), else `torch.bmm`.
+    Here each product is `torch.bmm`; native_cells.py's C time steps do the same products on the same
+    buffers.
     """
 
     def __init__(self, batch: int, length: int, dim: int, read_times: list[int], fast_lr: float,
-                 decay: float, like: Tensor, batched_reads: bool = True):
+                 decay: float, like: Tensor):
         self.read_times = read_times
         powers = fast_lr * decay ** torch.arange(length, dtype=like.dtype, device=like.device)
         self.weights = powers.flip(0)  # weights[T-1-n:][k] = η λ^(n-k)
@@ -91,8 +92,6 @@ class _DecayedMemory:
         # SG[:, 2r, k] = w (q_r·v_k), SG[:, 2r+1, k] = w (g_r·v_k)
         self.SG = like.new_empty(batch, 2 * len(read_times), length)
         self.first_read = [bisect.bisect_left(read_times, k) for k in range(length)]
-        self.native = native_memory.BatchedReads(self.V, self.GQ, self.SG, self.weights) if (
-            batched_reads and native.usable_for(like)) else None
 
     def write(self, k: int, v: Tensor) -> Tensor:
         """Store v_k; returns the stored copy (for S = 1 the query row a read of it then finds in place)."""
@@ -111,8 +110,6 @@ class _DecayedMemory:
         return dots, past
 
     def read(self, r: int, q: Tensor) -> Tensor:
-        if self.native:
-            return self.native.read(q, self.read_times[r] + 1, keep_row=2 * r + 1, dots_row=2 * r)
         if q.data_ptr() != self.GQ[:, 2 * r + 1].data_ptr():  # else q is v_r, already there
             self.GQ[:, 2 * r + 1] = q
         scores, past = self._weighted_dots(r, q, 2 * r)
@@ -123,8 +120,6 @@ class _DecayedMemory:
 
     def read_backward(self, r: int, grad_out: Tensor) -> Tensor:
         """The gradient of read r's query; keeps grad_out for the stored vectors' gradients."""
-        if self.native:
-            return self.native.read(grad_out, self.read_times[r] + 1, keep_row=2 * r, dots_row=2 * r + 1)
         self.GQ[:, 2 * r] = grad_out
         grad_scores, past = self._weighted_dots(r, grad_out, 2 * r + 1)
         return torch.bmm(grad_scores, past).squeeze(1)
@@ -135,8 +130,6 @@ class _DecayedMemory:
         lo = 2 * self.first_read[k]
         if lo == self.GQ.shape[1]:
             return plus
-        if self.native:
-            return self.native.stored_grad(k, lo, plus)
         dv = torch.bmm(self.SG[:, lo:, k : k + 1].transpose(1, 2), self.GQ[:, lo:]).squeeze(1)
         return dv if plus is None else dv + plus
 
@@ -151,8 +144,7 @@ class FWLSTMSequence(torch.autograd.Function):
         H = G // 4
         m0 = 3 * H if candidate else 0  # the memory's slice of the gates
         ctx.native = native.usable_for(xW)
-        mem = _DecayedMemory(B, T, G - m0, [t for t in range(T) for _ in range(reads)], fast_lr, decay, xW,
-                             batched_reads=not ctx.native)  # the C time step reads the buffers itself
+        mem = _DecayedMemory(B, T, G - m0, [t for t in range(T) for _ in range(reads)], fast_lr, decay, xW)
         fb = xW.new_zeros(G)
         fb[H : 2 * H] = forget_bias
         if ctx.native:

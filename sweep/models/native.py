@@ -1,5 +1,5 @@
-"""The fused forms' C kernels, built once per node: the fast-weight memory's reads and whole time steps
-of the LN-LSTM and FW-LSTM cells and of the FW-RNN's inner loop.
+"""The fused forms' C kernels, built once per node: whole time steps of the LN-LSTM and FW-LSTM cells and
+of the FW-RNN's inner loop, the fast-weight memory's reads included.
 
 Why C: at the sizes these models train at (batch 128, H <= a few hundred), a time step is a few dozen
 small tensor ops, and each costs a fixed few microseconds of dispatch plus a pass over memory, whatever
@@ -83,10 +83,10 @@ static inline float tanh_approx_f32(float x) {
 #define SQRT_f64 sqrt
 """
 
-# The memory's products. `dots_combine` does, for every batch element b: sg[k] = w[k] (x·v_k) for k < n,
-# then out = Σ_k sg[k] v_k (and copies x to `keep` if given). `column_combine` does
-# out = init + Σ_j sg[j] g_j over rows j of a second matrix (a stored vector's gradient added to another
-# gradient of the same vector; init = 0 when NULL). Strides are in elements.
+# The memory's products, used by the cells below: `dots` (sg[k] = w[k] (x·v_k) for k < n) and `combine`
+# (out = init + Σ_k c[k] V[k]). `column_combine` does the latter for every batch element, over rows j of
+# GQ with weights from a column of SG: a stored vector's gradient added to another gradient of the same
+# vector (init = 0 when NULL). Strides are in elements.
 MEMORY = Template(r"""
 /* Rows are taken four at a time: four independent sums per pass hide the FMA latency, and the output row
    is loaded and stored once per four input rows. */
@@ -125,19 +125,6 @@ static void combine_$sfx(long n, long D, const $real *c, long c_s, const $real *
         const $real ck = c[k * c_s];
         _Pragma("omp simd")
         for (long d = 0; d < D; d++) out[d] += ck * v[d];
-    }
-}
-void dots_combine_$sfx(long B, long n, long D, const $real *x, long x_sb, $real *keep, long keep_sb,
-                       const $real *V, long v_sb, long v_sk, const $real *w, $real *sg, long sg_sb,
-                       $real *out, long out_sb) {
-    for (long b = 0; b < B; b++) {
-        const $real *xb = x + b * x_sb;
-        if (keep) {
-            $real *kb = keep + b * keep_sb;
-            for (long d = 0; d < D; d++) kb[d] = xb[d];
-        }
-        dots_$sfx(n, D, xb, V + b * v_sb, v_sk, w, sg + b * sg_sb);
-        combine_$sfx(n, D, sg + b * sg_sb, 1, V + b * v_sb, v_sk, 0, out + b * out_sb);
     }
 }
 void column_combine_$sfx(long B, long rows, long D, const $real *sg, long sg_sb, long sg_sj,
@@ -501,7 +488,6 @@ _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _long, _ptr = ctypes.c_long, ctypes.c_void_p
 _MEMORY = [_ptr, _long, _long] * 3 + [_ptr]  # V, GQ, SG (address, batch stride, row stride), weights
 SIGNATURES = {
-    "dots_combine": [_long] * 3 + [_ptr, _long] * 2 + [_ptr, _long, _long, _ptr, _ptr, _long, _ptr, _long],
     "column_combine": [_long] * 3 + [_ptr, _long, _long] * 2 + [_ptr, _long] * 2,
     "lnlstm_forward": [_long] * 2 + [_ptr] * 13 + [_long],
     "lnlstm_backward": [_long] * 2 + [_ptr] * 11 + [_long] + [_ptr] * 4,

@@ -231,7 +231,7 @@ def fw_rnn_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
         inner(B, H, reads, T, n, r0, write_k, lo, rows, dh.data_ptr(), *params, xh[t], rs[t], *memory,
               dslow[t], dSlow.stride(0), None if dq0 is None else dq0.data_ptr(), *_addresses(dgamma, dbeta))
         if authors:  # u feeds the first query, W u + C x and, as v_t, every read that saw it
-            du = mem.stored_grad(t, plus=torch.addmm(dq0, dslow_steps[t], W))
+            du = _stored_grad(mem, memory, t, plus=torch.addmm(dq0, dslow_steps[t], W))
             torch.ops.aten.threshold_backward.grad_input(du, U[:, t], 0, grad_input=dU_pre[:, t])
             grad_into_h = dU_pre[:, t]
         else:
@@ -243,3 +243,15 @@ def fw_rnn_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
         dW += dU_pre.view(B * T, H).t() @ Hprev.view(B * T, H)
         return dSlow + dU_pre, dW, dgamma, dbeta
     return dSlow, dW, dgamma, dbeta
+
+
+def _stored_grad(mem: Any, memory: list[int], k: int, plus: Tensor) -> Tensor:
+    """plus + dv_k = plus + Σ_{rows j of reads that saw v_k} SG[:, j, k] GQ[:, j], one C call."""
+    B, rows, D = mem.GQ.shape
+    lo, size = 2 * mem.first_read[k], mem.GQ.element_size()
+    (_, _, _, gq, gq_sb, gq_sj, sg, sg_sb, sg_sj, _), plus = memory, plus.contiguous()
+    out = torch.empty_like(plus)
+    native.kernel("column_combine", plus.dtype)(B, rows - lo, D, sg + (lo * sg_sj + k) * size, sg_sb, sg_sj,
+                                                 gq + lo * gq_sj * size, gq_sb, gq_sj, plus.data_ptr(), D,
+                                                 out.data_ptr(), D)
+    return out
