@@ -8,9 +8,10 @@
 Writes benchmarks/results/models.json (see benchmarks/record.py); `benchmarks/render.py` makes the tables
 of docs/benchmarks.md from it. Run it on an otherwise idle machine.
 
-A train step is zero_grad + forward + cross-entropy + backward + Adam step on one batch of ART-shaped
-input (K=8 pairs: T=19 tokens, vocabulary 37, 10 classes), one torch thread, with malloc's thresholds
-raised as `run_trial` raises them for every trial (sweep/allocator.py). Rows "native=off" time the fused
+A train step is zero_grad + forward + cross-entropy + backward + Adam step (torch's fused Adam, as every
+trial makes it: sweep/train.make_optimizer) on one batch of ART-shaped input (K=8 pairs: T=19 tokens,
+vocabulary 37, 10 classes), one torch thread, with malloc's thresholds raised as `run_trial` raises them
+for every trial (sweep/allocator.py). Rows "native=off" time the fused
 forms with torch ops instead of the C kernels (sweep/models/native.py): what runs on CUDA, and the
 baseline those kernels are measured against. Configurations of one hidden size are timed round-robin
 (one step of each, `--steps` rounds) so that load from other processes spreads evenly over them.
@@ -54,7 +55,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from record import record  # noqa: E402
 
 from sweep.allocator import keep_freed_memory  # noqa: E402
+from sweep.config import TrainConfig  # noqa: E402
 from sweep.models import build_model, count_parameters, native, params_class  # noqa: E402
+from sweep.train import make_optimizer  # noqa: E402
 
 VOCAB, CLASSES = 37, 10
 NATIVE = "native"  # not a model option: "off" times the fused form with torch ops instead of the C kernels
@@ -153,7 +156,7 @@ def matmul_rates(batch: int, length: int, hidden: int, seconds: float = 0.03) ->
 
 
 def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(TrainConfig(lr=1e-3), model)  # Adam, as every trial makes it
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)

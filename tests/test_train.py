@@ -62,14 +62,18 @@ def test_interrupt_mid_epoch_then_resume_reproduces_the_run(tiny_trial, tmp_path
     full = NullReporter()
     run_trial(cfg, full, tmp_path / "full")
 
-    stop = threading.Event()
+    class StopAtStep(threading.Event):
+        """Set when the loop checks it after step 40 (inside epoch 2: 31 steps per epoch), whatever the
+        machine's speed (on_step runs only every 0.1 s, and the whole run can take less)."""
 
-    def on_step(step: int, epoch: int, loss: float) -> None:
-        if step >= 40:  # inside epoch 2 (31 steps per epoch)
-            stop.set()
+        checks = 0
+
+        def is_set(self) -> bool:
+            self.checks += 1
+            return self.checks >= 40 or super().is_set()
 
     with pytest.raises(TrialInterrupted) as info:
-        run_trial(cfg, NullReporter(), tmp_path / "run", on_step=on_step, stop=stop)
+        run_trial(cfg, NullReporter(), tmp_path / "run", stop=StopAtStep())
     saved = info.value.checkpoint_dir
     _, meta = ckpt.load_checkpoint(saved)
     assert meta["step"] >= 40 and meta["step"] % 31 != 0  # really mid-epoch

@@ -139,6 +139,16 @@ void column_combine_$sfx(long B, long rows, long D, const $real *sg, long sg_sb,
 CELLS = Template(r"""
 static inline $real sigm_$sfx($real x) { return 1 / (1 + EXP_$sfx(-x)); }
 
+/* z = h W_h + (x W_x + b) of one row; h W_h is NULL at t = 0 (h(-1) = 0) */
+static inline void gate_inputs_$sfx(long G, const $real *hw, const $real *xw, $real *z) {
+    if (hw) {
+        _Pragma("omp simd")
+        for (long k = 0; k < G; k++) z[k] = hw[k] + xw[k];
+    } else {
+        for (long k = 0; k < G; k++) z[k] = xw[k];
+    }
+}
+
 /* LN statistics of one row: mean and 1/sqrt(biased variance + eps), two passes as in ATen */
 static inline void ln_stats_$sfx(long n, const $real *x, $real *mean, $real *rstd) {
     $real s = 0, v = 0;
@@ -165,13 +175,15 @@ static inline void ln_backward_$sfx(long n, const $real *dxhat, const $real *xha
 /* LN-LSTM, one time step for every row. Gates i, j, f, o, each with its own layer norm (gain gamma, bias
    beta, forget bias in beta's f row). Saves: n (normalised gates), act (σi, g, σf, σo), rstd (4 gates, cell),
    cn (normalised c_pre), c, tanh(c); writes h. */
-void lnlstm_forward_$sfx(long B, long H, const $real *z, const $real *gamma, const $real *beta,
+void lnlstm_forward_$sfx(long B, long H, const $real *hw, const $real *xw, long xw_sb, const $real *gamma,
+                         const $real *beta,
                          const $real *gc, const $real *bc, const $real *c_prev,
                          $real *n, $real *act, $real *rstd, $real *cn, $real *c, $real *tc, $real *h,
                          long h_sb) {
     const long G = 4 * H;
+    $real zb[G];
     for (long b = 0; b < B; b++) {
-        const $real *zb = z + b * G;
+        gate_inputs_$sfx(G, hw ? hw + b * G : 0, xw + b * xw_sb, zb);
         $real *nb = n + b * G, *ab = act + b * G, *rb = rstd + b * 5;
         for (long q = 0; q < 4; q++) {
             $real mean;
@@ -251,7 +263,8 @@ void lnlstm_backward_$sfx(long B, long H, const $real *dh, $real *dc, const $rea
    gates = ẑ + fb, gates[m0:] += a_{S-1}; i, f, o are sigmoids, g a ReLU;
    c = LN_c(c_prev σf + σi g), h = ReLU(c) σo. Saves n (normalised z), act (σi, σf, σo, g), rstd (z, cell),
    cn (normalised c_pre), c; writes h. w: the memory's weights, w[T-1-j] = η λ^j. */
-void fwlstm_forward_$sfx(long B, long H, long m0, long t, long S, long T, const $real *z,
+void fwlstm_forward_$sfx(long B, long H, long m0, long t, long S, long T, const $real *hw, const $real *xw,
+                         long xw_sb,
                          const $real *gamma, const $real *beta, const $real *fb, const $real *gc,
                          const $real *bc, const $real *c_prev, $real *V, long v_sb, long v_sk,
                          $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb, long sg_sj,
@@ -259,9 +272,9 @@ void fwlstm_forward_$sfx(long B, long H, long m0, long t, long S, long T, const 
                          long h_sb) {
     const long G = 4 * H, D = G - m0, reads = t + 1;
     const $real *wt = w + T - reads;
-    $real zh[G], a[D];
+    $real zb[G], zh[G], a[D];
     for (long b = 0; b < B; b++) {
-        const $real *zb = z + b * G;
+        gate_inputs_$sfx(G, hw ? hw + b * G : 0, xw + b * xw_sb, zb);
         $real *nb = n + b * G, *ab = act + b * G, *rb = rstd + b * 2;
         $real *Vb = V + b * v_sb, *GQb = GQ + b * gq_sb, *SGb = SG + b * sg_sb;
         $real mean;
@@ -489,9 +502,9 @@ _long, _ptr = ctypes.c_long, ctypes.c_void_p
 _MEMORY = [_ptr, _long, _long] * 3 + [_ptr]  # V, GQ, SG (address, batch stride, row stride), weights
 SIGNATURES = {
     "column_combine": [_long] * 3 + [_ptr, _long, _long] * 2 + [_ptr, _long] * 2,
-    "lnlstm_forward": [_long] * 2 + [_ptr] * 13 + [_long],
+    "lnlstm_forward": [_long] * 2 + [_ptr, _ptr, _long] + [_ptr] * 12 + [_long],
     "lnlstm_backward": [_long] * 2 + [_ptr] * 11 + [_long] + [_ptr] * 4,
-    "fwlstm_forward": [_long] * 6 + [_ptr] * 7 + _MEMORY + [_ptr] * 6 + [_long],
+    "fwlstm_forward": [_long] * 6 + [_ptr, _ptr, _long] + [_ptr] * 6 + _MEMORY + [_ptr] * 6 + [_long],
     "fwlstm_backward": [_long] * 8 + [_ptr] * 10 + _MEMORY + [_ptr, _long] + [_ptr] * 4,
     "fwrnn_forward": [_long] * 8 + [_ptr] * 3 + _MEMORY + [_ptr] * 3 + [_long],
     "fwrnn_backward": [_long] * 9 + [_ptr] * 5 + _MEMORY + [_ptr, _long] + [_ptr] * 3,

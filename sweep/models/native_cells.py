@@ -1,14 +1,15 @@
-"""Whole time steps of the LN-LSTM and FW-LSTM as C calls (native.py), for fused.py's Functions on CPU.
+"""Whole time steps of the LN-LSTM and FW-LSTM, and the FW-RNN's inner loop, as C calls (native.py), for
+fused.py's Functions on CPU.
 
-Per time step the forward pass is one torch `addmm` (the slow matmul, BLAS) and one C call that does the
-rest of the cell for every row of the batch: layer norms, gates, the cell update and, for the FW-LSTM,
-the memory's write and reads. The backward pass is one C call and one `mm` per step, the weight gradients
-one matmul each at the end. What the backward needs is kept in T-major buffers: Z (pre-activations), N
-(normalised gates), ACT (gate activations), R (1/std of each layer norm), CN (normalised c before its
-gain), C (the cell state), and for the LN-LSTM TC = tanh(c). Two buffers are batch-major, [B, T, ...],
-so that nothing is copied to change layout: the previous hidden states Hprev (h(t-1) at [:, t], read by
-each step's matmul as rows of a strided matrix, and by dW_h's as one matrix) and the gradient dZ, which
-is returned as the gradient of xW [B, T, 4H] as it is.
+Per time step the forward pass is one torch `mm` (the slow matmul h W_h, BLAS) and one C call that does
+the rest of the cell for every row of the batch: adding x W_x + b, layer norms, gates, the cell update
+and, for the FW-LSTM, the memory's write and reads. The backward pass is one C call and one `mm` per
+step, the weight gradients one matmul each at the end. What the backward needs is kept in T-major
+buffers: N (normalised gates), ACT (gate activations), R (1/std of each layer norm), CN (normalised c
+before its gain), C (the cell state), and for the LN-LSTM TC = tanh(c). Two buffers are batch-major,
+[B, T, ...], so that nothing is copied to change layout: the previous hidden states Hprev (h(t-1) at
+[:, t], read by each step's matmul as rows of a strided matrix, and by dW_h's as one matrix) and the
+gradient dZ, which is returned as the gradient of xW [B, T, 4H] as it is.
 
 The C calls get addresses computed here by integer arithmetic (`_Rows`): a tensor view per row and step
 would cost about a microsecond each, a dozen per step.
@@ -43,13 +44,13 @@ def _addresses(*tensors: Tensor) -> list[int]:
 
 
 def _forward_buffers(xW: Tensor, cell_stats: int, extra: int) -> tuple[Tensor, ...]:
-    """Z, N, ACT [T, B, 4H], R [T, B, cell_stats], `extra` buffers [T, B, H], Hprev [B, T, H] (h(-1) = 0
-    at [:, 0]) and h(T-1) [B, H]."""
+    """HW [B, 4H] (one step's h W_h), N, ACT [T, B, 4H], R [T, B, cell_stats], `extra` buffers [T, B, H],
+    Hprev [B, T, H] (h(-1) = 0 at [:, 0]) and h(T-1) [B, H]."""
     B, T, G = xW.shape
     H = G // 4
     Hprev = xW.new_empty(B, T, H)
     Hprev[:, 0] = 0
-    return (*(xW.new_empty(T, B, G) for _ in range(3)), xW.new_empty(T, B, cell_stats),
+    return (xW.new_empty(B, G), *(xW.new_empty(T, B, G) for _ in range(2)), xW.new_empty(T, B, cell_stats),
             *(xW.new_empty(T, B, H) for _ in range(extra)), Hprev, xW.new_empty(B, H))
 
 
@@ -89,17 +90,17 @@ def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: T
     B, T, G = xW.shape
     H = G // 4
     cell = native.kernel("lnlstm_forward", xW.dtype)
-    Z, N, ACT, R, CN, C, TC, Hprev, h_last = _forward_buffers(xW, cell_stats=5, extra=3)
+    HW, N, ACT, R, CN, C, TC, Hprev, h_last = _forward_buffers(xW, cell_stats=5, extra=3)
     params = [p.contiguous() for p in (gamma, beta_fb, gamma_c, beta_c)]
-    z, n, act, r, cn, c, tc = map(_Rows, (Z, N, ACT, R, CN, C, TC))
-    h = _HiddenOut(Hprev, h_last)
-    W_hT, z_steps, h_steps, xW_steps = W_h.t(), Z.unbind(0), Hprev.unbind(1), xW.unbind(1)
-    _first_gates(z_steps[0], xW_steps[0])
+    n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
+    xW = xW.contiguous()
+    xw, h = _Rows(xW, dim=1), _HiddenOut(Hprev, h_last)
+    W_hT, h_steps = W_h.t(), Hprev.unbind(1)
     for t in range(T):
-        if t:
-            torch.addmm(xW_steps[t], h_steps[t], W_hT, out=z_steps[t])
-        cell(B, H, z[t], *_addresses(*params), c[t - 1] if t else None, n[t], act[t], r[t], cn[t], c[t],
-             tc[t], *h[t])
+        if t:  # z = h W_h + xW: the C call adds xW (h(-1) = 0: z(0) = xW)
+            torch.mm(h_steps[t], W_hT, out=HW)
+        cell(B, H, HW.data_ptr() if t else None, xw[t], xW.stride(0), *_addresses(*params),
+             c[t - 1] if t else None, n[t], act[t], r[t], cn[t], c[t], tc[t], *h[t])
     ctx.native_saved = (N, ACT, R, CN, C, TC, Hprev, W_h, params)
     return h_last
 
@@ -139,18 +140,18 @@ def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, 
     B, T, G = xW.shape
     H = G // 4
     cell = native.kernel("fwlstm_forward", xW.dtype)
-    Z, N, ACT, R, CN, C, Hprev, h_last = _forward_buffers(xW, cell_stats=2, extra=2)
+    HW, N, ACT, R, CN, C, Hprev, h_last = _forward_buffers(xW, cell_stats=2, extra=2)
     params = [p.contiguous() for p in (gamma, beta, forget_bias, gamma_c, beta_c)]
     memory = _memory_arguments(mem)
-    z, n, act, r, cn, c = map(_Rows, (Z, N, ACT, R, CN, C))
-    h = _HiddenOut(Hprev, h_last)
-    W_hT, z_steps, h_steps, xW_steps = W_h.t(), Z.unbind(0), Hprev.unbind(1), xW.unbind(1)
-    _first_gates(z_steps[0], xW_steps[0])
+    n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
+    xW = xW.contiguous()
+    xw, h = _Rows(xW, dim=1), _HiddenOut(Hprev, h_last)
+    W_hT, h_steps = W_h.t(), Hprev.unbind(1)
     for t in range(T):
-        if t:
-            torch.addmm(xW_steps[t], h_steps[t], W_hT, out=z_steps[t])
-        cell(B, H, m0, t, reads, T, z[t], *_addresses(*params), c[t - 1] if t else None, *memory,
-             n[t], act[t], r[t], cn[t], c[t], *h[t])
+        if t:  # z = h W_h + xW: the C call adds xW (h(-1) = 0: z(0) = xW)
+            torch.mm(h_steps[t], W_hT, out=HW)
+        cell(B, H, m0, t, reads, T, HW.data_ptr() if t else None, xw[t], xW.stride(0), *_addresses(*params),
+             c[t - 1] if t else None, *memory, n[t], act[t], r[t], cn[t], c[t], *h[t])
     ctx.native_saved = (mem, memory, N, ACT, R, CN, C, Hprev, W_h, params, reads, m0)
     return h_last
 
