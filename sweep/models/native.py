@@ -394,15 +394,16 @@ void fwlstm_backward_$sfx(long B, long H, long m0, long t, long S, long T, long 
    before the step reads) or, when h0_k < 0, ReLU(slow) (Ba et al.). Queries are kept in GQ's rows 2r+1,
    their weighted dots in SG's rows 2r. Saves xh (the normalised pre-activations, [S, B, H]) and rstd
    ([S, B]); writes the last h_s to h (batch stride h_sb) and, when write_k >= 0, into the memory as
-   v_{write_k}. */
+   v_{write_k}. slow = hw + xw (rows of x C + b, batch stride xw_sb), either NULL when it adds nothing. */
 void fwrnn_forward_$sfx(long B, long H, long S, long T, long n, long r0, long write_k, long h0_k,
-                        const $real *slow, const $real *gamma, const $real *beta, $real *V, long v_sb,
+                        const $real *hw, const $real *xw, long xw_sb, const $real *gamma, const $real *beta,
+                        $real *V, long v_sb,
                         long v_sk, $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb, long sg_sj,
                         const $real *w, $real *xh, $real *rstd, $real *h, long h_sb) {
     const $real *wn = w + T - n;
-    $real a[H], hs[H];
+    $real a[H], hs[H], sb[H];
     for (long b = 0; b < B; b++) {
-        const $real *sb = slow + b * H;
+        for (long k = 0; k < H; k++) sb[k] = (hw ? hw[b * H + k] : 0) + (xw ? xw[b * xw_sb + k] : 0);
         $real *Vb = V + b * v_sb, *GQb = GQ + b * gq_sb, *SGb = SG + b * sg_sb;
         if (h0_k >= 0)
             for (long k = 0; k < H; k++) hs[k] = Vb[h0_k * v_sk + k];
@@ -506,7 +507,7 @@ SIGNATURES = {
     "lnlstm_backward": [_long] * 2 + [_ptr] * 11 + [_long] + [_ptr] * 4,
     "fwlstm_forward": [_long] * 6 + [_ptr, _ptr, _long] + [_ptr] * 6 + _MEMORY + [_ptr] * 6 + [_long],
     "fwlstm_backward": [_long] * 8 + [_ptr] * 10 + _MEMORY + [_ptr, _long] + [_ptr] * 4,
-    "fwrnn_forward": [_long] * 8 + [_ptr] * 3 + _MEMORY + [_ptr] * 3 + [_long],
+    "fwrnn_forward": [_long] * 8 + [_ptr, _ptr, _long, _ptr, _ptr] + _MEMORY + [_ptr] * 3 + [_long],
     "fwrnn_backward": [_long] * 9 + [_ptr] * 5 + _MEMORY + [_ptr, _long] + [_ptr] * 3,
 }
 

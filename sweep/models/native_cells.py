@@ -48,8 +48,7 @@ def _forward_buffers(xW: Tensor, cell_stats: int, extra: int) -> tuple[Tensor, .
     Hprev [B, T, H] (h(-1) = 0 at [:, 0]) and h(T-1) [B, H]."""
     B, T, G = xW.shape
     H = G // 4
-    Hprev = xW.new_empty(B, T, H)
-    Hprev[:, 0] = 0
+    Hprev = xW.new_zeros(B, T, H)  # h(-1) = 0; zeroing all of it is no slower than one strided column
     return (xW.new_empty(B, G), *(xW.new_empty(T, B, G) for _ in range(2)), xW.new_empty(T, B, cell_stats),
             *(xW.new_empty(T, B, H) for _ in range(extra)), Hprev, xW.new_empty(B, H))
 
@@ -63,11 +62,6 @@ class _HiddenOut:
 
     def __getitem__(self, t: int) -> tuple[int, int]:
         return (self.rows[t + 1], self.stride) if t + 1 < self.T else (self.last, self.stride // self.T)
-
-
-def _first_gates(z0: Tensor, xW0: Tensor) -> None:
-    """z(0) = x(0) W_x + b: h(-1) = 0, so no matmul."""
-    z0.copy_(xW0)
 
 
 def _gradient_buffers(like: Tensor, T: int, B: int, G: int, H: int) -> tuple[Tensor, ...]:
@@ -183,23 +177,25 @@ def fw_rnn_forward(ctx: Any, mem: Any, Cx: Tensor, W: Tensor, gamma: Tensor, bet
     two, and its u written into the memory) and one C call for the inner loop."""
     B, T, H = Cx.shape
     inner = native.kernel("fwrnn_forward", Cx.dtype)
-    XH, RS, SLOW = Cx.new_empty(T, reads, B, H), Cx.new_empty(T, reads, B), Cx.new_empty(T, B, H)
-    Hprev, h_last = Cx.new_empty(B, T, H), Cx.new_empty(B, H)
-    Hprev[:, 0] = 0
+    XH, RS, SLOW = Cx.new_empty(T, reads, B, H), Cx.new_empty(T, reads, B), Cx.new_empty(B, H)
+    Hprev, h_last = Cx.new_zeros(B, T, H), Cx.new_empty(B, H)  # h(-1) = 0 (all zeroed: measured faster)
     U = Cx.new_empty(B, T, H) if authors else None  # the authors' u = ReLU(W h(t-1) + C x), batch-major
     params, memory = _addresses(gamma.contiguous(), beta.contiguous()), _memory_arguments(mem)
-    xh, rs, slow, h = _Rows(XH), _Rows(RS), _Rows(SLOW), _HiddenOut(Hprev, h_last)
-    WT, slow_steps, h_steps, Cx_steps = W.t(), SLOW.unbind(0), Hprev.unbind(1), Cx.unbind(1)
+    Cx = Cx.contiguous()
+    xh, rs, cx, h = _Rows(XH), _Rows(RS), _Rows(Cx, dim=1), _HiddenOut(Hprev, h_last)
+    WT, h_steps, Cx_steps = W.t(), Hprev.unbind(1), Cx.unbind(1)
     for t in range(T):
-        if t:
-            torch.addmm(Cx_steps[t], h_steps[t], WT, out=slow_steps[t])
-        else:
-            _first_gates(slow_steps[0], Cx_steps[0])
-        if authors:  # u is written before the inner loop reads it; its slow input is W u + C x
-            mem.write(t, torch.clamp_min(slow_steps[t], 0, out=U[:, t]))
-            torch.addmm(Cx_steps[t], U[:, t], WT, out=slow_steps[t])
         n, r0, write_k = _read_plan(t, T, reads, authors)
-        inner(B, H, reads, T, n, r0, write_k, t if authors else -1, slow[t], *params, *memory, xh[t], rs[t],
+        if authors:  # u = ReLU(W h + C x), written before the inner loop reads it, whose slow is W u + C x
+            torch.addmm(Cx_steps[t], h_steps[t], WT, out=SLOW)
+            mem.write(t, torch.clamp_min(SLOW, 0, out=U[:, t]))
+            torch.addmm(Cx_steps[t], U[:, t], WT, out=SLOW)
+            slow = (SLOW.data_ptr(), None, 0)
+        else:  # slow = W h + C x, the C call adding C x (h(-1) = 0: slow(0) = C x)
+            if t:
+                torch.mm(h_steps[t], WT, out=SLOW)
+            slow = (SLOW.data_ptr() if t else None, cx[t], Cx.stride(0))
+        inner(B, H, reads, T, n, r0, write_k, t if authors else -1, *slow, *params, *memory, xh[t], rs[t],
               *h[t])
     ctx.native_saved = (mem, memory, XH, RS, Hprev, U, W, params, reads, authors)
     return h_last
