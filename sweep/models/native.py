@@ -172,6 +172,22 @@ static inline void ln_backward_$sfx(long n, const $real *dxhat, const $real *xha
     for (long k = 0; k < n; k++) dx[k] = rstd * (dxhat[k] - s1 - xhat[k] * s2);
 }
 
+/* c = LN_c(c_prev σf + σi g) with gain gc and bias bc (c_prev NULL: zero); keeps cn, the normalised
+   c_pre, and its 1/std */
+static inline void cell_state_$sfx(long H, const $real *cp, const $real *si, const $real *sf, const $real *g,
+                                   const $real *gc, const $real *bc, $real *cn, $real *c, $real *rstd) {
+    _Pragma("omp simd")
+    for (long k = 0; k < H; k++) cn[k] = (cp ? cp[k] * sf[k] : 0) + si[k] * g[k];
+    $real mean;
+    ln_stats_$sfx(H, cn, &mean, rstd);
+    const $real r = *rstd;
+    _Pragma("omp simd")
+    for (long k = 0; k < H; k++) {
+        cn[k] = (cn[k] - mean) * r;
+        c[k] = cn[k] * gc[k] + bc[k];
+    }
+}
+
 /* LN-LSTM, one time step for every row. Gates i, j, f, o, each with its own layer norm (gain gamma, bias
    beta, forget bias in beta's f row). Saves: n (normalised gates), act (σi, g, σf, σo), rstd (4 gates, cell),
    cn (normalised c_pre), c, tanh(c); writes h. */
@@ -198,18 +214,11 @@ void lnlstm_forward_$sfx(long B, long H, const $real *hw, const $real *xw, long 
         for (long k = H; k < 2 * H; k++) ab[k] = TANH_$sfx(nb[k] * gamma[k] + beta[k]);
         _Pragma("omp simd")
         for (long k = 2 * H; k < G; k++) ab[k] = sigm_$sfx(nb[k] * gamma[k] + beta[k]);
-        const $real *cp = c_prev ? c_prev + b * H : 0;
-        $real *cnb = cn + b * H, *cb = c + b * H, *tcb = tc + b * H, *hb = h + b * h_sb;
-        _Pragma("omp simd")
-        for (long k = 0; k < H; k++)
-            cnb[k] = (cp ? cp[k] * ab[2 * H + k] : 0) + ab[k] * ab[H + k];  /* c_pre, normalised below */
-        $real mean;
-        ln_stats_$sfx(H, cnb, &mean, rb + 4);
-        const $real r = rb[4];
+        $real *cb = c + b * H, *tcb = tc + b * H, *hb = h + b * h_sb;
+        cell_state_$sfx(H, c_prev ? c_prev + b * H : 0, ab, ab + 2 * H, ab + H, gc, bc, cn + b * H, cb,
+                        rb + 4);
         _Pragma("omp simd")
         for (long k = 0; k < H; k++) {
-            cnb[k] = (cnb[k] - mean) * r;
-            cb[k] = cnb[k] * gc[k] + bc[k];
             tcb[k] = TANH_$sfx(cb[k]);
             hb[k] = tcb[k] * ab[3 * H + k];
         }
@@ -306,18 +315,11 @@ void fwlstm_forward_$sfx(long B, long H, long m0, long t, long S, long T, const 
         for (long k = 0; k < 3 * H; k++) ab[k] = sigm_$sfx(zh[k] + fb[k]);
         _Pragma("omp simd")
         for (long k = 3 * H; k < G; k++) ab[k] = zh[k] > 0 ? zh[k] : 0;
-        const $real *cp = c_prev ? c_prev + b * H : 0;
-        $real *cnb = cn + b * H, *cb = c + b * H, *hb = h + b * h_sb;
+        $real *cb = c + b * H, *hb = h + b * h_sb;
+        cell_state_$sfx(H, c_prev ? c_prev + b * H : 0, ab, ab + H, ab + 3 * H, gc, bc, cn + b * H, cb,
+                        rb + 1);
         _Pragma("omp simd")
-        for (long k = 0; k < H; k++) cnb[k] = (cp ? cp[k] * ab[H + k] : 0) + ab[k] * ab[3 * H + k];
-        ln_stats_$sfx(H, cnb, &mean, rb + 1);
-        const $real r1 = rb[1];
-        _Pragma("omp simd")
-        for (long k = 0; k < H; k++) {
-            cnb[k] = (cnb[k] - mean) * r1;
-            cb[k] = cnb[k] * gc[k] + bc[k];
-            hb[k] = (cb[k] > 0 ? cb[k] : 0) * ab[2 * H + k];
-        }
+        for (long k = 0; k < H; k++) hb[k] = (cb[k] > 0 ? cb[k] : 0) * ab[2 * H + k];
     }
 }
 

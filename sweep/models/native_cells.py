@@ -17,6 +17,7 @@ would cost about a microsecond each, a dozen per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,6 +65,20 @@ class _HiddenOut:
         return (self.rows[t + 1], self.stride) if t + 1 < self.T else (self.last, self.stride // self.T)
 
 
+def _time_loop(xW: Tensor, W_h: Tensor, HW: Tensor, Hprev: Tensor, h_last: Tensor,
+               cell_at: Callable[..., None]) -> None:
+    """The forward pass of an LSTM's time steps: HW = h(t-1) W_hᵀ (no matmul at t = 0: h(-1) = 0), then
+    cell_at(t, HW or None, address of xW[:, t], its batch stride, where h(t) goes, its batch stride): the
+    C call adds xW (z = h W_h + x W_x + b) and writes h(t)."""
+    xW = xW.contiguous()
+    xw, h = _Rows(xW, dim=1), _HiddenOut(Hprev, h_last)
+    W_hT, h_steps = W_h.t(), Hprev.unbind(1)
+    for t in range(xW.shape[1]):
+        if t:
+            torch.mm(h_steps[t], W_hT, out=HW)
+        cell_at(t, HW.data_ptr() if t else None, xw[t], xW.stride(0), *h[t])
+
+
 def _gradient_buffers(like: Tensor, T: int, B: int, G: int, H: int) -> tuple[Tensor, ...]:
     """dZ [B, T, G]; the gains' and biases' gradients (zeroed: the C calls add into them); dc, dh [B, H]."""
     sums = like.new_zeros(2 * G + 2 * H)
@@ -87,14 +102,10 @@ def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: T
     HW, N, ACT, R, CN, C, TC, Hprev, h_last = _forward_buffers(xW, cell_stats=5, extra=3)
     params = [p.contiguous() for p in (gamma, beta_fb, gamma_c, beta_c)]
     n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
-    xW = xW.contiguous()
-    xw, h = _Rows(xW, dim=1), _HiddenOut(Hprev, h_last)
-    W_hT, h_steps = W_h.t(), Hprev.unbind(1)
-    for t in range(T):
-        if t:  # z = h W_h + xW: the C call adds xW (h(-1) = 0: z(0) = xW)
-            torch.mm(h_steps[t], W_hT, out=HW)
-        cell(B, H, HW.data_ptr() if t else None, xw[t], xW.stride(0), *_addresses(*params),
-             c[t - 1] if t else None, n[t], act[t], r[t], cn[t], c[t], tc[t], *h[t])
+    fixed = _addresses(*params)
+    _time_loop(xW, W_h, HW, Hprev, h_last, lambda t, hw, xw, xw_sb, h, h_sb: cell(
+        B, H, hw, xw, xw_sb, *fixed, c[t - 1] if t else None, n[t], act[t], r[t], cn[t], c[t], tc[t], h,
+        h_sb))
     ctx.native_saved = (N, ACT, R, CN, C, TC, Hprev, W_h, params)
     return h_last
 
@@ -138,14 +149,10 @@ def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, 
     params = [p.contiguous() for p in (gamma, beta, forget_bias, gamma_c, beta_c)]
     memory = _memory_arguments(mem)
     n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
-    xW = xW.contiguous()
-    xw, h = _Rows(xW, dim=1), _HiddenOut(Hprev, h_last)
-    W_hT, h_steps = W_h.t(), Hprev.unbind(1)
-    for t in range(T):
-        if t:  # z = h W_h + xW: the C call adds xW (h(-1) = 0: z(0) = xW)
-            torch.mm(h_steps[t], W_hT, out=HW)
-        cell(B, H, m0, t, reads, T, HW.data_ptr() if t else None, xw[t], xW.stride(0), *_addresses(*params),
-             c[t - 1] if t else None, *memory, n[t], act[t], r[t], cn[t], c[t], *h[t])
+    fixed = _addresses(*params)
+    _time_loop(xW, W_h, HW, Hprev, h_last, lambda t, hw, xw, xw_sb, h, h_sb: cell(
+        B, H, m0, t, reads, T, hw, xw, xw_sb, *fixed, c[t - 1] if t else None, *memory, n[t], act[t], r[t],
+        cn[t], c[t], h, h_sb))
     ctx.native_saved = (mem, memory, N, ACT, R, CN, C, Hprev, W_h, params, reads, m0)
     return h_last
 
