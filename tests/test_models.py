@@ -56,6 +56,32 @@ def assert_same_function(reference, candidate, x, tol: float = 1e-9) -> None:
         assert rel_err(grads_c[param_name], grad) < tol, param_name
 
 
+PROJECTING = [("ln_lstm", {}), ("fw_lstm", {}), ("fw_rnn", {"variant": "ba"}),
+              ("fw_rnn", {"variant": "authors"}), ("fw_lstm", {"fw_form": "matrix"})]
+
+
+@pytest.mark.parametrize(("name", "fields"), PROJECTING)
+def test_the_projected_vocabulary_is_embedding_then_projection(name, fields):
+    """SequenceClassifier feeds (E W_x + b)[tokens] when a batch has at least as many tokens as the
+    vocabulary: the same outputs and gradients as embedding each token and projecting it."""
+    x = tokens(batch=5, length=11)
+    assert x.numel() >= VOCAB  # the lookup path
+    model, reference = make(name, **fields), make(name, **fields)
+    for m in (model, reference):  # biases start at zero: move every parameter, the same way in both
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for param in m.parameters():
+                param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    projected = []  # what the projection is applied to: the vocabulary [V, E] or every token [B, T, E]
+    model.recurrent.input_proj.register_forward_hook(lambda _, args, _out: projected.append(args[0].shape))
+    # the textbook composition: embed each token, then project it
+    reference.forward = lambda x: reference.head(reference.recurrent(reference.embed(x)))
+    assert_same_function(reference, model, x, tol=1e-13)
+    assert projected == [(VOCAB, SMALL["embed_size"])]
+    model(tokens(batch=1, length=9))  # 9 tokens < 37: embedding, then projection
+    assert projected[1:] == [(1, 9, SMALL["embed_size"])]
+
+
 @pytest.mark.parametrize("name", model_names())
 def test_every_model_maps_tokens_to_logits(name):
     model = make(name, dtype=torch.float32, hidden_size=20)

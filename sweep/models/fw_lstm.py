@@ -58,7 +58,10 @@ class FastWeightLSTM(nn.Module):
         return a
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xW = self.input_proj(x)  # x(t) W_x + b for every t at once
+        return self.from_projected(self.input_proj(x))  # x(t) W_x + b for every t at once
+
+    def from_projected(self, xW: torch.Tensor) -> torch.Tensor:
+        """h(T) from the projected inputs x(t) W_x + b [B, T, 4H]."""
         if self.fw_form == "fused":
             reads = 1 if self.authors_inner_loop else self.inner_steps
             return FWLSTMSequence.apply(

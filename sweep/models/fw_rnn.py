@@ -43,7 +43,10 @@ class FastWeightRNN(nn.Module):
             self.recurrent.weight.copy_(p.slow_init_scale * torch.eye(p.hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        Cx = self.input_proj(x)  # C x(t) for every t at once
+        return self.from_projected(self.input_proj(x))  # C x(t) + b for every t at once
+
+    def from_projected(self, Cx: torch.Tensor) -> torch.Tensor:
+        """h(T) from the projected inputs C x(t) + b [B, T, H]."""
         if self.fw_form == "fused":
             return FWRNNSequence.apply(Cx, self.recurrent.weight, self.norm.weight, self.norm.bias,
                                        self.fast_lr, self.decay, self.inner_steps, self.variant == "authors")

@@ -52,7 +52,10 @@ class LayerNormLSTM(nn.Module):
         nn.init.zeros_(self.input_proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xW = self.input_proj(x)
+        return self.from_projected(self.input_proj(x))
+
+    def from_projected(self, xW: torch.Tensor) -> torch.Tensor:
+        """h(T) from the projected inputs x(t) W_x + b [B, T, 4H]."""
         if self.cell_form == "fused":
             return LNLSTMSequence.apply(xW, self.hidden_proj.weight, self.gate_norm.weight,
                                         self.gate_norm.bias, self.cell_norm.weight, self.cell_norm.bias,
