@@ -195,11 +195,13 @@ def test_the_fused_forms_run_as_c_where_a_compiler_is(monkeypatch, name, kernel)
 @pytest.mark.parametrize(("name", "fields"), [*FAST_WEIGHT_MODELS, ("ln_lstm", {})])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_c_kernels_equal_the_torch_ops(monkeypatch, name, fields, inner_steps, dtype, tol):
-    # T = 11 and odd sizes: the loops' four-row blocks, their remainders and D not a multiple of 8
+    # T = 13 and odd sizes: the loops' eight- and four-row blocks (up to 13 stored vectors: 8 + 4 + 1),
+    # their remainders, and D not a multiple of 8. η = 0.5, λ = 0.9: with η = 0.9, λ = 0.95 the FW-RNN at
+    # S = 3 is so ill-conditioned here that float32 (torch ops or C alike) is 190% off float64
     kw = {**fields, "hidden_size": 7}
     if name != "ln_lstm":
-        kw.update(inner_steps=inner_steps, fast_lr=0.9, decay=0.95)
-    x = tokens(batch=5, length=11)
+        kw.update(inner_steps=inner_steps, fast_lr=0.5, decay=0.9)
+    x = tokens(batch=5, length=13)
     out_c, grads_c = outputs_and_grads(make(name, dtype=dtype, **kw), x)  # C
     monkeypatch.setattr(native, "usable_for", lambda like: False)  # decided per forward call
     out_t, grads_t = outputs_and_grads(make(name, dtype=dtype, **kw), x)  # torch ops (as on CUDA)

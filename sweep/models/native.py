@@ -88,10 +88,24 @@ static inline float tanh_approx_f32(float x) {
 # GQ with weights from a column of SG: a stored vector's gradient added to another gradient of the same
 # vector (init = 0 when NULL). Strides are in elements.
 MEMORY = Template(r"""
-/* Rows are taken four at a time: four independent sums per pass hide the FMA latency, and the output row
-   is loaded and stored once per four input rows. */
+/* Rows are taken eight, then four at a time: independent sums per pass hide the FMA latency, and the
+   output row is loaded and stored once per eight input rows (measured: the FW-RNN step 5-12% faster
+   than with four, the FW-LSTM's 0-11%). */
 static void dots_$sfx(long n, long D, const $real *x, const $real *V, long v_sk, const $real *w, $real *sg) {
     long k = 0;
+    for (; k + 8 <= n; k += 8) {
+        const $real *v0 = V + k * v_sk, *v1 = v0 + v_sk, *v2 = v1 + v_sk, *v3 = v2 + v_sk;
+        const $real *v4 = v3 + v_sk, *v5 = v4 + v_sk, *v6 = v5 + v_sk, *v7 = v6 + v_sk;
+        $real s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+        _Pragma("omp simd reduction(+:s0,s1,s2,s3,s4,s5,s6,s7)")
+        for (long d = 0; d < D; d++) {
+            s0 += x[d] * v0[d]; s1 += x[d] * v1[d]; s2 += x[d] * v2[d]; s3 += x[d] * v3[d];
+            s4 += x[d] * v4[d]; s5 += x[d] * v5[d]; s6 += x[d] * v6[d]; s7 += x[d] * v7[d];
+        }
+        sg[k] = w[k] * s0; sg[k + 1] = w[k + 1] * s1; sg[k + 2] = w[k + 2] * s2; sg[k + 3] = w[k + 3] * s3;
+        sg[k + 4] = w[k + 4] * s4; sg[k + 5] = w[k + 5] * s5; sg[k + 6] = w[k + 6] * s6;
+        sg[k + 7] = w[k + 7] * s7;
+    }
     for (; k + 4 <= n; k += 4) {
         const $real *v0 = V + k * v_sk, *v1 = v0 + v_sk, *v2 = v1 + v_sk, *v3 = v2 + v_sk;
         $real s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -114,6 +128,17 @@ static void combine_$sfx(long n, long D, const $real *c, long c_s, const $real *
                          const $real *init, $real *out) {
     for (long d = 0; d < D; d++) out[d] = init ? init[d] : 0;
     long k = 0;
+    for (; k + 8 <= n; k += 8) {
+        const $real *v0 = V + k * v_sk, *v1 = v0 + v_sk, *v2 = v1 + v_sk, *v3 = v2 + v_sk;
+        const $real *v4 = v3 + v_sk, *v5 = v4 + v_sk, *v6 = v5 + v_sk, *v7 = v6 + v_sk;
+        const $real c0 = c[k * c_s], c1 = c[(k + 1) * c_s], c2 = c[(k + 2) * c_s], c3 = c[(k + 3) * c_s];
+        const $real c4 = c[(k + 4) * c_s], c5 = c[(k + 5) * c_s], c6 = c[(k + 6) * c_s];
+        const $real c7 = c[(k + 7) * c_s];
+        _Pragma("omp simd")
+        for (long d = 0; d < D; d++)
+            out[d] += (c0 * v0[d] + c1 * v1[d] + c2 * v2[d] + c3 * v3[d])
+                      + (c4 * v4[d] + c5 * v5[d] + c6 * v6[d] + c7 * v7[d]);
+    }
     for (; k + 4 <= n; k += 4) {
         const $real *v0 = V + k * v_sk, *v1 = v0 + v_sk, *v2 = v1 + v_sk, *v3 = v2 + v_sk;
         const $real c0 = c[k * c_s], c1 = c[(k + 1) * c_s], c2 = c[(k + 2) * c_s], c3 = c[(k + 3) * c_s];
