@@ -46,17 +46,24 @@ def test_a_failed_benchmark_writes_nothing(tmp_path):
 
 
 def test_the_step_flop_count_is_written_out():
-    B, T, H, E = 128, 19, 100, 100
-    fw = models.train_step_flops("fw_lstm", {"fw_form": "fused"}, H, B, T)
-    ln = models.train_step_flops("ln_lstm", {}, H, B, T)
+    B, T, H, E, V = 128, 19, 100, 100, 37
+    fw = models.train_step_flops("fw_lstm", {"fw_form": "fused"}, H, B, T, textbook=True)
+    ln = models.train_step_flops("ln_lstm", {}, H, B, T, textbook=True)
     # input and recurrent matmuls (3 x forward), the head, and 12·D per (read, stored vector) pair
     head = 6 * B * (H * 100 + 100 * 10)
     assert ln == 6 * B * T * E * 4 * H + 6 * B * T * H * 4 * H + head
     assert fw == ln + 12 * B * 4 * H * T * (T + 1) // 2
     assert 1.2e9 < fw < 1.4e9  # the 1.24 GFLOP, up to what each counts
-    two_reads = models.train_step_flops("fw_lstm", {}, H, B, T, inner_steps=2)
+    two_reads = models.train_step_flops("fw_lstm", {}, H, B, T, inner_steps=2, textbook=True)
     assert two_reads - ln == 2 * (fw - ln)
-    assert models.train_step_flops("fw_lstm", {"authors_inner_loop": True}, H, B, T, inner_steps=2) == fw
+    assert models.train_step_flops("fw_lstm", {"authors_inner_loop": True}, H, B, T, inner_steps=2,
+                                   textbook=True) == fw
+    # as the models compute it: the vocabulary projected, not every token; nn.LSTM projects every token
+    projected = models.train_step_flops("fw_lstm", {"fw_form": "fused"}, H, B, T)
+    assert fw - projected == 6 * (B * T - V) * E * 4 * H
+    flops = models.train_step_flops
+    assert flops("lstm", {}, H, B, T) == flops("lstm", {}, H, B, T, textbook=True)
+    assert flops("fw_lstm", {}, H, 1, 9) == flops("fw_lstm", {}, H, 1, 9, textbook=True)  # 9 tokens < V
 
 
 @pytest.mark.slow  # a benchmark subprocess
