@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -79,6 +80,21 @@ def write(name: str, payload: dict[str, Any], results_dir: Path = RESULTS_DIR) -
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=False, default=str) + "\n")
     tmp.replace(path)
     return path
+
+
+@contextmanager
+def scratch_home() -> Iterator[Path]:
+    """FWSWEEP_HOME for a benchmark's sweeps: the user's if set, else a temp folder removed at the end
+    (sweep state, checkpoints and the local MLflow store come to hundreds of MB per run)."""
+    if os.environ.get("FWSWEEP_HOME"):
+        yield Path(os.environ["FWSWEEP_HOME"])
+        return
+    with tempfile.TemporaryDirectory(prefix="fwsweep-bench-", ignore_cleanup_errors=True) as home:
+        os.environ["FWSWEEP_HOME"] = home
+        try:
+            yield Path(home)
+        finally:
+            del os.environ["FWSWEEP_HOME"]
 
 
 @contextmanager

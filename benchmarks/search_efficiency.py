@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from record import record  # noqa: E402
+from record import record, scratch_home  # noqa: E402
 
 STRATEGIES = {
     "tpe+asha": ({"name": "optuna", "sampler": "tpe", "n_startup_trials": 4},
@@ -99,19 +98,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="epochs per trial at most")
     parser.add_argument("--steps", type=int, default=60, help="steps per epoch")
     args = parser.parse_args()
-    os.environ.setdefault("FWSWEEP_HOME", tempfile.mkdtemp(prefix="fwsweep-bench-"))
-
     import ray
 
     from sweep import tracking
     from sweep.runner import connect_ray
 
     print(f"load average before: {os.getloadavg()[0]:.2f}")
-    connect_ray()
     rows: dict[str, list[tuple[int | None, int, float, int]]] = {s: [] for s in STRATEGIES}
     start = time.perf_counter()
-    with record("search_efficiency", vars(args)) as payload:
+    with scratch_home(), record("search_efficiency", vars(args)) as payload:
         try:
+            connect_ray()
             run_all(args, rows)
         finally:
             ray.shutdown()

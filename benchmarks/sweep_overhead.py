@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from record import record  # noqa: E402
+from record import record, scratch_home  # noqa: E402
 
 
 def calibrate(seconds: float, task: dict, epochs: int) -> int:
@@ -44,7 +44,7 @@ def calibrate(seconds: float, task: dict, epochs: int) -> int:
     train = BASE_TRIAL["train"] | {"epochs": 3, "steps_per_epoch": 60}  # the first epoch warms up
     config = TrialConfig.model_validate({**BASE_TRIAL, "task": task, "train": train})
     reporter = NullReporter()
-    run_trial(config, reporter, Path(tempfile.mkdtemp()))
+    run_trial(config, reporter, Path(tempfile.mkdtemp(dir=os.environ["FWSWEEP_HOME"])))
     steps_per_s = min(r["steps_per_s"] for r in reporter.history[1:])
     return max(2, int(steps_per_s * seconds / epochs))
 
@@ -124,14 +124,13 @@ def main() -> None:
     parser.add_argument("--warm-server", action="store_true",
                         help="start the local MLflow server before timing, as `sweep ui --detach` leaves it")
     args = parser.parse_args()
-    os.environ.setdefault("FWSWEEP_HOME", tempfile.mkdtemp(prefix="fwsweep-bench-"))
     if args.short:
         trials, seconds, pairs, epochs, concurrent = args.trials or 200, args.seconds or 0.16, 2, 1, 2
         name = "sweep_overhead_short"
     else:
         trials, seconds, pairs, epochs, concurrent = args.trials or 16, args.seconds or 20.0, 4, 4, None
         name = "sweep_overhead_warm" if args.warm_server else "sweep_overhead"
-    with record(name, vars(args), kind="sweep_overhead") as payload:
+    with scratch_home(), record(name, vars(args), kind="sweep_overhead") as payload:
         r = payload["results"] = measure(trials, seconds, pairs, epochs, concurrent, args.warm_server)
     print(f"{r['trials']} trials ({r['status_counts']}), {r['steps_per_epoch']} steps x {epochs} epochs; "
           f"sum of training {r['train_s']:.1f} s, wall {r['wall_s']:.1f} s on {r['cores']} cores "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ sys.path.insert(0, str(BENCH))
 import gpu  # noqa: E402
 import models  # noqa: E402
 import render  # noqa: E402
-from record import record  # noqa: E402
+from record import record, scratch_home  # noqa: E402
 
 
 @pytest.fixture
@@ -36,6 +37,18 @@ def test_a_recorded_benchmark_carries_its_machine_load_and_commit(tmp_path):
     assert saved["machine"]["cpu_model"] and saved["machine"]["logical_cpus"] >= 1
     assert saved["machine"]["torch"] == torch.__version__
     assert "git_commit" in saved and saved["started_utc"] <= saved["finished_utc"]
+
+
+def test_a_benchmark_home_is_the_users_or_a_temp_folder_removed_after(tmp_path, monkeypatch):
+    monkeypatch.delenv("FWSWEEP_HOME", raising=False)
+    with scratch_home() as home:
+        assert os.environ["FWSWEEP_HOME"] == str(home) and home.is_dir()
+        (home / "sweeps").mkdir()  # a sweep's state: hundreds of MB after a real run
+    assert not home.exists() and "FWSWEEP_HOME" not in os.environ
+    monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path))
+    with scratch_home() as home:
+        assert home == tmp_path
+    assert tmp_path.is_dir()  # the user's own folder stays
 
 
 def test_a_failed_benchmark_writes_nothing(tmp_path):
