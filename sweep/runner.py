@@ -369,9 +369,10 @@ def _callbacks(spec: SweepSpec, tracker: Any, store: SweepStore, on_event: Liste
     """This session's Tune callbacks: the live view's events, the live MLflow logging (kept by the
     runner) and, for a local folder, the storage watch. The first two pickle as references to this
     session's objects (sweep.live_callbacks), so a restored Tuner gets them without private Tune APIs."""
-    from sweep.storage_watch import StorageWatch
+    from sweep.storage_watch import StorageWatch, hush_state_sync_race
     from sweep.testing_faults import driver_callbacks
 
+    hush_state_sync_race()
     out: list[Any] = driver_callbacks()  # none unless FWSWEEP_FAULT asks
     if on_event is not None:
         from sweep.tune_events import SweepEvents

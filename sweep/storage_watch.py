@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import tempfile
 import time
 from typing import Any
@@ -19,6 +20,8 @@ from ray.tune import Callback
 
 DISK_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 TUNE_TRIAL_LOGGER = "ray.tune.execution.tune_controller"  # logs a failed trial's traceback
+TUNE_STATE_LOGGER = "ray.tune.execution.experiment_state"  # logs a failed upload of Tune's own state
+TUNE_TEMP_FILE = re.compile(r"/\.[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-tmp-")  # .<uuid>-tmp-<name>
 
 
 def disk_error(err: BaseException | None) -> OSError | None:
@@ -39,6 +42,30 @@ class _HushDiskTracebacks(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and disk_error(record.exc_info[1]))
+
+
+class _OneLineStateSyncRace(logging.Filter):
+    """Tune (2.60, experiment_state.py) writes its next state snapshot into the staging folder before it
+    waits for the background upload of the previous one, so that upload can find one of the snapshot's
+    temp files (`.<uuid>-tmp-<name>`, Tune's `_atomic_save`) renamed under it. Tune logs an error with a
+    traceback; the next upload carries the state (seen once in 40 sweeps). That case becomes one line;
+    others pass as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, FileNotFoundError) and TUNE_TEMP_FILE.search(str(err)):
+            record.msg = ("Tune's upload of the sweep state raced with its next snapshot (a temp file was "
+                          "renamed while it was copied); the next upload carries the state")
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+STATE_SYNC_RACE = _OneLineStateSyncRace()
+
+
+def hush_state_sync_race() -> None:
+    logging.getLogger(TUNE_STATE_LOGGER).addFilter(STATE_SYNC_RACE)  # once: a filter is added once
 
 
 class StorageWatch(Callback):

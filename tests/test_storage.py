@@ -166,3 +166,38 @@ def test_a_storage_error_is_named_by_what_failed_not_by_digits_in_it(message: st
     monkeypatch.setenv("FWSWEEP_S3_ENDPOINT", "http://127.0.0.1:40353")
     err = _storage_error("s3://b/x", OSError(message))
     assert err.problems[0].where == field, err.render()
+
+
+def test_tunes_state_upload_race_is_one_line_and_other_errors_keep_their_traceback() -> None:
+    """Tune's background upload of its state can find one of its own snapshot's temp files renamed (the
+    message it logged in a real sweep, below); that becomes one warning line, any other error stays."""
+    import logging
+
+    from sweep.storage_watch import STATE_SYNC_RACE, TUNE_STATE_LOGGER, hush_state_sync_race
+
+    hush_state_sync_race()
+    hush_state_sync_race()
+    logger = logging.getLogger(TUNE_STATE_LOGGER)
+    assert logger.filters.count(STATE_SYNC_RACE) == 1
+    seen = ("[Errno 2] Failed to open local file '/tmp/ray/session_x/artifacts/2026-11-30_10-16-12/sweep/"
+            "driver_artifacts/.3b3fa524-49a1-4f3f-bb11-98067b8c4a40-tmp-searcher-state-2026-11-30.pkl'. "
+            "Detail: [errno 2] No such file or directory")
+    errors = [FileNotFoundError(seen), FileNotFoundError("[Errno 2] /tmp/ray/sweep/experiment_state.json"),
+              PermissionError(13, "Permission denied", "/tmp/ray/driver_artifacts/.1-tmp-x")]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # on this logger itself: Ray's "ray" logger may not propagate
+    logger.addHandler(handler)
+    try:
+        for err in errors:
+            try:
+                raise err
+            except OSError:
+                logger.error("Saving experiment state to storage at '/x' failed with exception: ",
+                             exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    race, missing, denied = records
+    assert race.levelname == "WARNING" and race.exc_info is None and "raced" in race.getMessage()
+    for kept in (missing, denied):
+        assert kept.levelname == "ERROR" and kept.exc_info is not None
