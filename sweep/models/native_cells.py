@@ -79,6 +79,18 @@ def _time_loop(xW: Tensor, W_h: Tensor, HW: Tensor, Hprev: Tensor, h_last: Tenso
         cell_at(t, HW.data_ptr() if t else None, xw[t], xW.stride(0), *h[t])
 
 
+def _backward_loop(grad_h: Tensor, W_h: Tensor, dZ: Tensor, dh_buffer: Tensor,
+                   cell_at: Callable[..., None]) -> None:
+    """Back-propagation through an LSTM's time steps, last first: cell_at(t, address of dh(t), where dz(t)
+    goes, its batch stride) writes dz(t) into the batch-major dZ; then dh(t-1) = dz(t) W_h."""
+    dz, dz_steps = _Rows(dZ, dim=1), dZ.unbind(1)
+    dh = grad_h.contiguous()
+    for t in reversed(range(dZ.shape[1])):
+        cell_at(t, dh.data_ptr(), dz[t], dZ.stride(0))
+        if t:
+            dh = torch.mm(dz_steps[t], W_h, out=dh_buffer)
+
+
 def _gradient_buffers(like: Tensor, T: int, B: int, G: int, H: int) -> tuple[Tensor, ...]:
     """dZ [B, T, G]; the gains' and biases' gradients (zeroed: the C calls add into them); dc, dh [B, H]."""
     sums = like.new_zeros(2 * G + 2 * H)
@@ -118,15 +130,11 @@ def ln_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     cell = native.kernel("lnlstm_backward", N.dtype)
     dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc, dh_buffer = _gradient_buffers(N, T, B, G, H)
     n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
-    dz, dz_sb = _Rows(dZ, dim=1), dZ.stride(0)
     fixed = _addresses(gamma, gamma_c)
     sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
-    dh, dz_steps = grad_h.contiguous(), dZ.unbind(1)
-    for t in reversed(range(T)):
-        cell(B, H, dh.data_ptr(), dc.data_ptr(), *fixed, n[t], act[t], r[t], cn[t], tc[t],
-             c[t - 1] if t else None, dz[t], dz_sb, *sums)
-        if t:
-            dh = torch.mm(dz_steps[t], W_h, out=dh_buffer)
+    _backward_loop(grad_h, W_h, dZ, dh_buffer, lambda t, dh, dz, dz_sb: cell(
+        B, H, dh, dc.data_ptr(), *fixed, n[t], act[t], r[t], cn[t], tc[t], c[t - 1] if t else None, dz, dz_sb,
+        *sums))
     return (dZ, _recurrent_weight_grad(dZ, Hprev), dgamma.view(4, H), dbeta.view(4, H), dgamma_c, dbeta_c)
 
 
@@ -165,16 +173,12 @@ def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     cell = native.kernel("fwlstm_backward", N.dtype)
     dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc, dh_buffer = _gradient_buffers(N, T, B, G, H)
     n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
-    dz, dz_sb = _Rows(dZ, dim=1), dZ.stride(0)
     fixed = _addresses(gamma, gamma_c)
     sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
     rows = mem.GQ.shape[1]
-    dh, dz_steps = grad_h.contiguous(), dZ.unbind(1)
-    for t in reversed(range(T)):
-        cell(B, H, m0, t, reads, T, 2 * mem.first_read[t], rows, dh.data_ptr(), dc.data_ptr(), *fixed,
-             n[t], act[t], r[t], cn[t], c[t], c[t - 1] if t else None, *memory, dz[t], dz_sb, *sums)
-        if t:
-            dh = torch.mm(dz_steps[t], W_h, out=dh_buffer)
+    _backward_loop(grad_h, W_h, dZ, dh_buffer, lambda t, dh, dz, dz_sb: cell(
+        B, H, m0, t, reads, T, 2 * mem.first_read[t], rows, dh, dc.data_ptr(), *fixed, n[t], act[t], r[t],
+        cn[t], c[t], c[t - 1] if t else None, *memory, dz, dz_sb, *sums))
     return dZ, _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c, dbeta_c
 
 
