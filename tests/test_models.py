@@ -250,6 +250,31 @@ def test_an_unwritable_kernel_cache_builds_in_the_temp_folder(monkeypatch, tmp_p
         native._library.cache_clear()
 
 
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_portable_lane_sums_equal_the_shuffle_tree(monkeypatch, tmp_path, dtype):
+    """The dot products sum each vector's lanes with __builtin_shufflevector where the compiler has it
+    (GCC >= 12, Clang) and lane by lane otherwise: the second branch, built here on purpose, must give
+    the same models (D = 28 and 7: whole vectors, half vectors and single elements)."""
+    x = tokens(batch=5, length=13)
+    kw = {"hidden_size": 7, "fast_lr": 0.5, "decay": 0.9}
+    expected = [outputs_and_grads(make(name, dtype=dtype, **kw), x) for name in ("fw_lstm", "fw_rnn")]
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    monkeypatch.setenv("CC", f"{compiler} -DFWSWEEP_PORTABLE_C")
+    monkeypatch.setenv("FWSWEEP_KERNEL_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        portable = [outputs_and_grads(make(name, dtype=dtype, **kw), x) for name in ("fw_lstm", "fw_rnn")]
+        assert len(list(tmp_path.glob("fw_kernels-*.so"))) == 1  # built apart from the cached library
+    finally:
+        native._library.cache_clear()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for (out, grads), (out_p, grads_p) in zip(expected, portable, strict=True):
+        assert rel_err(out_p, out) < tol
+        for param_name, grad in grads.items():
+            assert rel_err(grads_p[param_name], grad) < tol, param_name
+
+
 def test_without_a_compiler_the_fused_forms_fall_back_to_torch_ops(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("FWSWEEP_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails
