@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sweep.models import build_model, model_names, native, native_cells, params_class
+from sweep.models import build_model, matmul, model_names, native, native_cells, params_class
 from sweep.models.common import count_parameters
 from sweep.models.fast_weights import AttentionMemory, MatrixMemory
 from sweep.models.fused import FWLSTMSequence, FWRNNSequence, LNLSTMSequence
@@ -201,6 +201,11 @@ def test_c_kernels_equal_the_torch_ops(monkeypatch, name, fields, inner_steps, d
     kw = {**fields, "hidden_size": 7}
     if name != "ln_lstm":
         kw.update(inner_steps=inner_steps, fast_lr=0.5, decay=0.9)
+    assert_c_steps_equal_the_torch_ops(monkeypatch, name, kw, dtype, tol)
+
+
+def assert_c_steps_equal_the_torch_ops(monkeypatch, name: str, kw: dict, dtype: torch.dtype,
+                                       tol: float) -> None:
     x = tokens(batch=5, length=13)
     out_c, grads_c = outputs_and_grads(make(name, dtype=dtype, **kw), x)  # C
     monkeypatch.setattr(native, "usable_for", lambda like: False)  # decided per forward call
@@ -208,6 +213,53 @@ def test_c_kernels_equal_the_torch_ops(monkeypatch, name, fields, inner_steps, d
     assert rel_err(out_c, out_t) < tol
     for param_name, grad in grads_t.items():
         assert rel_err(grads_c[param_name], grad) < tol, param_name
+
+
+def test_linear_is_x_times_weight_transposed_through_either_library(monkeypatch):
+    """matmul.linear: oneDNN for products big enough where this machine uses it, torch.mm for small ones
+    and float64; x weightᵀ either way, for strided inputs (the C steps pass columns of [B, T, H] buffers
+    and, for the weight gradients, transposed views)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 19, 100, generator=g)[:, 3]
+    weight, other = torch.randn(400, 100, generator=g), torch.randn(300, 200, generator=g)
+    calls = []
+    real = matmul._onednn_linear
+    monkeypatch.setattr(matmul, "_onednn_linear", lambda a, b: calls.append(tuple(a.shape)) or real(a, b))
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 0.0)):
+        a, b, c = x.to(dtype), weight.to(dtype), other.to(dtype)
+        assert rel_err(matmul.linear(a, b), a @ b.t()) <= tol
+        assert rel_err(matmul.linear(a.t(), c.t()), a.t() @ c) <= tol
+    small = torch.randn(40, 50, generator=g)  # 40 x 50 x 40: far below the size where oneDNN pays
+    assert torch.equal(matmul.linear(small, small), small @ small.t())
+    assert calls == ([(300, 100), (100, 300)] if matmul.uses_onednn() else [])
+
+
+def test_onednn_is_chosen_by_the_cpu_and_can_be_switched_off(monkeypatch):
+    matmul.uses_onednn.cache_clear()
+    try:
+        avx512_not_intel = (torch.backends.cpu.get_cpu_capability() == "AVX512"
+                            and matmul._cpu_vendor() not in ("GenuineIntel", ""))
+        assert matmul.uses_onednn() == avx512_not_intel
+        monkeypatch.setenv("FWSWEEP_ONEDNN", "0")
+        matmul.uses_onednn.cache_clear()
+        assert not matmul.uses_onednn()
+    finally:
+        matmul.uses_onednn.cache_clear()
+
+
+@needs_cc
+@pytest.mark.skipif(not matmul.uses_onednn(), reason="oneDNN's products serve AVX-512 CPUs not made by Intel")
+@pytest.mark.parametrize(("name", "fields"), [*FAST_WEIGHT_MODELS, ("ln_lstm", {})])
+def test_c_steps_with_onednn_products_equal_the_torch_ops(monkeypatch, name, fields):
+    """The tests above run at sizes where every product is torch.mm; here every one goes through oneDNN."""
+    monkeypatch.setattr(matmul, "ONEDNN_MIN_MACS", 0)
+    calls = []
+    real = matmul._onednn_linear
+    monkeypatch.setattr(matmul, "_onednn_linear", lambda a, b: calls.append(1) or real(a, b))
+    kw = {**fields, "hidden_size": 7, **({} if name == "ln_lstm" else {"fast_lr": 0.5, "decay": 0.9})}
+    assert_c_steps_equal_the_torch_ops(monkeypatch, name, kw, torch.float32, 1e-5)
+    # one per time step at least; the authors' FW-RNN keeps torch's addmm per step (its weight gradients)
+    assert len(calls) >= (2 if fields.get("variant") == "authors" else 13)
 
 
 @needs_cc

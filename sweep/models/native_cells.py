@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sweep.models import native
+from sweep.models import matmul, native
 
 
 class _Rows:
@@ -45,12 +45,12 @@ def _addresses(*tensors: Tensor) -> list[int]:
 
 
 def _forward_buffers(xW: Tensor, cell_stats: int, extra: int) -> tuple[Tensor, ...]:
-    """HW [B, 4H] (one step's h W_h), N, ACT [T, B, 4H], R [T, B, cell_stats], `extra` buffers [T, B, H],
-    Hprev [B, T, H] (h(-1) = 0 at [:, 0]) and h(T-1) [B, H]."""
+    """N, ACT [T, B, 4H], R [T, B, cell_stats], `extra` buffers [T, B, H], Hprev [B, T, H] (h(-1) = 0 at
+    [:, 0]) and h(T-1) [B, H]."""
     B, T, G = xW.shape
     H = G // 4
     Hprev = xW.new_zeros(B, T, H)  # h(-1) = 0; zeroing all of it is no slower than one strided column
-    return (xW.new_empty(B, G), *(xW.new_empty(T, B, G) for _ in range(2)), xW.new_empty(T, B, cell_stats),
+    return (*(xW.new_empty(T, B, G) for _ in range(2)), xW.new_empty(T, B, cell_stats),
             *(xW.new_empty(T, B, H) for _ in range(extra)), Hprev, xW.new_empty(B, H))
 
 
@@ -65,44 +65,40 @@ class _HiddenOut:
         return (self.rows[t + 1], self.stride) if t + 1 < self.T else (self.last, self.stride // self.T)
 
 
-def _time_loop(xW: Tensor, W_h: Tensor, HW: Tensor, Hprev: Tensor, h_last: Tensor,
-               cell_at: Callable[..., None]) -> None:
-    """The forward pass of an LSTM's time steps: HW = h(t-1) W_hᵀ (no matmul at t = 0: h(-1) = 0), then
-    cell_at(t, HW or None, address of xW[:, t], its batch stride, where h(t) goes, its batch stride): the
-    C call adds xW (z = h W_h + x W_x + b) and writes h(t)."""
+def _time_loop(xW: Tensor, W_h: Tensor, Hprev: Tensor, h_last: Tensor, cell_at: Callable[..., None]) -> None:
+    """The forward pass of an LSTM's time steps: hw = h(t-1) W_hᵀ (no matmul at t = 0: h(-1) = 0), then
+    cell_at(t, address of hw or None, address of xW[:, t], its batch stride, where h(t) goes, its batch
+    stride): the C call adds xW (z = h W_h + x W_x + b) and writes h(t)."""
     xW = xW.contiguous()
     xw, h = _Rows(xW, dim=1), _HiddenOut(Hprev, h_last)
-    W_hT, h_steps = W_h.t(), Hprev.unbind(1)
+    h_steps = Hprev.unbind(1)
     for t in range(xW.shape[1]):
-        if t:
-            torch.mm(h_steps[t], W_hT, out=HW)
-        cell_at(t, HW.data_ptr() if t else None, xw[t], xW.stride(0), *h[t])
+        hw = matmul.linear(h_steps[t], W_h) if t else None
+        cell_at(t, hw.data_ptr() if t else None, xw[t], xW.stride(0), *h[t])
 
 
-def _backward_loop(grad_h: Tensor, W_h: Tensor, dZ: Tensor, dh_buffer: Tensor,
-                   cell_at: Callable[..., None]) -> None:
+def _backward_loop(grad_h: Tensor, W_h: Tensor, dZ: Tensor, cell_at: Callable[..., None]) -> None:
     """Back-propagation through an LSTM's time steps, last first: cell_at(t, address of dh(t), where dz(t)
     goes, its batch stride) writes dz(t) into the batch-major dZ; then dh(t-1) = dz(t) W_h."""
-    dz, dz_steps = _Rows(dZ, dim=1), dZ.unbind(1)
+    dz, dz_steps, W_hT = _Rows(dZ, dim=1), dZ.unbind(1), W_h.t()
     dh = grad_h.contiguous()
     for t in reversed(range(dZ.shape[1])):
         cell_at(t, dh.data_ptr(), dz[t], dZ.stride(0))
         if t:
-            dh = torch.mm(dz_steps[t], W_h, out=dh_buffer)
+            dh = matmul.linear(dz_steps[t], W_hT)
 
 
 def _gradient_buffers(like: Tensor, T: int, B: int, G: int, H: int) -> tuple[Tensor, ...]:
-    """dZ [B, T, G]; the gains' and biases' gradients (zeroed: the C calls add into them); dc, dh [B, H]."""
+    """dZ [B, T, G]; the gains' and biases' gradients (zeroed: the C calls add into them); dc [B, H]."""
     sums = like.new_zeros(2 * G + 2 * H)
     dgamma, dbeta, dgamma_c, dbeta_c = sums.split([G, G, H, H])
-    dc, dh = like.new_zeros(B, H), like.new_empty(B, H)
-    return like.new_empty(B, T, G), dgamma, dbeta, dgamma_c, dbeta_c, dc, dh
+    return like.new_empty(B, T, G), dgamma, dbeta, dgamma_c, dbeta_c, like.new_zeros(B, H)
 
 
 def _recurrent_weight_grad(dZ: Tensor, Hprev: Tensor) -> Tensor:
     """dW_h = Σ_t dz(t)ᵀ h(t-1), one matmul over all steps (both batch-major)."""
     B, T, G = dZ.shape
-    return dZ.view(B * T, G).t() @ Hprev.view(B * T, -1)
+    return matmul.linear(dZ.view(B * T, G).t(), Hprev.view(B * T, -1).t())
 
 
 def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: Tensor, gamma_c: Tensor,
@@ -111,11 +107,11 @@ def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: T
     B, T, G = xW.shape
     H = G // 4
     cell = native.kernel("lnlstm_forward", xW.dtype)
-    HW, N, ACT, R, CN, C, TC, Hprev, h_last = _forward_buffers(xW, cell_stats=5, extra=3)
+    N, ACT, R, CN, C, TC, Hprev, h_last = _forward_buffers(xW, cell_stats=5, extra=3)
     params = [p.contiguous() for p in (gamma, beta_fb, gamma_c, beta_c)]
     n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
     fixed = _addresses(*params)
-    _time_loop(xW, W_h, HW, Hprev, h_last, lambda t, hw, xw, xw_sb, h, h_sb: cell(
+    _time_loop(xW, W_h, Hprev, h_last, lambda t, hw, xw, xw_sb, h, h_sb: cell(
         B, H, hw, xw, xw_sb, *fixed, c[t - 1] if t else None, n[t], act[t], r[t], cn[t], c[t], tc[t], h,
         h_sb))
     ctx.native_saved = (N, ACT, R, CN, C, TC, Hprev, W_h, params)
@@ -128,11 +124,11 @@ def ln_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     T, B, G = N.shape
     H = G // 4
     cell = native.kernel("lnlstm_backward", N.dtype)
-    dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc, dh_buffer = _gradient_buffers(N, T, B, G, H)
+    dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc = _gradient_buffers(N, T, B, G, H)
     n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
     fixed = _addresses(gamma, gamma_c)
     sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
-    _backward_loop(grad_h, W_h, dZ, dh_buffer, lambda t, dh, dz, dz_sb: cell(
+    _backward_loop(grad_h, W_h, dZ, lambda t, dh, dz, dz_sb: cell(
         B, H, dh, dc.data_ptr(), *fixed, n[t], act[t], r[t], cn[t], tc[t], c[t - 1] if t else None, dz, dz_sb,
         *sums))
     return (dZ, _recurrent_weight_grad(dZ, Hprev), dgamma.view(4, H), dbeta.view(4, H), dgamma_c, dbeta_c)
@@ -153,12 +149,12 @@ def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, 
     B, T, G = xW.shape
     H = G // 4
     cell = native.kernel("fwlstm_forward", xW.dtype)
-    HW, N, ACT, R, CN, C, Hprev, h_last = _forward_buffers(xW, cell_stats=2, extra=2)
+    N, ACT, R, CN, C, Hprev, h_last = _forward_buffers(xW, cell_stats=2, extra=2)
     params = [p.contiguous() for p in (gamma, beta, forget_bias, gamma_c, beta_c)]
     memory = _memory_arguments(mem)
     n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
     fixed = _addresses(*params)
-    _time_loop(xW, W_h, HW, Hprev, h_last, lambda t, hw, xw, xw_sb, h, h_sb: cell(
+    _time_loop(xW, W_h, Hprev, h_last, lambda t, hw, xw, xw_sb, h, h_sb: cell(
         B, H, m0, t, reads, T, hw, xw, xw_sb, *fixed, c[t - 1] if t else None, *memory, n[t], act[t], r[t],
         cn[t], c[t], h, h_sb))
     ctx.native_saved = (mem, memory, N, ACT, R, CN, C, Hprev, W_h, params, reads, m0)
@@ -171,12 +167,12 @@ def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     T, B, G = N.shape
     H = G // 4
     cell = native.kernel("fwlstm_backward", N.dtype)
-    dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc, dh_buffer = _gradient_buffers(N, T, B, G, H)
+    dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc = _gradient_buffers(N, T, B, G, H)
     n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
     fixed = _addresses(gamma, gamma_c)
     sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
     rows = mem.GQ.shape[1]
-    _backward_loop(grad_h, W_h, dZ, dh_buffer, lambda t, dh, dz, dz_sb: cell(
+    _backward_loop(grad_h, W_h, dZ, lambda t, dh, dz, dz_sb: cell(
         B, H, m0, t, reads, T, 2 * mem.first_read[t], rows, dh, dc.data_ptr(), *fixed, n[t], act[t], r[t],
         cn[t], c[t], c[t - 1] if t else None, *memory, dz, dz_sb, *sums))
     return dZ, _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c, dbeta_c
@@ -203,9 +199,8 @@ def fw_rnn_forward(ctx: Any, mem: Any, Cx: Tensor, W: Tensor, gamma: Tensor, bet
             torch.addmm(Cx_steps[t], U[:, t], WT, out=SLOW)
             slow = (SLOW.data_ptr(), None, 0)
         else:  # slow = W h + C x, the C call adding C x (h(-1) = 0: slow(0) = C x)
-            if t:
-                torch.mm(h_steps[t], WT, out=SLOW)
-            slow = (SLOW.data_ptr() if t else None, cx[t], Cx.stride(0))
+            hw = matmul.linear(h_steps[t], W) if t else None
+            slow = (hw.data_ptr() if t else None, cx[t], Cx.stride(0))
         inner(B, H, reads, T, n, r0, write_k, t if authors else -1, *slow, *params, *memory, xh[t], rs[t],
               *h[t])
     ctx.native_saved = (mem, memory, XH, RS, Hprev, U, W, params, reads, authors)
@@ -246,9 +241,9 @@ def fw_rnn_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
             grad_into_h = dslow_steps[t]
         if t:
             dh = torch.mm(grad_into_h, W, out=dh_buffer)
-    dW = dSlow.view(B * T, H).t() @ (U if authors else Hprev).view(B * T, H)
+    dW = matmul.linear(dSlow.view(B * T, H).t(), (U if authors else Hprev).view(B * T, H).t())
     if authors:
-        dW += dU_pre.view(B * T, H).t() @ Hprev.view(B * T, H)
+        dW += matmul.linear(dU_pre.view(B * T, H).t(), Hprev.view(B * T, H).t())
         return dSlow + dU_pre, dW, dgamma, dbeta
     return dSlow, dW, dgamma, dbeta
 

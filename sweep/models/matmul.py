@@ -1,0 +1,71 @@
+"""The C time steps' matrix products (native_cells.py): oneDNN's where torch's own would take MKL's slower
+path.
+
+Why: `torch.mm` on float32 CPU tensors is MKL's sgemm, and MKL picks its AVX-512 kernels only on Intel
+CPUs: on an AMD EPYC with AVX-512 it runs its AVX2 ones, at 96-110 GFLOP/s at a time step's shapes where
+the core does 266 (measured with a loop of FMAs). oneDNN, which torch ships too and which chooses its
+kernels by instruction set alone, does the same products at 146-181 GFLOP/s there
+(docs/benchmarks.md, "oneDNN's matrix products"), but each call costs about 10 us more: below some 4
+million multiply-adds it is the slower one (measured break-even between 1.3 and 3.9 million; H = 100's
+step, 5.1 million, 103 -> 63 us). So on a CPU with AVX-512 that is not Intel's, float32 products of at
+least `ONEDNN_MIN_MACS` go through oneDNN's `_linear_pointwise` (what torch.compile's CPU code calls);
+everything else, and all with FWSWEEP_ONEDNN=0, through `torch.mm`. The choice is fixed per machine and
+shape, not timed at start, so a trial's numbers do not depend on how loaded the node was when it started.
+The two round differently in the last bits; tests/test_models.py checks the C steps against the torch-op
+forms either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+ONEDNN_MIN_MACS = 1 << 22
+
+
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@cache
+def uses_onednn() -> bool:
+    """Whether float32 products on this machine go through oneDNN (see the module's docstring)."""
+    if os.environ.get("FWSWEEP_ONEDNN", "1") == "0":
+        return False
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or _cpu_vendor() in ("GenuineIntel", ""):
+        return False
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:  # a private op: make sure this torch has it as expected before every product relies on it
+        a = torch.arange(12.0).view(3, 4)
+        b = torch.arange(20.0).view(5, 4)
+        ok = torch.equal(_onednn_linear(a, b), a @ b.t())
+    except (RuntimeError, TypeError) as err:
+        log.warning("oneDNN's matrix product failed (%s); using torch.mm", err)
+        return False
+    return ok
+
+
+def _onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x weightᵀ for 2-D tensors of any strides (x [m, k], weight [n, k]): a new [m, n] tensor."""
+    (m, k), n = x.shape, weight.shape[0]
+    if m * k * n >= ONEDNN_MIN_MACS and x.dtype == torch.float32 and x.device.type == "cpu" and uses_onednn():
+        return _onednn_linear(x, weight)
+    return torch.mm(x, weight.t())
