@@ -21,7 +21,10 @@ time (time.thread_time) is the step's own cost; wall-clock time is reported besi
 
 FLOP-limit ratio: the step's matmul FLOPs (`train_step_flops`, written out below) divided by the
 matmul rate measured in this process at the step's own shapes (the best of them: the strictest limit),
-against the measured step time. The rate is measured at the start of every round, so each round's step
+against the measured step time. The target's rate is torch.mm's, as the issue measured it; where the
+C steps use oneDNN's products (sweep/models/matmul.py: AVX-512 CPUs not made by Intel, where torch.mm's
+MKL runs AVX2 code), oneDNN's rate is measured too and a second row sets the step against the best rate
+of either. The rate is measured at the start of every round, so each round's step
 is set against the rate of the same minutes (this host's speed moves by up to 1.7x between runs); the
 ratio is the median over rounds. Elementwise work is not counted: it is what a fused kernel should hide.
 The count is of the matmuls the step does: the LN-LSTM, FW-LSTM and FW-RNN project the vocabulary, not
@@ -59,7 +62,7 @@ from record import record  # noqa: E402
 
 from sweep.allocator import keep_freed_memory  # noqa: E402
 from sweep.config import TrainConfig  # noqa: E402
-from sweep.models import build_model, count_parameters, native, params_class  # noqa: E402
+from sweep.models import build_model, count_parameters, matmul, native, params_class  # noqa: E402
 from sweep.train import make_optimizer  # noqa: E402
 
 VOCAB, CLASSES = 37, 10
@@ -98,11 +101,12 @@ class Result:
     sequences_per_s: float  # batch / cpu time
     gflop: float  # matmul GFLOP of one train step (train_step_flops)
     gflop_textbook: float  # the same with every token's embedding projected (the issue's count)
-    flop_limit_ms: float  # gflop at the measured matmul rate (the median of the rounds')
+    flop_limit_ms: float  # gflop at the measured torch.mm rate (the median of the rounds')
     tensor_peak_mb: float
     rss_peak_mb: float | None
     cpu_rounds_ms: list[float]  # CPU time of the step in each round, in round order (for paired ratios)
-    flop_limit_rounds_ms: list[float]  # gflop at each round's matmul rate, in round order
+    flop_limit_rounds_ms: list[float]  # gflop at each round's torch.mm rate, in round order
+    flop_limit_best_rounds_ms: list[float]  # gflop at each round's best rate of torch.mm and oneDNN
 
 
 def art_shaped_batch(batch: int, pairs: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,23 +148,30 @@ def train_step_flops(name: str, options: dict, hidden: int, batch: int, length: 
     return flops
 
 
-def matmul_rates(batch: int, length: int, hidden: int, seconds: float = 0.03) -> dict[str, float]:
-    """GFLOP/s of torch.mm at the step's shapes, timed in this process (CPU time, one thread)."""
+def matmul_rates(batch: int, length: int, hidden: int, seconds: float = 0.03) -> dict[str, dict[str, float]]:
+    """GFLOP/s at the step's shapes, timed in this process (CPU time, one thread): torch.mm's, and
+    oneDNN's where the C steps use it (sweep/models/matmul.py)."""
     G = 4 * hidden
     shapes = {
         "x W_x [B*T, E] @ [E, 4H]": (batch * length, EMBED, G),
         "h W_h [B, H] @ [H, 4H]": (batch, hidden, G),
         "dz W_h [B, 4H] @ [4H, H]": (batch, G, hidden),
+        "dW_h [4H, B*T] @ [B*T, H]": (G, batch * length, hidden),
     }
-    rates = {}
-    for label, (m, k, n) in shapes.items():
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        a @ b
-        count, start = 0, time.thread_time()
-        while time.thread_time() - start < seconds:
-            a @ b
-            count += 1
-        rates[label] = 2 * m * k * n * count / (time.thread_time() - start) / 1e9
+    libraries = {"torch.mm": lambda a, b: torch.mm(a, b)}
+    if matmul.uses_onednn():
+        libraries["oneDNN"] = lambda a, b: matmul._onednn_linear(a, b.t())
+    rates: dict[str, dict[str, float]] = {}
+    for library, product in libraries.items():
+        rates[library] = {}
+        for label, (m, k, n) in shapes.items():
+            a, b = torch.randn(m, k), torch.randn(k, n)
+            product(a, b)
+            count, start = 0, time.thread_time()
+            while time.thread_time() - start < seconds:
+                product(a, b)
+                count += 1
+            rates[library][label] = 2 * m * k * n * count / (time.thread_time() - start) / 1e9
     return rates
 
 
@@ -243,7 +254,8 @@ def time_round_robin(steps: list[Callable[[], None]], rounds: int,
 
 def bench_hidden_size(hidden: int, batch: int, pairs: int, steps: int, configs: list[tuple[str, dict]]
                       ) -> tuple[list[Result], dict[str, float]]:
-    """The results of every configuration at this H, and the median matmul rate of each shape (GFLOP/s)."""
+    """The results of every configuration at this H, and the median matmul rate of each library and shape
+    (GFLOP/s)."""
     x, y = art_shaped_batch(batch, pairs)
     built = []
     for name, options in configs:
@@ -255,10 +267,11 @@ def bench_hidden_size(hidden: int, batch: int, pairs: int, steps: int, configs: 
             step = without_c_kernels(step)
         step()  # warm-up: allocator, Adam state
         built.append((name, options, model, step))
-    rates: list[dict[str, float]] = []
+    rates: list[dict[str, dict[str, float]]] = []
     timings = time_round_robin([step for *_, step in built], steps,
                                probe=lambda: rates.append(matmul_rates(batch, 2 * pairs + 3, hidden)))
-    best_rates = [1e9 * max(r.values()) for r in rates]  # FLOP/s, per round
+    mm_rates = [1e9 * max(r["torch.mm"].values()) for r in rates]  # FLOP/s, per round
+    best_rates = [1e9 * max(max(shapes.values()) for shapes in r.values()) for r in rates]
     results = []
     for (name, options, model, step), (cpu_rounds, wall_median) in zip(built, timings, strict=True):
         cpu_median = statistics.median(cpu_rounds)
@@ -276,14 +289,16 @@ def bench_hidden_size(hidden: int, batch: int, pairs: int, steps: int, configs: 
                 sequences_per_s=batch / cpu_median,
                 gflop=flops / 1e9,
                 gflop_textbook=textbook / 1e9,
-                flop_limit_ms=1e3 * flops / statistics.median(best_rates),
+                flop_limit_ms=1e3 * flops / statistics.median(mm_rates),
                 tensor_peak_mb=tensor_peak_bytes(step) / 2**20,
                 rss_peak_mb=None if rss is None else rss / 2**20,
                 cpu_rounds_ms=[1e3 * c for c in cpu_rounds],
-                flop_limit_rounds_ms=[1e3 * flops / rate for rate in best_rates],
+                flop_limit_rounds_ms=[1e3 * flops / rate for rate in mm_rates],
+                flop_limit_best_rounds_ms=[1e3 * flops / rate for rate in best_rates],
             )
         )
-    return results, {shape: statistics.median(r[shape] for r in rates) for shape in rates[0]}
+    return results, {library: {shape: statistics.median(r[library][shape] for r in rates) for shape in shapes}
+                     for library, shapes in rates[0].items()}
 
 
 def find(results: list[Result], model: str, options: str, hidden: int) -> Result | None:
@@ -304,8 +319,14 @@ def targets(results: list[Result]) -> list[dict]:
         ratio = paired_ratio(fw.cpu_rounds_ms, fw.flop_limit_rounds_ms)
         detail = (f"median of the {len(fw.cpu_rounds_ms)} rounds' ratios; median {fw.cpu_ms:.1f} ms vs "
                   f"{fw.flop_limit_ms:.1f} ms ({fw.gflop:.2f} GFLOP)")
-        rows.append({"target": "FW-LSTM (fused) step at H=100 vs its FLOP-limit time", "limit": 1.5,
-                     "value": ratio, "detail": detail, "met": ratio <= 1.5})
+        rows.append({"target": "FW-LSTM (fused) step at H=100 vs its FLOP-limit time (torch.mm's rate, as "
+                     "the issue measured it)", "limit": 1.5, "value": ratio, "detail": detail,
+                     "met": ratio <= 1.5})
+        best = paired_ratio(fw.cpu_rounds_ms, fw.flop_limit_best_rounds_ms)
+        if best != ratio:  # oneDNN's products are faster here: the strictest limit, for comparison
+            rows.append({"target": "FW-LSTM (fused) step at H=100 vs its FLOP-limit time at the best rate "
+                         "measured here (oneDNN's)", "limit": 1.5, "value": best,
+                         "detail": f"{fw.gflop:.2f} GFLOP", "met": best <= 1.5})
         # the same step against the matmuls of the step as the issue counted it (every token projected):
         # how far it is from what that textbook step would take at the matmul rate; not the target's count
         scale = fw.gflop_textbook / fw.gflop
@@ -346,7 +367,9 @@ def main() -> None:
         payload["results"] = {
             "freed_memory_kept": kept,
             "native_kernels": native.usable_for(torch.zeros(1)),
-            "matmul_gflops": {str(h): r for h, r in rates.items()},
+            "onednn_products": matmul.uses_onednn(),
+            "matmul_gflops": {str(h): r["torch.mm"] for h, r in rates.items()},
+            "matmul_gflops_by_library": {str(h): r for h, r in rates.items()},
             "steps": [asdict(r) for r in results],
             "targets": targets(results),
         }

@@ -19,6 +19,8 @@ import models  # noqa: E402
 import render  # noqa: E402
 from record import record, scratch_home  # noqa: E402
 
+from sweep.models import matmul  # noqa: E402
+
 
 @pytest.fixture
 def one_thread():
@@ -82,11 +84,17 @@ def test_the_step_flop_count_is_written_out():
 @pytest.mark.slow  # a benchmark subprocess
 def test_models_benchmark_renders_into_the_marked_block(tmp_path, one_thread):
     results, rates = models.bench_hidden_size(4, batch=4, pairs=2, steps=2, configs=models.CONFIGS)
-    assert set(rates) == {"x W_x [B*T, E] @ [E, 4H]", "h W_h [B, H] @ [H, 4H]", "dz W_h [B, 4H] @ [4H, H]"}
-    assert all(len(r.flop_limit_rounds_ms) == len(r.cpu_rounds_ms) == 2 for r in results)
+    shapes = {"x W_x [B*T, E] @ [E, 4H]", "h W_h [B, H] @ [H, 4H]", "dz W_h [B, 4H] @ [4H, H]",
+              "dW_h [4H, B*T] @ [B*T, H]"}
+    assert rates["torch.mm"].keys() == shapes
+    assert set(rates) == ({"torch.mm", "oneDNN"} if matmul.uses_onednn() else {"torch.mm"})
+    for r in results:
+        assert len(r.flop_limit_rounds_ms) == len(r.flop_limit_best_rounds_ms) == len(r.cpu_rounds_ms) == 2
+        assert all(b <= m for b, m in zip(r.flop_limit_best_rounds_ms, r.flop_limit_rounds_ms, strict=True))
     with record("models", {}, kind="models", results_dir=tmp_path) as payload:
         payload["results"] = {
-            "matmul_gflops": {"4": rates},
+            "matmul_gflops": {"4": rates["torch.mm"]},
+            "matmul_gflops_by_library": {"4": rates},
             "steps": [vars(r) for r in results],
             "targets": models.targets(results),
         }
@@ -101,6 +109,7 @@ def test_models_benchmark_renders_into_the_marked_block(tmp_path, one_thread):
     text = doc.read_text()
     assert "stale" not in text and "how to produce it" in text and text.startswith("intro\n")
     assert "| 4 | fw_lstm | fw_form=fused |" in text and "cell_form=fused" in text
+    assert "| 4 | torch.mm |" in text and ("| 4 | oneDNN |" in text) == matmul.uses_onednn()
     assert subprocess.run([*cli, "--check"], capture_output=True).returncode == 0
 
 
