@@ -231,7 +231,10 @@ def test_linear_is_x_times_weight_transposed_through_either_library(monkeypatch)
         assert rel_err(matmul.linear(a.t(), c.t()), a.t() @ c) <= tol
     small = torch.randn(40, 50, generator=g)  # 40 x 50 x 40: far below the size where oneDNN pays
     assert torch.equal(matmul.linear(small, small), small @ small.t())
-    assert calls == ([(300, 100), (100, 300)] if matmul.uses_onednn() else [])
+    for m, n in ((400, 100), (100, 400)):  # weight gradients: oneDNN copies the smaller operand transposed
+        grad_out, inputs = torch.randn(300, m, generator=g), torch.randn(300, n, generator=g)
+        assert rel_err(matmul.weight_grad(grad_out, inputs), grad_out.t() @ inputs) <= 1e-6
+    assert calls == ([(300, 100), (100, 300), (100, 300), (100, 300)] if matmul.uses_onednn() else [])
 
 
 def test_onednn_is_chosen_by_the_cpu_and_can_be_switched_off(monkeypatch):

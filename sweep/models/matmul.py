@@ -5,8 +5,8 @@ Why: `torch.mm` on float32 CPU tensors is MKL's sgemm, and MKL picks its AVX-512
 CPUs: on an AMD EPYC with AVX-512 it runs its AVX2 ones, at 96-110 GFLOP/s at a time step's shapes where
 the core does 266 (measured with a loop of FMAs). oneDNN, which torch ships too and which chooses its
 kernels by instruction set alone, does the same products at 146-181 GFLOP/s there
-(docs/benchmarks.md, "oneDNN's matrix products"), but each call costs about 10 us more: below some 4
-million multiply-adds it is the slower one (measured break-even between 1.3 and 3.9 million; H = 100's
+(docs/benchmarks.md, "oneDNN's matrix products"), but each call costs about 10 us more: below some 2
+million multiply-adds it is the slower one (measured: even at 1.3 million, H = 50's step; H = 100's
 step, 5.1 million, 103 -> 63 us). So on a CPU with AVX-512 that is not Intel's, float32 products of at
 least `ONEDNN_MIN_MACS` go through oneDNN's `_linear_pointwise` (what torch.compile's CPU code calls);
 everything else, and all with FWSWEEP_ONEDNN=0, through `torch.mm`. The choice is fixed per machine and
@@ -27,7 +27,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-ONEDNN_MIN_MACS = 1 << 22
+ONEDNN_MIN_MACS = 1 << 21
 
 
 def _cpu_vendor() -> str:
@@ -63,9 +63,26 @@ def _onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
+def _through_onednn(x: Tensor, macs: int) -> bool:
+    return macs >= ONEDNN_MIN_MACS and x.dtype == torch.float32 and x.device.type == "cpu" and uses_onednn()
+
+
 def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x weightᵀ for 2-D tensors of any strides (x [m, k], weight [n, k]): a new [m, n] tensor."""
+    """x weightᵀ for 2-D tensors of any strides (x [m, k], weight [n, k]): a new [m, n] tensor. (oneDNN's
+    op copies a non-contiguous x first; any weight it reads in place.)"""
     (m, k), n = x.shape, weight.shape[0]
-    if m * k * n >= ONEDNN_MIN_MACS and x.dtype == torch.float32 and x.device.type == "cpu" and uses_onednn():
+    if _through_onednn(x, m * k * n):
         return _onednn_linear(x, weight)
     return torch.mm(x, weight.t())
+
+
+def weight_grad(grad_out: Tensor, inputs: Tensor) -> Tensor:
+    """grad_outᵀ inputs for grad_out [N, m], inputs [N, n] (a linear map's weight gradient, summed over N
+    rows): [m, n]. Through oneDNN, one operand must be copied transposed, and the smaller is: with
+    inputs [N, H] and grad_out [N, 4H], H = 100, 0.84 ms instead of 1.24 (and torch.mm's 1.94)."""
+    (N, m), n = grad_out.shape, inputs.shape[1]
+    if not _through_onednn(grad_out, N * m * n):
+        return grad_out.t() @ inputs
+    if n <= m:  # (inputsᵀ grad_out)ᵀ: inputsᵀ is copied
+        return _onednn_linear(inputs.t(), grad_out.t()).t()
+    return _onednn_linear(grad_out.t(), inputs.t())

@@ -98,7 +98,7 @@ def _gradient_buffers(like: Tensor, T: int, B: int, G: int, H: int) -> tuple[Ten
 def _recurrent_weight_grad(dZ: Tensor, Hprev: Tensor) -> Tensor:
     """dW_h = Σ_t dz(t)ᵀ h(t-1), one matmul over all steps (both batch-major)."""
     B, T, G = dZ.shape
-    return matmul.linear(dZ.view(B * T, G).t(), Hprev.view(B * T, -1).t())
+    return matmul.weight_grad(dZ.view(B * T, G), Hprev.view(B * T, -1))
 
 
 def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: Tensor, gamma_c: Tensor,
@@ -241,9 +241,9 @@ def fw_rnn_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
             grad_into_h = dslow_steps[t]
         if t:
             dh = torch.mm(grad_into_h, W, out=dh_buffer)
-    dW = matmul.linear(dSlow.view(B * T, H).t(), (U if authors else Hprev).view(B * T, H).t())
+    dW = matmul.weight_grad(dSlow.view(B * T, H), (U if authors else Hprev).view(B * T, H))
     if authors:
-        dW += matmul.linear(dU_pre.view(B * T, H).t(), Hprev.view(B * T, H).t())
+        dW += matmul.weight_grad(dU_pre.view(B * T, H), Hprev.view(B * T, H))
         return dSlow + dU_pre, dW, dgamma, dbeta
     return dSlow, dW, dgamma, dbeta
 
