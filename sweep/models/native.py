@@ -157,8 +157,8 @@ HSUM8(double, f64)
 MEMORY = Template(r"""
 /* sg[k] = w[k] (x·v_k) for k < n, eight rows per pass (past n, the last row again, its sums unused): the
    output row x is loaded once per eight input rows, the eight independent sums hide the FMA latency, and
-   each is a vector of partial sums until one shuffle tree sums all eight (measured at D = 400: n = 8 in
-   46 ns instead of 64, n = 19 in 104 instead of 163; D = 200, n = 19: 87 instead of 146). */
+   each is a vector of partial sums until one shuffle tree sums all eight (measured in L1 at D = 400: n = 8
+   in 45 ns instead of 64, n = 19 in 109 instead of 163; D = 200, n = 19: 69 instead of 146). */
 #define FMA8_$sfx(load, at) \
     { const vec_$sfx xd = load(x + at); \
       a0 += xd * load(v[0] + at); a1 += xd * load(v[1] + at); a2 += xd * load(v[2] + at); \
