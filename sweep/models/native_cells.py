@@ -1,10 +1,11 @@
 """Whole time steps of the LN-LSTM and FW-LSTM, and the FW-RNN's inner loop, as C calls (native.py), for
 fused.py's Functions on CPU.
 
-Per time step the forward pass is one torch `mm` (the slow matmul h W_h, BLAS) and one C call that does
-the rest of the cell for every row of the batch: adding x W_x + b, layer norms, gates, the cell update
-and, for the FW-LSTM, the memory's write and reads. The backward pass is one C call and one `mm` per
-step, the weight gradients one matmul each at the end. What the backward needs is kept in T-major
+Per time step the forward pass is one matrix product (the slow h W_h: `matmul.linear`, torch.mm or
+oneDNN) and one C call that does the rest of the cell for every row of the batch: adding x W_x + b, layer
+norms, gates, the cell update and, for the FW-LSTM, the memory's write and reads. The backward pass is
+one C call and one product per step, the weight gradients one product each at the end
+(`matmul.weight_grad`). What the backward needs is kept in T-major
 buffers: N (normalised gates), ACT (gate activations), R (1/std of each layer norm), CN (normalised c
 before its gain), C (the cell state), and for the LN-LSTM TC = tanh(c). Two buffers are batch-major,
 [B, T, ...], so that nothing is copied to change layout: the previous hidden states Hprev (h(t-1) at
