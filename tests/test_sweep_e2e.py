@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -180,17 +181,28 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(home, mlflow
            "--tracking-uri", mlflow_server]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    lines: list[str] = []
+    second_finished = threading.Event()
+
+    def read_output() -> None:  # the CLI's own progress lines: "[2/6]" ends the second finished trial's line
+        for line in proc.stdout:
+            lines.append(line)
+            if "[2/6]" in line:
+                second_finished.set()
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 240
-        while len(_finished_trials(folder)) < 2:  # interrupt once some trials have finished
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(0.5)
+        # interrupt as soon as the CLI reports the second finished trial: polling the trial folders instead
+        # (their result.json rows) saw it too late once trials took a second or two, after the last trial
+        assert second_finished.wait(timeout=240), "no two trials finished in time:\n" + "".join(lines)
         proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines)
     assert proc.returncode == 130, out
     assert "sweep resume e2e-resume" in out
     # piped: plain lines, one per trial event; none of Ray's tables or hints
