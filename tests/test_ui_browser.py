@@ -9,6 +9,7 @@ metric and the searched parameters as columns.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def _log_sweep(url: str, spec: SweepSpec) -> dict[str, str]:
 
 
 @pytest.fixture
-def browser():
+def browser(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -73,7 +74,11 @@ def browser():
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--no-first-run", "--window-size=1600,900"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    # Chromium keeps its singleton socket in an org.chromium.Chromium.* folder under TMPDIR and leaves it
+    # behind: under the test's own folder, pytest removes it
+    service = Service(str(CHROMEDRIVER), env=os.environ | {"TMPDIR": str(tmp_path)})
+    driver = webdriver.Chrome(service=service, options=options)
     try:
         yield driver
     finally:
