@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ def _log_sweep(url: str, spec: SweepSpec) -> dict[str, str]:
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -74,15 +75,20 @@ def browser(tmp_path):
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--no-first-run", "--window-size=1600,900"):
         options.add_argument(arg)
-    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
     # Chromium keeps its singleton socket in an org.chromium.Chromium.* folder under TMPDIR and leaves it
-    # behind: under the test's own folder, pytest removes it
-    service = Service(str(CHROMEDRIVER), env=os.environ | {"TMPDIR": str(tmp_path)})
-    driver = webdriver.Chrome(service=service, options=options)
+    # behind: a folder of our own, removed afterwards. Short, under /tmp: a socket's path must fit in 108
+    # bytes, and pytest's tmp_path under xdist does not leave room (Chromium then fails to start)
+    scratch = tempfile.mkdtemp(prefix="fw-chromium-")
+    options.add_argument(f"--user-data-dir={scratch}/profile")
+    service = Service(str(CHROMEDRIVER), env=os.environ | {"TMPDIR": scratch})
     try:
-        yield driver
+        driver = webdriver.Chrome(service=service, options=options)
+        try:
+            yield driver
+        finally:
+            driver.quit()
     finally:
-        driver.quit()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def test_printed_link_opens_the_runs_table_best_trial_first(mlflow_server: str, browser) -> None:
