@@ -20,24 +20,15 @@ from __future__ import annotations
 import logging
 import os
 from functools import cache
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from sweep.models import native
+
 log = logging.getLogger(__name__)
 
 ONEDNN_MIN_MACS = 1 << 21
-
-
-def _cpu_vendor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 @cache
@@ -45,7 +36,8 @@ def uses_onednn() -> bool:
     """Whether float32 products on this machine go through oneDNN (see the module's docstring)."""
     if os.environ.get("FWSWEEP_ONEDNN", "1") == "0":
         return False
-    if torch.backends.cpu.get_cpu_capability() != "AVX512" or _cpu_vendor() in ("GenuineIntel", ""):
+    vendor = native.cpu_info().get("vendor_id", "")
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or vendor in ("GenuineIntel", ""):
         return False
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False

@@ -128,7 +128,7 @@ static inline void hsum8_f64(vec_f64 a0, vec_f64 a1, vec_f64 a2, vec_f64 a3, vec
     memcpy(s, &e, sizeof e);
 }
 #else  /* a compiler without __builtin_shufflevector (GCC before 12): through memory, lane by lane */
-#define HSUM8(real, sfx) \
+#define PORTABLE_LANES(real, sfx) \
     static inline vec_##sfx load_half_##sfx(const real *p) { \
         vec_##sfx v = {0}; \
         memcpy(&v, p, sizeof v / 2); \
@@ -139,8 +139,8 @@ static inline void hsum8_f64(vec_f64 a0, vec_f64 a1, vec_f64 a2, vec_f64 a3, vec
         const vec_##sfx a[8] = {a0, a1, a2, a3, a4, a5, a6, a7}; \
         for (int i = 0; i < 8; i++) { s[i] = 0; for (int l = 0; l < LANES_##sfx; l++) s[i] += a[i][l]; } \
     }
-HSUM8(float, f32)
-HSUM8(double, f64)
+PORTABLE_LANES(float, f32)
+PORTABLE_LANES(double, f64)
 #endif
 #define EXP_f32 exp_approx_f32
 #define TANH_f32 tanh_approx_f32
@@ -603,19 +603,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FWSWEEP_KERNEL_CACHE", default))
 
 
-def _cpu_model() -> str:
-    """The CPU's model and instruction set: code built with -march=native for one CPU can crash another
-    (a folder shared by unlike nodes), so they are part of the cache key."""
+@cache
+def cpu_info() -> dict[str, str]:
+    """/proc/cpuinfo's fields for the first CPU (the first value of each name); empty where there is none."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor() or platform.machine()
-    first = {}
+        return {}
+    info: dict[str, str] = {}
     for line in lines:
-        name = line.split(":")[0].strip()
-        if name in ("model name", "flags", "Features", "CPU part"):
-            first.setdefault(name, line)
-    return "\n".join(first.values()) or platform.machine()
+        name, colon, value = line.partition(":")
+        if colon:
+            info.setdefault(name.strip(), value.strip())
+    return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model and instruction set: code built with -march=native for one CPU can crash another
+    (a folder shared by unlike nodes), so they are part of the cache key."""
+    info = cpu_info()
+    names = ("model name", "flags", "Features", "CPU part")
+    fields = [f"{name}: {info[name]}" for name in names if name in info]
+    return "\n".join(fields) or platform.processor() or platform.machine()
 
 
 def _compile(compiler: list[str]) -> Path:
