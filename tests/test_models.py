@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import tempfile
 
@@ -254,8 +255,10 @@ def test_onednn_is_chosen_by_the_cpu_and_can_be_switched_off(monkeypatch):
 @pytest.mark.skipif(not matmul.uses_onednn(), reason="oneDNN's products serve AVX-512 CPUs not made by Intel")
 @pytest.mark.parametrize(("name", "fields"), [*FAST_WEIGHT_MODELS, ("ln_lstm", {})])
 def test_c_steps_with_onednn_products_equal_the_torch_ops(monkeypatch, name, fields):
-    """The tests above run at sizes where every product is torch.mm; here every one goes through oneDNN."""
+    """The tests above run at sizes where every product is torch.mm; here every one goes through oneDNN
+    (with the time loop in Python: in the whole-sequence C loops the products are brgemm's)."""
     monkeypatch.setattr(matmul, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(matmul, "sequence_gemm", lambda dtype: None)
     calls = []
     real = matmul._onednn_linear
     monkeypatch.setattr(matmul, "_onednn_linear", lambda a, b: calls.append(1) or real(a, b))
@@ -263,6 +266,58 @@ def test_c_steps_with_onednn_products_equal_the_torch_ops(monkeypatch, name, fie
     assert_c_steps_equal_the_torch_ops(monkeypatch, name, kw, torch.float32, 1e-5)
     # one per time step at least; the authors' FW-RNN keeps torch's addmm per step (its weight gradients)
     assert len(calls) >= (2 if fields.get("variant") == "authors" else 13)
+
+
+@needs_cc
+@pytest.mark.parametrize(("name", "fields"), [("fw_lstm", {}), ("fw_lstm", {"memory": "candidate"}),
+                                              ("fw_lstm", {"inner_steps": 2}), ("ln_lstm", {})])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_whole_sequence_c_loops_equal_the_python_time_loop(monkeypatch, name, fields, dtype, tol):
+    """native.py's sequence loops (time loop in C, rows in blocks, products by brgemm or the BLAS) against
+    the time loop in Python (one C call and one `linear` per step). An L2 of 4 rows' memory splits the 5
+    rows into blocks of 2, 2 and 1 (3 of 5 for the candidate memory's smaller rows)."""
+    assert matmul.sequence_gemm(dtype) is not None
+    kw = {**fields, "hidden_size": 7}
+    if name == "fw_lstm":
+        kw.update(fast_lr=0.5, decay=0.9)
+    monkeypatch.setattr(native, "l2_cache_bytes", lambda: 4 * 2 * 13 * 28 * dtype.itemsize)
+    x = tokens(batch=5, length=13)
+    out_c, grads_c = outputs_and_grads(make(name, dtype=dtype, **kw), x)
+    monkeypatch.setattr(matmul, "sequence_gemm", lambda dtype: None)
+    out_p, grads_p = outputs_and_grads(make(name, dtype=dtype, **kw), x)
+    assert rel_err(out_c, out_p) < tol
+    for param_name, grad in grads_p.items():
+        assert rel_err(grads_c[param_name], grad) < tol, param_name
+
+
+def test_the_sequence_gemm_is_brgemm_or_the_blas_and_checked_first(monkeypatch):
+    """float32: oneDNN's brgemm unless FWSWEEP_ONEDNN=0, then (and for float64) the BLAS's ?gemm_ through
+    the row-major adapter; a missing symbol falls back, and a function that gives wrong products is not
+    used."""
+    if not native.usable_for(torch.zeros(1)):
+        pytest.skip("needs the C kernels")
+    library = matmul._torch_cpu()
+    brgemm = matmul._exported(library, matmul._BRGEMM_F32)
+    adapter = {d: ctypes.cast(native.kernel("blas_rowmajor_gemm", d), ctypes.c_void_p).value
+               for d in (torch.float32, torch.float64)}
+    matmul.sequence_gemm.cache_clear()
+    try:
+        assert matmul.sequence_gemm(torch.float32) == (brgemm or adapter[torch.float32])
+        assert matmul.sequence_gemm(torch.float64) == adapter[torch.float64]
+        assert matmul.sequence_gemm(torch.bfloat16) is None
+        monkeypatch.setenv("FWSWEEP_ONEDNN", "0")
+        matmul.sequence_gemm.cache_clear()
+        assert matmul.sequence_gemm(torch.float32) == adapter[torch.float32]
+        monkeypatch.setattr(matmul, "_FORTRAN_GEMM", {torch.float32: "no_such_gemm_"})
+        matmul.sequence_gemm.cache_clear()
+        assert matmul.sequence_gemm(torch.float32) is None
+        if brgemm is not None:  # float32's brgemm given float64 matrices: wrong products, caught
+            assert matmul._gives_products(brgemm, torch.float32)
+            assert not matmul._gives_products(brgemm, torch.float64)
+    finally:
+        matmul.sequence_gemm.cache_clear()
+        monkeypatch.undo()
+        matmul.sequence_gemm(torch.float32)  # the adapter's BLAS put back
 
 
 @needs_cc

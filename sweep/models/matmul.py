@@ -17,9 +17,11 @@ forms either way.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from functools import cache
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -78,3 +80,76 @@ def weight_grad(grad_out: Tensor, inputs: Tensor) -> Tensor:
     if n <= m:  # (inputsᵀ grad_out)ᵀ: inputsᵀ is copied
         return _onednn_linear(inputs.t(), grad_out.t()).t()
     return _onednn_linear(grad_out.t(), inputs.t())
+
+
+# at::native::cpublas::brgemm(M, N, K, ld_a, ld_b, ld_c, add_C, const float *A, const float *B, float *C,
+# is_vnni): oneDNN's small-matrix kernel as torch's flash attention calls it, C = A B (+ C) row-major.
+_BRGEMM_F32 = "_ZN2at6native7cpublas6brgemmEllllllbPKfS3_Pfb"
+_BRGEMM_RELEASE = "_ZN2at6native7cpublas14brgemm_releaseEb"
+_FORTRAN_GEMM = {torch.float32: "sgemm_", torch.float64: "dgemm_"}
+_GEMM_TYPE = {dtype: ctypes.CFUNCTYPE(None, *[ctypes.c_long] * 6, ctypes.c_bool, *[ctypes.c_void_p] * 3,
+                                      ctypes.c_bool) for dtype in _FORTRAN_GEMM}
+
+
+@cache
+def _torch_cpu() -> ctypes.CDLL | None:
+    """libtorch_cpu, already loaded by `import torch`: its exported GEMMs, called from C with no dispatch."""
+    try:
+        return ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    except OSError:
+        return None
+
+
+@cache
+def sequence_gemm(dtype: torch.dtype) -> int | None:
+    """The address of a C function with brgemm's arguments for native.py's whole-sequence loops, or None
+    (then native_cells.py runs the time loop in Python, each product through `linear`).
+
+    float32: oneDNN's brgemm (unless FWSWEEP_ONEDNN=0): from C it costs well under a microsecond a call
+    where a torch op costs ten, and it runs AVX-512 kernels on any CPU that has them (H = 100's step
+    product: 44 us where `linear` takes 63 and `torch.mm` 101). Otherwise, and for float64, the BLAS's
+    sgemm_/dgemm_ that torch links (MKL on x86), through native.py's row-major adapter. Both are exported
+    symbols, not a documented API: each is checked once on a small product and skipped if it is missing
+    or wrong."""
+    library = _torch_cpu()
+    if dtype not in _FORTRAN_GEMM or library is None or not native.usable_for(torch.zeros(0, dtype=dtype)):
+        return None
+    if dtype == torch.float32 and os.environ.get("FWSWEEP_ONEDNN", "1") != "0":
+        brgemm = _exported(library, _BRGEMM_F32)
+        if brgemm is not None and _gives_products(brgemm, dtype):
+            return brgemm
+    fortran = _exported(library, _FORTRAN_GEMM[dtype])
+    if fortran is None:
+        return None
+    native.kernel("use_blas", dtype)(fortran)
+    adapter = ctypes.cast(native.kernel("blas_rowmajor_gemm", dtype), ctypes.c_void_p).value
+    return adapter if _gives_products(adapter, dtype) else None
+
+
+def _exported(library: ctypes.CDLL, name: str) -> int | None:
+    try:
+        return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
+def _gives_products(address: int, dtype: torch.dtype) -> bool:
+    """Whether the function at `address` computes exact small integer products, with leading dimensions
+    wider than the matrices (as the sequence loops pass them)."""
+    a = torch.arange(24, dtype=dtype).view(3, 8)[:, :4]
+    b = torch.arange(28, dtype=dtype).view(4, 7) - 5
+    c = torch.full((3, 6), -1.0, dtype=dtype)
+    try:
+        _GEMM_TYPE[dtype](address)(3, 5, 4, 8, 7, 6, False, a.data_ptr(), b.data_ptr(), c.data_ptr(), False)
+    except Exception as err:  # noqa: BLE001 - any failure means: do not use it
+        log.warning("the exported GEMM at %#x failed (%s); the time loop stays in Python", address, err)
+        return False
+    return torch.equal(c[:, :5], a @ b[:, :5]) and bool((c[:, 5] == -1).all())
+
+
+def release_sequence_gemm(dtype: torch.dtype) -> None:
+    """What torch does after its own brgemm loops (frees AMX state where it was used; else nothing)."""
+    library = _torch_cpu()
+    if dtype == torch.float32 and library is not None and sequence_gemm(dtype) == _exported(library,
+                                                                                             _BRGEMM_F32):
+        getattr(library, _BRGEMM_RELEASE)(ctypes.c_bool(False))

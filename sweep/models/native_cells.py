@@ -18,6 +18,7 @@ would cost about a microsecond each, a dozen per step.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from typing import Any
 
@@ -110,12 +111,19 @@ def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: T
     cell = native.kernel("lnlstm_forward", xW.dtype)
     N, ACT, R, CN, C, TC, Hprev, h_last = _forward_buffers(xW, cell_stats=5, extra=3)
     params = [p.contiguous() for p in (gamma, beta_fb, gamma_c, beta_c)]
+    ctx.native_saved = (N, ACT, R, CN, C, TC, Hprev, W_h, params)
+    gemm = matmul.sequence_gemm(xW.dtype)
+    if gemm is not None:  # one C call for the whole sequence, one block of B rows
+        W_hT, xW, hw = W_h.t().contiguous(), xW.contiguous(), xW.new_empty(B, G)  # alive through the call
+        native.kernel("lnlstm_sequence_forward", xW.dtype)(
+            gemm, B, T, H, B, *_addresses(W_hT, xW, *params, N, ACT, R, CN, C, TC, Hprev, h_last, hw))
+        matmul.release_sequence_gemm(xW.dtype)
+        return h_last
     n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
     fixed = _addresses(*params)
     _time_loop(xW, W_h, Hprev, h_last, lambda t, hw, xw, xw_sb, h, h_sb: cell(
         B, H, hw, xw, xw_sb, *fixed, c[t - 1] if t else None, n[t], act[t], r[t], cn[t], c[t], tc[t], h,
         h_sb))
-    ctx.native_saved = (N, ACT, R, CN, C, TC, Hprev, W_h, params)
     return h_last
 
 
@@ -126,9 +134,17 @@ def ln_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     H = G // 4
     cell = native.kernel("lnlstm_backward", N.dtype)
     dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc = _gradient_buffers(N, T, B, G, H)
-    n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
     fixed = _addresses(gamma, gamma_c)
     sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
+    gemm = matmul.sequence_gemm(N.dtype)
+    if gemm is not None:
+        W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(B, H)
+        native.kernel("lnlstm_sequence_backward", N.dtype)(
+            gemm, B, T, H, B, *_addresses(W_h, grad_h), *fixed, *_addresses(N, ACT, R, CN, TC, C, dZ, dc, dh),
+            *sums)
+        matmul.release_sequence_gemm(N.dtype)
+        return dZ, _recurrent_weight_grad(dZ, Hprev), dgamma.view(4, H), dbeta.view(4, H), dgamma_c, dbeta_c
+    n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
     _backward_loop(grad_h, W_h, dZ, lambda t, dh, dz, dz_sb: cell(
         B, H, dh, dc.data_ptr(), *fixed, n[t], act[t], r[t], cn[t], tc[t], c[t - 1] if t else None, dz, dz_sb,
         *sums))
@@ -153,12 +169,21 @@ def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, 
     N, ACT, R, CN, C, Hprev, h_last = _forward_buffers(xW, cell_stats=2, extra=2)
     params = [p.contiguous() for p in (gamma, beta, forget_bias, gamma_c, beta_c)]
     memory = _memory_arguments(mem)
-    n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
     fixed = _addresses(*params)
+    ctx.native_saved = (mem, memory, N, ACT, R, CN, C, Hprev, W_h, params, reads, m0)
+    gemm = matmul.sequence_gemm(xW.dtype)
+    if gemm is not None:  # one C call for the whole sequence, in blocks of rows whose memory fits in L2
+        rb = _rows_per_block(mem, B)
+        W_hT, xW, hw = W_h.t().contiguous(), xW.contiguous(), xW.new_empty(rb, G)
+        native.kernel("fwlstm_sequence_forward", xW.dtype)(
+            gemm, B, T, H, rb, m0, reads, *_addresses(W_hT, xW), *fixed, *memory,
+            *_addresses(N, ACT, R, CN, C, Hprev, h_last, hw))
+        matmul.release_sequence_gemm(xW.dtype)
+        return h_last
+    n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
     _time_loop(xW, W_h, Hprev, h_last, lambda t, hw, xw, xw_sb, h, h_sb: cell(
         B, H, m0, t, reads, T, hw, xw, xw_sb, *fixed, c[t - 1] if t else None, *memory, n[t], act[t], r[t],
         cn[t], c[t], h, h_sb))
-    ctx.native_saved = (mem, memory, N, ACT, R, CN, C, Hprev, W_h, params, reads, m0)
     return h_last
 
 
@@ -169,14 +194,34 @@ def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     H = G // 4
     cell = native.kernel("fwlstm_backward", N.dtype)
     dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc = _gradient_buffers(N, T, B, G, H)
-    n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
     fixed = _addresses(gamma, gamma_c)
     sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
     rows = mem.GQ.shape[1]
+    gemm = matmul.sequence_gemm(N.dtype)
+    if gemm is not None:
+        rb = _rows_per_block(mem, B)
+        lo = (ctypes.c_long * T)(*(2 * mem.first_read[t] for t in range(T)))
+        W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(rb, H)
+        native.kernel("fwlstm_sequence_backward", N.dtype)(
+            gemm, B, T, H, rb, m0, reads, lo, rows, *_addresses(W_h, grad_h), *fixed,
+            *_addresses(N, ACT, R, CN, C), *memory, *_addresses(dZ, dc, dh), *sums)
+        matmul.release_sequence_gemm(N.dtype)
+        return dZ, _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c, dbeta_c
+    n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
     _backward_loop(grad_h, W_h, dZ, lambda t, dh, dz, dz_sb: cell(
         B, H, m0, t, reads, T, 2 * mem.first_read[t], rows, dh, dc.data_ptr(), *fixed, n[t], act[t], r[t],
         cn[t], c[t], c[t - 1] if t else None, *memory, dz, dz_sb, *sums))
     return dZ, _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c, dbeta_c
+
+
+def _rows_per_block(mem: Any, B: int) -> int:
+    """Rows whose memory (the stored vectors, queries, read gradients and weighted dots) takes about half
+    of the L2 cache: a block of them runs through all time steps while that memory stays there."""
+    buffers = [mem.GQ, mem.SG]
+    if mem.V.untyped_storage().data_ptr() != mem.GQ.untyped_storage().data_ptr():
+        buffers.append(mem.V)
+    row_bytes = sum(b[0].numel() * b.element_size() for b in buffers)
+    return max(1, min(B, native.l2_cache_bytes() // 2 // row_bytes))
 
 
 def fw_rnn_forward(ctx: Any, mem: Any, Cx: Tensor, W: Tensor, gamma: Tensor, beta: Tensor, reads: int,
