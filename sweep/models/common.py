@@ -5,7 +5,8 @@ state fed to a ReLU layer and a softmax over the answers. Each model only suppli
 a module mapping embedded inputs [B, T, E] to the final hidden state [B, H].
 
 A recurrent layer whose first step is a linear map of each input, `input_proj` (x W_x + b), with a method
-`from_projected` taking those projected inputs, is fed a lookup in the projected vocabulary instead:
+`from_projected` taking those projected inputs (or the projected vocabulary and the tokens), is fed a lookup
+in the projected vocabulary instead:
 embedding then projection is one linear map per token, so xW = (E W_x + b)[tokens], the same function with
 the same gradients (by the chain rule through the lookup's scatter-add), for a [V, E] x [E, 4H] matmul
 instead of [B·T, E] x [E, 4H] forward and twice that backward. ART's vocabulary has 37 tokens, a batch
@@ -15,7 +16,6 @@ instead of [B·T, E] x [E, 4H] forward and twice that backward. ART's vocabulary
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sweep.models.params import ModelParams
@@ -41,7 +41,7 @@ class SequenceClassifier(nn.Module):
         proj = getattr(self.recurrent, "input_proj", None)
         if proj is not None and tokens.numel() >= self.embed.num_embeddings:
             projected_vocabulary = proj(self.embed.weight)  # [V, E] -> [V, width of the projection]
-            return self.head(self.recurrent.from_projected(F.embedding(tokens, projected_vocabulary)))
+            return self.head(self.recurrent.from_projected(projected_vocabulary, tokens))
         return self.head(self.recurrent(self.embed(tokens)))
 
 

@@ -135,21 +135,25 @@ class _DecayedMemory:
 
 
 class FWLSTMSequence(torch.autograd.Function):
-    """h(T) of the FW-LSTM (fw_lstm.py) from xW = x W_x + b [B, T, 4H]; memory on all gates or on j."""
+    """h(T) of the FW-LSTM (fw_lstm.py) from xW = x W_x + b [B, T, 4H]; memory on all gates or on j.
+    With `tokens` [B, T], xW is the projected vocabulary [V, 4H] and the inputs are xW[tokens]."""
 
     @staticmethod
     def forward(ctx, xW, W_h, gamma, beta, gamma_c, beta_c, forget_bias: float, fast_lr: float,
-                decay: float, reads: int, candidate: bool):
-        B, T, G = xW.shape
+                decay: float, reads: int, candidate: bool, tokens: Tensor | None = None):
+        ctx.native = native.usable_for(xW)
+        if not ctx.native:
+            ctx.lookup = (tokens, xW.shape[0])
+            xW, tokens = native_cells.lookup(xW, tokens), None
+        B, T, G = xW.shape if tokens is None else (*tokens.shape, xW.shape[-1])
         H = G // 4
         m0 = 3 * H if candidate else 0  # the memory's slice of the gates
-        ctx.native = native.usable_for(xW)
         mem = _DecayedMemory(B, T, G - m0, [t for t in range(T) for _ in range(reads)], fast_lr, decay, xW)
         fb = xW.new_zeros(G)
         fb[H : 2 * H] = forget_bias
         if ctx.native:
             return native_cells.fw_lstm_forward(ctx, mem, xW, W_h, gamma, beta, fb, gamma_c, beta_c, reads,
-                                                m0)
+                                                m0, tokens)
         W_hT = W_h.t()
         Z, C_pre = xW.new_empty(T, B, G), xW.new_empty(T, B, H)
         Hs = xW.new_zeros(T + 1, B, H)  # h(-1) = 0, h(0) .. h(T-1)
@@ -181,7 +185,7 @@ class FWLSTMSequence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_h):
         if ctx.native:
-            return *native_cells.fw_lstm_backward(ctx, grad_h), None, None, None, None, None
+            return *native_cells.fw_lstm_backward(ctx, grad_h), None, None, None, None, None, None
         B, T, G, H, m0, reads = ctx.sizes
         W_h, gamma, beta, gamma_c, beta_c = ctx.params
         mem, Z, C_pre, Hs = ctx.mem, ctx.Z, ctx.C_pre, ctx.Hs
@@ -219,7 +223,8 @@ class FWLSTMSequence(torch.autograd.Function):
         dW_h = dZ.view(T * B, G).t() @ Hs[:T].view(T * B, H)
         dgamma, dbeta = d_ln.sum(1)
         dgamma_c, dbeta_c = d_cell_ln.sum(1)
-        return dZ.transpose(0, 1), dW_h, dgamma, dbeta, dgamma_c, dbeta_c, None, None, None, None, None
+        dxW = native_cells.table_grad(dZ.transpose(0, 1), *ctx.lookup)
+        return dxW, dW_h, dgamma, dbeta, dgamma_c, dbeta_c, None, None, None, None, None, None
 
 
 class FWRNNSequence(torch.autograd.Function):
@@ -315,17 +320,20 @@ def _read_index(t: int, s: int, reads: int, authors: bool) -> int:
 
 
 class LNLSTMSequence(torch.autograd.Function):
-    """h(T) of the LN-LSTM (ln_lstm.py) from xW = x W_x + b [B, T, 4H], gates i, j, f, o."""
+    """h(T) of the LN-LSTM (ln_lstm.py) from xW = x W_x + b [B, T, 4H], gates i, j, f, o. With `tokens`
+    [B, T], xW is the projected vocabulary [V, 4H] and the inputs are xW[tokens]."""
 
     @staticmethod
-    def forward(ctx, xW, W_h, gamma, beta, gamma_c, beta_c, forget_bias: float):
-        B, T, G = xW.shape
-        H = G // 4
+    def forward(ctx, xW, W_h, gamma, beta, gamma_c, beta_c, forget_bias: float, tokens: Tensor | None = None):
         beta_fb = beta.clone()
         beta_fb[2] += forget_bias  # σ(LN_f(f) + forget_bias); i and o have no bias, j is not a sigmoid
         ctx.native = native.usable_for(xW)
         if ctx.native:
-            return native_cells.ln_lstm_forward(ctx, xW, W_h, gamma, beta_fb, gamma_c, beta_c)
+            return native_cells.ln_lstm_forward(ctx, xW, W_h, gamma, beta_fb, gamma_c, beta_c, tokens)
+        ctx.lookup = (tokens, xW.shape[0])
+        xW = native_cells.lookup(xW, tokens)
+        B, T, G = xW.shape
+        H = G // 4
         W_hT = W_h.t()
         Z, N, C_pre = xW.new_empty(T, B, G), xW.new_empty(T, B, 4, H), xW.new_empty(T, B, H)
         Hs = xW.new_zeros(T + 1, B, H)
@@ -351,7 +359,7 @@ class LNLSTMSequence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_h):
         if ctx.native:
-            return *native_cells.ln_lstm_backward(ctx, grad_h), None
+            return *native_cells.ln_lstm_backward(ctx, grad_h), None, None
         B, T, G, H = ctx.sizes
         W_h, gamma, gamma_c, beta_c = ctx.params
         Z, N, C_pre, Hs = ctx.Z, ctx.N, ctx.C_pre, ctx.Hs
@@ -380,4 +388,5 @@ class LNLSTMSequence(torch.autograd.Function):
         dgamma = (ones @ (dY * N).view(T * B, G)).view(4, H)
         dbeta = (ones @ dY.view(T * B, G)).view(4, H)
         dgamma_c, dbeta_c = (torch.stack(x).sum(0) for x in zip(*cell_ln_grads, strict=True))
-        return dZ.transpose(0, 1), dW_h, dgamma, dbeta, dgamma_c, dbeta_c, None
+        dxW = native_cells.table_grad(dZ.transpose(0, 1), *ctx.lookup)
+        return dxW, dW_h, dgamma, dbeta, dgamma_c, dbeta_c, None, None

@@ -26,6 +26,7 @@ from torch import nn
 from sweep.models.common import SequenceClassifier, init_uniform_
 from sweep.models.fast_weights import FastWeightMemory, new_memory
 from sweep.models.fused import FWLSTMSequence
+from sweep.models.native_cells import lookup
 from sweep.models.params import FWLSTMParams
 
 
@@ -60,16 +61,17 @@ class FastWeightLSTM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_projected(self.input_proj(x))  # x(t) W_x + b for every t at once
 
-    def from_projected(self, xW: torch.Tensor) -> torch.Tensor:
-        """h(T) from the projected inputs x(t) W_x + b [B, T, 4H]."""
+    def from_projected(self, xW: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """h(T) from the projected inputs x(t) W_x + b [B, T, 4H], or from the projected vocabulary
+        [V, 4H] and `tokens` [B, T] (the fused form then reads each step's rows from it)."""
         if self.fw_form == "fused":
             reads = 1 if self.authors_inner_loop else self.inner_steps
             return FWLSTMSequence.apply(
                 xW, self.hidden_proj.weight, self.gate_norm.weight, self.gate_norm.bias,
                 self.cell_norm.weight, self.cell_norm.bias, self.forget_bias, self.fast_lr, self.decay,
-                reads, self.memory_kind == "candidate",
+                reads, self.memory_kind == "candidate", tokens,
             )
-        return self.unrolled(xW)
+        return self.unrolled(lookup(xW, tokens))
 
     def unrolled(self, xW: torch.Tensor) -> torch.Tensor:
         """The readable time loop under autograd (fw_form attention or matrix)."""

@@ -24,6 +24,7 @@ from torch import nn
 from sweep.models.common import SequenceClassifier, init_uniform_
 from sweep.models.fast_weights import new_memory
 from sweep.models.fused import FWRNNSequence
+from sweep.models.native_cells import lookup
 from sweep.models.params import FWRNNParams
 
 
@@ -45,8 +46,10 @@ class FastWeightRNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_projected(self.input_proj(x))  # C x(t) + b for every t at once
 
-    def from_projected(self, Cx: torch.Tensor) -> torch.Tensor:
-        """h(T) from the projected inputs C x(t) + b [B, T, H]."""
+    def from_projected(self, Cx: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """h(T) from the projected inputs C x(t) + b [B, T, H], or from the projected vocabulary [V, H] and
+        `tokens` [B, T]."""
+        Cx = lookup(Cx, tokens)
         if self.fw_form == "fused":
             return FWRNNSequence.apply(Cx, self.recurrent.weight, self.norm.weight, self.norm.bias,
                                        self.fast_lr, self.decay, self.inner_steps, self.variant == "authors")

@@ -18,6 +18,7 @@ from torch import nn
 
 from sweep.models.common import SequenceClassifier, init_uniform_
 from sweep.models.fused import LNLSTMSequence
+from sweep.models.native_cells import lookup
 from sweep.models.params import LNLSTMParams
 
 
@@ -54,13 +55,14 @@ class LayerNormLSTM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_projected(self.input_proj(x))
 
-    def from_projected(self, xW: torch.Tensor) -> torch.Tensor:
-        """h(T) from the projected inputs x(t) W_x + b [B, T, 4H]."""
+    def from_projected(self, xW: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """h(T) from the projected inputs x(t) W_x + b [B, T, 4H], or from the projected vocabulary
+        [V, 4H] and `tokens` [B, T] (the fused form then reads each step's rows from it)."""
         if self.cell_form == "fused":
             return LNLSTMSequence.apply(xW, self.hidden_proj.weight, self.gate_norm.weight,
                                         self.gate_norm.bias, self.cell_norm.weight, self.cell_norm.bias,
-                                        self.forget_bias)
-        return self.unrolled(xW)
+                                        self.forget_bias, tokens)
+        return self.unrolled(lookup(xW, tokens))
 
     def unrolled(self, xW: torch.Tensor) -> torch.Tensor:
         """The readable time loop under autograd (cell_form autograd)."""

@@ -626,6 +626,30 @@ void blas_rowmajor_gemm_$sfx(long M, long N, long K, long lda, long ldb, long ld
     blas_$sfx("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
 }
 
+/* Step t's rows of x W_x + b for rows b0 .. b0 + nb - 1: of xW [B, T, G] in place (batch stride T G), or,
+   with `tokens` [B, T], gathered from the projected vocabulary xW [V, G] into xg [nb, G] (batch stride G),
+   a copy of rows in L1 instead of the [B, T, G] tensor a lookup would have written. */
+static inline const $real *inputs_at_$sfx(const $real *xW, const long *tokens, $real *xg, long b0, long nb,
+                                          long t, long T, long G, long *xw_sb) {
+    if (!tokens) { *xw_sb = T * G; return xW + b0 * T * G + t * G; }
+    for (long i = 0; i < nb; i++) memcpy(xg + i * G, xW + tokens[(b0 + i) * T + t] * G, G * sizeof($real));
+    *xw_sb = G;
+    return xg;
+}
+
+/* With `tokens`: the projected vocabulary's gradient, dtable[token] += dz for step t's rows (dz rows at
+   batch stride T G). */
+static inline void scatter_add_$sfx(const long *tokens, $real *dtable, const $real *dz, long b0, long nb,
+                                    long t, long T, long G) {
+    if (!tokens) return;
+    for (long i = 0; i < nb; i++) {
+        $real *d = dtable + tokens[(b0 + i) * T + t] * G;
+        const $real *z = dz + i * T * G;
+        _Pragma("omp simd")
+        for (long k = 0; k < G; k++) d[k] += z[k];
+    }
+}
+
 /* Where step t of rows b0.. writes h(t): Hprev[b0, t + 1] (batch stride T H), the last into h_last. */
 static inline $real *hidden_out_$sfx($real *Hprev, $real *h_last, long b0, long t, long T, long H,
                                      long *h_sb) {
@@ -635,7 +659,8 @@ static inline $real *hidden_out_$sfx($real *Hprev, $real *h_last, long b0, long 
 }
 
 void lnlstm_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long rb, const $real *W_hT,
-                                  const $real *xW, const $real *gamma, const $real *beta, const $real *gc,
+                                  const $real *xW, const long *tokens, $real *xg, const $real *gamma,
+                                  const $real *beta, const $real *gc,
                                   const $real *bc, $real *N, $real *ACT, $real *R, $real *CN, $real *C,
                                   $real *TC, $real *Hprev, $real *h_last, $real *hw) {
     const long G = 4 * H;
@@ -646,7 +671,9 @@ void lnlstm_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long r
             if (t) gemm(nb, G, H, T * H, G, G, 0, Hprev + b0 * T * H + t * H, W_hT, hw, 0);
             long h_sb;
             $real *h = hidden_out_$sfx(Hprev, h_last, b0, t, T, H, &h_sb);
-            lnlstm_forward_$sfx(nb, H, t ? hw : 0, xW + b0 * T * G + t * G, T * G, gamma, beta, gc, bc,
+            long xw_sb;
+            const $real *xw = inputs_at_$sfx(xW, tokens, xg, b0, nb, t, T, G, &xw_sb);
+            lnlstm_forward_$sfx(nb, H, t ? hw : 0, xw, xw_sb, gamma, beta, gc, bc,
                                 t ? C + (o - B) * H : 0, N + o * G, ACT + o * G, R + o * 5, CN + o * H,
                                 C + o * H, TC + o * H, h, h_sb);
         }
@@ -658,7 +685,8 @@ void lnlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
                                    const $real *grad_h, const $real *gamma, const $real *gc,
                                    const $real *N, const $real *ACT, const $real *R, const $real *CN,
                                    const $real *TC, const $real *C, $real *dZ, $real *dc, $real *dh,
-                                   $real *dgamma, $real *dbeta, $real *dgc, $real *dbc) {
+                                   $real *dgamma, $real *dbeta, $real *dgc, $real *dbc, const long *tokens,
+                                   $real *dtable) {
     const long G = 4 * H;
     for (long b0 = 0; b0 < B; b0 += rb) {
         const long nb = B - b0 < rb ? B - b0 : rb;
@@ -669,13 +697,15 @@ void lnlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
             lnlstm_backward_$sfx(nb, H, dh_t, dc + b0 * H, gamma, gc, N + o * G, ACT + o * G, R + o * 5,
                                  CN + o * H, TC + o * H, t ? C + (o - B) * H : 0, dz, T * G, dgamma, dbeta,
                                  dgc, dbc);
+            scatter_add_$sfx(tokens, dtable, dz, b0, nb, t, T, G);
             if (t) { gemm(nb, H, G, T * G, H, H, 0, dz, W_h, dh, 0); dh_t = dh; }
         }
     }
 }
 
 void fwlstm_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long rb, long m0, long S,
-                                  const $real *W_hT, const $real *xW, const $real *gamma, const $real *beta,
+                                  const $real *W_hT, const $real *xW, const long *tokens, $real *xg,
+                                  const $real *gamma, const $real *beta,
                                   const $real *fb, const $real *gc, const $real *bc, $real *V, long v_sb,
                                   long v_sk, $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb,
                                   long sg_sj, const $real *w, $real *N, $real *ACT, $real *R, $real *CN,
@@ -688,7 +718,9 @@ void fwlstm_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long r
             if (t) gemm(nb, G, H, T * H, G, G, 0, Hprev + b0 * T * H + t * H, W_hT, hw, 0);
             long h_sb;
             $real *h = hidden_out_$sfx(Hprev, h_last, b0, t, T, H, &h_sb);
-            fwlstm_forward_$sfx(nb, H, m0, t, S, T, t ? hw : 0, xW + b0 * T * G + t * G, T * G, gamma, beta,
+            long xw_sb;
+            const $real *xw = inputs_at_$sfx(xW, tokens, xg, b0, nb, t, T, G, &xw_sb);
+            fwlstm_forward_$sfx(nb, H, m0, t, S, T, t ? hw : 0, xw, xw_sb, gamma, beta,
                                 fb, gc, bc, t ? C + (o - B) * H : 0, V + b0 * v_sb, v_sb, v_sk,
                                 GQ + b0 * gq_sb, gq_sb, gq_sj, SG + b0 * sg_sb, sg_sb, sg_sj, w, N + o * G,
                                 ACT + o * G, R + o * 2, CN + o * H, C + o * H, h, h_sb);
@@ -703,7 +735,8 @@ void fwlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
                                    const $real *R, const $real *CN, const $real *C, $real *V, long v_sb,
                                    long v_sk, $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb,
                                    long sg_sj, const $real *w, $real *dZ, $real *dc, $real *dh,
-                                   $real *dgamma, $real *dbeta, $real *dgc, $real *dbc) {
+                                   $real *dgamma, $real *dbeta, $real *dgc, $real *dbc, const long *tokens,
+                                   $real *dtable) {
     const long G = 4 * H;
     for (long b0 = 0; b0 < B; b0 += rb) {
         const long nb = B - b0 < rb ? B - b0 : rb;
@@ -715,6 +748,7 @@ void fwlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
                                  ACT + o * G, R + o * 2, CN + o * H, C + o * H, t ? C + (o - B) * H : 0,
                                  V + b0 * v_sb, v_sb, v_sk, GQ + b0 * gq_sb, gq_sb, gq_sj, SG + b0 * sg_sb,
                                  sg_sb, sg_sj, w, dz, T * G, dgamma, dbeta, dgc, dbc);
+            scatter_add_$sfx(tokens, dtable, dz, b0, nb, t, T, G);
             if (t) { gemm(nb, H, G, T * G, H, H, 0, dz, W_h, dh, 0); dh_t = dh; }
         }
     }
@@ -737,10 +771,10 @@ SIGNATURES = {
     "fwrnn_forward": [_long] * 8 + [_ptr, _ptr, _long, _ptr, _ptr] + _MEMORY + [_ptr] * 3 + [_long],
     "fwrnn_backward": [_long] * 9 + [_ptr] * 5 + _MEMORY + [_ptr, _long] + [_ptr] * 3,
     "use_blas": [_ptr],
-    "lnlstm_sequence_forward": [_ptr] + [_long] * 4 + [_ptr] * 15,
-    "lnlstm_sequence_backward": [_ptr] + [_long] * 4 + [_ptr] * 17,
-    "fwlstm_sequence_forward": [_ptr] + [_long] * 6 + [_ptr] * 7 + _MEMORY + [_ptr] * 8,
-    "fwlstm_sequence_backward": [_ptr] + [_long] * 6 + [_ptr, _long] + [_ptr] * 9 + _MEMORY + [_ptr] * 7,
+    "lnlstm_sequence_forward": [_ptr] + [_long] * 4 + [_ptr] * 17,
+    "lnlstm_sequence_backward": [_ptr] + [_long] * 4 + [_ptr] * 19,
+    "fwlstm_sequence_forward": [_ptr] + [_long] * 6 + [_ptr] * 9 + _MEMORY + [_ptr] * 8,
+    "fwlstm_sequence_backward": [_ptr] + [_long] * 6 + [_ptr, _long] + [_ptr] * 9 + _MEMORY + [_ptr] * 9,
 }
 
 

@@ -46,10 +46,15 @@ def _addresses(*tensors: Tensor) -> list[int]:
     return [t.data_ptr() for t in tensors]
 
 
-def _forward_buffers(xW: Tensor, cell_stats: int, extra: int) -> tuple[Tensor, ...]:
+def _pointers(*tensors: Tensor | None) -> list[int | None]:
+    """Addresses, None (NULL) for None."""
+    return [None if t is None else t.data_ptr() for t in tensors]
+
+
+def _forward_buffers(xW: Tensor, B: int, T: int, cell_stats: int, extra: int) -> tuple[Tensor, ...]:
     """N, ACT [T, B, 4H], R [T, B, cell_stats], `extra` buffers [T, B, H], Hprev [B, T, H] (h(-1) = 0 at
-    [:, 0]) and h(T-1) [B, H]."""
-    B, T, G = xW.shape
+    [:, 0]) and h(T-1) [B, H], like xW [..., 4H]."""
+    G = xW.shape[-1]
     H = G // 4
     Hprev = xW.new_zeros(B, T, H)  # h(-1) = 0; zeroing all of it is no slower than one strided column
     return (*(xW.new_empty(T, B, G) for _ in range(2)), xW.new_empty(T, B, cell_stats),
@@ -97,6 +102,35 @@ def _gradient_buffers(like: Tensor, T: int, B: int, G: int, H: int) -> tuple[Ten
     return like.new_empty(B, T, G), dgamma, dbeta, dgamma_c, dbeta_c, like.new_zeros(B, H)
 
 
+def lookup(table: Tensor, tokens: Tensor | None) -> Tensor:
+    """xW = table[tokens] [B, T, G] from the projected vocabulary (the inputs as they are without tokens)."""
+    return table if tokens is None else torch.nn.functional.embedding(tokens, table)
+
+
+def table_grad(grad_xW: Tensor, tokens: Tensor | None, rows: int) -> Tensor:
+    """The projected vocabulary's gradient from that of xW = table[tokens] (that of xW without tokens)."""
+    if tokens is None:
+        return grad_xW
+    G = grad_xW.shape[-1]
+    return grad_xW.new_zeros(rows, G).index_add_(0, tokens.reshape(-1), grad_xW.reshape(-1, G))
+
+
+def _token_arguments(xW: Tensor, tokens: Tensor | None, rows: int) -> tuple[Tensor | None, Tensor | None]:
+    """For the sequence loops: tokens (int64, contiguous) and a gather buffer [rows, G], or two None."""
+    if tokens is None:
+        return None, None
+    return tokens.to(torch.long).contiguous(), xW.new_empty(rows, xW.shape[-1])
+
+
+def _table_arguments(ctx: Any, like: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """For the sequence loops' backward: the forward's tokens and the vocabulary's gradient (zeroed: the C
+    loop adds into it), or two None."""
+    tokens, rows = ctx.lookup
+    if tokens is None:
+        return None, None
+    return tokens.to(torch.long).contiguous(), like.new_zeros(rows, like.shape[-1])
+
+
 def _recurrent_weight_grad(dZ: Tensor, Hprev: Tensor) -> Tensor:
     """dW_h = Σ_t dz(t)ᵀ h(t-1), one matmul over all steps (both batch-major)."""
     B, T, G = dZ.shape
@@ -104,19 +138,25 @@ def _recurrent_weight_grad(dZ: Tensor, Hprev: Tensor) -> Tensor:
 
 
 def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: Tensor, gamma_c: Tensor,
-                    beta_c: Tensor) -> Tensor:
-    """h(T) of the LN-LSTM (fused.LNLSTMSequence's equations); beta_fb has the forget bias in its f row."""
-    B, T, G = xW.shape
+                    beta_c: Tensor, tokens: Tensor | None = None) -> Tensor:
+    """h(T) of the LN-LSTM (fused.LNLSTMSequence's equations); beta_fb has the forget bias in its f row.
+    With `tokens`, xW is the projected vocabulary and the inputs are xW[tokens]."""
+    gemm = matmul.sequence_gemm(xW.dtype)
+    ctx.lookup = (tokens, xW.shape[0])
+    if gemm is None:
+        xW, tokens = lookup(xW, tokens), None
+    B, T, G = (*tokens.shape, xW.shape[-1]) if tokens is not None else xW.shape
     H = G // 4
     cell = native.kernel("lnlstm_forward", xW.dtype)
-    N, ACT, R, CN, C, TC, Hprev, h_last = _forward_buffers(xW, cell_stats=5, extra=3)
+    N, ACT, R, CN, C, TC, Hprev, h_last = _forward_buffers(xW, B, T, cell_stats=5, extra=3)
     params = [p.contiguous() for p in (gamma, beta_fb, gamma_c, beta_c)]
     ctx.native_saved = (N, ACT, R, CN, C, TC, Hprev, W_h, params)
-    gemm = matmul.sequence_gemm(xW.dtype)
     if gemm is not None:  # one C call for the whole sequence, one block of B rows
         W_hT, xW, hw = W_h.t().contiguous(), xW.contiguous(), xW.new_empty(B, G)  # alive through the call
+        tokens, xg = _token_arguments(xW, tokens, B)
         native.kernel("lnlstm_sequence_forward", xW.dtype)(
-            gemm, B, T, H, B, *_addresses(W_hT, xW, *params, N, ACT, R, CN, C, TC, Hprev, h_last, hw))
+            gemm, B, T, H, B, *_addresses(W_hT, xW), *_pointers(tokens, xg),
+            *_addresses(*params, N, ACT, R, CN, C, TC, Hprev, h_last, hw))
         matmul.release_sequence_gemm(xW.dtype)
         return h_last
     n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
@@ -139,16 +179,19 @@ def ln_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     gemm = matmul.sequence_gemm(N.dtype)
     if gemm is not None:
         W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(B, H)
+        tokens, dtable = _table_arguments(ctx, N)
         native.kernel("lnlstm_sequence_backward", N.dtype)(
             gemm, B, T, H, B, *_addresses(W_h, grad_h), *fixed, *_addresses(N, ACT, R, CN, TC, C, dZ, dc, dh),
-            *sums)
+            *sums, *_pointers(tokens, dtable))
         matmul.release_sequence_gemm(N.dtype)
-        return dZ, _recurrent_weight_grad(dZ, Hprev), dgamma.view(4, H), dbeta.view(4, H), dgamma_c, dbeta_c
+        return (dZ if dtable is None else dtable, _recurrent_weight_grad(dZ, Hprev), dgamma.view(4, H),
+                dbeta.view(4, H), dgamma_c, dbeta_c)
     n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
     _backward_loop(grad_h, W_h, dZ, lambda t, dh, dz, dz_sb: cell(
         B, H, dh, dc.data_ptr(), *fixed, n[t], act[t], r[t], cn[t], tc[t], c[t - 1] if t else None, dz, dz_sb,
         *sums))
-    return (dZ, _recurrent_weight_grad(dZ, Hprev), dgamma.view(4, H), dbeta.view(4, H), dgamma_c, dbeta_c)
+    return (table_grad(dZ, *ctx.lookup), _recurrent_weight_grad(dZ, Hprev), dgamma.view(4, H),
+            dbeta.view(4, H), dgamma_c, dbeta_c)
 
 
 def _memory_arguments(mem: Any) -> list[int]:
@@ -161,22 +204,28 @@ def _memory_arguments(mem: Any) -> list[int]:
 
 
 def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta: Tensor,
-                    forget_bias: Tensor, gamma_c: Tensor, beta_c: Tensor, reads: int, m0: int) -> Tensor:
-    """h(T) of the FW-LSTM (fused.FWLSTMSequence's equations) with the memory `mem` on gates[m0:]."""
-    B, T, G = xW.shape
+                    forget_bias: Tensor, gamma_c: Tensor, beta_c: Tensor, reads: int, m0: int,
+                    tokens: Tensor | None = None) -> Tensor:
+    """h(T) of the FW-LSTM (fused.FWLSTMSequence's equations) with the memory `mem` on gates[m0:]; with
+    `tokens`, xW is the projected vocabulary and the inputs are xW[tokens]."""
+    gemm = matmul.sequence_gemm(xW.dtype)
+    ctx.lookup = (tokens, xW.shape[0])
+    if gemm is None:
+        xW, tokens = lookup(xW, tokens), None
+    B, T, G = (*tokens.shape, xW.shape[-1]) if tokens is not None else xW.shape
     H = G // 4
     cell = native.kernel("fwlstm_forward", xW.dtype)
-    N, ACT, R, CN, C, Hprev, h_last = _forward_buffers(xW, cell_stats=2, extra=2)
+    N, ACT, R, CN, C, Hprev, h_last = _forward_buffers(xW, B, T, cell_stats=2, extra=2)
     params = [p.contiguous() for p in (gamma, beta, forget_bias, gamma_c, beta_c)]
     memory = _memory_arguments(mem)
     fixed = _addresses(*params)
     ctx.native_saved = (mem, memory, N, ACT, R, CN, C, Hprev, W_h, params, reads, m0)
-    gemm = matmul.sequence_gemm(xW.dtype)
     if gemm is not None:  # one C call for the whole sequence, in blocks of rows whose memory fits in L2
         rb = _rows_per_block(mem, B)
         W_hT, xW, hw = W_h.t().contiguous(), xW.contiguous(), xW.new_empty(rb, G)
+        tokens, xg = _token_arguments(xW, tokens, rb)
         native.kernel("fwlstm_sequence_forward", xW.dtype)(
-            gemm, B, T, H, rb, m0, reads, *_addresses(W_hT, xW), *fixed, *memory,
+            gemm, B, T, H, rb, m0, reads, *_addresses(W_hT, xW), *_pointers(tokens, xg), *fixed, *memory,
             *_addresses(N, ACT, R, CN, C, Hprev, h_last, hw))
         matmul.release_sequence_gemm(xW.dtype)
         return h_last
@@ -201,17 +250,20 @@ def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     if gemm is not None:
         rb = _rows_per_block(mem, B)
         lo = (ctypes.c_long * T)(*(2 * mem.first_read[t] for t in range(T)))
+        tokens, dtable = _table_arguments(ctx, N)
         W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(rb, H)
         native.kernel("fwlstm_sequence_backward", N.dtype)(
             gemm, B, T, H, rb, m0, reads, lo, rows, *_addresses(W_h, grad_h), *fixed,
-            *_addresses(N, ACT, R, CN, C), *memory, *_addresses(dZ, dc, dh), *sums)
+            *_addresses(N, ACT, R, CN, C), *memory, *_addresses(dZ, dc, dh), *sums,
+            *_pointers(tokens, dtable))
         matmul.release_sequence_gemm(N.dtype)
-        return dZ, _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c, dbeta_c
+        return (dZ if dtable is None else dtable, _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c,
+                dbeta_c)
     n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
     _backward_loop(grad_h, W_h, dZ, lambda t, dh, dz, dz_sb: cell(
         B, H, m0, t, reads, T, 2 * mem.first_read[t], rows, dh, dc.data_ptr(), *fixed, n[t], act[t], r[t],
         cn[t], c[t], c[t - 1] if t else None, *memory, dz, dz_sb, *sums))
-    return dZ, _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c, dbeta_c
+    return table_grad(dZ, *ctx.lookup), _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c, dbeta_c
 
 
 def _rows_per_block(mem: Any, B: int) -> int:
