@@ -650,6 +650,24 @@ static inline void scatter_add_$sfx(const long *tokens, $real *dtable, const $re
     }
 }
 
+/* dWT [n, m] (+)= Xᵀ dY over K rows (X [K, n], dY [K, m]: a linear map's weight gradient, transposed), as
+   products of `chunk` rows: X's rows transposed into XT [n, chunk] (brgemm takes no transposed operand).
+   Called by the backward loops for each block of rows while its dZ and h(t-1) are still in L2. */
+static void weight_grad_rows_$sfx(gemm_$sfx gemm, long K, long n, long m, long chunk, const $real *X,
+                                  const $real *dY, $real *XT, $real *dWT, int add) {
+    for (long k0 = 0; k0 < K; k0 += chunk) {
+        const long kc = K - k0 < chunk ? K - k0 : chunk;
+        for (long j = 0; j < n; j++)
+            for (long k = 0; k < kc; k++) XT[j * kc + k] = X[(k0 + k) * n + j];
+        gemm(n, m, kc, kc, m, m, add || k0 > 0, XT, dY + k0 * m, dWT, 0);
+    }
+}
+
+static void transpose_$sfx(long rows, long cols, const $real *x, $real *out) {
+    for (long i = 0; i < cols; i++)
+        for (long j = 0; j < rows; j++) out[i * rows + j] = x[j * cols + i];
+}
+
 /* Where step t of rows b0.. writes h(t): Hprev[b0, t + 1] (batch stride T H), the last into h_last. */
 static inline $real *hidden_out_$sfx($real *Hprev, $real *h_last, long b0, long t, long T, long H,
                                      long *h_sb) {
@@ -686,7 +704,8 @@ void lnlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
                                    const $real *N, const $real *ACT, const $real *R, const $real *CN,
                                    const $real *TC, const $real *C, $real *dZ, $real *dc, $real *dh,
                                    $real *dgamma, $real *dbeta, $real *dgc, $real *dbc, const long *tokens,
-                                   $real *dtable) {
+                                   $real *dtable, const $real *Hprev, long chunk, $real *HT, $real *dWT,
+                                   $real *dW_h) {
     const long G = 4 * H;
     for (long b0 = 0; b0 < B; b0 += rb) {
         const long nb = B - b0 < rb ? B - b0 : rb;
@@ -700,7 +719,10 @@ void lnlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
             scatter_add_$sfx(tokens, dtable, dz, b0, nb, t, T, G);
             if (t) { gemm(nb, H, G, T * G, H, H, 0, dz, W_h, dh, 0); dh_t = dh; }
         }
+        weight_grad_rows_$sfx(gemm, nb * T, H, G, chunk, Hprev + b0 * T * H, dZ + b0 * T * G, HT, dWT,
+                              b0 > 0);
     }
+    transpose_$sfx(H, G, dWT, dW_h);
 }
 
 void fwlstm_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long rb, long m0, long S,
@@ -736,7 +758,8 @@ void fwlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
                                    long v_sk, $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb,
                                    long sg_sj, const $real *w, $real *dZ, $real *dc, $real *dh,
                                    $real *dgamma, $real *dbeta, $real *dgc, $real *dbc, const long *tokens,
-                                   $real *dtable) {
+                                   $real *dtable, const $real *Hprev, long chunk, $real *HT, $real *dWT,
+                                   $real *dW_h) {
     const long G = 4 * H;
     for (long b0 = 0; b0 < B; b0 += rb) {
         const long nb = B - b0 < rb ? B - b0 : rb;
@@ -751,7 +774,10 @@ void fwlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
             scatter_add_$sfx(tokens, dtable, dz, b0, nb, t, T, G);
             if (t) { gemm(nb, H, G, T * G, H, H, 0, dz, W_h, dh, 0); dh_t = dh; }
         }
+        weight_grad_rows_$sfx(gemm, nb * T, H, G, chunk, Hprev + b0 * T * H, dZ + b0 * T * G, HT, dWT,
+                              b0 > 0);
     }
+    transpose_$sfx(H, G, dWT, dW_h);
 }
 """)
 
@@ -772,9 +798,10 @@ SIGNATURES = {
     "fwrnn_backward": [_long] * 9 + [_ptr] * 5 + _MEMORY + [_ptr, _long] + [_ptr] * 3,
     "use_blas": [_ptr],
     "lnlstm_sequence_forward": [_ptr] + [_long] * 4 + [_ptr] * 17,
-    "lnlstm_sequence_backward": [_ptr] + [_long] * 4 + [_ptr] * 19,
+    "lnlstm_sequence_backward": [_ptr] + [_long] * 4 + [_ptr] * 20 + [_long] + [_ptr] * 3,
     "fwlstm_sequence_forward": [_ptr] + [_long] * 6 + [_ptr] * 9 + _MEMORY + [_ptr] * 8,
-    "fwlstm_sequence_backward": [_ptr] + [_long] * 6 + [_ptr, _long] + [_ptr] * 9 + _MEMORY + [_ptr] * 9,
+    "fwlstm_sequence_backward": [_ptr] + [_long] * 6 + [_ptr, _long] + [_ptr] * 9 + _MEMORY + [_ptr] * 10
+    + [_long] + [_ptr] * 3,
 }
 
 

@@ -131,6 +131,24 @@ def _table_arguments(ctx: Any, like: Tensor) -> tuple[Tensor | None, Tensor | No
     return tokens.to(torch.long).contiguous(), like.new_zeros(rows, like.shape[-1])
 
 
+WEIGHT_GRAD_ROWS = 152  # rows per product of dW_h where the loop's one block is all rows: 8 sequences of 19
+
+
+class _WeightGrad:
+    """dW_h = Σ_t dz(t)ᵀ h(t-1) [4H, H] as the backward sequence loops compute it, block by block, in
+    products of `chunk` rows, and the buffers they need (kept here while the loop runs)."""
+
+    def __init__(self, Hprev: Tensor, chunk: int):
+        H = Hprev.shape[-1]
+        self.Hprev, self.chunk = Hprev, chunk
+        self.HT, self.dWT = Hprev.new_empty(H, chunk), Hprev.new_empty(H, 4 * H)
+        self.dW = Hprev.new_empty(4 * H, H)
+
+    def arguments(self) -> list[int]:
+        """Hprev, rows per product, h(t-1)ᵀ buffer [H, chunk], dW_hᵀ buffer [H, 4H], dW_h."""
+        return [self.Hprev.data_ptr(), self.chunk, *_addresses(self.HT, self.dWT, self.dW)]
+
+
 def _recurrent_weight_grad(dZ: Tensor, Hprev: Tensor) -> Tensor:
     """dW_h = Σ_t dz(t)ᵀ h(t-1), one matmul over all steps (both batch-major)."""
     B, T, G = dZ.shape
@@ -180,12 +198,13 @@ def ln_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     if gemm is not None:
         W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(B, H)
         tokens, dtable = _table_arguments(ctx, N)
+        dW_h = _WeightGrad(Hprev, min(WEIGHT_GRAD_ROWS, B * T))
         native.kernel("lnlstm_sequence_backward", N.dtype)(
             gemm, B, T, H, B, *_addresses(W_h, grad_h), *fixed, *_addresses(N, ACT, R, CN, TC, C, dZ, dc, dh),
-            *sums, *_pointers(tokens, dtable))
+            *sums, *_pointers(tokens, dtable), *dW_h.arguments())
         matmul.release_sequence_gemm(N.dtype)
-        return (dZ if dtable is None else dtable, _recurrent_weight_grad(dZ, Hprev), dgamma.view(4, H),
-                dbeta.view(4, H), dgamma_c, dbeta_c)
+        return (dZ if dtable is None else dtable, dW_h.dW, dgamma.view(4, H), dbeta.view(4, H), dgamma_c,
+                dbeta_c)
     n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
     _backward_loop(grad_h, W_h, dZ, lambda t, dh, dz, dz_sb: cell(
         B, H, dh, dc.data_ptr(), *fixed, n[t], act[t], r[t], cn[t], tc[t], c[t - 1] if t else None, dz, dz_sb,
@@ -251,14 +270,14 @@ def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
         rb = _rows_per_block(mem, B)
         lo = (ctypes.c_long * T)(*(2 * mem.first_read[t] for t in range(T)))
         tokens, dtable = _table_arguments(ctx, N)
+        dW_h = _WeightGrad(Hprev, rb * T)  # one product per block, while its rows are in L2
         W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(rb, H)
         native.kernel("fwlstm_sequence_backward", N.dtype)(
             gemm, B, T, H, rb, m0, reads, lo, rows, *_addresses(W_h, grad_h), *fixed,
             *_addresses(N, ACT, R, CN, C), *memory, *_addresses(dZ, dc, dh), *sums,
-            *_pointers(tokens, dtable))
+            *_pointers(tokens, dtable), *dW_h.arguments())
         matmul.release_sequence_gemm(N.dtype)
-        return (dZ if dtable is None else dtable, _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c,
-                dbeta_c)
+        return dZ if dtable is None else dtable, dW_h.dW, dgamma, dbeta, dgamma_c, dbeta_c
     n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
     _backward_loop(grad_h, W_h, dZ, lambda t, dh, dz, dz_sb: cell(
         B, H, m0, t, reads, T, 2 * mem.first_read[t], rows, dh, dc.data_ptr(), *fixed, n[t], act[t], r[t],
