@@ -275,12 +275,14 @@ def test_c_steps_with_onednn_products_equal_the_torch_ops(monkeypatch, name, fie
 def test_whole_sequence_c_loops_equal_the_python_time_loop(monkeypatch, name, fields, dtype, tol):
     """native.py's sequence loops (time loop in C, rows in blocks, products by brgemm or the BLAS) against
     the time loop in Python (one C call and one `linear` per step). An L2 of 4 rows' memory splits the 5
-    rows into blocks of 2, 2 and 1 (3 of 5 for the candidate memory's smaller rows)."""
+    rows into blocks of 2, 2 and 1 (3 of 5 for the candidate memory's smaller rows); the LN-LSTM's dW_h
+    (one block of all 65 rows) is summed over products of 16 rows and one of 1."""
     assert matmul.sequence_gemm(dtype) is not None
     kw = {**fields, "hidden_size": 7}
     if name == "fw_lstm":
         kw.update(fast_lr=0.5, decay=0.9)
     monkeypatch.setattr(native, "l2_cache_bytes", lambda: 4 * 2 * 13 * 28 * dtype.itemsize)
+    monkeypatch.setattr(native_cells, "WEIGHT_GRAD_ROWS", 16)
     x = tokens(batch=5, length=13)
     out_c, grads_c = outputs_and_grads(make(name, dtype=dtype, **kw), x)
     monkeypatch.setattr(matmul, "sequence_gemm", lambda dtype: None)
