@@ -13,6 +13,9 @@ everything else, and all with FWSWEEP_ONEDNN=0, through `torch.mm`. The choice i
 shape, not timed at start, so a trial's numbers do not depend on how loaded the node was when it started.
 The two round differently in the last bits; tests/test_models.py checks the C steps against the torch-op
 forms either way.
+
+`sequence_gemm` is the other way in: the address of a GEMM that native.py's whole-sequence loops (FW-LSTM,
+LN-LSTM) call from C, so a step's product costs no dispatch at all.
 """
 
 from __future__ import annotations
