@@ -91,13 +91,18 @@ class LoopbackCluster:
                 self._wait(functools.partial(self._head_ready, client_port), node, "head")
                 return node
             except RuntimeError as err:
-                if attempt == tries - 1 or not port_clash(str(err)):
+                if attempt == tries - 1 or not (isinstance(err, PortTaken) or port_clash(str(err))):
                     raise
                 self.stop_node(node)
                 self.gcs_port, self.dashboard_port = free_port(), free_port()
         raise AssertionError("unreachable")
 
     def _head_ready(self, client_port: int) -> bool:
+        """The head answers. A dashboard that answers /api/version without the cluster's token is not ours
+        (seen: another test's local Ray took the port after free_port() chose it, its health probe
+        answered for our head, and the tests then found no cluster): a port clash."""
+        if ray_http_status(f"{self.dashboard}/api/version") == 200:
+            raise PortTaken(f"{self.dashboard} answers without the cluster's token: another process's")
         return ray_http_status(f"{self.dashboard}/api/gcs_healthz") == 200 and listens(client_port)
 
     def add_node(self, name: str, *args: str, env: dict[str, str] | None = None) -> Node:
@@ -190,6 +195,10 @@ def listens(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+class PortTaken(RuntimeError):
+    """Another process listens on a port the cluster was to use."""
 
 
 def port_clash(log: str) -> bool:

@@ -6,6 +6,7 @@ MLflow server. The cluster itself: tests/ray_cluster.py.
 from __future__ import annotations
 
 import secrets
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +145,35 @@ def test_fractional_gpus_pack_four_trials_on_two_logical_gpus(
               if CUDA_FALLBACK_WARNING in p.read_text(errors="replace")]
     assert len(warned) >= 1, "no CPU-fallback warning in the Ray worker logs"
 
+
+
+def test_a_head_whose_dashboard_port_another_dashboard_took_starts_on_new_ports(tmp_path_factory) -> None:
+    """The fixture's own guard (seen once in a full suite: another test's local Ray took the port between
+    free_port() and the head's bind, answered the readiness probe, and every test of the module found no
+    cluster): a dashboard that answers without the cluster's token is another process's, so the head is
+    restarted on new ports."""
+    import http.server
+    import tempfile
+    import threading
+
+    class Foreign(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Foreign)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cluster = LoopbackCluster(Path(tempfile.mkdtemp(prefix="fwpt", dir="/tmp")))
+    taken = cluster.dashboard_port = server.server_address[1]
+    try:
+        cluster.start_head("--num-cpus=1", "--num-gpus=0")
+        assert cluster.dashboard_port != taken
+        assert ray_http_status(f"{cluster.dashboard}/api/version") == 401  # ours: token auth on
+        assert ray_http_status(f"{cluster.dashboard}/api/version", cluster.token) == 200
+    finally:
+        server.shutdown()
+        cluster.stop()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
