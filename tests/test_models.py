@@ -292,6 +292,19 @@ def test_whole_sequence_c_loops_equal_the_python_time_loop(monkeypatch, name, fi
         assert rel_err(grads_c[param_name], grad) < tol, param_name
 
 
+@needs_cc
+@pytest.mark.parametrize("name", ["fw_lstm", "ln_lstm"])
+def test_a_token_outside_the_vocabulary_is_an_index_error_as_in_a_lookup(name):
+    """The C loops read the projected vocabulary's rows at the tokens: out-of-range ids are refused first,
+    as F.embedding refuses them, never read past the table."""
+    model = make(name, hidden_size=7)
+    x = tokens(batch=5, length=13)
+    for bad in (VOCAB, -1):
+        x[2, 4] = bad
+        with pytest.raises(IndexError):
+            model(x)
+
+
 def test_the_sequence_gemm_is_brgemm_or_the_blas_and_checked_first(monkeypatch):
     """float32: oneDNN's brgemm unless FWSWEEP_ONEDNN=0, then (and for float64) the BLAS's ?gemm_ through
     the row-major adapter; a missing symbol falls back, and a function that gives wrong products is not

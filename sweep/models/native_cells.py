@@ -116,9 +116,13 @@ def table_grad(grad_xW: Tensor, tokens: Tensor | None, rows: int) -> Tensor:
 
 
 def _token_arguments(xW: Tensor, tokens: Tensor | None, rows: int) -> tuple[Tensor | None, Tensor | None]:
-    """For the sequence loops: tokens (int64, contiguous) and a gather buffer [rows, G], or two None."""
+    """For the sequence loops: tokens (int64, contiguous) and a gather buffer [rows, G], or two None. The C
+    loop reads xW's rows at the tokens unchecked, so they are checked here, as `F.embedding` would."""
     if tokens is None:
         return None, None
+    low, high = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
+    if low < 0 or high >= xW.shape[0]:
+        raise IndexError(f"token ids must be in [0, {xW.shape[0]}): got {low} .. {high}")
     return tokens.to(torch.long).contiguous(), xW.new_empty(rows, xW.shape[-1])
 
 
