@@ -270,16 +270,18 @@ def test_c_steps_with_onednn_products_equal_the_torch_ops(monkeypatch, name, fie
 
 @needs_cc
 @pytest.mark.parametrize(("name", "fields"), [("fw_lstm", {}), ("fw_lstm", {"memory": "candidate"}),
-                                              ("fw_lstm", {"inner_steps": 2}), ("ln_lstm", {})])
+                                              ("fw_lstm", {"inner_steps": 2}), ("ln_lstm", {}),
+                                              ("fw_rnn", {}), ("fw_rnn", {"inner_steps": 2})])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_whole_sequence_c_loops_equal_the_python_time_loop(monkeypatch, name, fields, dtype, tol):
     """native.py's sequence loops (time loop in C, rows in blocks, products by brgemm or the BLAS) against
     the time loop in Python (one C call and one `linear` per step). An L2 of 4 rows' memory splits the 5
     rows into blocks of 2, 2 and 1 (3 of 5 for the candidate memory's smaller rows); the LN-LSTM's dW_h
-    (one block of all 65 rows) is summed over products of 16 rows and one of 1."""
+    (one block of all 65 rows) is summed over products of 16 rows and one of 1, as the FW-RNN's dW (Ba's
+    equations; the authors' variant keeps its loop in Python)."""
     assert matmul.sequence_gemm(dtype) is not None
     kw = {**fields, "hidden_size": 7}
-    if name == "fw_lstm":
+    if name != "ln_lstm":
         kw.update(fast_lr=0.5, decay=0.9)
     monkeypatch.setattr(native, "l2_cache_bytes", lambda: 4 * 2 * 13 * 28 * dtype.itemsize)
     monkeypatch.setattr(native_cells, "WEIGHT_GRAD_ROWS", 16)

@@ -1,13 +1,15 @@
 """The fused forms' C kernels, built once per node: whole time steps of the LN-LSTM and FW-LSTM cells and
-of the FW-RNN's inner loop, the fast-weight memory's reads included.
+of the FW-RNN's inner loop, the fast-weight memory's reads included, and whole sequences of them (the time
+loop in C, its products through a GEMM called from C: `SEQUENCES`).
 
-Why C: at the sizes these models train at (batch 128, H <= a few hundred), a time step is a few dozen
-small tensor ops, and each costs a fixed few microseconds of dispatch plus a pass over memory, whatever
-its size. One C call per time step does the whole cell for every row of the batch while the row is in
-cache: layer norms, gate activations, the cell update, the memory's write and reads (forward), and the
-same backward, with the gradient of each stored vector computed once. The slow matmuls stay with torch
-(BLAS). The reads: per batch element, a handful of dot products and weighted sums over the stored vectors
-(`torch.bmm` pays about 1 us per batch element for those, ~130 us per read at batch 128).
+Why C: at the sizes these models train at (batch 128, H <= a few hundred), a time step is a few dozen small
+tensor ops, and each costs a fixed few microseconds of dispatch plus a pass over memory, whatever its size.
+One C call per time step does the whole cell for every row of the batch while the row is in cache: layer
+norms, gate activations, the cell update, the memory's write and reads (forward), and the same backward, with
+the gradient of each stored vector computed once. The slow matmuls are oneDNN's or the BLAS's (matmul.py),
+called from C by the sequence loops, from Python by the per-step ones. The reads: per batch element, a handful
+of dot products and weighted sums over the stored vectors (`torch.bmm` pays about 1 us per batch element for
+those, ~130 us per read at batch 128).
 
 The C source below is compiled on first use with the system C compiler (`cc`, about a second) and cached
 per source, compiler flags and CPU model under $FWSWEEP_KERNEL_CACHE (default ~/.cache/fwsweep/kernels),
@@ -779,6 +781,47 @@ void fwlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
     }
     transpose_$sfx(H, G, dWT, dW_h);
 }
+
+/* FW-RNN, Ba et al.'s equations (the authors' variant keeps its time loop in Python): step t's slow input
+   W h(t-1) + C x(t), then the inner loop reading h(0) .. h(t-1), and h(t) stored unless t = T - 1. One
+   block of all B rows (the memory is H wide: 15 KB a row at H = 100). XH [T, S, B, H], RS [T, S, B]. */
+void fwrnn_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long S, const $real *WT,
+                                 const $real *Cx, const $real *gamma, const $real *beta, $real *V, long v_sb,
+                                 long v_sk, $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb,
+                                 long sg_sj, const $real *w, $real *XH, $real *RS, $real *Hprev,
+                                 $real *h_last, $real *hw) {
+    for (long t = 0; t < T; t++) {
+        if (t) gemm(B, H, H, T * H, H, H, 0, Hprev + t * H, WT, hw, 0);
+        long h_sb;
+        $real *h = hidden_out_$sfx(Hprev, h_last, 0, t, T, H, &h_sb);
+        fwrnn_forward_$sfx(B, H, S, T, t, (t ? t - 1 : 0) * S, t < T - 1 ? t : -1, -1, t ? hw : 0,
+                           Cx + t * H, T * H, gamma, beta, V, v_sb, v_sk, GQ, gq_sb, gq_sj, SG, sg_sb, sg_sj,
+                           w, XH + t * S * B * H, RS + t * S * B, h, h_sb);
+    }
+}
+
+/* Its backward: dSlow [B, T, H] gets the gradient of each step's slow input (that of Cx), dW = Σ_t
+   dslow(t)ᵀ h(t-1) is summed in products of `chunk` rows at the end. first_read[k]: the first read that
+   saw v_k. */
+void fwrnn_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long S, const long *first_read,
+                                  long rows, const $real *W, const $real *grad_h, const $real *gamma,
+                                  const $real *beta, const $real *XH, const $real *RS, $real *V, long v_sb,
+                                  long v_sk, $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb,
+                                  long sg_sj, const $real *w, $real *dSlow, $real *dh, $real *dgamma,
+                                  $real *dbeta, const $real *Hprev, long chunk, $real *HT, $real *dWT,
+                                  $real *dW) {
+    const $real *dh_t = grad_h;
+    for (long t = T - 1; t >= 0; t--) {
+        const long write_k = t < T - 1 ? t : -1;
+        const long lo = write_k >= 0 ? 2 * first_read[write_k] : 0;
+        fwrnn_backward_$sfx(B, H, S, T, t, (t ? t - 1 : 0) * S, write_k, lo, rows, dh_t, gamma, beta,
+                            XH + t * S * B * H, RS + t * S * B, V, v_sb, v_sk, GQ, gq_sb, gq_sj, SG, sg_sb,
+                            sg_sj, w, dSlow + t * H, T * H, 0, dgamma, dbeta);
+        if (t) { gemm(B, H, H, T * H, H, H, 0, dSlow + t * H, W, dh, 0); dh_t = dh; }
+    }
+    weight_grad_rows_$sfx(gemm, B * T, H, H, chunk, Hprev, dSlow, HT, dWT, 0);
+    transpose_$sfx(H, H, dWT, dW);
+}
 """)
 
 TYPES = (("float", "f32"), ("double", "f64"))
@@ -800,6 +843,9 @@ SIGNATURES = {
     "lnlstm_sequence_forward": [_ptr] + [_long] * 4 + [_ptr] * 17,
     "lnlstm_sequence_backward": [_ptr] + [_long] * 4 + [_ptr] * 20 + [_long] + [_ptr] * 3,
     "fwlstm_sequence_forward": [_ptr] + [_long] * 6 + [_ptr] * 9 + _MEMORY + [_ptr] * 8,
+    "fwrnn_sequence_forward": [_ptr] + [_long] * 4 + [_ptr] * 4 + _MEMORY + [_ptr] * 5,
+    "fwrnn_sequence_backward": [_ptr] + [_long] * 4 + [_ptr, _long] + [_ptr] * 6 + _MEMORY + [_ptr] * 5
+    + [_long] + [_ptr] * 3,
     "fwlstm_sequence_backward": [_ptr] + [_long] * 6 + [_ptr, _long] + [_ptr] * 9 + _MEMORY + [_ptr] * 10
     + [_long] + [_ptr] * 3,
 }

@@ -1,6 +1,11 @@
 """Whole time steps of the LN-LSTM and FW-LSTM, and the FW-RNN's inner loop, as C calls (native.py), for
 fused.py's Functions on CPU.
 
+Where `matmul.sequence_gemm` gives a GEMM to call from C, a whole sequence is one C call forward and one
+backward (native.py's `SEQUENCES`: the time loop, the products, the gathered inputs of the LSTMs and the
+recurrent weights' gradient inside); the FW-RNN's authors' variant, and every model where there is no such
+GEMM, run the time loop here, as follows.
+
 Per time step the forward pass is one matrix product (the slow h W_h: `matmul.linear`, torch.mm or
 oneDNN) and one C call that does the rest of the cell for every row of the batch: adding x W_x + b, layer
 norms, gates, the cell update and, for the FW-LSTM, the memory's write and reads. The backward pass is
@@ -139,14 +144,15 @@ WEIGHT_GRAD_ROWS = 152  # rows per product of dW_h where the loop's one block is
 
 
 class _WeightGrad:
-    """dW_h = Σ_t dz(t)ᵀ h(t-1) [4H, H] as the backward sequence loops compute it, block by block, in
-    products of `chunk` rows, and the buffers they need (kept here while the loop runs)."""
+    """dW_h = Σ_t dz(t)ᵀ h(t-1) [outputs, H] (outputs: 4H for the LSTMs, H for the FW-RNN) as the backward
+    sequence loops compute it, block by block, in products of `chunk` rows, and the buffers they need (kept
+    here while the loop runs)."""
 
-    def __init__(self, Hprev: Tensor, chunk: int):
+    def __init__(self, Hprev: Tensor, chunk: int, outputs: int):
         H = Hprev.shape[-1]
         self.Hprev, self.chunk = Hprev, chunk
-        self.HT, self.dWT = Hprev.new_empty(H, chunk), Hprev.new_empty(H, 4 * H)
-        self.dW = Hprev.new_empty(4 * H, H)
+        self.HT, self.dWT = Hprev.new_empty(H, chunk), Hprev.new_empty(H, outputs)
+        self.dW = Hprev.new_empty(outputs, H)
 
     def arguments(self) -> list[int]:
         """Hprev, rows per product, h(t-1)ᵀ buffer [H, chunk], dW_hᵀ buffer [H, 4H], dW_h."""
@@ -202,7 +208,7 @@ def ln_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     if gemm is not None:
         W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(B, H)
         tokens, dtable = _table_arguments(ctx, N)
-        dW_h = _WeightGrad(Hprev, min(WEIGHT_GRAD_ROWS, B * T))
+        dW_h = _WeightGrad(Hprev, min(WEIGHT_GRAD_ROWS, B * T), G)
         native.kernel("lnlstm_sequence_backward", N.dtype)(
             gemm, B, T, H, B, *_addresses(W_h, grad_h), *fixed, *_addresses(N, ACT, R, CN, TC, C, dZ, dc, dh),
             *sums, *_pointers(tokens, dtable), *dW_h.arguments())
@@ -274,7 +280,7 @@ def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
         rb = _rows_per_block(mem, B)
         lo = (ctypes.c_long * T)(*(2 * mem.first_read[t] for t in range(T)))
         tokens, dtable = _table_arguments(ctx, N)
-        dW_h = _WeightGrad(Hprev, rb * T)  # one product per block, while its rows are in L2
+        dW_h = _WeightGrad(Hprev, rb * T, G)  # one product per block, while its rows are in L2
         W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(rb, H)
         native.kernel("fwlstm_sequence_backward", N.dtype)(
             gemm, B, T, H, rb, m0, reads, lo, rows, *_addresses(W_h, grad_h), *fixed,
@@ -310,6 +316,15 @@ def fw_rnn_forward(ctx: Any, mem: Any, Cx: Tensor, W: Tensor, gamma: Tensor, bet
     U = Cx.new_empty(B, T, H) if authors else None  # the authors' u = ReLU(W h(t-1) + C x), batch-major
     params, memory = _addresses(gamma.contiguous(), beta.contiguous()), _memory_arguments(mem)
     Cx = Cx.contiguous()
+    ctx.native_saved = (mem, memory, XH, RS, Hprev, U, W, params, reads, authors)
+    gemm = None if authors else matmul.sequence_gemm(Cx.dtype)
+    if gemm is not None:  # Ba's equations: the whole sequence in one C call
+        WT, hw = W.t().contiguous(), Cx.new_empty(B, H)
+        native.kernel("fwrnn_sequence_forward", Cx.dtype)(
+            gemm, B, T, H, reads, *_addresses(WT, Cx), *params, *memory,
+            *_addresses(XH, RS, Hprev, h_last, hw))
+        matmul.release_sequence_gemm(Cx.dtype)
+        return h_last
     xh, rs, cx, h = _Rows(XH), _Rows(RS), _Rows(Cx, dim=1), _HiddenOut(Hprev, h_last)
     WT, h_steps, Cx_steps = W.t(), Hprev.unbind(1), Cx.unbind(1)
     for t in range(T):
@@ -324,7 +339,6 @@ def fw_rnn_forward(ctx: Any, mem: Any, Cx: Tensor, W: Tensor, gamma: Tensor, bet
             slow = (hw.data_ptr() if t else None, cx[t], Cx.stride(0))
         inner(B, H, reads, T, n, r0, write_k, t if authors else -1, *slow, *params, *memory, xh[t], rs[t],
               *h[t])
-    ctx.native_saved = (mem, memory, XH, RS, Hprev, U, W, params, reads, authors)
     return h_last
 
 
@@ -344,6 +358,15 @@ def fw_rnn_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     sums = XH.new_zeros(2 * H)
     dgamma, dbeta = sums.split([H, H])
     dSlow, dh_buffer = XH.new_empty(B, T, H), XH.new_empty(B, H)
+    gemm = None if authors else matmul.sequence_gemm(XH.dtype)
+    if gemm is not None:
+        first_read = (ctypes.c_long * T)(*mem.first_read)
+        dW, grad_h = _WeightGrad(Hprev, min(WEIGHT_GRAD_ROWS, B * T), H), grad_h.contiguous()
+        native.kernel("fwrnn_sequence_backward", XH.dtype)(
+            gemm, B, T, H, reads, first_read, mem.GQ.shape[1], *_addresses(W.contiguous(), grad_h), *params,
+            *_addresses(XH, RS), *memory, *_addresses(dSlow, dh_buffer, dgamma, dbeta), *dW.arguments())
+        matmul.release_sequence_gemm(XH.dtype)
+        return dSlow, dW.dW, dgamma, dbeta
     dU_pre = XH.new_empty(B, T, H) if authors else None
     dq0 = XH.new_empty(B, H) if authors else None
     xh, rs, dslow = _Rows(XH), _Rows(RS), _Rows(dSlow, dim=1)
