@@ -11,7 +11,7 @@ called from C by the sequence loops, from Python by the per-step ones. The reads
 of dot products and weighted sums over the stored vectors (`torch.bmm` pays about 1 us per batch element for
 those, ~130 us per read at batch 128).
 
-The C source below is compiled on first use with the system C compiler (`cc`, about a second) and cached
+The C source below is compiled on first use with the system C compiler (`cc`, about 2 s) and cached
 per source, compiler flags and CPU model under $FWSWEEP_KERNEL_CACHE (default ~/.cache/fwsweep/kernels),
 so a cluster node compiles it once, for its own CPU. Without a compiler, on CUDA, for other dtypes, or
 with FWSWEEP_NATIVE=0, fused.py runs the same equations with torch ops (the reads with `torch.bmm`):
