@@ -678,28 +678,90 @@ static inline $real *hidden_out_$sfx($real *Hprev, $real *h_last, long b0, long 
     return h_last + b0 * H;
 }
 
-void lnlstm_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long rb, const $real *W_hT,
-                                  const $real *xW, const long *tokens, $real *xg, const $real *gamma,
-                                  const $real *beta, const $real *gc,
-                                  const $real *bc, $real *N, $real *ACT, $real *R, $real *CN, $real *C,
-                                  $real *TC, $real *Hprev, $real *h_last, $real *hw) {
-    const long G = 4 * H;
+/* The time loop every model shares, for blocks of rb rows, each block through all T steps. G is the
+   width of the step's product (4H for the LSTMs, H for the FW-RNN). Forward, per step: hw = h(t-1) W_hᵀ
+   (none at t = 0: h(-1) = 0), then the model's `step` for the block's rows, with their inputs (xW's rows,
+   or those gathered at the tokens) and where h(t) goes. Backward, per step, last first: the model's `step`
+   writes dz(t) into the batch-major dZ; the vocabulary's gradient takes it where there are tokens;
+   dh(t-1) = dz(t) W_h; then the block's share of dW_h, while its rows are still in L2. */
+typedef void (*step_forward_$sfx)(const void *model, long b0, long nb, long t, const $real *hw,
+                                  const $real *xw, long xw_sb, $real *h, long h_sb);
+typedef void (*step_backward_$sfx)(const void *model, long b0, long nb, long t, const $real *dh, $real *dz);
+
+static void sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long G, long rb,
+                                  const $real *W_hT, const $real *xW, const long *tokens, $real *xg,
+                                  $real *Hprev, $real *h_last, $real *hw, step_forward_$sfx step,
+                                  const void *model) {
     for (long b0 = 0; b0 < B; b0 += rb) {
         const long nb = B - b0 < rb ? B - b0 : rb;
         for (long t = 0; t < T; t++) {
-            const long o = t * B + b0;  /* row b0 of step t in the T-major buffers */
             if (t) gemm(nb, G, H, T * H, G, G, 0, Hprev + b0 * T * H + t * H, W_hT, hw, 0);
-            long h_sb;
+            long h_sb, xw_sb;
             $real *h = hidden_out_$sfx(Hprev, h_last, b0, t, T, H, &h_sb);
-            long xw_sb;
             const $real *xw = inputs_at_$sfx(xW, tokens, xg, b0, nb, t, T, G, &xw_sb);
-            lnlstm_forward_$sfx(nb, H, t ? hw : 0, xw, xw_sb, gamma, beta, gc, bc,
-                                t ? C + (o - B) * H : 0, N + o * G, ACT + o * G, R + o * 5, CN + o * H,
-                                C + o * H, TC + o * H, h, h_sb);
+            step(model, b0, nb, t, t ? hw : 0, xw, xw_sb, h, h_sb);
         }
     }
 }
 
+static void sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long G, long rb,
+                                   const $real *W_h, const $real *grad_h, $real *dZ, $real *dh,
+                                   const long *tokens, $real *dtable, const $real *Hprev, long chunk,
+                                   $real *HT, $real *dWT, $real *dW_h, step_backward_$sfx step,
+                                   const void *model) {
+    for (long b0 = 0; b0 < B; b0 += rb) {
+        const long nb = B - b0 < rb ? B - b0 : rb;
+        const $real *dh_t = grad_h + b0 * H;
+        for (long t = T - 1; t >= 0; t--) {
+            $real *dz = dZ + b0 * T * G + t * G;
+            step(model, b0, nb, t, dh_t, dz);
+            scatter_add_$sfx(tokens, dtable, dz, b0, nb, t, T, G);
+            if (t) { gemm(nb, H, G, T * G, H, H, 0, dz, W_h, dh, 0); dh_t = dh; }
+        }
+        weight_grad_rows_$sfx(gemm, nb * T, H, G, chunk, Hprev + b0 * T * H, dZ + b0 * T * G, HT, dWT,
+                              b0 > 0);
+    }
+    transpose_$sfx(H, G, dWT, dW_h);
+}
+
+/* Each model: its buffers, and its step for rows b0 .. b0 + nb - 1 (o: row b0 of step t in the T-major
+   buffers). LN-LSTM: */
+struct lnlstm_fw_$sfx {
+    long B, H;
+    const $real *gamma, *beta, *gc, *bc;
+    $real *N, *ACT, *R, *CN, *C, *TC;
+};
+static void lnlstm_step_$sfx(const void *model, long b0, long nb, long t, const $real *hw, const $real *xw,
+                             long xw_sb, $real *h, long h_sb) {
+    const struct lnlstm_fw_$sfx *m = model;
+    const long B = m->B, H = m->H, G = 4 * H, o = t * B + b0;
+    lnlstm_forward_$sfx(nb, H, hw, xw, xw_sb, m->gamma, m->beta, m->gc, m->bc, t ? m->C + (o - B) * H : 0,
+                        m->N + o * G, m->ACT + o * G, m->R + o * 5, m->CN + o * H, m->C + o * H,
+                        m->TC + o * H, h, h_sb);
+}
+void lnlstm_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long rb, const $real *W_hT,
+                                  const $real *xW, const long *tokens, $real *xg, const $real *gamma,
+                                  const $real *beta, const $real *gc, const $real *bc, $real *N, $real *ACT,
+                                  $real *R, $real *CN, $real *C, $real *TC, $real *Hprev, $real *h_last,
+                                  $real *hw) {
+    const struct lnlstm_fw_$sfx m = {B, H, gamma, beta, gc, bc, N, ACT, R, CN, C, TC};
+    sequence_forward_$sfx(gemm, B, T, H, 4 * H, rb, W_hT, xW, tokens, xg, Hprev, h_last, hw,
+                          lnlstm_step_$sfx, &m);
+}
+
+struct lnlstm_bw_$sfx {
+    long B, T, H;
+    const $real *gamma, *gc, *N, *ACT, *R, *CN, *TC, *C;
+    $real *dc, *dgamma, *dbeta, *dgc, *dbc;
+};
+static void lnlstm_step_backward_$sfx(const void *model, long b0, long nb, long t, const $real *dh,
+                                      $real *dz) {
+    const struct lnlstm_bw_$sfx *m = model;
+    const long B = m->B, H = m->H, G = 4 * H, o = t * B + b0;
+    lnlstm_backward_$sfx(nb, H, dh, m->dc + b0 * H, m->gamma, m->gc, m->N + o * G, m->ACT + o * G,
+                         m->R + o * 5, m->CN + o * H, m->TC + o * H, t ? m->C + (o - B) * H : 0, dz,
+                         m->T * G, m->dgamma, m->dbeta, m->dgc, m->dbc);
+}
 /* dc [B, H] zeroed; dh a scratch [rb, H]. */
 void lnlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long rb, const $real *W_h,
                                    const $real *grad_h, const $real *gamma, const $real *gc,
@@ -708,119 +770,127 @@ void lnlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
                                    $real *dgamma, $real *dbeta, $real *dgc, $real *dbc, const long *tokens,
                                    $real *dtable, const $real *Hprev, long chunk, $real *HT, $real *dWT,
                                    $real *dW_h) {
-    const long G = 4 * H;
-    for (long b0 = 0; b0 < B; b0 += rb) {
-        const long nb = B - b0 < rb ? B - b0 : rb;
-        const $real *dh_t = grad_h + b0 * H;
-        for (long t = T - 1; t >= 0; t--) {
-            const long o = t * B + b0;
-            $real *dz = dZ + b0 * T * G + t * G;
-            lnlstm_backward_$sfx(nb, H, dh_t, dc + b0 * H, gamma, gc, N + o * G, ACT + o * G, R + o * 5,
-                                 CN + o * H, TC + o * H, t ? C + (o - B) * H : 0, dz, T * G, dgamma, dbeta,
-                                 dgc, dbc);
-            scatter_add_$sfx(tokens, dtable, dz, b0, nb, t, T, G);
-            if (t) { gemm(nb, H, G, T * G, H, H, 0, dz, W_h, dh, 0); dh_t = dh; }
-        }
-        weight_grad_rows_$sfx(gemm, nb * T, H, G, chunk, Hprev + b0 * T * H, dZ + b0 * T * G, HT, dWT,
-                              b0 > 0);
-    }
-    transpose_$sfx(H, G, dWT, dW_h);
+    const struct lnlstm_bw_$sfx m = {B, T, H, gamma, gc, N, ACT, R, CN, TC, C, dc, dgamma, dbeta, dgc, dbc};
+    sequence_backward_$sfx(gemm, B, T, H, 4 * H, rb, W_h, grad_h, dZ, dh, tokens, dtable, Hprev, chunk, HT,
+                           dWT, dW_h, lnlstm_step_backward_$sfx, &m);
 }
 
+/* FW-LSTM (its memory: V, GQ, SG with their batch and row strides, and the weights w). */
+struct fwlstm_$sfx {
+    long B, T, H, m0, S, rows;
+    const long *lo;  /* lo[t]: the first GQ row of a read that saw v_t (backward) */
+    const $real *gamma, *beta, *fb, *gc, *bc, *w;
+    $real *V, *GQ, *SG;
+    long v_sb, v_sk, gq_sb, gq_sj, sg_sb, sg_sj;
+    $real *N, *ACT, *R, *CN, *C;
+    $real *dc, *dgamma, *dbeta, *dgc, *dbc;
+};
+static void fwlstm_step_$sfx(const void *model, long b0, long nb, long t, const $real *hw, const $real *xw,
+                             long xw_sb, $real *h, long h_sb) {
+    const struct fwlstm_$sfx *m = model;
+    const long B = m->B, H = m->H, G = 4 * H, o = t * B + b0;
+    fwlstm_forward_$sfx(nb, H, m->m0, t, m->S, m->T, hw, xw, xw_sb, m->gamma, m->beta, m->fb, m->gc, m->bc,
+                        t ? m->C + (o - B) * H : 0, m->V + b0 * m->v_sb, m->v_sb, m->v_sk,
+                        m->GQ + b0 * m->gq_sb, m->gq_sb, m->gq_sj, m->SG + b0 * m->sg_sb, m->sg_sb, m->sg_sj,
+                        m->w, m->N + o * G, m->ACT + o * G, m->R + o * 2, m->CN + o * H, m->C + o * H, h,
+                        h_sb);
+}
+static void fwlstm_step_backward_$sfx(const void *model, long b0, long nb, long t, const $real *dh,
+                                      $real *dz) {
+    const struct fwlstm_$sfx *m = model;
+    const long B = m->B, H = m->H, G = 4 * H, o = t * B + b0;
+    fwlstm_backward_$sfx(nb, H, m->m0, t, m->S, m->T, m->lo[t], m->rows, dh, m->dc + b0 * H, m->gamma, m->gc,
+                         m->N + o * G, m->ACT + o * G, m->R + o * 2, m->CN + o * H, m->C + o * H,
+                         t ? m->C + (o - B) * H : 0, m->V + b0 * m->v_sb, m->v_sb, m->v_sk,
+                         m->GQ + b0 * m->gq_sb, m->gq_sb, m->gq_sj, m->SG + b0 * m->sg_sb, m->sg_sb,
+                         m->sg_sj, m->w, dz, m->T * G, m->dgamma, m->dbeta, m->dgc, m->dbc);
+}
 void fwlstm_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long rb, long m0, long S,
                                   const $real *W_hT, const $real *xW, const long *tokens, $real *xg,
-                                  const $real *gamma, const $real *beta,
-                                  const $real *fb, const $real *gc, const $real *bc, $real *V, long v_sb,
-                                  long v_sk, $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb,
-                                  long sg_sj, const $real *w, $real *N, $real *ACT, $real *R, $real *CN,
-                                  $real *C, $real *Hprev, $real *h_last, $real *hw) {
-    const long G = 4 * H;
-    for (long b0 = 0; b0 < B; b0 += rb) {
-        const long nb = B - b0 < rb ? B - b0 : rb;
-        for (long t = 0; t < T; t++) {
-            const long o = t * B + b0;
-            if (t) gemm(nb, G, H, T * H, G, G, 0, Hprev + b0 * T * H + t * H, W_hT, hw, 0);
-            long h_sb;
-            $real *h = hidden_out_$sfx(Hprev, h_last, b0, t, T, H, &h_sb);
-            long xw_sb;
-            const $real *xw = inputs_at_$sfx(xW, tokens, xg, b0, nb, t, T, G, &xw_sb);
-            fwlstm_forward_$sfx(nb, H, m0, t, S, T, t ? hw : 0, xw, xw_sb, gamma, beta,
-                                fb, gc, bc, t ? C + (o - B) * H : 0, V + b0 * v_sb, v_sb, v_sk,
-                                GQ + b0 * gq_sb, gq_sb, gq_sj, SG + b0 * sg_sb, sg_sb, sg_sj, w, N + o * G,
-                                ACT + o * G, R + o * 2, CN + o * H, C + o * H, h, h_sb);
-        }
-    }
+                                  const $real *gamma, const $real *beta, const $real *fb, const $real *gc,
+                                  const $real *bc, $real *V, long v_sb, long v_sk, $real *GQ, long gq_sb,
+                                  long gq_sj, $real *SG, long sg_sb, long sg_sj, const $real *w, $real *N,
+                                  $real *ACT, $real *R, $real *CN, $real *C, $real *Hprev, $real *h_last,
+                                  $real *hw) {
+    const struct fwlstm_$sfx m = {.B = B, .T = T, .H = H, .m0 = m0, .S = S, .gamma = gamma, .beta = beta,
+                                  .fb = fb, .gc = gc, .bc = bc, .w = w, .V = V, .GQ = GQ, .SG = SG,
+                                  .v_sb = v_sb, .v_sk = v_sk, .gq_sb = gq_sb, .gq_sj = gq_sj, .sg_sb = sg_sb,
+                                  .sg_sj = sg_sj, .N = N, .ACT = ACT, .R = R, .CN = CN, .C = C};
+    sequence_forward_$sfx(gemm, B, T, H, 4 * H, rb, W_hT, xW, tokens, xg, Hprev, h_last, hw,
+                          fwlstm_step_$sfx, &m);
 }
-
-/* lo[t]: the first GQ row of a read that saw v_t. */
+/* The saved buffers are only read here; the struct's pointers are not const for the forward's sake. */
 void fwlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long rb, long m0, long S,
                                    const long *lo, long rows, const $real *W_h, const $real *grad_h,
-                                   const $real *gamma, const $real *gc, const $real *N, const $real *ACT,
-                                   const $real *R, const $real *CN, const $real *C, $real *V, long v_sb,
-                                   long v_sk, $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb,
-                                   long sg_sj, const $real *w, $real *dZ, $real *dc, $real *dh,
-                                   $real *dgamma, $real *dbeta, $real *dgc, $real *dbc, const long *tokens,
-                                   $real *dtable, const $real *Hprev, long chunk, $real *HT, $real *dWT,
-                                   $real *dW_h) {
-    const long G = 4 * H;
-    for (long b0 = 0; b0 < B; b0 += rb) {
-        const long nb = B - b0 < rb ? B - b0 : rb;
-        const $real *dh_t = grad_h + b0 * H;
-        for (long t = T - 1; t >= 0; t--) {
-            const long o = t * B + b0;
-            $real *dz = dZ + b0 * T * G + t * G;
-            fwlstm_backward_$sfx(nb, H, m0, t, S, T, lo[t], rows, dh_t, dc + b0 * H, gamma, gc, N + o * G,
-                                 ACT + o * G, R + o * 2, CN + o * H, C + o * H, t ? C + (o - B) * H : 0,
-                                 V + b0 * v_sb, v_sb, v_sk, GQ + b0 * gq_sb, gq_sb, gq_sj, SG + b0 * sg_sb,
-                                 sg_sb, sg_sj, w, dz, T * G, dgamma, dbeta, dgc, dbc);
-            scatter_add_$sfx(tokens, dtable, dz, b0, nb, t, T, G);
-            if (t) { gemm(nb, H, G, T * G, H, H, 0, dz, W_h, dh, 0); dh_t = dh; }
-        }
-        weight_grad_rows_$sfx(gemm, nb * T, H, G, chunk, Hprev + b0 * T * H, dZ + b0 * T * G, HT, dWT,
-                              b0 > 0);
-    }
-    transpose_$sfx(H, G, dWT, dW_h);
+                                   const $real *gamma, const $real *gc, $real *N, $real *ACT, $real *R,
+                                   $real *CN, $real *C, $real *V, long v_sb, long v_sk, $real *GQ, long gq_sb,
+                                   long gq_sj, $real *SG, long sg_sb, long sg_sj, const $real *w, $real *dZ,
+                                   $real *dc, $real *dh, $real *dgamma, $real *dbeta, $real *dgc, $real *dbc,
+                                   const long *tokens, $real *dtable, const $real *Hprev, long chunk,
+                                   $real *HT, $real *dWT, $real *dW_h) {
+    const struct fwlstm_$sfx m = {.B = B, .T = T, .H = H, .m0 = m0, .S = S, .rows = rows, .lo = lo,
+                                  .gamma = gamma, .gc = gc, .w = w, .V = V, .GQ = GQ, .SG = SG,
+                                  .v_sb = v_sb, .v_sk = v_sk, .gq_sb = gq_sb, .gq_sj = gq_sj, .sg_sb = sg_sb,
+                                  .sg_sj = sg_sj, .N = N, .ACT = ACT, .R = R, .CN = CN, .C = C, .dc = dc,
+                                  .dgamma = dgamma, .dbeta = dbeta, .dgc = dgc, .dbc = dbc};
+    sequence_backward_$sfx(gemm, B, T, H, 4 * H, rb, W_h, grad_h, dZ, dh, tokens, dtable, Hprev, chunk, HT,
+                           dWT, dW_h, fwlstm_step_backward_$sfx, &m);
 }
 
 /* FW-RNN, Ba et al.'s equations (the authors' variant keeps its time loop in Python): step t's slow input
    W h(t-1) + C x(t), then the inner loop reading h(0) .. h(t-1), and h(t) stored unless t = T - 1. One
-   block of all B rows (the memory is H wide: 15 KB a row at H = 100). XH [T, S, B, H], RS [T, S, B]. */
+   block of all B rows (the memory is H wide: 15 KB a row at H = 100). XH [T, S, B, H], RS [T, S, B]; in
+   backward dSlow [B, T, H] gets the gradient of each step's slow input (that of Cx). first_read[k]: the
+   first read that saw v_k. */
+struct fwrnn_$sfx {
+    long B, T, H, S, rows;
+    const long *first_read;
+    const $real *gamma, *beta, *w;
+    $real *V, *GQ, *SG;
+    long v_sb, v_sk, gq_sb, gq_sj, sg_sb, sg_sj;
+    $real *XH, *RS, *dgamma, *dbeta;
+};
+static void fwrnn_step_$sfx(const void *model, long b0, long nb, long t, const $real *hw, const $real *xw,
+                            long xw_sb, $real *h, long h_sb) {
+    const struct fwrnn_$sfx *m = model;
+    const long B = m->B, H = m->H, S = m->S;
+    (void) b0;
+    fwrnn_forward_$sfx(nb, H, S, m->T, t, (t ? t - 1 : 0) * S, t < m->T - 1 ? t : -1, -1, hw, xw, xw_sb,
+                       m->gamma, m->beta, m->V, m->v_sb, m->v_sk, m->GQ, m->gq_sb, m->gq_sj, m->SG, m->sg_sb,
+                       m->sg_sj, m->w, m->XH + t * S * B * H, m->RS + t * S * B, h, h_sb);
+}
+static void fwrnn_step_backward_$sfx(const void *model, long b0, long nb, long t, const $real *dh,
+                                     $real *dz) {
+    const struct fwrnn_$sfx *m = model;
+    const long B = m->B, H = m->H, S = m->S, write_k = t < m->T - 1 ? t : -1;
+    (void) b0;
+    fwrnn_backward_$sfx(nb, H, S, m->T, t, (t ? t - 1 : 0) * S, write_k,
+                        write_k >= 0 ? 2 * m->first_read[write_k] : 0, m->rows, dh, m->gamma, m->beta,
+                        m->XH + t * S * B * H, m->RS + t * S * B, m->V, m->v_sb, m->v_sk, m->GQ, m->gq_sb,
+                        m->gq_sj, m->SG, m->sg_sb, m->sg_sj, m->w, dz, m->T * H, 0, m->dgamma, m->dbeta);
+}
 void fwrnn_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long S, const $real *WT,
                                  const $real *Cx, const $real *gamma, const $real *beta, $real *V, long v_sb,
                                  long v_sk, $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb,
                                  long sg_sj, const $real *w, $real *XH, $real *RS, $real *Hprev,
                                  $real *h_last, $real *hw) {
-    for (long t = 0; t < T; t++) {
-        if (t) gemm(B, H, H, T * H, H, H, 0, Hprev + t * H, WT, hw, 0);
-        long h_sb;
-        $real *h = hidden_out_$sfx(Hprev, h_last, 0, t, T, H, &h_sb);
-        fwrnn_forward_$sfx(B, H, S, T, t, (t ? t - 1 : 0) * S, t < T - 1 ? t : -1, -1, t ? hw : 0,
-                           Cx + t * H, T * H, gamma, beta, V, v_sb, v_sk, GQ, gq_sb, gq_sj, SG, sg_sb, sg_sj,
-                           w, XH + t * S * B * H, RS + t * S * B, h, h_sb);
-    }
+    const struct fwrnn_$sfx m = {.B = B, .T = T, .H = H, .S = S, .gamma = gamma, .beta = beta, .w = w, .V = V,
+                                 .GQ = GQ, .SG = SG, .v_sb = v_sb, .v_sk = v_sk, .gq_sb = gq_sb,
+                                 .gq_sj = gq_sj, .sg_sb = sg_sb, .sg_sj = sg_sj, .XH = XH, .RS = RS};
+    sequence_forward_$sfx(gemm, B, T, H, H, B, WT, Cx, 0, 0, Hprev, h_last, hw, fwrnn_step_$sfx, &m);
 }
-
-/* Its backward: dSlow [B, T, H] gets the gradient of each step's slow input (that of Cx), dW = Σ_t
-   dslow(t)ᵀ h(t-1) is summed in products of `chunk` rows at the end. first_read[k]: the first read that
-   saw v_k. */
 void fwrnn_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long S, const long *first_read,
                                   long rows, const $real *W, const $real *grad_h, const $real *gamma,
-                                  const $real *beta, const $real *XH, const $real *RS, $real *V, long v_sb,
-                                  long v_sk, $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb,
-                                  long sg_sj, const $real *w, $real *dSlow, $real *dh, $real *dgamma,
-                                  $real *dbeta, const $real *Hprev, long chunk, $real *HT, $real *dWT,
-                                  $real *dW) {
-    const $real *dh_t = grad_h;
-    for (long t = T - 1; t >= 0; t--) {
-        const long write_k = t < T - 1 ? t : -1;
-        const long lo = write_k >= 0 ? 2 * first_read[write_k] : 0;
-        fwrnn_backward_$sfx(B, H, S, T, t, (t ? t - 1 : 0) * S, write_k, lo, rows, dh_t, gamma, beta,
-                            XH + t * S * B * H, RS + t * S * B, V, v_sb, v_sk, GQ, gq_sb, gq_sj, SG, sg_sb,
-                            sg_sj, w, dSlow + t * H, T * H, 0, dgamma, dbeta);
-        if (t) { gemm(B, H, H, T * H, H, H, 0, dSlow + t * H, W, dh, 0); dh_t = dh; }
-    }
-    weight_grad_rows_$sfx(gemm, B * T, H, H, chunk, Hprev, dSlow, HT, dWT, 0);
-    transpose_$sfx(H, H, dWT, dW);
+                                  const $real *beta, $real *XH, $real *RS, $real *V, long v_sb, long v_sk,
+                                  $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb, long sg_sj,
+                                  const $real *w, $real *dSlow, $real *dh, $real *dgamma, $real *dbeta,
+                                  const $real *Hprev, long chunk, $real *HT, $real *dWT, $real *dW) {
+    const struct fwrnn_$sfx m = {.B = B, .T = T, .H = H, .S = S, .rows = rows, .first_read = first_read,
+                                 .gamma = gamma, .beta = beta, .w = w, .V = V, .GQ = GQ, .SG = SG,
+                                 .v_sb = v_sb, .v_sk = v_sk, .gq_sb = gq_sb, .gq_sj = gq_sj, .sg_sb = sg_sb,
+                                 .sg_sj = sg_sj, .XH = XH, .RS = RS, .dgamma = dgamma, .dbeta = dbeta};
+    sequence_backward_$sfx(gemm, B, T, H, H, B, W, grad_h, dSlow, dh, 0, 0, Hprev, chunk, HT, dWT, dW,
+                           fwrnn_step_backward_$sfx, &m);
 }
 """)
 
