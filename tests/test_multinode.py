@@ -152,28 +152,18 @@ def test_a_head_whose_dashboard_port_another_dashboard_took_starts_on_new_ports(
     free_port() and the head's bind, answered the readiness probe, and every test of the module found no
     cluster): a dashboard that answers without the cluster's token is another process's, so the head is
     restarted on new ports."""
-    import http.server
     import tempfile
-    import threading
 
-    class Foreign(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            self.send_response(200)
-            self.end_headers()
+    from http_stub import answering_200
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Foreign)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     cluster = LoopbackCluster(Path(tempfile.mkdtemp(prefix="fwpt", dir="/tmp")))
-    taken = cluster.dashboard_port = server.server_address[1]
-    try:
-        cluster.start_head("--num-cpus=1", "--num-gpus=0")
-        assert cluster.dashboard_port != taken
-        assert ray_http_status(f"{cluster.dashboard}/api/version") == 401  # ours: token auth on
-        assert ray_http_status(f"{cluster.dashboard}/api/version", cluster.token) == 200
-    finally:
-        server.shutdown()
-        cluster.stop()
-        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    with answering_200() as taken:
+        cluster.dashboard_port = taken
+        try:
+            cluster.start_head("--num-cpus=1", "--num-gpus=0")
+            assert cluster.dashboard_port != taken
+            assert ray_http_status(f"{cluster.dashboard}/api/version") == 401  # ours: token auth on
+            assert ray_http_status(f"{cluster.dashboard}/api/version", cluster.token) == 200
+        finally:
+            cluster.stop()
+            shutil.rmtree(cluster.temp_dir, ignore_errors=True)

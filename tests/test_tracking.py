@@ -390,40 +390,27 @@ def test_watchdog_sleeps_while_the_server_answers_and_probes_when_a_writer_suspe
         tmp_path: Path) -> None:
     """A live, answering server is asked for /health once per PROBE_EVERY_S, not every WATCH_EVERY_S (the
     driver shares its cores with the trials); a writer's failed request (`suspect`) makes it ask at once."""
-    import http.server
-    import threading
+    from http_stub import answering_200
 
     from sweep import tracking
 
     hits: list[float] = []
-
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            hits.append(time.monotonic())
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    (tmp_path / tracking.STATE_FILE).write_text(json.dumps({"url": url, "pid": os.getpid(),
-                                                              "started_at": time.time()}))
-    watchdog = tracking.Watchdog(tmp_path, url)
-    try:
-        watchdog.start()
-        time.sleep(3 * tracking.WATCH_EVERY_S + 0.5)  # three process checks
-        assert len(hits) == 1, f"{len(hits)} /health requests in {3 * tracking.WATCH_EVERY_S} s: it polls"
-        assert tracking.is_ready(url)
-        asked = time.monotonic()
-        tracking.suspect(url)
-        deadline = asked + 5
-        while len(hits) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(hits) == 2 and hits[1] - asked < 1.0, "a suspected server was not probed at once"
-    finally:
-        watchdog.stop()
-        httpd.shutdown()
+    with answering_200(lambda: hits.append(time.monotonic())) as port:
+        url = f"http://127.0.0.1:{port}"
+        (tmp_path / tracking.STATE_FILE).write_text(json.dumps({"url": url, "pid": os.getpid(),
+                                                                  "started_at": time.time()}))
+        watchdog = tracking.Watchdog(tmp_path, url)
+        try:
+            watchdog.start()
+            time.sleep(3 * tracking.WATCH_EVERY_S + 0.5)  # three process checks
+            assert len(hits) == 1, f"{len(hits)} /health requests in {3 * tracking.WATCH_EVERY_S} s: it polls"
+            assert tracking.is_ready(url)
+            asked = time.monotonic()
+            tracking.suspect(url)
+            deadline = asked + 5
+            while len(hits) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(hits) == 2 and hits[1] - asked < 1.0, "a suspected server was not probed at once"
+        finally:
+            watchdog.stop()
     assert watchdog.restarts == 0
