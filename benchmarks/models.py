@@ -165,7 +165,7 @@ def matmul_rates(batch: int, length: int, hidden: int, seconds: float = 0.03) ->
         libraries["oneDNN"] = lambda a, b: matmul._onednn_linear(a, b.t())
     gemm = matmul.sequence_gemm(torch.float32)
     if gemm is not None:
-        call = matmul._GEMM_TYPE[torch.float32](gemm)
+        call = matmul.GEMM_TYPE(gemm)
 
         def sequence_gemm(a: torch.Tensor, b: torch.Tensor, c: dict[tuple, torch.Tensor] = {}) -> None:  # noqa: B006
             (m, k), n = a.shape, b.shape[1]

@@ -16,12 +16,13 @@ instead of [B·T, E] x [E, 4H] forward and twice that backward. ART's vocabulary
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from sweep.models.params import ModelParams
 from sweep.models.registry import count_parameters
 
-__all__ = ["SequenceClassifier", "count_parameters", "init_uniform_"]
+__all__ = ["SequenceClassifier", "count_parameters", "init_uniform_", "lookup", "table_grad"]
 
 
 class SequenceClassifier(nn.Module):
@@ -43,6 +44,20 @@ class SequenceClassifier(nn.Module):
             projected_vocabulary = proj(self.embed.weight)  # [V, E] -> [V, width of the projection]
             return self.head(self.recurrent.from_projected(projected_vocabulary, tokens))
         return self.head(self.recurrent(self.embed(tokens)))
+
+
+def lookup(table: Tensor, tokens: Tensor | None) -> Tensor:
+    """xW = table[tokens] [B, T, G] from the projected vocabulary (the inputs as they are without tokens)."""
+    return table if tokens is None else F.embedding(tokens, table)
+
+
+def table_grad(grad_xW: Tensor, tokens: Tensor | None, rows: int) -> Tensor:
+    """The projected vocabulary's gradient from that of xW = table[tokens] (that of xW without tokens): for
+    the fused forms, whose backward is written out."""
+    if tokens is None:
+        return grad_xW
+    G = grad_xW.shape[-1]
+    return grad_xW.new_zeros(rows, G).index_add_(0, tokens.reshape(-1), grad_xW.reshape(-1, G))
 
 
 def init_uniform_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:

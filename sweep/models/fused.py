@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from sweep.models import native, native_cells
+from sweep.models.common import lookup, table_grad
 
 aten = torch.ops.aten
 EPS = 1e-5  # nn.LayerNorm's default, as in the readable forms
@@ -144,7 +145,7 @@ class FWLSTMSequence(torch.autograd.Function):
         ctx.native = native.usable_for(xW)
         if not ctx.native:
             ctx.lookup = (tokens, xW.shape[0])
-            xW, tokens = native_cells.lookup(xW, tokens), None
+            xW, tokens = lookup(xW, tokens), None
         B, T, G = xW.shape if tokens is None else (*tokens.shape, xW.shape[-1])
         H = G // 4
         m0 = 3 * H if candidate else 0  # the memory's slice of the gates
@@ -223,7 +224,7 @@ class FWLSTMSequence(torch.autograd.Function):
         dW_h = dZ.view(T * B, G).t() @ Hs[:T].view(T * B, H)
         dgamma, dbeta = d_ln.sum(1)
         dgamma_c, dbeta_c = d_cell_ln.sum(1)
-        dxW = native_cells.table_grad(dZ.transpose(0, 1), *ctx.lookup)
+        dxW = table_grad(dZ.transpose(0, 1), *ctx.lookup)
         return dxW, dW_h, dgamma, dbeta, dgamma_c, dbeta_c, None, None, None, None, None, None
 
 
@@ -331,7 +332,7 @@ class LNLSTMSequence(torch.autograd.Function):
         if ctx.native:
             return native_cells.ln_lstm_forward(ctx, xW, W_h, gamma, beta_fb, gamma_c, beta_c, tokens)
         ctx.lookup = (tokens, xW.shape[0])
-        xW = native_cells.lookup(xW, tokens)
+        xW = lookup(xW, tokens)
         B, T, G = xW.shape
         H = G // 4
         W_hT = W_h.t()
@@ -388,5 +389,5 @@ class LNLSTMSequence(torch.autograd.Function):
         dgamma = (ones @ (dY * N).view(T * B, G)).view(4, H)
         dbeta = (ones @ dY.view(T * B, G)).view(4, H)
         dgamma_c, dbeta_c = (torch.stack(x).sum(0) for x in zip(*cell_ln_grads, strict=True))
-        dxW = native_cells.table_grad(dZ.transpose(0, 1), *ctx.lookup)
+        dxW = table_grad(dZ.transpose(0, 1), *ctx.lookup)
         return dxW, dW_h, dgamma, dbeta, dgamma_c, dbeta_c, None, None

@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sweep.models.common import SequenceClassifier, init_uniform_
+from sweep.models.common import SequenceClassifier, init_uniform_, lookup
 from sweep.models.fast_weights import FastWeightMemory, new_memory
 from sweep.models.fused import FWLSTMSequence
-from sweep.models.native_cells import lookup
 from sweep.models.params import FWLSTMParams
 
 

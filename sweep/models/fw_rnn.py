@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sweep.models.common import SequenceClassifier, init_uniform_
+from sweep.models.common import SequenceClassifier, init_uniform_, lookup
 from sweep.models.fast_weights import new_memory
 from sweep.models.fused import FWRNNSequence
-from sweep.models.native_cells import lookup
 from sweep.models.params import FWRNNParams
 
 

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sweep.models.common import SequenceClassifier, init_uniform_
+from sweep.models.common import SequenceClassifier, init_uniform_, lookup
 from sweep.models.fused import LNLSTMSequence
-from sweep.models.native_cells import lookup
 from sweep.models.params import LNLSTMParams
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -90,8 +91,7 @@ def weight_grad(grad_out: Tensor, inputs: Tensor) -> Tensor:
 _BRGEMM_F32 = "_ZN2at6native7cpublas6brgemmEllllllbPKfS3_Pfb"
 _BRGEMM_RELEASE = "_ZN2at6native7cpublas14brgemm_releaseEb"
 _FORTRAN_GEMM = {torch.float32: "sgemm_", torch.float64: "dgemm_"}
-_GEMM_TYPE = {dtype: ctypes.CFUNCTYPE(None, *[ctypes.c_long] * 6, ctypes.c_bool, *[ctypes.c_void_p] * 3,
-                                      ctypes.c_bool) for dtype in _FORTRAN_GEMM}
+GEMM_TYPE = ctypes.CFUNCTYPE(None, *[ctypes.c_long] * 6, ctypes.c_bool, *[ctypes.c_void_p] * 3, ctypes.c_bool)
 
 
 @cache
@@ -143,7 +143,7 @@ def _gives_products(address: int, dtype: torch.dtype) -> bool:
     b = torch.arange(28, dtype=dtype).view(4, 7) - 5
     c = torch.full((3, 6), -1.0, dtype=dtype)
     try:
-        _GEMM_TYPE[dtype](address)(3, 5, 4, 8, 7, 6, False, a.data_ptr(), b.data_ptr(), c.data_ptr(), False)
+        GEMM_TYPE(address)(3, 5, 4, 8, 7, 6, False, a.data_ptr(), b.data_ptr(), c.data_ptr(), False)
     except Exception as err:  # noqa: BLE001 - any failure means: do not use it
         log.warning("the exported GEMM at %#x failed (%s); the time loop stays in Python", address, err)
         return False
@@ -152,7 +152,16 @@ def _gives_products(address: int, dtype: torch.dtype) -> bool:
 
 def release_sequence_gemm(dtype: torch.dtype) -> None:
     """What torch does after its own brgemm loops (frees AMX state where it was used; else nothing)."""
+    release = _brgemm_release(dtype, sequence_gemm(dtype))
+    if release is not None:
+        release(False)
+
+
+@cache
+def _brgemm_release(dtype: torch.dtype, gemm: int | None) -> Callable[[bool], None] | None:
+    """brgemm_release where `gemm` (this dtype's sequence GEMM) is brgemm; found once, not per call."""
     library = _torch_cpu()
-    if dtype == torch.float32 and library is not None and sequence_gemm(dtype) == _exported(library,
-                                                                                             _BRGEMM_F32):
-        getattr(library, _BRGEMM_RELEASE)(ctypes.c_bool(False))
+    if dtype != torch.float32 or library is None or gemm is None or gemm != _exported(library, _BRGEMM_F32):
+        return None
+    release = _exported(library, _BRGEMM_RELEASE)
+    return None if release is None else ctypes.CFUNCTYPE(None, ctypes.c_bool)(release)

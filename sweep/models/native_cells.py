@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from sweep.models import matmul, native
+from sweep.models.common import lookup, table_grad
 
 
 class _Rows:
@@ -107,19 +108,6 @@ def _gradient_buffers(like: Tensor, T: int, B: int, G: int, H: int) -> tuple[Ten
     return like.new_empty(B, T, G), dgamma, dbeta, dgamma_c, dbeta_c, like.new_zeros(B, H)
 
 
-def lookup(table: Tensor, tokens: Tensor | None) -> Tensor:
-    """xW = table[tokens] [B, T, G] from the projected vocabulary (the inputs as they are without tokens)."""
-    return table if tokens is None else torch.nn.functional.embedding(tokens, table)
-
-
-def table_grad(grad_xW: Tensor, tokens: Tensor | None, rows: int) -> Tensor:
-    """The projected vocabulary's gradient from that of xW = table[tokens] (that of xW without tokens)."""
-    if tokens is None:
-        return grad_xW
-    G = grad_xW.shape[-1]
-    return grad_xW.new_zeros(rows, G).index_add_(0, tokens.reshape(-1), grad_xW.reshape(-1, G))
-
-
 def _token_arguments(xW: Tensor, tokens: Tensor | None, rows: int) -> tuple[Tensor | None, Tensor | None]:
     """For the sequence loops: tokens (int64, contiguous) and a gather buffer [rows, G], or two None. The C
     loop reads xW's rows at the tokens unchecked, so they are checked here, as `F.embedding` would."""
@@ -155,7 +143,7 @@ class _WeightGrad:
         self.dW = Hprev.new_empty(outputs, H)
 
     def arguments(self) -> list[int]:
-        """Hprev, rows per product, h(t-1)ᵀ buffer [H, chunk], dW_hᵀ buffer [H, 4H], dW_h."""
+        """Hprev, rows per product, h(t-1)ᵀ buffer [H, chunk], dW_hᵀ buffer [H, outputs], dW_h."""
         return [self.Hprev.data_ptr(), self.chunk, *_addresses(self.HT, self.dWT, self.dW)]
 
 
@@ -182,10 +170,9 @@ def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: T
     if gemm is not None:  # one C call for the whole sequence, one block of B rows
         W_hT, xW, hw = W_h.t().contiguous(), xW.contiguous(), xW.new_empty(B, G)  # alive through the call
         tokens, xg = _token_arguments(xW, tokens, B)
-        native.kernel("lnlstm_sequence_forward", xW.dtype)(
+        _in_c("lnlstm_sequence_forward", xW.dtype,
             gemm, B, T, H, B, *_addresses(W_hT, xW), *_pointers(tokens, xg),
             *_addresses(*params, N, ACT, R, CN, C, TC, Hprev, h_last, hw))
-        matmul.release_sequence_gemm(xW.dtype)
         return h_last
     n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
     fixed = _addresses(*params)
@@ -209,10 +196,9 @@ def ln_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
         W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(B, H)
         tokens, dtable = _table_arguments(ctx, N)
         dW_h = _WeightGrad(Hprev, min(WEIGHT_GRAD_ROWS, B * T), G)
-        native.kernel("lnlstm_sequence_backward", N.dtype)(
+        _in_c("lnlstm_sequence_backward", N.dtype,
             gemm, B, T, H, B, *_addresses(W_h, grad_h), *fixed, *_addresses(N, ACT, R, CN, TC, C, dZ, dc, dh),
             *sums, *_pointers(tokens, dtable), *dW_h.arguments())
-        matmul.release_sequence_gemm(N.dtype)
         return (dZ if dtable is None else dtable, dW_h.dW, dgamma.view(4, H), dbeta.view(4, H), dgamma_c,
                 dbeta_c)
     n, act, r, cn, c, tc = map(_Rows, (N, ACT, R, CN, C, TC))
@@ -253,10 +239,9 @@ def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, 
         rb = _rows_per_block(mem, B)
         W_hT, xW, hw = W_h.t().contiguous(), xW.contiguous(), xW.new_empty(rb, G)
         tokens, xg = _token_arguments(xW, tokens, rb)
-        native.kernel("fwlstm_sequence_forward", xW.dtype)(
+        _in_c("fwlstm_sequence_forward", xW.dtype,
             gemm, B, T, H, rb, m0, reads, *_addresses(W_hT, xW), *_pointers(tokens, xg), *fixed, *memory,
             *_addresses(N, ACT, R, CN, C, Hprev, h_last, hw))
-        matmul.release_sequence_gemm(xW.dtype)
         return h_last
     n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
     _time_loop(xW, W_h, Hprev, h_last, lambda t, hw, xw, xw_sb, h, h_sb: cell(
@@ -282,17 +267,22 @@ def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
         tokens, dtable = _table_arguments(ctx, N)
         dW_h = _WeightGrad(Hprev, rb * T, G)  # one product per block, while its rows are in L2
         W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(rb, H)
-        native.kernel("fwlstm_sequence_backward", N.dtype)(
+        _in_c("fwlstm_sequence_backward", N.dtype,
             gemm, B, T, H, rb, m0, reads, lo, rows, *_addresses(W_h, grad_h), *fixed,
             *_addresses(N, ACT, R, CN, C), *memory, *_addresses(dZ, dc, dh), *sums,
             *_pointers(tokens, dtable), *dW_h.arguments())
-        matmul.release_sequence_gemm(N.dtype)
         return dZ if dtable is None else dtable, dW_h.dW, dgamma, dbeta, dgamma_c, dbeta_c
     n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
     _backward_loop(grad_h, W_h, dZ, lambda t, dh, dz, dz_sb: cell(
         B, H, m0, t, reads, T, 2 * mem.first_read[t], rows, dh, dc.data_ptr(), *fixed, n[t], act[t], r[t],
         cn[t], c[t], c[t - 1] if t else None, *memory, dz, dz_sb, *sums))
     return table_grad(dZ, *ctx.lookup), _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c, dbeta_c
+
+
+def _in_c(name: str, dtype: torch.dtype, *arguments: Any) -> None:
+    """One whole-sequence C call (native.py's SEQUENCES), then what torch does after its own brgemm loops."""
+    native.kernel(name, dtype)(*arguments)
+    matmul.release_sequence_gemm(dtype)
 
 
 def _rows_per_block(mem: Any, B: int) -> int:
@@ -314,16 +304,16 @@ def fw_rnn_forward(ctx: Any, mem: Any, Cx: Tensor, W: Tensor, gamma: Tensor, bet
     XH, RS, SLOW = Cx.new_empty(T, reads, B, H), Cx.new_empty(T, reads, B), Cx.new_empty(B, H)
     Hprev, h_last = Cx.new_zeros(B, T, H), Cx.new_empty(B, H)  # h(-1) = 0 (all zeroed: measured faster)
     U = Cx.new_empty(B, T, H) if authors else None  # the authors' u = ReLU(W h(t-1) + C x), batch-major
-    params, memory = _addresses(gamma.contiguous(), beta.contiguous()), _memory_arguments(mem)
+    gains = (gamma.contiguous(), beta.contiguous())  # kept (in native_saved) while C reads them
+    params, memory = _addresses(*gains), _memory_arguments(mem)
     Cx = Cx.contiguous()
-    ctx.native_saved = (mem, memory, XH, RS, Hprev, U, W, params, reads, authors)
+    ctx.native_saved = (mem, memory, XH, RS, Hprev, U, W, params, reads, authors, gains)
     gemm = None if authors else matmul.sequence_gemm(Cx.dtype)
     if gemm is not None:  # Ba's equations: the whole sequence in one C call
         WT, hw = W.t().contiguous(), Cx.new_empty(B, H)
-        native.kernel("fwrnn_sequence_forward", Cx.dtype)(
+        _in_c("fwrnn_sequence_forward", Cx.dtype,
             gemm, B, T, H, reads, *_addresses(WT, Cx), *params, *memory,
             *_addresses(XH, RS, Hprev, h_last, hw))
-        matmul.release_sequence_gemm(Cx.dtype)
         return h_last
     xh, rs, cx, h = _Rows(XH), _Rows(RS), _Rows(Cx, dim=1), _HiddenOut(Hprev, h_last)
     WT, h_steps, Cx_steps = W.t(), Hprev.unbind(1), Cx.unbind(1)
@@ -352,7 +342,7 @@ def _read_plan(t: int, T: int, reads: int, authors: bool) -> tuple[int, int, int
 
 def fw_rnn_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     """Gradients of Cx, W, gamma, beta."""
-    mem, memory, XH, RS, Hprev, U, W, params, reads, authors = ctx.native_saved
+    mem, memory, XH, RS, Hprev, U, W, params, reads, authors, _ = ctx.native_saved
     T, _, B, H = XH.shape
     inner = native.kernel("fwrnn_backward", XH.dtype)
     sums = XH.new_zeros(2 * H)
@@ -361,11 +351,11 @@ def fw_rnn_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     gemm = None if authors else matmul.sequence_gemm(XH.dtype)
     if gemm is not None:
         first_read = (ctypes.c_long * T)(*mem.first_read)
-        dW, grad_h = _WeightGrad(Hprev, min(WEIGHT_GRAD_ROWS, B * T), H), grad_h.contiguous()
-        native.kernel("fwrnn_sequence_backward", XH.dtype)(
-            gemm, B, T, H, reads, first_read, mem.GQ.shape[1], *_addresses(W.contiguous(), grad_h), *params,
+        dW = _WeightGrad(Hprev, min(WEIGHT_GRAD_ROWS, B * T), H)
+        W, grad_h = W.contiguous(), grad_h.contiguous()  # kept while C reads them
+        _in_c("fwrnn_sequence_backward", XH.dtype,
+            gemm, B, T, H, reads, first_read, mem.GQ.shape[1], *_addresses(W, grad_h), *params,
             *_addresses(XH, RS), *memory, *_addresses(dSlow, dh_buffer, dgamma, dbeta), *dW.arguments())
-        matmul.release_sequence_gemm(XH.dtype)
         return dSlow, dW.dW, dgamma, dbeta
     dU_pre = XH.new_empty(B, T, H) if authors else None
     dq0 = XH.new_empty(B, H) if authors else None
