@@ -165,11 +165,11 @@ def matmul_rates(batch: int, length: int, hidden: int, seconds: float = 0.03) ->
         libraries["oneDNN"] = lambda a, b: matmul._onednn_linear(a, b.t())
     gemm = matmul.sequence_gemm(torch.float32)
     if gemm is not None:
-        call = matmul.GEMM_TYPE(gemm)
+        call, outputs = matmul.GEMM_TYPE(gemm), {}  # an output buffer per shape, as the C loops keep one
 
-        def sequence_gemm(a: torch.Tensor, b: torch.Tensor, c: dict[tuple, torch.Tensor] = {}) -> None:  # noqa: B006
+        def sequence_gemm(a: torch.Tensor, b: torch.Tensor) -> None:
             (m, k), n = a.shape, b.shape[1]
-            out = c.setdefault((m, n), a.new_empty(m, n))
+            out = outputs.setdefault((m, n), a.new_empty(m, n))
             call(m, n, k, k, n, n, False, a.data_ptr(), b.data_ptr(), out.data_ptr(), False)
 
         libraries["sequence loops' GEMM"] = sequence_gemm
