@@ -377,12 +377,41 @@ def test_an_unwritable_kernel_cache_builds_in_the_temp_folder(monkeypatch, tmp_p
         native._library.cache_clear()
 
 
+def assert_weighted_sums_are_exact(dtype: torch.dtype) -> None:
+    """The C weighted sums (native.py's `combine`, through `column_combine`) for every length D up to nine
+    vectors and one lane: each chunk shape (whole vectors, a part, the last lanes), with and without an
+    initial value, strided weights, and one to five rows (odd and even counts)."""
+    lanes = 64 // torch.tensor([], dtype=dtype).element_size()
+    B, rows, stride = 2, 5, 3
+    combine = native.kernel("column_combine", dtype)
+    for D in range(1, 9 * lanes + 2):
+        G = _f64(B, rows, D + 1, seed=D).detach().to(dtype)  # rows D + 1 apart: a last lane is not the end
+        sg = _f64(B, rows * stride, seed=D + 1).detach().to(dtype)
+        init = _f64(B, D, seed=D + 2).detach().to(dtype)
+        for n in (1, 2, 5):
+            for with_init in (False, True):
+                out = torch.full((B, D), float("nan"), dtype=dtype)
+                combine(B, n, D, sg.data_ptr(), rows * stride, stride, G.data_ptr(), rows * (D + 1), D + 1,
+                        init.data_ptr() if with_init else None, D, out.data_ptr(), D)
+                expected = torch.einsum("bj,bjd->bd", sg[:, : n * stride : stride], G[:, :n, :D])
+                if with_init:
+                    expected = expected + init
+                assert rel_err(out, expected) < (1e-12 if dtype == torch.float64 else 1e-6), (D, n, with_init)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_weighted_sums_of_stored_vectors_are_exact_at_every_length(dtype):
+    assert_weighted_sums_are_exact(dtype)
+
+
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_the_portable_lane_sums_equal_the_shuffle_tree(monkeypatch, tmp_path, dtype):
     """The dot products sum each vector's lanes with __builtin_shufflevector where the compiler has it
-    (GCC >= 12, Clang) and lane by lane otherwise: the second branch, built here on purpose, must give
-    the same models (D = 28 and 7: whole vectors, half vectors and single elements)."""
+    (GCC >= 12, Clang) and lane by lane otherwise, and the vectors' last lanes go through masked loads
+    with AVX-512 or as half vectors and single lanes without: the second branch of each, built here on
+    purpose, must give the same models (D = 28 and 7) and exact weighted sums at every length."""
     x = tokens(batch=5, length=13)
     kw = {"hidden_size": 7, "fast_lr": 0.5, "decay": 0.9}
     expected = [outputs_and_grads(make(name, dtype=dtype, **kw), x) for name in ("fw_lstm", "fw_rnn")]
@@ -393,6 +422,7 @@ def test_the_portable_lane_sums_equal_the_shuffle_tree(monkeypatch, tmp_path, dt
     try:
         portable = [outputs_and_grads(make(name, dtype=dtype, **kw), x) for name in ("fw_lstm", "fw_rnn")]
         assert len(list(tmp_path.glob("fw_kernels-*.so"))) == 1  # built apart from the cached library
+        assert_weighted_sums_are_exact(dtype)
     finally:
         native._library.cache_clear()
     tol = 1e-12 if dtype == torch.float64 else 1e-5

@@ -90,6 +90,8 @@ typedef float half_f32 __attribute__((vector_size(32)));
 typedef double half_f64 __attribute__((vector_size(32)));
 static inline vec_f32 load_f32(const float *p) { vec_f32 v; memcpy(&v, p, sizeof v); return v; }
 static inline vec_f64 load_f64(const double *p) { vec_f64 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store_f32(float *p, vec_f32 v) { memcpy(p, &v, sizeof v); }
+static inline void store_f64(double *p, vec_f64 v) { memcpy(p, &v, sizeof v); }
 #if defined(__has_builtin) && !defined(FWSWEEP_PORTABLE_C)  /* the define: to test the other branch */
 #if __has_builtin(__builtin_shufflevector)
 #define HAVE_SHUFFLEVECTOR 1
@@ -129,6 +131,24 @@ static inline void hsum8_f64(vec_f64 a0, vec_f64 a1, vec_f64 a2, vec_f64 a3, vec
     const vec_f64 e = DPAIR1(DPAIR2(DPAIR4(a0, a1), DPAIR4(a2, a3)), DPAIR2(DPAIR4(a4, a5), DPAIR4(a6, a7)));
     memcpy(s, &e, sizeof e);
 }
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* the first m lanes (0 < m < LANES), the others zero: a masked load, which never touches the lanes past m
+   (so never memory past a buffer's end); and its masked store */
+#define HAVE_MASKED_PARTS 1
+static inline vec_f32 load_part_f32(const float *p, long m) {
+    return (vec_f32)_mm512_maskz_loadu_ps((__mmask16)((1u << m) - 1), p);
+}
+static inline vec_f64 load_part_f64(const double *p, long m) {
+    return (vec_f64)_mm512_maskz_loadu_pd((__mmask8)((1u << m) - 1), p);
+}
+static inline void store_part_f32(float *p, vec_f32 v, long m) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << m) - 1), (__m512)v);
+}
+static inline void store_part_f64(double *p, vec_f64 v, long m) {
+    _mm512_mask_storeu_pd(p, (__mmask8)((1u << m) - 1), (__m512d)v);
+}
+#endif
 #else  /* a compiler without __builtin_shufflevector (GCC before 12): through memory, lane by lane */
 #define PORTABLE_LANES(real, sfx) \
     static inline vec_##sfx load_half_##sfx(const real *p) { \
@@ -143,6 +163,15 @@ static inline void hsum8_f64(vec_f64 a0, vec_f64 a1, vec_f64 a2, vec_f64 a3, vec
     }
 PORTABLE_LANES(float, f32)
 PORTABLE_LANES(double, f64)
+#endif
+#ifdef HAVE_MASKED_PARTS
+#define PART_LANES(rest, L) (rest)
+#else  /* parts are half vectors only; what is left after one goes lane by lane */
+#define PART_LANES(rest, L) ((rest) >= (L) / 2 ? (L) / 2 : 0)
+static inline vec_f32 load_part_f32(const float *p, long m) { (void)m; return load_half_f32(p); }
+static inline vec_f64 load_part_f64(const double *p, long m) { (void)m; return load_half_f64(p); }
+static inline void store_part_f32(float *p, vec_f32 v, long m) { (void)m; memcpy(p, &v, sizeof v / 2); }
+static inline void store_part_f64(double *p, vec_f64 v, long m) { (void)m; memcpy(p, &v, sizeof v / 2); }
 #endif
 #define EXP_f32 exp_approx_f32
 #define TANH_f32 tanh_approx_f32
@@ -175,9 +204,11 @@ static inline __attribute__((always_inline)) void dots_pass_$sfx(const long R, l
                      a6 += xd * load(v[6] + at); a7 += xd * load(v[7] + at); } }
     long d = 0;
     for (; d + LANES_$sfx <= D; d += LANES_$sfx) ACC_$sfx(load_$sfx, d)
-    if (d + LANES_$sfx / 2 <= D) {
-        ACC_$sfx(load_half_$sfx, d)
-        d += LANES_$sfx / 2;
+    const long part = PART_LANES(D - d, LANES_$sfx);
+#define LOAD_PART_$sfx(p) load_part_$sfx(p, part)
+    if (part) {
+        ACC_$sfx(LOAD_PART_$sfx, d)
+        d += part;
     }
     $real s[8];
     hsum8_$sfx(a0, a1, a2, a3, a4, a5, a6, a7, s);
@@ -201,37 +232,88 @@ static void dots_$sfx(long n, long D, const $real *x, const $real *V, long v_sk,
         k += rows;
     }
 }
-/* out = init + Σ_k c[k * c_s] V[k] (init = 0 when NULL; it may be out): eight vectors of out stay in
+/* One chunk of out = init + Σ_k c[k * c_s] V[k]: J whole vectors, then (has_part) one of m lanes, kept in
    registers through all n rows, so out is written once (D = 400, a T = 19 sequence's reads: 35% less time
-   than adding eight rows at a time into out in memory). */
+   than adding eight rows at a time into out in memory). Named sums, not an array: GCC kept an array of
+   fewer than eight in memory, stored at every row. */
+static inline __attribute__((always_inline)) void combine_chunk_$sfx(const int J, const int has_part, long m,
+                                                                     long n, const $real *c, long c_s,
+                                                                     const $real *V, long v_sk,
+                                                                     const $real *init, $real *out) {
+    const long L = LANES_$sfx;
+    vec_$sfx a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0}, p = {0};
+#define EACH_SUM_$sfx(op) { \
+        if (J > 0) op(a0, 0) if (J > 1) op(a1, 1) if (J > 2) op(a2, 2) if (J > 3) op(a3, 3) \
+        if (J > 4) op(a4, 4) if (J > 5) op(a5, 5) if (J > 6) op(a6, 6) if (J > 7) op(a7, 7) }
+#define INIT_$sfx(a, j) { a = load_$sfx(init + j * L); }
+#define ADD_ROW_$sfx(a, j) { a += ck * load_$sfx(v + j * L); }
+#define STORE_$sfx(a, j) { store_$sfx(out + j * L, a); }
+    if (init) {
+        EACH_SUM_$sfx(INIT_$sfx)
+        if (has_part) p = load_part_$sfx(init + J * L, m);
+    }
+    long k = 0;
+    if (J + has_part <= 2) {  /* few sums: odd rows into a second set, so no add waits on the one before */
+        vec_$sfx b0 = {0}, b1 = {0}, q = {0};
+        for (; k + 2 <= n; k += 2) {
+            const $real c0 = c[k * c_s], c1 = c[(k + 1) * c_s], *v0 = V + k * v_sk, *v1 = v0 + v_sk;
+            if (J > 0) { a0 += c0 * load_$sfx(v0); b0 += c1 * load_$sfx(v1); }
+            if (J > 1) { a1 += c0 * load_$sfx(v0 + L); b1 += c1 * load_$sfx(v1 + L); }
+            if (has_part) {
+                p += c0 * load_part_$sfx(v0 + J * L, m);
+                q += c1 * load_part_$sfx(v1 + J * L, m);
+            }
+        }
+        a0 += b0; a1 += b1; p += q;
+    }
+    for (; k < n; k++) {
+        const $real ck = c[k * c_s], *v = V + k * v_sk;
+        EACH_SUM_$sfx(ADD_ROW_$sfx)
+        if (has_part) p += ck * load_part_$sfx(v + J * L, m);
+    }
+    EACH_SUM_$sfx(STORE_$sfx)
+    if (has_part) store_part_$sfx(out + J * L, p, m);
+}
+#define COMBINE_CHUNK_$sfx(J, has_part) \
+    combine_chunk_$sfx(J, has_part, part, n, c, c_s, V + d, v_sk, init ? init + d : 0, out + d)
+/* out = init + Σ_k c[k * c_s] V[k] (init = 0 when NULL; it may be out), in chunks of eight vectors, then
+   one chunk of what is left: whole vectors and one part (without masked loads, only a half vector, and the
+   last lanes one by one) */
 static void combine_$sfx(long n, long D, const $real *c, long c_s, const $real *V, long v_sk,
                          const $real *init, $real *out) {
     const long L = LANES_$sfx;
-    long d = 0;
-    for (; d + 8 * L <= D; d += 8 * L) {
-        vec_$sfx a[8];
-        for (int j = 0; j < 8; j++) a[j] = init ? load_$sfx(init + d + j * L) : (vec_$sfx){0};
+    long d = 0, part = 0;
+    for (; d + 8 * L <= D; d += 8 * L) COMBINE_CHUNK_$sfx(8, 0);
+    const long whole = (D - d) / L;
+    part = PART_LANES(D - d - whole * L, L);
+    switch (whole * 2 + (part > 0)) {
+    case 0: break;
+    case 1: COMBINE_CHUNK_$sfx(0, 1); break;
+    case 2: COMBINE_CHUNK_$sfx(1, 0); break;
+    case 3: COMBINE_CHUNK_$sfx(1, 1); break;
+    case 4: COMBINE_CHUNK_$sfx(2, 0); break;
+    case 5: COMBINE_CHUNK_$sfx(2, 1); break;
+    case 6: COMBINE_CHUNK_$sfx(3, 0); break;
+    case 7: COMBINE_CHUNK_$sfx(3, 1); break;
+    case 8: COMBINE_CHUNK_$sfx(4, 0); break;
+    case 9: COMBINE_CHUNK_$sfx(4, 1); break;
+    case 10: COMBINE_CHUNK_$sfx(5, 0); break;
+    case 11: COMBINE_CHUNK_$sfx(5, 1); break;
+    case 12: COMBINE_CHUNK_$sfx(6, 0); break;
+    case 13: COMBINE_CHUNK_$sfx(6, 1); break;
+    case 14: COMBINE_CHUNK_$sfx(7, 0); break;
+    default: COMBINE_CHUNK_$sfx(7, 1); break;
+    }
+    d += whole * L + part;
+    if (d < D) {  /* lanes left without masked loads: each one's own sum, the rows outermost */
+        $real t[LANES_$sfx];
+        const long m = D - d;
+        for (long i = 0; i < m; i++) t[i] = init ? init[d + i] : 0;
         for (long k = 0; k < n; k++) {
             const $real ck = c[k * c_s], *v = V + k * v_sk + d;
-            for (int j = 0; j < 8; j++) a[j] += ck * load_$sfx(v + j * L);
+            for (long i = 0; i < m; i++) t[i] += ck * v[i];
         }
-        memcpy(out + d, a, sizeof a);
-    }
-    for (; d + L <= D; d += L) {  /* two sums: half the FMA latency per row */
-        vec_$sfx a = init ? load_$sfx(init + d) : (vec_$sfx){0}, b = {0};
-        long k = 0;
-        for (; k + 2 <= n; k += 2) {
-            a += c[k * c_s] * load_$sfx(V + k * v_sk + d);
-            b += c[(k + 1) * c_s] * load_$sfx(V + (k + 1) * v_sk + d);
-        }
-        if (k < n) a += c[k * c_s] * load_$sfx(V + k * v_sk + d);
-        a += b;
-        memcpy(out + d, &a, sizeof a);
-    }
-    for (; d < D; d++) {
-        $real sum = init ? init[d] : 0;
-        for (long k = 0; k < n; k++) sum += c[k * c_s] * V[k * v_sk + d];
-        out[d] = sum;
+        memcpy(out + d, t, m * sizeof t[0]);
     }
 }
 void column_combine_$sfx(long B, long rows, long D, const $real *sg, long sg_sb, long sg_sj,
