@@ -179,6 +179,17 @@ def render_allocator(p: dict[str, Any]) -> str:
     return "\n\n".join([provenance(p), table(header, rows)])
 
 
+def seed_ranges(seeds: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'"""
+    spans: list[list[int]] = []
+    for seed in sorted(seeds):
+        if spans and seed == spans[-1][1] + 1:
+            spans[-1][1] = seed
+        else:
+            spans.append([seed, seed])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
+
+
 def render_search_efficiency(p: dict[str, Any]) -> str:
     r = p["results"]
     rows = []
@@ -202,7 +213,11 @@ def render_search_efficiency(p: dict[str, Any]) -> str:
         f"trials of {r['trials']} started (median)",
         "best val acc (median)",
     ]
-    out = provenance(p) + "\n\n" + table(header, rows)
+    out = provenance(p)
+    if r.get("earlier_runs"):  # one table over several sittings (`--extend`): each one's provenance
+        runs = [*r["earlier_runs"], {**p, "seeds": r["seeds_this_run"]}]
+        out = "\n\n".join(f"Seeds {seed_ranges(run['seeds'])}: {provenance(run)}" for run in runs)
+    out += "\n\n" + table(header, rows)
     eff = r.get("efficiency")
     if eff:
         ci = f", 95% CI {eff['ci_low']:.2f}-{eff['ci_high']:.2f}" if "ci_low" in eff else ""

@@ -13,17 +13,22 @@ a sweep that never reaches the target counts its whole budget (trials x epochs),
 reward giving up early. One local Ray and one local MLflow server for all sweeps.
 
 Usage: .venv/bin/python benchmarks/search_efficiency.py [--seeds 3] [--target 0.95] [--pairs 4]
-[--epochs 6] [--steps 60] [--trials 24]; issue 14's setting: --seeds 10 --pairs 8 --target 0.99 --epochs 12
---steps 150 --trials 40. Writes benchmarks/results/search_efficiency.json; `benchmarks/render.py` puts the
-table in docs/benchmarks.md.
+[--epochs 6] [--steps 60] [--trials 24] [--first-seed 0] [--extend FILE]; issue 14's setting: --seeds 10
+--pairs 8 --target 0.99 --epochs 12 --steps 150 --trials 40. `--extend` adds this run's seeds (from
+`--first-seed` on) to an earlier run's file with the same settings, so a long interval can be narrowed in
+several sittings; the ratio and its interval are then over all seeds, and each run's commit, times and
+load are kept. Writes benchmarks/results/search_efficiency.json; `benchmarks/render.py` puts the table in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from record import record, scratch_home  # noqa: E402
@@ -97,14 +102,20 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4, help="ART's K")
     parser.add_argument("--epochs", type=int, default=6, help="epochs per trial at most")
     parser.add_argument("--steps", type=int, default=60, help="steps per epoch")
+    parser.add_argument("--first-seed", type=int, default=0, help="searcher seeds from this one on")
+    parser.add_argument("--extend", type=Path, help="an earlier run's JSON with the same settings: add to it")
     args = parser.parse_args()
+    try:
+        earlier = earlier_run(args)
+    except SystemExit as e:
+        parser.error(str(e))  # exit status 2, as for any bad argument
     import ray
 
     from sweep import tracking
     from sweep.runner import connect_ray
 
     print(f"load average before: {os.getloadavg()[0]:.2f}")
-    rows: dict[str, list[tuple[int | None, int, float, int]]] = {s: [] for s in STRATEGIES}
+    rows: dict[str, list[tuple[int, int | None, int, float, int]]] = {s: [] for s in STRATEGIES}
     start = time.perf_counter()
     with scratch_home(), record("search_efficiency", vars(args)) as payload:
         try:
@@ -113,13 +124,16 @@ def main() -> None:
         finally:
             ray.shutdown()
             tracking.stop_local_server()
-        keys = ("epochs_to_target", "total_epochs", "best", "trials")
-        strategies = {name: [{"seed": seed, **dict(zip(keys, v, strict=True))}
-                             for seed, v in enumerate(values)] for name, values in rows.items()}
+        keys = ("seed", "epochs_to_target", "total_epochs", "best", "trials")
+        strategies = {name: [dict(zip(keys, v, strict=True)) for v in values]
+                      for name, values in rows.items()}
+        strategies, earlier_runs = with_earlier_seeds(strategies, earlier)
         payload["results"] = {
-            "target": args.target, "wall_s": time.perf_counter() - start, "pairs": args.pairs,
+            "target": args.target, "pairs": args.pairs,
             "trials": args.trials, "epochs": args.epochs, "steps_per_epoch": args.steps,
-            "strategies": strategies,
+            "wall_s": time.perf_counter() - start + sum(run["wall_s"] for run in earlier_runs),
+            "strategies": strategies, "earlier_runs": earlier_runs,
+            "seeds_this_run": list(range(args.first_seed, args.first_seed + args.seeds)),
             "efficiency": efficiency_ratio(strategies, args.trials * args.epochs),
         }
     print(f"\n{args.seeds} seeds, {args.trials} trials of <= {args.epochs} epochs of {args.steps} steps, "
@@ -127,18 +141,64 @@ def main() -> None:
           f"{payload['results']['efficiency']}")
 
 
-def run_all(args: argparse.Namespace, rows: dict[str, list[tuple[int | None, int, float, int]]]) -> None:
+def run_of(payload: dict) -> dict:
+    """The provenance of the run that wrote `payload` (without the runs it extended), and its seeds."""
+    results = payload["results"]
+    seeds = results.get("seeds_this_run") or [s["seed"] for s in results["strategies"]["tpe+asha"]]
+    wall_s = results["wall_s"] - sum(run["wall_s"] for run in results.get("earlier_runs", []))
+    keys = ("command", "git_commit", "started_utc", "finished_utc", "load_average_before",
+            "load_average_after", "machine")
+    return {key: payload.get(key) for key in keys} | {"wall_s": wall_s, "seeds": seeds}
+
+
+def with_earlier_seeds(strategies: dict[str, list[dict]], earlier: dict | None
+                       ) -> tuple[dict[str, list[dict]], list[dict]]:
+    """This run's seeds with those of the run it extends (sorted by seed), and the earlier runs'
+    provenance (this run's is the file's own)."""
+    if earlier is None:
+        return strategies, []
+    earlier_runs = [*earlier["results"].get("earlier_runs", []), run_of(earlier)]
+    merged = {name: sorted(earlier["results"]["strategies"][name] + seeds, key=lambda s: s["seed"])
+              for name, seeds in strategies.items()}
+    return merged, earlier_runs
+
+
+def earlier_run(args: argparse.Namespace) -> dict | None:
+    """The run `--extend` names, checked before anything starts: same settings, no seed measured twice."""
+    if args.extend is None:
+        return None
+    try:
+        payload = json.loads(args.extend.read_text())
+        results = payload["results"]
+        settings = {"target": results["target"], "pairs": results["pairs"], "trials": results["trials"],
+                    "epochs": results["epochs"], "steps": results["steps_per_epoch"]}
+        seeds = {s["seed"] for s in results["strategies"]["tpe+asha"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--extend {args.extend}: not a search_efficiency result ({e})") from None
+    ours = {"target": args.target, "pairs": args.pairs, "trials": args.trials, "epochs": args.epochs,
+            "steps": args.steps}
+    if settings != ours:
+        differ = ", ".join(f"--{k} {settings[k]} (not {ours[k]})" for k in ours if settings[k] != ours[k])
+        raise SystemExit(f"--extend {args.extend} was run with {differ}: use the same settings")
+    overlap = seeds & set(range(args.first_seed, args.first_seed + args.seeds))
+    if overlap:
+        raise SystemExit(f"--extend {args.extend} already has seeds {sorted(overlap)}: set --first-seed "
+                         f"{max(seeds) + 1}")
+    return payload
+
+
+def run_all(args: argparse.Namespace, rows: dict[str, list[tuple[int, int | None, int, float, int]]]) -> None:
     from sweep.export import load_trials
     from sweep.runner import run_sweep
 
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for strategy in STRATEGIES:
             spec = spec_for(strategy, seed, args)
             result = run_sweep(spec)
             records = load_trials(spec.name)
             to_target, total = epochs_to_target(records, args.target)
             best = result.best.value("val_accuracy") if result.best else float("nan")
-            rows[strategy].append((to_target, total, best, len(records)))
+            rows[strategy].append((seed, to_target, total, best, len(records)))
             print(f"{strategy:12s} seed {seed}: epochs to {args.target:.0%}: {to_target}, "
                   f"total {total} in {len(records)} trials, best {best:.4f}", flush=True)
 

@@ -210,6 +210,48 @@ def test_search_efficiency_ratio_is_paired_by_seed_and_counts_a_miss_as_the_whol
     assert eff["ci_low"] <= eff["ratio"] <= eff["ci_high"] and eff["seeds"] == 4
 
 
+def test_search_efficiency_extends_an_earlier_run_with_the_same_settings_only(tmp_path):
+    """`--extend`: the earlier file is checked before anything runs (settings, seeds not measured twice);
+    the seeds are merged in order, and the table names each run's seeds and provenance."""
+    import argparse
+
+    from search_efficiency import earlier_run, with_earlier_seeds
+
+    def seeds(first, n):
+        return [{"seed": s, "epochs_to_target": 10 + s, "total_epochs": 40, "best": 0.99, "trials": 4}
+                for s in range(first, first + n)]
+
+    earlier = {"command": "first", "git_commit": "aaa", "started_utc": "t0", "finished_utc": "t1",
+               "load_average_before": [0.1] * 3, "load_average_after": [0.2] * 3,
+               "machine": {"cpu_model": "c"},
+               "results": {"target": 0.99, "pairs": 8, "trials": 40, "epochs": 12, "steps_per_epoch": 150,
+                           "wall_s": 3600.0,
+                           "strategies": {"tpe+asha": seeds(0, 3), "random+fifo": seeds(0, 3)}}}
+    path = tmp_path / "search_efficiency.json"
+    path.write_text(json.dumps(earlier))
+    args = argparse.Namespace(extend=path, target=0.99, pairs=8, trials=40, epochs=12, steps=150,
+                              first_seed=3, seeds=2)
+    assert earlier_run(args)["command"] == "first"
+    with pytest.raises(SystemExit, match="--epochs 12 \\(not 6\\)"):
+        earlier_run(argparse.Namespace(**vars(args) | {"epochs": 6}))
+    with pytest.raises(SystemExit, match="already has seeds \\[2\\]: set --first-seed 3"):
+        earlier_run(argparse.Namespace(**vars(args) | {"first_seed": 2}))
+    path.write_text("{")
+    with pytest.raises(SystemExit, match="not a search_efficiency result"):
+        earlier_run(args)
+
+    merged, runs = with_earlier_seeds({"tpe+asha": seeds(3, 2), "random+fifo": seeds(3, 2)}, earlier)
+    assert [s["seed"] for s in merged["tpe+asha"]] == [0, 1, 2, 3, 4]
+    assert [(r["git_commit"], r["seeds"], r["wall_s"]) for r in runs] == [("aaa", [0, 1, 2], 3600.0)]
+    page = render.render_search_efficiency({
+        **earlier, "command": "second", "git_commit": "bbb",
+        "results": {**earlier["results"], "strategies": merged, "earlier_runs": runs,
+                    "seeds_this_run": [3, 4]}})
+    assert "Seeds 0-2: *Measured t0" in page and "commit aaa; `first`" in page
+    assert "Seeds 3-4: *Measured t0" in page and "commit bbb; `second`" in page
+    assert render.seed_ranges([5, 0, 1, 2, 7, 8]) == "0-2, 5, 7-8"
+
+
 def test_committed_docs_match_the_committed_results():
     """docs/benchmarks.md says only what benchmarks/results/*.json recorded."""
     assert render.render(render.DOC.read_text()) == render.DOC.read_text(), "run benchmarks/render.py"
