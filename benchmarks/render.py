@@ -220,10 +220,10 @@ def render_search_efficiency(p: dict[str, Any]) -> str:
     out += "\n\n" + table(header, rows)
     eff = r.get("efficiency")
     if eff:
-        ci = f", 95% CI {eff['ci_low']:.2f}-{eff['ci_high']:.2f}" if "ci_low" in eff else ""
-        out += (f"\n\n**tpe+asha / random+fifo, mean trial-epochs to {r['target']:.0%}: {eff['ratio']:.2f}**"
+        ci = f", 95% CI {eff['ci_low']:.3f}-{eff['ci_high']:.3f}" if "ci_low" in eff else ""  # near 1/3
+        out += (f"\n\n**tpe+asha / random+fifo, mean trial-epochs to {r['target']:.0%}: {eff['ratio']:.3f}**"
                 f"{ci} (paired by seed over {eff['seeds']} seeds, bootstrap; a search that never reached "
-                f"it counts {eff['censored_at']} epochs). Target: <= 0.33.")
+                f"it counts {eff['censored_at']} epochs). Target: <= 1/3 (0.333).")
     return out
 
 

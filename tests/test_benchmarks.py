@@ -187,7 +187,7 @@ def test_every_kind_of_result_has_a_renderer():
     }
     for kind, results, expected in [
         ("sweep_overhead", sweep, "0.24 core-s"),
-        ("search_efficiency", search, "0.41**, 95% CI 0.20-0.70"),
+        ("search_efficiency", search, "0.410**, 95% CI 0.200-0.700"),
         ("driver_profile", profile, "other thread: PythonGCThread"),
         ("tracking", tracking, "10.0x"),
         ("gpu", gpu_results, "3.00"),
