@@ -131,6 +131,17 @@ static inline void hsum8_f64(vec_f64 a0, vec_f64 a1, vec_f64 a2, vec_f64 a3, vec
     const vec_f64 e = DPAIR1(DPAIR2(DPAIR4(a0, a1), DPAIR4(a2, a3)), DPAIR2(DPAIR4(a4, a5), DPAIR4(a6, a7)));
     memcpy(s, &e, sizeof e);
 }
+/* the sum of one vector's lanes: halves added, then quarters, then pairwise */
+typedef float quarter_f32 __attribute__((vector_size(16)));
+static inline float hsum1_f32(vec_f32 a) {
+    const half_f32 h = SHUF(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + SHUF(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    const quarter_f32 q = SHUF(h, h, 0, 1, 2, 3) + SHUF(h, h, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+static inline double hsum1_f64(vec_f64 a) {
+    const half_f64 h = SHUF(a, a, 0, 1, 2, 3) + SHUF(a, a, 4, 5, 6, 7);
+    return (h[0] + h[2]) + (h[1] + h[3]);
+}
 #if defined(__AVX512F__)
 #include <immintrin.h>
 /* the first m lanes (0 < m < LANES), the others zero: a masked load, which never touches the lanes past m
@@ -160,6 +171,11 @@ static inline void store_part_f64(double *p, vec_f64 v, long m) {
                                    vec_##sfx a5, vec_##sfx a6, vec_##sfx a7, real *s) { \
         const vec_##sfx a[8] = {a0, a1, a2, a3, a4, a5, a6, a7}; \
         for (int i = 0; i < 8; i++) { s[i] = 0; for (int l = 0; l < LANES_##sfx; l++) s[i] += a[i][l]; } \
+    } \
+    static inline real hsum1_##sfx(vec_##sfx a) { \
+        real s = 0; \
+        for (int l = 0; l < LANES_##sfx; l++) s += a[l]; \
+        return s; \
     }
 PORTABLE_LANES(float, f32)
 PORTABLE_LANES(double, f64)
@@ -173,6 +189,8 @@ static inline vec_f64 load_part_f64(const double *p, long m) { (void)m; return l
 static inline void store_part_f32(float *p, vec_f32 v, long m) { (void)m; memcpy(p, &v, sizeof v / 2); }
 static inline void store_part_f64(double *p, vec_f64 v, long m) { (void)m; memcpy(p, &v, sizeof v / 2); }
 #endif
+static const float ONES_f32[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+static const double ONES_f64[8] = {1, 1, 1, 1, 1, 1, 1, 1};
 #define EXP_f32 exp_approx_f32
 #define TANH_f32 tanh_approx_f32
 #define SQRT_f32 sqrtf
@@ -338,25 +356,46 @@ static inline void gate_inputs_$sfx(long G, const $real *hw, const $real *xw, $r
     }
 }
 
+/* Σ_k x[k] (y NULL), Σ_k x[k] y[k] or, with `centre`, Σ_k (x[k] - m)²: in vectors (two sums, for the
+   adds' latency), a vector's last lanes as a part, one lane sum at the end. `omp simd reduction` compiled
+   its lanes into one scalar add after another (GCC 12): longer than the loop itself at these lengths. */
+static inline __attribute__((always_inline)) $real lane_sum_$sfx(long n, const $real *x, const $real *y,
+                                                               int centre, $real m) {
+    const long L = LANES_$sfx;
+#define TERM_$sfx(load, at) (centre ? (load(x + at) - m) * (load(x + at) - m) \
+                                    : y ? load(x + at) * load(y + at) : load(x + at))
+    vec_$sfx a = {0}, b = {0};
+    long k = 0;
+    for (; k + 2 * L <= n; k += 2 * L) {
+        a += TERM_$sfx(load_$sfx, k);
+        b += TERM_$sfx(load_$sfx, k + L);
+    }
+    if (k + L <= n) {
+        a += TERM_$sfx(load_$sfx, k);
+        k += L;
+    }
+    const long part = PART_LANES(n - k, L);
+    if (part) {  /* (x - m) of the lanes past the part is -m: keep only the part's lanes */
+        const vec_$sfx keep = load_part_$sfx(ONES_$sfx, part);
+#define LOAD_PART_SUM_$sfx(p) load_part_$sfx(p, part)
+        b += keep * TERM_$sfx(LOAD_PART_SUM_$sfx, k);
+        k += part;
+    }
+    $real s = hsum1_$sfx(a + b);
+    for (; k < n; k++) s += centre ? (x[k] - m) * (x[k] - m) : y ? x[k] * y[k] : x[k];
+    return s;
+}
 /* LN statistics of one row: mean and 1/sqrt(biased variance + eps), two passes as in ATen */
 static inline void ln_stats_$sfx(long n, const $real *x, $real *mean, $real *rstd) {
-    $real s = 0, v = 0;
-    _Pragma("omp simd reduction(+:s)")
-    for (long k = 0; k < n; k++) s += x[k];
-    const $real m = s / n;
-    _Pragma("omp simd reduction(+:v)")
-    for (long k = 0; k < n; k++) v += (x[k] - m) * (x[k] - m);
+    const $real m = lane_sum_$sfx(n, x, 0, 0, 0) / n;
     *mean = m;
-    *rstd = 1 / SQRT_$sfx(v / n + LN_EPS);
+    *rstd = 1 / SQRT_$sfx(lane_sum_$sfx(n, x, 0, 1, m) / n + ($real)LN_EPS);
 }
 
 /* dx of a layer norm from dxhat (the gradient after the gain):
    rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) */
 static inline void ln_backward_$sfx(long n, const $real *dxhat, const $real *xhat, $real rstd, $real *dx) {
-    $real s1 = 0, s2 = 0;
-    _Pragma("omp simd reduction(+:s1,s2)")
-    for (long k = 0; k < n; k++) { s1 += dxhat[k]; s2 += dxhat[k] * xhat[k]; }
-    s1 /= n; s2 /= n;
+    const $real s1 = lane_sum_$sfx(n, dxhat, 0, 0, 0) / n, s2 = lane_sum_$sfx(n, dxhat, xhat, 0, 0) / n;
     _Pragma("omp simd")
     for (long k = 0; k < n; k++) dx[k] = rstd * (dxhat[k] - s1 - xhat[k] * s2);
 }
