@@ -189,6 +189,7 @@ static inline vec_f64 load_part_f64(const double *p, long m) { (void)m; return l
 static inline void store_part_f32(float *p, vec_f32 v, long m) { (void)m; memcpy(p, &v, sizeof v / 2); }
 static inline void store_part_f64(double *p, vec_f64 v, long m) { (void)m; memcpy(p, &v, sizeof v / 2); }
 #endif
+/* a vector of ones, whose lower half (read as a half vector) keeps the lanes a half vector holds */
 static const float ONES_f32[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
 static const double ONES_f64[8] = {1, 1, 1, 1, 1, 1, 1, 1};
 #define EXP_f32 exp_approx_f32
