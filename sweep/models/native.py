@@ -776,19 +776,18 @@ static inline void scatter_add_$sfx(const long *tokens, $real *dtable, const $re
 /* dWT [n, m] (+)= Xᵀ dY over K rows (X [K, n], dY [K, m]: a linear map's weight gradient, transposed), as
    products of `chunk` rows: X's rows transposed into XT [n, chunk] (brgemm takes no transposed operand).
    Called by the backward loops for each block of rows while its dZ and h(t-1) are still in L2. */
+static void transpose_$sfx(long rows, long cols, const $real *x, $real *out) {
+    for (long i = 0; i < cols; i++)
+        for (long j = 0; j < rows; j++) out[i * rows + j] = x[j * cols + i];
+}
+
 static void weight_grad_rows_$sfx(gemm_$sfx gemm, long K, long n, long m, long chunk, const $real *X,
                                   const $real *dY, $real *XT, $real *dWT, int add) {
     for (long k0 = 0; k0 < K; k0 += chunk) {
         const long kc = K - k0 < chunk ? K - k0 : chunk;
-        for (long j = 0; j < n; j++)
-            for (long k = 0; k < kc; k++) XT[j * kc + k] = X[(k0 + k) * n + j];
+        transpose_$sfx(kc, n, X + k0 * n, XT);
         gemm(n, m, kc, kc, m, m, add || k0 > 0, XT, dY + k0 * m, dWT, 0);
     }
-}
-
-static void transpose_$sfx(long rows, long cols, const $real *x, $real *out) {
-    for (long i = 0; i < cols; i++)
-        for (long j = 0; j < rows; j++) out[i * rows + j] = x[j * cols + i];
 }
 
 /* Where step t of rows b0.. writes h(t): Hprev[b0, t + 1] (batch stride T H), the last into h_last. */

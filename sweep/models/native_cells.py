@@ -108,6 +108,19 @@ def _gradient_buffers(like: Tensor, T: int, B: int, G: int, H: int) -> tuple[Ten
     return like.new_empty(B, T, G), dgamma, dbeta, dgamma_c, dbeta_c, like.new_zeros(B, H)
 
 
+def _sequence_inputs(ctx: Any, xW: Tensor, tokens: Tensor | None
+                     ) -> tuple[int | None, Tensor, Tensor | None, tuple[int, int, int]]:
+    """The LSTMs' forward inputs: the GEMM for a whole-sequence C call (None: the time loop here, which
+    takes the inputs looked up), xW and tokens as the chosen loop takes them, and (B, T, G). The lookup is
+    kept in ctx for the backward."""
+    gemm = matmul.sequence_gemm(xW.dtype)
+    ctx.lookup = (tokens, xW.shape[0])
+    if gemm is None:
+        xW, tokens = lookup(xW, tokens), None
+    sizes = (*tokens.shape, xW.shape[-1]) if tokens is not None else tuple(xW.shape)
+    return gemm, xW, tokens, sizes
+
+
 def _token_arguments(xW: Tensor, tokens: Tensor | None, rows: int) -> tuple[Tensor | None, Tensor | None]:
     """For the sequence loops: tokens (int64, contiguous) and a gather buffer [rows, G], or two None. The C
     loop reads xW's rows at the tokens unchecked, so they are checked here, as `F.embedding` would."""
@@ -157,11 +170,7 @@ def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: T
                     beta_c: Tensor, tokens: Tensor | None = None) -> Tensor:
     """h(T) of the LN-LSTM (fused.LNLSTMSequence's equations); beta_fb has the forget bias in its f row.
     With `tokens`, xW is the projected vocabulary and the inputs are xW[tokens]."""
-    gemm = matmul.sequence_gemm(xW.dtype)
-    ctx.lookup = (tokens, xW.shape[0])
-    if gemm is None:
-        xW, tokens = lookup(xW, tokens), None
-    B, T, G = (*tokens.shape, xW.shape[-1]) if tokens is not None else xW.shape
+    gemm, xW, tokens, (B, T, G) = _sequence_inputs(ctx, xW, tokens)
     H = G // 4
     cell = native.kernel("lnlstm_forward", xW.dtype)
     N, ACT, R, CN, C, TC, Hprev, h_last = _forward_buffers(xW, B, T, cell_stats=5, extra=3)
@@ -223,11 +232,7 @@ def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, 
                     tokens: Tensor | None = None) -> Tensor:
     """h(T) of the FW-LSTM (fused.FWLSTMSequence's equations) with the memory `mem` on gates[m0:]; with
     `tokens`, xW is the projected vocabulary and the inputs are xW[tokens]."""
-    gemm = matmul.sequence_gemm(xW.dtype)
-    ctx.lookup = (tokens, xW.shape[0])
-    if gemm is None:
-        xW, tokens = lookup(xW, tokens), None
-    B, T, G = (*tokens.shape, xW.shape[-1]) if tokens is not None else xW.shape
+    gemm, xW, tokens, (B, T, G) = _sequence_inputs(ctx, xW, tokens)
     H = G // 4
     cell = native.kernel("fwlstm_forward", xW.dtype)
     N, ACT, R, CN, C, Hprev, h_last = _forward_buffers(xW, B, T, cell_stats=2, extra=2)
