@@ -122,6 +122,22 @@ def render_models(p: dict[str, Any]) -> str:
     return "\n\n".join([provenance(p), targets, steps_table, rates_note, rates])
 
 
+
+def render_fw_ln_bound(p: dict[str, Any]) -> str:
+    rows = []
+    for r in p["results"]:
+        parts, steps = r["parts_ms"], r["step_ms"]
+        rows.append([r["hidden"], f"{steps['ln_lstm']:.2f}", f"{steps['fw_lstm']:.2f}",
+                     f"{r['over_ln_lstm']['fw_lstm']:.2f}", f"{parts['rest over the LN-LSTM']:.2f}",
+                     f"{parts['memory traffic beyond L2']:.2f}", f"{parts['products (memory in L2)']:.2f}",
+                     f"{parts['products at the L2 floor']:.2f}", f"{r['floor_ms']:.2f}",
+                     f"{r['floor_over_ln_lstm']:.2f}", f"{r['target_ms']:.2f}",
+                     f"{r['rows_per_block']}", f"{r['l2_read_gb_s']:.0f}"])
+    header = ["H", "LN-LSTM ms", "FW-LSTM ms", "FW/LN (paired)", "rest over LN ms", "memory traffic ms",
+              "products ms", "products at L2 floor ms", "floor ms", "floor/LN", "target ms (1.3 LN)",
+              "rows per block", "L2 read GB/s"]
+    return provenance(p) + "\n\n" + table(header, rows)
+
 def render_sweep_overhead(p: dict[str, Any]) -> str:
     r = p["results"]
     rows = [
@@ -361,6 +377,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "search_efficiency": render_search_efficiency,
     "tracking": render_tracking,
     "gpu": render_gpu,
+    "fw_ln_bound": render_fw_ln_bound,
 }
 
 

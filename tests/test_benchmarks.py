@@ -192,6 +192,12 @@ def test_every_kind_of_result_has_a_renderer():
         ("tracking", tracking, "10.0x"),
         ("gpu", gpu_results, "3.00"),
         ("fixed_cost", fixed, "1.7 (dashboard agent 1.6, raylet 0.1)"),
+        ("fw_ln_bound", [{"hidden": 100, "rows_per_block": 8, "l2_read_gb_s": 240.0, "floor_ms": 7.0,
+                          "floor_over_ln_lstm": 1.2, "target_ms": 7.5,
+                          "step_ms": {"ln_lstm": 5.8, "fw_lstm": 8.6}, "over_ln_lstm": {"fw_lstm": 1.48},
+                          "parts_ms": {"rest over the LN-LSTM": 0.7, "memory traffic beyond L2": 0.3,
+                                       "products (memory in L2)": 1.8, "products at the L2 floor": 0.6}}],
+         "| 100 | 5.80 | 8.60 | 1.48 | 0.70 | 0.30 | 1.80 | 0.60 | 7.00 | 1.20 | 7.50 | 8 | 240 |"),
         ("allocator", {"rows": [{"model": "fw_lstm", "options": "fw_form=fused", "hidden_size": 100,
                                  "ms_default": 70.0, "ms_kept": 56.0, "ratio": 0.8, "faults_default": 2700.0,
                                  "faults_kept": 0.0}]},
@@ -274,3 +280,21 @@ def test_gpu_benchmark_fails_clearly_without_cuda():
     )
     assert done.returncode == 2
     assert "needs a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_fw_ln_bound_counts_the_products_the_flop_count_counts_and_its_variants_match_the_kernels():
+    """The floor's product FLOPs are models.py's fast-weight FLOPs (12 D per read and stored vector), and
+    every line the benchmark's variants replace is still in the kernels' source, once (else it would time
+    a build that is not the one shipped)."""
+    from fw_ln_bound import MEMORY_IN_L2, WITHOUT_PRODUCTS, product_macs, product_rows
+    from models import train_step_flops
+
+    from sweep.models import native
+
+    H, B, T = 50, 4, 19
+    with_reads = train_step_flops("fw_lstm", {}, H, B, T)
+    no_reads = train_step_flops("ln_lstm", {}, H, B, T)
+    assert 2 * B * product_macs(T, 4 * H) == with_reads - no_reads
+    assert product_rows(T) == 2 * T * T
+    for old, _ in WITHOUT_PRODUCTS + MEMORY_IN_L2:
+        assert native.SOURCE.count(old) == 1, old
