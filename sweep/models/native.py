@@ -494,6 +494,15 @@ void lnlstm_backward_$sfx(long B, long H, const $real *dh, $real *dc, const $rea
     }
 }
 
+/* The FW-LSTM's stored vector v = ReLU(n gamma + beta) over the memory's gates (n: the normalised gates),
+   in one place, so that the sequence loops' backward recomputes it (one_block, below) with the forward's
+   rounding. */
+static inline void stored_vector_$sfx(long D, const $real *n, const $real *gamma, const $real *beta,
+                                      $real *v) {
+    _Pragma("omp simd")
+    for (long k = 0; k < D; k++) { const $real z = n[k] * gamma[k] + beta[k]; v[k] = z > 0 ? z : 0; }
+}
+
 /* FW-LSTM, one time step t for every row: z is normalised over all 4H gates (i, f, o, g) with gain gamma
    and bias beta; the memory holds v = ReLU(ẑ[m0:]) (D = 4H - m0) and S reads a_s = A(t) q_s, q_0 = v,
    q_s = ReLU(ẑ[m0:] + a_{s-1}), kept in GQ's rows 2r+1 (r = tS + s) with their weighted dots in SG's rows 2r.
@@ -523,8 +532,7 @@ void fwlstm_forward_$sfx(long B, long H, long m0, long t, long S, long T, const 
             nb[k] = (zb[k] - mean) * r0;
             zh[k] = nb[k] * gamma[k] + beta[k];
         }
-        _Pragma("omp simd")
-        for (long k = 0; k < D; k++) v[k] = zh[m0 + k] > 0 ? zh[m0 + k] : 0;
+        stored_vector_$sfx(D, nb + m0, gamma + m0, beta + m0, v);
         for (long s = 0; s < S; s++) {
             const long r = t * S + s;
             $real *q = GQb + (2 * r + 1) * gq_sj, *sg = SGb + 2 * r * sg_sj;
@@ -895,9 +903,12 @@ void lnlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
                            dWT, dW_h, lnlstm_step_backward_$sfx, &m);
 }
 
-/* FW-LSTM (its memory: V, GQ, SG with their batch and row strides, and the weights w). */
+/* FW-LSTM (its memory: V, GQ, SG with their batch and row strides, and the weights w). one_block (S = 1,
+   V the query rows of GQ): V and GQ hold one block's rows, which every block reuses, so the memory stays in
+   L2 and is never written out for the backward; the backward recomputes a block's stored vectors from the
+   saved normalised gates when it starts the block. */
 struct fwlstm_$sfx {
-    long B, T, H, m0, S, rows;
+    long B, T, H, m0, S, rows, one_block;
     const long *lo;  /* lo[t]: the first GQ row of a read that saw v_t (backward) */
     const $real *gamma, *beta, *fb, *gc, *bc, *w;
     $real *V, *GQ, *SG;
@@ -908,32 +919,39 @@ struct fwlstm_$sfx {
 static void fwlstm_step_$sfx(const void *model, long b0, long nb, long t, const $real *hw, const $real *xw,
                              long xw_sb, $real *h, long h_sb) {
     const struct fwlstm_$sfx *m = model;
-    const long B = m->B, H = m->H, G = 4 * H, o = t * B + b0;
+    const long B = m->B, H = m->H, G = 4 * H, o = t * B + b0, mb = m->one_block ? 0 : b0;
     fwlstm_forward_$sfx(nb, H, m->m0, t, m->S, m->T, hw, xw, xw_sb, m->gamma, m->beta, m->fb, m->gc, m->bc,
-                        t ? m->C + (o - B) * H : 0, m->V + b0 * m->v_sb, m->v_sb, m->v_sk,
-                        m->GQ + b0 * m->gq_sb, m->gq_sb, m->gq_sj, m->SG + b0 * m->sg_sb, m->sg_sb, m->sg_sj,
+                        t ? m->C + (o - B) * H : 0, m->V + mb * m->v_sb, m->v_sb, m->v_sk,
+                        m->GQ + mb * m->gq_sb, m->gq_sb, m->gq_sj, m->SG + b0 * m->sg_sb, m->sg_sb, m->sg_sj,
                         m->w, m->N + o * G, m->ACT + o * G, m->R + o * 2, m->CN + o * H, m->C + o * H, h,
                         h_sb);
 }
 static void fwlstm_step_backward_$sfx(const void *model, long b0, long nb, long t, const $real *dh,
                                       $real *dz) {
     const struct fwlstm_$sfx *m = model;
-    const long B = m->B, H = m->H, G = 4 * H, o = t * B + b0;
-    fwlstm_backward_$sfx(nb, H, m->m0, t, m->S, m->T, m->lo[t], m->rows, dh, m->dc + b0 * H, m->gamma, m->gc,
+    const long B = m->B, H = m->H, G = 4 * H, o = t * B + b0, mb = m->one_block ? 0 : b0, m0 = m->m0;
+    if (m->one_block && t == m->T - 1)  /* a new block: its stored vectors again */
+        for (long s = 0; s < m->T; s++)
+            for (long b = 0; b < nb; b++)
+                stored_vector_$sfx(G - m0, m->N + (s * B + b0 + b) * G + m0, m->gamma + m0, m->beta + m0,
+                                   m->V + b * m->v_sb + s * m->v_sk);
+    fwlstm_backward_$sfx(nb, H, m0, t, m->S, m->T, m->lo[t], m->rows, dh, m->dc + b0 * H, m->gamma, m->gc,
                          m->N + o * G, m->ACT + o * G, m->R + o * 2, m->CN + o * H, m->C + o * H,
-                         t ? m->C + (o - B) * H : 0, m->V + b0 * m->v_sb, m->v_sb, m->v_sk,
-                         m->GQ + b0 * m->gq_sb, m->gq_sb, m->gq_sj, m->SG + b0 * m->sg_sb, m->sg_sb,
+                         t ? m->C + (o - B) * H : 0, m->V + mb * m->v_sb, m->v_sb, m->v_sk,
+                         m->GQ + mb * m->gq_sb, m->gq_sb, m->gq_sj, m->SG + b0 * m->sg_sb, m->sg_sb,
                          m->sg_sj, m->w, dz, m->T * G, m->dgamma, m->dbeta, m->dgc, m->dbc);
 }
 void fwlstm_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long rb, long m0, long S,
-                                  const $real *W_hT, const $real *xW, const long *tokens, $real *xg,
+                                  long one_block, const $real *W_hT, const $real *xW, const long *tokens,
+                                  $real *xg,
                                   const $real *gamma, const $real *beta, const $real *fb, const $real *gc,
                                   const $real *bc, $real *V, long v_sb, long v_sk, $real *GQ, long gq_sb,
                                   long gq_sj, $real *SG, long sg_sb, long sg_sj, const $real *w, $real *N,
                                   $real *ACT, $real *R, $real *CN, $real *C, $real *Hprev, $real *h_last,
                                   $real *hw) {
-    const struct fwlstm_$sfx m = {.B = B, .T = T, .H = H, .m0 = m0, .S = S, .gamma = gamma, .beta = beta,
-                                  .fb = fb, .gc = gc, .bc = bc, .w = w, .V = V, .GQ = GQ, .SG = SG,
+    const struct fwlstm_$sfx m = {.B = B, .T = T, .H = H, .m0 = m0, .S = S, .one_block = one_block,
+                                  .gamma = gamma, .beta = beta, .fb = fb, .gc = gc, .bc = bc, .w = w, .V = V,
+                                  .GQ = GQ, .SG = SG,
                                   .v_sb = v_sb, .v_sk = v_sk, .gq_sb = gq_sb, .gq_sj = gq_sj, .sg_sb = sg_sb,
                                   .sg_sj = sg_sj, .N = N, .ACT = ACT, .R = R, .CN = CN, .C = C};
     sequence_forward_$sfx(gemm, B, T, H, 4 * H, rb, W_hT, xW, tokens, xg, Hprev, h_last, hw,
@@ -941,15 +959,17 @@ void fwlstm_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long r
 }
 /* The saved buffers are only read here; the struct's pointers are not const for the forward's sake. */
 void fwlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long rb, long m0, long S,
-                                   const long *lo, long rows, const $real *W_h, const $real *grad_h,
-                                   const $real *gamma, const $real *gc, $real *N, $real *ACT, $real *R,
-                                   $real *CN, $real *C, $real *V, long v_sb, long v_sk, $real *GQ, long gq_sb,
-                                   long gq_sj, $real *SG, long sg_sb, long sg_sj, const $real *w, $real *dZ,
+                                   long one_block, const long *lo, long rows, const $real *W_h,
+                                   const $real *grad_h, const $real *gamma, const $real *beta,
+                                   const $real *gc, $real *N, $real *ACT, $real *R, $real *CN, $real *C,
+                                   $real *V, long v_sb, long v_sk, $real *GQ, long gq_sb, long gq_sj,
+                                   $real *SG, long sg_sb, long sg_sj, const $real *w, $real *dZ,
                                    $real *dc, $real *dh, $real *dgamma, $real *dbeta, $real *dgc, $real *dbc,
                                    const long *tokens, $real *dtable, const $real *Hprev, long chunk,
                                    $real *HT, $real *dWT, $real *dW_h) {
     const struct fwlstm_$sfx m = {.B = B, .T = T, .H = H, .m0 = m0, .S = S, .rows = rows, .lo = lo,
-                                  .gamma = gamma, .gc = gc, .w = w, .V = V, .GQ = GQ, .SG = SG,
+                                  .one_block = one_block, .gamma = gamma, .beta = beta, .gc = gc, .w = w,
+                                  .V = V, .GQ = GQ, .SG = SG,
                                   .v_sb = v_sb, .v_sk = v_sk, .gq_sb = gq_sb, .gq_sj = gq_sj, .sg_sb = sg_sb,
                                   .sg_sj = sg_sj, .N = N, .ACT = ACT, .R = R, .CN = CN, .C = C, .dc = dc,
                                   .dgamma = dgamma, .dbeta = dbeta, .dgc = dgc, .dbc = dbc};
@@ -1032,11 +1052,11 @@ SIGNATURES = {
     "use_blas": [_ptr],
     "lnlstm_sequence_forward": [_ptr] + [_long] * 4 + [_ptr] * 17,
     "lnlstm_sequence_backward": [_ptr] + [_long] * 4 + [_ptr] * 20 + [_long] + [_ptr] * 3,
-    "fwlstm_sequence_forward": [_ptr] + [_long] * 6 + [_ptr] * 9 + _MEMORY + [_ptr] * 8,
+    "fwlstm_sequence_forward": [_ptr] + [_long] * 7 + [_ptr] * 9 + _MEMORY + [_ptr] * 8,
     "fwrnn_sequence_forward": [_ptr] + [_long] * 4 + [_ptr] * 4 + _MEMORY + [_ptr] * 5,
     "fwrnn_sequence_backward": [_ptr] + [_long] * 4 + [_ptr, _long] + [_ptr] * 6 + _MEMORY + [_ptr] * 5
     + [_long] + [_ptr] * 3,
-    "fwlstm_sequence_backward": [_ptr] + [_long] * 6 + [_ptr, _long] + [_ptr] * 9 + _MEMORY + [_ptr] * 10
+    "fwlstm_sequence_backward": [_ptr] + [_long] * 7 + [_ptr, _long] + [_ptr] * 10 + _MEMORY + [_ptr] * 10
     + [_long] + [_ptr] * 3,
 }
 

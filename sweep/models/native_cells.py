@@ -237,16 +237,17 @@ def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, 
     cell = native.kernel("fwlstm_forward", xW.dtype)
     N, ACT, R, CN, C, Hprev, h_last = _forward_buffers(xW, B, T, cell_stats=2, extra=2)
     params = [p.contiguous() for p in (gamma, beta, forget_bias, gamma_c, beta_c)]
-    memory = _memory_arguments(mem)
     fixed = _addresses(*params)
-    ctx.native_saved = (mem, memory, N, ACT, R, CN, C, Hprev, W_h, params, reads, m0)
+    rb = _rows_per_block(mem, B) if gemm is not None else B
+    one_block = gemm is not None and mem.keep_one_block(rb)
+    memory = _memory_arguments(mem)
+    ctx.native_saved = (mem, memory, N, ACT, R, CN, C, Hprev, W_h, params, reads, m0, rb, one_block)
     if gemm is not None:  # one C call for the whole sequence, in blocks of rows whose memory fits in L2
-        rb = _rows_per_block(mem, B)
         W_hT, xW, hw = W_h.t().contiguous(), xW.contiguous(), xW.new_empty(rb, G)
         tokens, xg = _token_arguments(xW, tokens, rb)
         _in_c("fwlstm_sequence_forward", xW.dtype,
-            gemm, B, T, H, rb, m0, reads, *_addresses(W_hT, xW), *_pointers(tokens, xg), *fixed, *memory,
-            *_addresses(N, ACT, R, CN, C, Hprev, h_last, hw))
+            gemm, B, T, H, rb, m0, reads, one_block, *_addresses(W_hT, xW), *_pointers(tokens, xg), *fixed,
+            *memory, *_addresses(N, ACT, R, CN, C, Hprev, h_last, hw))
         return h_last
     n, act, r, cn, c = map(_Rows, (N, ACT, R, CN, C))
     _time_loop(xW, W_h, Hprev, h_last, lambda t, hw, xw, xw_sb, h, h_sb: cell(
@@ -257,7 +258,8 @@ def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, 
 
 def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     """Gradients of xW, W_h, gamma, beta, gamma_c, beta_c."""
-    mem, memory, N, ACT, R, CN, C, Hprev, W_h, (gamma, _, _, gamma_c, _), reads, m0 = ctx.native_saved
+    mem, memory, N, ACT, R, CN, C, Hprev, W_h, (gamma, beta, _, gamma_c, _), reads, m0, rb, one_block = (
+        ctx.native_saved)
     T, B, G = N.shape
     H = G // 4
     cell = native.kernel("fwlstm_backward", N.dtype)
@@ -266,14 +268,13 @@ def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
     rows = mem.GQ.shape[1]
     gemm = matmul.sequence_gemm(N.dtype)
-    if gemm is not None:
-        rb = _rows_per_block(mem, B)
+    if gemm is not None:  # in the forward's blocks (with one_block, its buffer holds that many rows)
         lo = (ctypes.c_long * T)(*(2 * mem.first_read[t] for t in range(T)))
         tokens, dtable = _table_arguments(ctx, N)
         dW_h = _WeightGrad(Hprev, rb * T, G)  # one product per block, while its rows are in L2
         W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(rb, H)
         _in_c("fwlstm_sequence_backward", N.dtype,
-            gemm, B, T, H, rb, m0, reads, lo, rows, *_addresses(W_h, grad_h), *fixed,
+            gemm, B, T, H, rb, m0, reads, one_block, lo, rows, *_addresses(W_h, grad_h, gamma, beta, gamma_c),
             *_addresses(N, ACT, R, CN, C), *memory, *_addresses(dZ, dc, dh), *sums,
             *_pointers(tokens, dtable), *dW_h.arguments())
         return dZ if dtable is None else dtable, dW_h.dW, dgamma, dbeta, dgamma_c, dbeta_c
