@@ -5,8 +5,8 @@
 
 Why: issue 14 asks for FW-LSTM / LN-LSTM <= 1.3x. The FW-LSTM (fused, S = 1) does the LN-LSTM's work (the
 same matmuls, as many layer-norm sums) plus its memory's: at every read, the dot products of the query with
-the stored vectors and their weighted sum, forward and backward ("the products"), and the stored vectors,
-queries and read gradients written to and read back from the memory's buffer (7.8 MB at H = 100). The
+the stored vectors and their weighted sum, forward and backward ("the products"), and the traffic of the
+memory's buffer (stored vectors, queries, read gradients). The
 products are matrix-vector work with no reuse across batch rows (each row has its own memory), so they
 cannot take less time than their stored vectors take to come in from L2, whatever the kernel. This script
 splits the step into those parts by timing variants of the C kernels (builds of native.SOURCE with lines
@@ -17,7 +17,9 @@ replaced; their numbers are wrong, only their time is kept), all round-robin in 
 - "no products": the dot-product and weighted-sum calls of fwlstm_forward and fwlstm_backward replaced by
   zero fills of what they write.
 - "memory in L2": every block of rows uses one block-sized buffer for its memory, so the memory never
-  leaves L2 (the shipped buffer holds all rows, and its rows go to and come back from farther away).
+  leaves L2. (Before eaaf7d0 the shipped buffer held all rows, 7.8 MB at H = 100, written in the forward
+  and read back in the backward from farther away; since then the shipped loops keep one block's rows
+  too when S = 1, and this variant's difference from "fw_lstm" is about zero.)
 - "memory in L2, no products": both: what is left is the LN-LSTM's work and the FW-LSTM's own cell work
   ("the rest").
 

@@ -122,7 +122,6 @@ def render_models(p: dict[str, Any]) -> str:
     return "\n\n".join([provenance(p), targets, steps_table, rates_note, rates])
 
 
-
 def render_fw_ln_bound(p: dict[str, Any]) -> str:
     rows = []
     for r in p["results"]:
@@ -137,6 +136,7 @@ def render_fw_ln_bound(p: dict[str, Any]) -> str:
               "products ms", "products at L2 floor ms", "floor ms", "floor/LN", "target ms (1.3 LN)",
               "rows per block", "L2 read GB/s"]
     return provenance(p) + "\n\n" + table(header, rows)
+
 
 def render_sweep_overhead(p: dict[str, Any]) -> str:
     r = p["results"]

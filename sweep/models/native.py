@@ -943,12 +943,11 @@ static void fwlstm_step_backward_$sfx(const void *model, long b0, long nb, long 
 }
 void fwlstm_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long rb, long m0, long S,
                                   long one_block, const $real *W_hT, const $real *xW, const long *tokens,
-                                  $real *xg,
-                                  const $real *gamma, const $real *beta, const $real *fb, const $real *gc,
-                                  const $real *bc, $real *V, long v_sb, long v_sk, $real *GQ, long gq_sb,
-                                  long gq_sj, $real *SG, long sg_sb, long sg_sj, const $real *w, $real *N,
-                                  $real *ACT, $real *R, $real *CN, $real *C, $real *Hprev, $real *h_last,
-                                  $real *hw) {
+                                  $real *xg, const $real *gamma, const $real *beta, const $real *fb,
+                                  const $real *gc, const $real *bc, $real *V, long v_sb, long v_sk,
+                                  $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb, long sg_sj,
+                                  const $real *w, $real *N, $real *ACT, $real *R, $real *CN, $real *C,
+                                  $real *Hprev, $real *h_last, $real *hw) {
     const struct fwlstm_$sfx m = {.B = B, .T = T, .H = H, .m0 = m0, .S = S, .one_block = one_block,
                                   .gamma = gamma, .beta = beta, .fb = fb, .gc = gc, .bc = bc, .w = w, .V = V,
                                   .GQ = GQ, .SG = SG,

@@ -295,7 +295,7 @@ def _rows_per_block(mem: Any, B: int) -> int:
     """Rows whose memory (the stored vectors, queries, read gradients and weighted dots) takes about half
     of the L2 cache: a block of them runs through all time steps while that memory stays there."""
     buffers = [mem.GQ, mem.SG]
-    if mem.V.untyped_storage().data_ptr() != mem.GQ.untyped_storage().data_ptr():
+    if not mem.queries_are_stored:  # else V is GQ's query rows
         buffers.append(mem.V)
     row_bytes = sum(b[0].numel() * b.element_size() for b in buffers)
     return max(1, min(B, native.l2_cache_bytes() // 2 // row_bytes))
