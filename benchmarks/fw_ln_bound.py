@@ -57,7 +57,10 @@ from sweep.models import build_model, native, native_cells, params_class  # noqa
 
 # The memory's products in the FW-LSTM's C cells (float32), and zero fills of what they write.
 _FORWARD_PRODUCTS = """            dots_f32(reads, D, q, Vb, v_sk, wt, sg);
-            combine_f32(reads, D, sg, 1, Vb, v_sk, 0, a);"""
+            if (s < S - 1)
+                combine_f32(reads, D, sg, 1, Vb, v_sk, 0, a);
+            else  /* the last read adds into the gates: zh[m0:] += a_{S-1} */
+                combine_f32(reads, D, sg, 1, Vb, v_sk, zh + m0, zh + m0);"""
 _BACKWARD_PRODUCTS = """            dots_f32(reads, D, g_r, Vb, v_sk, wt, sg);
             if (s == 0)  /* q_0 is v_t, so add v_t's gradient as a stored vector */
                 combine_f32(rows - lo, D, SGb + lo * sg_sj + t, sg_sj, GQb + lo * gq_sj, gq_sj, 0, dq);
@@ -82,8 +85,8 @@ MEMORY_IN_L2 = [
     float zb[G], zh[G], a[D];
     GQ = BLOCK_f32; V = GQ + gq_sj;"""),
     ("""    const float *wt = w + T - reads;
-    float dg[G], dcn[H], dq[D], dpre[D];""", """    const float *wt = w + T - reads;
-    float dg[G], dcn[H], dq[D], dpre[D];
+    float dg[G], dcn[H], dq[D];""", """    const float *wt = w + T - reads;
+    float dg[G], dcn[H], dq[D];
     GQ = BLOCK_f32; V = GQ + gq_sj;"""),
 ]
 
