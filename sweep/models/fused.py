@@ -68,6 +68,15 @@ def _relu_backward(grad: Tensor, out: Tensor) -> Tensor:
     return aten.threshold_backward(grad, out, 0)
 
 
+def _row_buffer(batch: int, rows: int, dim: int, like: Tensor) -> Tensor:
+    """A [batch, rows, dim] buffer like `like` whose rows start on 64-byte boundaries on CPU (the row
+    stride padded up to a multiple of 64 bytes): the C kernels' vector loads then never straddle two cache
+    lines. Rows of 800 bytes (D = 200: the FW-LSTM at H = 50) would otherwise start at every other half
+    line, and the memory's products took 16% more time."""
+    per_line = 64 // like.element_size() if like.device.type == "cpu" else 1
+    return like.new_empty(batch, rows, -(-dim // per_line) * per_line)[..., :dim]
+
+
 class _DecayedMemory:
     """A(n) q = Σ_{k≤n} η λ^(n-k) (v_k·q) v_k over the stored vectors, with its backward batched.
 
@@ -86,11 +95,11 @@ class _DecayedMemory:
         self.read_times = read_times
         powers = fast_lr * decay ** torch.arange(length, dtype=like.dtype, device=like.device)
         self.weights = powers.flip(0)  # weights[T-1-n:][k] = η λ^(n-k)
-        self.GQ = like.new_empty(batch, 2 * len(read_times), dim)  # g_0, q_0, g_1, q_1, ...
+        self.GQ = _row_buffer(batch, 2 * len(read_times), dim, like)  # g_0, q_0, g_1, q_1, ...
         # v_0 .. v_{T-1}. One read per step, of the vector just written (FW-LSTM with S = 1): that vector
         # is the read's query, so the memory is the query rows of GQ (no second copy of each vector).
         self.queries_are_stored = read_times == list(range(length))
-        self.V = self.GQ[:, 1::2] if self.queries_are_stored else like.new_empty(batch, length, dim)
+        self.V = self.GQ[:, 1::2] if self.queries_are_stored else _row_buffer(batch, length, dim, like)
         # SG[:, 2r, k] = w (q_r·v_k), SG[:, 2r+1, k] = w (g_r·v_k)
         self.SG = like.new_empty(batch, 2 * len(read_times), length)
         self.first_read = [bisect.bisect_left(read_times, k) for k in range(length)]
@@ -102,7 +111,7 @@ class _DecayedMemory:
         are not the stored vectors, and the backward needs them all."""
         if not self.queries_are_stored:
             return False
-        self.GQ = self.GQ.new_empty(rows, *self.GQ.shape[1:])
+        self.GQ = _row_buffer(rows, *self.GQ.shape[1:], like=self.GQ)
         self.V = self.GQ[:, 1::2]
         return True
 

@@ -297,7 +297,7 @@ def _rows_per_block(mem: Any, B: int) -> int:
     buffers = [mem.GQ, mem.SG]
     if not mem.queries_are_stored:  # else V is GQ's query rows
         buffers.append(mem.V)
-    row_bytes = sum(b[0].numel() * b.element_size() for b in buffers)
+    row_bytes = sum(b.stride(0) * b.element_size() for b in buffers)  # with the rows' padding
     return max(1, min(B, native.l2_cache_bytes() // 2 // row_bytes))
 
 
