@@ -309,6 +309,25 @@ def test_whole_sequence_c_loops_equal_the_python_time_loop(monkeypatch, name, fi
         assert rel_err(grads_c[param_name], grad) < tol, param_name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [200, 28, 7])
+def test_the_memorys_rows_start_on_cache_lines(dtype, dim):
+    """Every row of the memory's buffers (queries and read gradients, stored vectors; also one block's
+    rows) starts on a 64-byte boundary, so the C kernels' vector loads never straddle two cache lines
+    (800-byte rows at D = 200 otherwise start at every other half line: 6% slower FW-LSTM steps)."""
+    like = torch.zeros(1, dtype=dtype)
+    for read_times in (list(range(5)), [k for k in range(5) for _ in range(2)]):  # S = 1, S = 2
+        mem = fused._DecayedMemory(3, 5, dim, read_times, 0.5, 0.9, like)
+        buffers = [mem.GQ, mem.V]
+        if mem.keep_one_block(2):
+            buffers += [mem.GQ, mem.V]
+        for buffer in buffers:
+            assert buffer.shape[-1] == dim
+            rows = [buffer[b, j] for b in range(buffer.shape[0]) for j in range(buffer.shape[1])]
+            starts = {row.data_ptr() % 64 for row in rows}
+            assert starts == {0}, (dim, dtype, starts)
+
+
 @needs_cc
 @pytest.mark.parametrize("name", ["fw_lstm", "ln_lstm"])
 def test_a_token_outside_the_vocabulary_is_an_index_error_as_in_a_lookup(name):
