@@ -77,17 +77,16 @@ WITHOUT_PRODUCTS = [
 # One block-sized buffer for every block's memory (GQ, with V its odd rows, as for S = 1): the pointers the
 # FW-LSTM's cells get are replaced at their top. BLOCK_FLOATS bounds rows per block x GQ's batch stride.
 BLOCK_FLOATS = 16 * 38 * 400
+_FORWARD_SCRATCH = """    const float *wt = w + T - reads;
+    float zb[G] LINE_ALIGNED, zh[G] LINE_ALIGNED, a[D] LINE_ALIGNED;"""
+_BACKWARD_SCRATCH = """    const float *wt = w + T - reads;
+    float dg[G] LINE_ALIGNED, dcn[H] LINE_ALIGNED, dq[D] LINE_ALIGNED;"""
+_ONE_BLOCK = "\n    GQ = BLOCK_f32; V = GQ + gq_sj;"
 MEMORY_IN_L2 = [
-    ("#include <string.h>\n#define LN_EPS 1e-5\n",
-     f"#include <string.h>\n#define LN_EPS 1e-5\nstatic __thread float BLOCK_f32[{BLOCK_FLOATS}];\n"),
-    ("""    const float *wt = w + T - reads;
-    float zb[G], zh[G], a[D];""", """    const float *wt = w + T - reads;
-    float zb[G], zh[G], a[D];
-    GQ = BLOCK_f32; V = GQ + gq_sj;"""),
-    ("""    const float *wt = w + T - reads;
-    float dg[G], dcn[H], dq[D];""", """    const float *wt = w + T - reads;
-    float dg[G], dcn[H], dq[D];
-    GQ = BLOCK_f32; V = GQ + gq_sj;"""),
+    ("#include <string.h>\n#define LN_EPS 1e-5\n", "#include <string.h>\n#define LN_EPS 1e-5\n"
+     f"static __thread float BLOCK_f32[{BLOCK_FLOATS}] __attribute__((aligned(64)));\n"),
+    (_FORWARD_SCRATCH, _FORWARD_SCRATCH + _ONE_BLOCK),
+    (_BACKWARD_SCRATCH, _BACKWARD_SCRATCH + _ONE_BLOCK),
 ]
 
 
