@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import shutil
 import tempfile
 
@@ -275,9 +276,9 @@ def test_c_steps_with_onednn_products_equal_the_torch_ops(monkeypatch, name, fie
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_whole_sequence_c_loops_equal_the_python_time_loop(monkeypatch, name, fields, dtype, tol):
     """native.py's sequence loops (time loop in C, rows in blocks, products by brgemm or the BLAS) against
-    the time loop in Python (one C call and one `linear` per step). An L2 of 4 rows' memory splits the 5
-    rows into blocks of 2, 2 and 1 (3 and 2 for the candidate memory's smaller rows, 4 and 1 in float64,
-    whose padding to 64 bytes adds less); the LN-LSTM's dW_h
+    the time loop in Python (one C call and one `linear` per step). An L2 whose share (L2_SHARE) is 2 rows'
+    memory splits the 5 rows into blocks of 2, 2 and 1 (3 and 2 for the candidate memory's smaller rows,
+    4 and 1 in float64, whose padding to 64 bytes adds less); the LN-LSTM's dW_h
     (one block of all 65 rows) is summed over products of 16 rows and one of 1, as the FW-RNN's dW (Ba's
     equations; the authors' variant keeps its loop in Python). With S = 1 the FW-LSTM's memory is one
     block's rows, reused by every block, and the backward recomputes the stored vectors."""
@@ -286,7 +287,7 @@ def test_whole_sequence_c_loops_equal_the_python_time_loop(monkeypatch, name, fi
     if name != "ln_lstm":
         kw.update(fast_lr=0.5, decay=0.9)
     row = (2 * 13 * 32 + 2 * 13 * 13) * dtype.itemsize  # GQ's (rows of 28 padded to 64 bytes), SG's bytes
-    monkeypatch.setattr(native, "l2_cache_bytes", lambda: 4 * row)
+    monkeypatch.setattr(native, "l2_cache_bytes", lambda: math.ceil(2 * row / native_cells.L2_SHARE))
     monkeypatch.setattr(native_cells, "WEIGHT_GRAD_ROWS", 16)
     kept = []  # the FW-LSTM with S = 1 keeps one block's memory (recomputed in the backward), S = 2 all of it
     keep_one_block = fused._DecayedMemory.keep_one_block
