@@ -3,6 +3,7 @@ and the throughput of 1, 2 or 4 trials sharing one GPU (as `resources: {gpu: 0.5
 
     .venv/bin/python benchmarks/gpu.py                    # the whole grid, then the sharing test
     .venv/bin/python benchmarks/gpu.py --quick            # a few points only (a short device lease)
+    .venv/bin/python benchmarks/gpu.py --budget-s 240     # time only the points that fit in 240 s
 
 Writes benchmarks/results/gpu.json (see record.py); `benchmarks/render.py` makes its tables in
 docs/benchmarks.md. Without CUDA it stops at once with exit code 2 and says so.
@@ -25,13 +26,22 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import CONFIGS, MATRIX_CONFIGS, art_shaped_batch, options_label, train_step_fn  # noqa: E402
+from models import (  # noqa: E402
+    CONFIGS,
+    MATRIX_CONFIGS,
+    NATIVE,
+    art_shaped_batch,
+    options_label,
+    train_step_fn,
+)
 from record import record  # noqa: E402
 
 BASE = {"hidden": 100, "batch": 128, "length": 19}
 SWEEPS = {"hidden": [20, 50, 100, 200, 400], "batch": [32, 128, 512, 2048], "length": [11, 19, 35, 67]}
 QUICK_SWEEPS = {"hidden": [50, 100], "batch": [128, 1024], "length": [19, 35]}
-FORMS = CONFIGS + MATRIX_CONFIGS  # every model and form of benchmarks/models.py
+# every model and form of benchmarks/models.py; its "C kernels off" rows are left out, since the C kernels
+# run on the CPU only: on CUDA the fused forms are always the torch-ops code those rows time
+FORMS = [(name, options) for name, options in CONFIGS + MATRIX_CONFIGS if NATIVE not in options]
 MATRIX_LIMIT_BYTES = 8 * 2**30  # skip a matrix form whose stored A(t) alone would pass this (B·D²·T floats)
 
 
@@ -66,70 +76,120 @@ def require_cuda() -> None:
         raise SystemExit(2)
 
 
-def build(name: str, options: dict, point: dict[str, int]):  # noqa: ANN201
+def build(name: str, options: dict, point: dict[str, int], device: str):  # noqa: ANN201
     import torch
 
     from sweep.models import build_model, params_class
 
     torch.manual_seed(0)
-    model = build_model(params_class(name)(hidden_size=point["hidden"], **options), 37, 10).cuda()
+    model = build_model(params_class(name)(hidden_size=point["hidden"], **options), 37, 10).to(device)
     x, y = art_shaped_batch(point["batch"], (point["length"] - 3) // 2)
-    return model, train_step_fn(model, x.cuda(), y.cuda())
+    return model, train_step_fn(model, x.to(device), y.to(device))
 
 
-def time_step(name: str, options: dict, point: dict[str, int], steps: int) -> dict[str, Any]:
+def synchronize(device: str) -> None:
     import torch
 
-    _, step = build(name, options, point)
-    step()  # warm-up: kernels, allocator, Adam state
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
+    if device == "cuda":
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+
+
+def timed_ms(step, device: str) -> tuple[float, float]:  # noqa: ANN001
+    """One step's (device ms, host ms): CUDA events around it on a GPU, and the host's time to queue the
+    step's work (when the two are close, the step is bound by kernel launches, not by the GPU)."""
+    import torch
+
+    if device != "cuda":
+        start = time.perf_counter()
+        step()
+        ms = 1000 * (time.perf_counter() - start)
+        return ms, ms
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    host = time.perf_counter()
+    step()
+    host = time.perf_counter() - host
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end), 1000 * host
+
+
+def kernels_per_step(step, device: str) -> int | None:  # noqa: ANN001
+    """How many GPU kernels one step launches (torch's profiler): what a launch-bound step pays for."""
+    if device != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            synchronize(device)
+        return sum(e.count for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+    except Exception as error:  # noqa: BLE001 (a diagnostic: the timings matter more)
+        print(f"kernel count unavailable: {error!r}", file=sys.stderr)
+        return None
+
+
+def peak_mib(step, device: str) -> float | None:  # noqa: ANN001
+    """Memory one step takes above what the model and optimizer hold (CUDA's allocator counts it)."""
+    import torch
+
+    if device != "cuda":
+        return None
     held = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - held
-    return {
+    return (torch.cuda.max_memory_allocated() - held) / 2**20
+
+
+def time_step(name: str, options: dict, point: dict[str, int], steps: int, device: str = "cuda",
+              count_kernels: bool = False) -> dict[str, Any]:
+    model, step = build(name, options, point, device)
+    step()  # warm-up: kernels, allocator, Adam state
+    synchronize(device)
+    device_ms, host_ms = zip(*(timed_ms(step, device) for _ in range(steps)), strict=True)
+    row = {
         "model": name,
         "options": options_label(options),
         "hidden_size": point["hidden"],
         "batch": point["batch"],
         "length": point["length"],
-        "ms": statistics.median(times),
-        "peak_mib": peak / 2**20,
+        "ms": statistics.median(device_ms),
+        "host_ms": statistics.median(host_ms),
+        "peak_mib": peak_mib(step, device),
+        "kernels": kernels_per_step(step, device) if count_kernels else None,
     }
+    del model, step
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()  # the next point starts from an empty cache, as its own trial would
+    return row
 
 
-def _share_worker(point: dict[str, int], seconds: float, barrier, results) -> None:  # noqa: ANN001
-    import torch
-
-    _, step = build("fw_lstm", {"fw_form": "fused"}, point)
+def _share_worker(point: dict[str, int], seconds: float, device: str, barrier, results) -> None:  # noqa: ANN001
+    _, step = build("fw_lstm", {"fw_form": "fused"}, point, device)
     step()
-    torch.cuda.synchronize()
+    synchronize(device)
     barrier.wait()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         step()
         count += 1
-    torch.cuda.synchronize()
+    synchronize(device)
     results.put(count / (time.perf_counter() - start))
 
 
-def sharing(point: dict[str, int], processes: list[int], seconds: float) -> list[dict[str, float]]:
+def sharing(point: dict[str, int], processes: list[int], seconds: float, device: str = "cuda"
+            ) -> list[dict[str, float]]:
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
     rows = []
     for n in processes:
         barrier, results = ctx.Barrier(n), ctx.Queue()
-        workers = [
-            ctx.Process(target=_share_worker, args=(point, seconds, barrier, results)) for _ in range(n)
-        ]
+        args = (point, seconds, device, barrier, results)
+        workers = [ctx.Process(target=_share_worker, args=args) for _ in range(n)]
         for w in workers:
             w.start()
         rates = [results.get(timeout=seconds + 300) for _ in workers]
@@ -144,28 +204,45 @@ def sharing(point: dict[str, int], processes: list[int], seconds: float) -> list
     return rows
 
 
+def time_grid(points: list[dict[str, int]], steps: int, budget_s: float | None, device: str = "cuda"
+              ) -> tuple[list[dict[str, Any]], list[dict[str, int]]]:
+    """Every form at every point, in order, until `budget_s` runs out (the first point, the base, always
+    runs): (rows, points left untimed)."""
+    started = time.perf_counter()
+    rows = []
+    for i, point in enumerate(points):
+        if i and budget_s is not None and time.perf_counter() - started > budget_s:
+            return rows, points[i:]
+        for name, options in FORMS:
+            if too_big(name, options, point):
+                continue
+            row = time_step(name, options, point, steps, device, count_kernels=i == 0)
+            rows.append(row)
+            peak = "" if row["peak_mib"] is None else f", {row['peak_mib']:.1f} MiB"
+            kernels = "" if row["kernels"] is None else f", {row['kernels']} kernels"
+            timing = f"{row['ms']:.2f} ms (host {row['host_ms']:.2f})"
+            print(f"{point} {name} {row['options']}: {timing}{peak}{kernels}", flush=True)
+    return rows, []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer points (for a short device lease)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per point")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new grid point after this many seconds (the sharing test still runs)")
     parser.add_argument("--share", type=int, nargs="+", default=[1, 2, 4], help="processes sharing the GPU")
     parser.add_argument("--share-seconds", type=float, default=20.0)
     args = parser.parse_args()
     require_cuda()
     points = grid(QUICK_SWEEPS if args.quick else SWEEPS)
     with record("gpu", vars(args), kind="gpu") as payload:
-        steps = []
-        for point in points:
-            for name, options in FORMS:
-                if too_big(name, options, point):
-                    continue
-                row = time_step(name, options, point, args.steps)
-                steps.append(row)
-                print(
-                    f"{point} {name} {row['options']}: {row['ms']:.2f} ms, {row['peak_mib']:.1f} MiB",
-                    flush=True,
-                )
-        payload["results"] = {"steps": steps, "sharing": sharing(BASE, args.share, args.share_seconds)}
+        steps, untimed = time_grid(points, args.steps, args.budget_s)
+        payload["results"] = {
+            "steps": steps,
+            "untimed_points": untimed,
+            "sharing": sharing(BASE, args.share, args.share_seconds),
+        }
     for row in payload["results"]["sharing"]:
         print(
             f"{row['processes']} trial(s) on one GPU: {row['steps_per_s_total']:.1f} steps/s in all "

@@ -57,7 +57,8 @@ def machine() -> dict[str, Any]:
 
 def git_commit() -> str | None:
     """The commit measured, '+dirty' with local edits to anything but benchmarks/results/ (where the
-    earlier benchmarks of one batch write their JSON: that changes no code measured)."""
+    earlier benchmarks of one batch write their JSON: that changes no code measured). Where the tree is a
+    copy without git (sent to a lent GPU machine), FWSWEEP_GIT_COMMIT, which the sender sets, names it."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def git_commit() -> str | None:
                                 ":(exclude)benchmarks/results"], capture_output=True, text=True,
                                check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("FWSWEEP_GIT_COMMIT")
     return head + ("+dirty" if edits else "")
 
 

@@ -266,8 +266,19 @@ def render_tracking(p: dict[str, Any]) -> str:
 
 def render_gpu(p: dict[str, Any]) -> str:
     r = p["results"]
+    ln_ms = {
+        (s["hidden_size"], s["batch"], s["length"]): s["ms"]
+        for s in r["steps"]
+        if s["model"] == "ln_lstm" and s["options"] == "cell_form=fused"
+    }
+
+    def vs_ln(s: dict[str, Any]) -> str:
+        ln = ln_ms.get((s["hidden_size"], s["batch"], s["length"]))
+        return f"{s['ms'] / ln:.2f}" if ln else "-"
+
     steps = table(
-        ["H", "B", "T", "model", "options", "ms per step", "peak MiB"],
+        ["H", "B", "T", "model", "options", "ms per step", "host ms", "kernels", "vs LN-LSTM (fused)",
+         "peak MiB"],
         [
             [
                 s["hidden_size"],
@@ -276,11 +287,19 @@ def render_gpu(p: dict[str, Any]) -> str:
                 s["model"],
                 s["options"],
                 f"{s['ms']:.2f}",
-                f"{s['peak_mib']:.1f}",
+                f"{s['host_ms']:.2f}" if s.get("host_ms") is not None else "-",
+                s.get("kernels") or "-",
+                vs_ln(s),
+                "-" if s["peak_mib"] is None else f"{s['peak_mib']:.1f}",
             ]
             for s in r["steps"]
         ],
     )
+    untimed = r.get("untimed_points") or []
+    if untimed:
+        steps += "\n\nNot timed (the run's `--budget-s` ran out first): " + ", ".join(
+            f"H={u['hidden']} B={u['batch']} T={u['length']}" for u in untimed
+        )
     sharing = table(
         ["trials sharing the GPU", "steps/s per trial", "steps/s in all", "vs alone"],
         [

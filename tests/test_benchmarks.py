@@ -272,6 +272,24 @@ def test_gpu_grid_varies_one_axis_at_a_time():
     assert not gpu.too_big("fw_lstm", {"fw_form": "fused"}, {"hidden": 400, "batch": 2048, "length": 19})
 
 
+def test_gpu_benchmark_runs_its_whole_grid_and_sharing_test_on_the_cpu():
+    """The script's own path, on the CPU with one tiny point, so a GPU lease is not spent finding its bugs:
+    every form builds and steps (no C-kernel switch among them: those are CPU-only), a zero budget leaves
+    the later points untimed, and the spawned sharing processes report."""
+    tiny = {"hidden": 6, "batch": 4, "length": 7}
+    assert gpu.FORMS and all(models.NATIVE not in options for _, options in gpu.FORMS)
+    rows, untimed = gpu.time_grid([tiny], steps=2, budget_s=None, device="cpu")
+    assert [(r["model"], r["options"]) for r in rows] == [
+        (name, models.options_label(options)) for name, options in gpu.FORMS
+    ]
+    assert untimed == [] and all(r["ms"] > 0 and r["peak_mib"] is None for r in rows)
+    rows, untimed = gpu.time_grid([tiny, tiny | {"hidden": 8}], steps=1, budget_s=0.0, device="cpu")
+    assert len(rows) == len(gpu.FORMS) and untimed == [tiny | {"hidden": 8}]
+    shared = gpu.sharing(tiny, [1, 2], seconds=0.5, device="cpu")
+    assert [s["processes"] for s in shared] == [1, 2] and shared[0]["speedup_vs_one"] == 1.0
+    assert all(s["steps_per_s_per_trial"] > 0 for s in shared)
+
+
 @pytest.mark.slow  # a benchmark subprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_gpu_benchmark_fails_clearly_without_cuda():

@@ -171,6 +171,26 @@ def test_cuda_request_without_gpu_falls_back_with_a_warning(tiny_trial, tmp_path
     assert out.status == "completed"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", ["fw_lstm", "fw_rnn", "ln_lstm", "lstm"])
+def test_a_trial_trains_checkpoints_and_resumes_on_cuda(tiny_trial, tmp_path: Path, model: str) -> None:
+    """The trial loop itself on a GPU: data, batches, evaluation, the checkpoint's CUDA RNG state and its
+    restore. Not bit-exact across the resume: CUDA's scatter-adds (embedding gradients) sum in any order."""
+    cfg = tiny_trial(model={"name": model}, train={"device": "cuda", "keep_checkpoints": 5})
+    full = NullReporter()
+    out = run_trial(cfg, full, tmp_path / "full")
+    assert out.status == "completed" and [h["epoch"] for h in full.history] == [1, 2, 3]
+    assert full.history[-1]["train_loss"] < full.history[0]["train_loss"]
+    state, meta = ckpt.load_checkpoint(full.checkpoints[0])
+    assert "cuda_rng" in state and meta["epoch"] == 1
+    resumed = NullReporter(restore=full.checkpoints[0])
+    again = run_trial(cfg, resumed, tmp_path / "resumed")
+    assert [h["epoch"] for h in resumed.history] == [2, 3]
+    for a, b in zip(again.history, full.history, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
+        assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 0.02
+
+
 # ---- learning: the fast-weight models solve a small ART on the CPU (the settings of docs/training.md)
 
 LEARNING = {
