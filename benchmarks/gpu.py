@@ -26,14 +26,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import (  # noqa: E402
-    CONFIGS,
-    MATRIX_CONFIGS,
-    NATIVE,
-    art_shaped_batch,
-    options_label,
-    train_step_fn,
-)
+from models import CONFIGS, MATRIX_CONFIGS, NATIVE, art_shaped_batch, options_label  # noqa: E402
 from record import record  # noqa: E402
 
 BASE = {"hidden": 100, "batch": 128, "length": 19}
@@ -42,6 +35,10 @@ QUICK_SWEEPS = {"hidden": [50, 100], "batch": [128, 1024], "length": [19, 35]}
 # every model and form of benchmarks/models.py; its "C kernels off" rows are left out, since the C kernels
 # run on the CPU only: on CUDA the fused forms are always the torch-ops code those rows time
 FORMS = [(name, options) for name, options in CONFIGS + MATRIX_CONFIGS if NATIVE not in options]
+GRAPH = "cuda_graph"  # not a model option: "on" replays the step as one CUDA graph (sweep/cuda_graph.py)
+# what trials run on a GPU by default (train.cuda_graph: true); the matrix forms stay eager-only (their
+# graph's pool would hold every A(t) for good)
+GRAPHED_FORMS = [(name, opts | {GRAPH: "on"}) for name, opts in FORMS if opts.get("fw_form") != "matrix"]
 MATRIX_LIMIT_BYTES = 8 * 2**30  # skip a matrix form whose stored A(t) alone would pass this (B·D²·T floats)
 
 
@@ -77,14 +74,34 @@ def require_cuda() -> None:
 
 
 def build(name: str, options: dict, point: dict[str, int], device: str):  # noqa: ANN201
+    """The model and its train step as a trial takes it (sweep.train.train_step: Adam, clipping at 1),
+    graphed when options ask for it."""
     import torch
 
+    from sweep.config import TrainConfig
+    from sweep.cuda_graph import graphed_if_cuda
     from sweep.models import build_model, params_class
+    from sweep.train import make_optimizer, train_step
 
     torch.manual_seed(0)
-    model = build_model(params_class(name)(hidden_size=point["hidden"], **options), 37, 10).to(device)
+    fields = {k: v for k, v in options.items() if k != GRAPH}
+    model = build_model(params_class(name)(hidden_size=point["hidden"], **fields), 37, 10).to(device)
     x, y = art_shaped_batch(point["batch"], (point["length"] - 3) // 2)
-    return model, train_step_fn(model, x.to(device), y.to(device))
+    x, y = x.to(device), y.to(device)
+    train = TrainConfig()
+    optimizer = make_optimizer(train, model)
+    eager = lambda bx, by: train_step(model, optimizer, bx, by, train.grad_clip)  # noqa: E731
+    step = graphed_if_cuda(eager, model, optimizer, torch.device(device), options.get(GRAPH) == "on")
+    return model, lambda: step(x, y)
+
+
+def warm_up(step, device: str) -> None:  # noqa: ANN001
+    """Kernels, allocator, Adam's state; and for a graphed step its eager steps and its capture."""
+    from sweep.cuda_graph import WARMUP_STEPS
+
+    for _ in range(WARMUP_STEPS + 2):
+        step()
+    synchronize(device)
 
 
 def synchronize(device: str) -> None:
@@ -147,8 +164,7 @@ def peak_mib(step, device: str) -> float | None:  # noqa: ANN001
 def time_step(name: str, options: dict, point: dict[str, int], steps: int, device: str = "cuda",
               count_kernels: bool = False) -> dict[str, Any]:
     model, step = build(name, options, point, device)
-    step()  # warm-up: kernels, allocator, Adam state
-    synchronize(device)
+    warm_up(step, device)
     device_ms, host_ms = zip(*(timed_ms(step, device) for _ in range(steps)), strict=True)
     row = {
         "model": name,
@@ -169,10 +185,10 @@ def time_step(name: str, options: dict, point: dict[str, int], steps: int, devic
     return row
 
 
-def _share_worker(point: dict[str, int], seconds: float, device: str, barrier, results) -> None:  # noqa: ANN001
-    _, step = build("fw_lstm", {"fw_form": "fused"}, point, device)
-    step()
-    synchronize(device)
+def _share_worker(point: dict[str, int], options: dict, seconds: float, device: str, barrier, results
+                  ) -> None:  # noqa: ANN001
+    _, step = build("fw_lstm", options, point, device)
+    warm_up(step, device)
     barrier.wait()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -182,22 +198,23 @@ def _share_worker(point: dict[str, int], seconds: float, device: str, barrier, r
     results.put(count / (time.perf_counter() - start))
 
 
-def sharing(point: dict[str, int], processes: list[int], seconds: float, device: str = "cuda"
-            ) -> list[dict[str, float]]:
+def sharing(point: dict[str, int], processes: list[int], seconds: float, device: str = "cuda",
+            graphed: bool = False) -> list[dict[str, Any]]:
+    """FW-LSTM (fused) trials as N processes on one GPU, eager or graphed."""
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
-    rows = []
+    options = {"fw_form": "fused"} | ({GRAPH: "on"} if graphed else {})
+    rows: list[dict[str, Any]] = []
     for n in processes:
         barrier, results = ctx.Barrier(n), ctx.Queue()
-        args = (point, seconds, device, barrier, results)
+        args = (point, options, seconds, device, barrier, results)
         workers = [ctx.Process(target=_share_worker, args=args) for _ in range(n)]
         for w in workers:
             w.start()
         rates = [results.get(timeout=seconds + 300) for _ in workers]
         for w in workers:
             w.join()
-        rows.append(
-            {"processes": n, "steps_per_s_per_trial": statistics.mean(rates), "steps_per_s_total": sum(rates)}
-        )
+        rows.append({"processes": n, "cuda_graph": graphed, "steps_per_s_per_trial": statistics.mean(rates),
+                     "steps_per_s_total": sum(rates)})
     alone = rows[0]["steps_per_s_total"]
     for row in rows:
         row["speedup_vs_one"] = row["steps_per_s_total"] / alone
@@ -213,7 +230,7 @@ def time_grid(points: list[dict[str, int]], steps: int, budget_s: float | None, 
     for i, point in enumerate(points):
         if i and budget_s is not None and time.perf_counter() - started > budget_s:
             return rows, points[i:]
-        for name, options in FORMS:
+        for name, options in FORMS + GRAPHED_FORMS:
             if too_big(name, options, point):
                 continue
             row = time_step(name, options, point, steps, device, count_kernels=i == 0)
@@ -241,12 +258,15 @@ def main() -> None:
         payload["results"] = {
             "steps": steps,
             "untimed_points": untimed,
-            "sharing": sharing(BASE, args.share, args.share_seconds),
+            "sharing": [
+                *sharing(BASE, args.share, args.share_seconds, graphed=False),
+                *sharing(BASE, args.share, args.share_seconds, graphed=True),
+            ],
         }
     for row in payload["results"]["sharing"]:
         print(
-            f"{row['processes']} trial(s) on one GPU: {row['steps_per_s_total']:.1f} steps/s in all "
-            f"({row['speedup_vs_one']:.2f}x one alone)"
+            f"{row['processes']} trial(s) on one GPU{' (graphed)' if row['cuda_graph'] else ''}: "
+            f"{row['steps_per_s_total']:.1f} steps/s in all ({row['speedup_vs_one']:.2f}x one alone)"
         )
 
 

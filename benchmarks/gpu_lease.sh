@@ -22,11 +22,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
     tee "$OUT/nvidia_smi.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 2
 
-# the tests that skip without a GPU: CUDA against the CPU (models), and the trial loop on CUDA
+# the tests that skip without a GPU: CUDA against the CPU (models), the trial loop on CUDA, graphed steps
 timeout "${CUDA_TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -rs \
-    tests/test_models.py tests/test_train.py -k cuda 2>&1 | tee "$OUT/cuda_tests.txt"
+    tests/test_models.py tests/test_train.py -k "cuda or graph" 2>&1 | tee "$OUT/cuda_tests.txt"
 
-# the grid stops starting new points after GPU_BUDGET_S; the sharing test (3 x ~25 s) runs after it
-timeout "${GPU_BENCH_TIMEOUT:-420}" python3 benchmarks/gpu.py --budget-s "${GPU_BUDGET_S:-180}" \
-    --share-seconds "${GPU_SHARE_SECONDS:-15}" 2>&1 | tee "$OUT/gpu_bench.txt"
+# the grid stops starting new points after GPU_BUDGET_S; the sharing tests (eager, then graphed: 1, 2, 4
+# and 8 trials, each ~10 s after start-up) run after it
+# shellcheck disable=SC2086 (GPU_SHARE is a list of counts)
+timeout "${GPU_BENCH_TIMEOUT:-420}" python3 benchmarks/gpu.py --budget-s "${GPU_BUDGET_S:-150}" \
+    --share ${GPU_SHARE:-1 2 4 8} --share-seconds "${GPU_SHARE_SECONDS:-10}" 2>&1 | tee "$OUT/gpu_bench.txt"
 cp benchmarks/results/gpu.json "$OUT/" 2>/dev/null || echo "no gpu.json written" >&2

@@ -266,19 +266,22 @@ def render_tracking(p: dict[str, Any]) -> str:
 
 def render_gpu(p: dict[str, Any]) -> str:
     r = p["results"]
-    ln_ms = {
-        (s["hidden_size"], s["batch"], s["length"]): s["ms"]
+    def graphed(s: dict[str, Any]) -> bool:
+        return "cuda_graph=on" in s["options"]
+
+    ln_ms = {  # the LN-LSTM (fused) at each point, eager and graphed: each row is compared with its like
+        (s["hidden_size"], s["batch"], s["length"], graphed(s)): s["ms"]
         for s in r["steps"]
-        if s["model"] == "ln_lstm" and s["options"] == "cell_form=fused"
+        if s["model"] == "ln_lstm" and s["options"].startswith("cell_form=fused")
     }
 
     def vs_ln(s: dict[str, Any]) -> str:
-        ln = ln_ms.get((s["hidden_size"], s["batch"], s["length"]))
+        ln = ln_ms.get((s["hidden_size"], s["batch"], s["length"], graphed(s)))
         return f"{s['ms'] / ln:.2f}" if ln else "-"
 
     steps = table(
-        ["H", "B", "T", "model", "options", "ms per step", "host ms", "kernels", "vs LN-LSTM (fused)",
-         "peak MiB"],
+        ["H", "B", "T", "model", "options", "ms per step", "host ms", "kernels",
+         "vs LN-LSTM (fused, same graphing)", "peak MiB"],
         [
             [
                 s["hidden_size"],
@@ -301,10 +304,11 @@ def render_gpu(p: dict[str, Any]) -> str:
             f"H={u['hidden']} B={u['batch']} T={u['length']}" for u in untimed
         )
     sharing = table(
-        ["trials sharing the GPU", "steps/s per trial", "steps/s in all", "vs alone"],
+        ["trials sharing the GPU", "CUDA graph", "steps/s per trial", "steps/s in all", "vs alone"],
         [
             [
                 s["processes"],
+                "yes" if s.get("cuda_graph") else "no",
                 f"{s['steps_per_s_per_trial']:.1f}",
                 f"{s['steps_per_s_total']:.1f}",
                 f"{s['speedup_vs_one']:.2f}x",

@@ -122,6 +122,10 @@ class TrainConfig(Strict):
     )
     seed: int = Field(0, ge=0, description="seed of initialisation and batch order")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cuda_graph: bool = Field(
+        True, description="on CUDA, replay each train step as one captured CUDA graph (the same kernels, "
+        "launched at once: the step is otherwise bound by launching ~1,000 small kernels); CPU: no effect"
+    )
     eval_batch_size: int = Field(2048, ge=1)
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per trial (older ones deleted)")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: what Ray assigned")

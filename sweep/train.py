@@ -24,6 +24,7 @@ from torch import nn
 from sweep.allocator import keep_freed_memory
 from sweep.checkpoint import CHECKPOINTS, find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from sweep.config import TrainConfig, TrialConfig, dump_yaml
+from sweep.cuda_graph import graphed_if_cuda
 from sweep.errors import Problem, TrialDiverged, UserError
 from sweep.models import build_model
 from sweep.reporter import Reporter
@@ -108,6 +109,8 @@ def run_trial(
     order = _BatchOrder(len(splits.train), tc.batch_size, tc.seed, device)
     per_epoch = steps_per_epoch(config)
     last_callback = 0.0
+    step_fn = graphed_if_cuda(lambda x, y: train_step(model, optimizer, x, y, tc.grad_clip), model,
+                              optimizer, device, tc.cuda_graph)
 
     if loop.finished():
         return loop.final_report(reporter, splits.test)
@@ -117,7 +120,7 @@ def run_trial(
         tick = time.perf_counter()
         for step in range(loop.step, epoch * per_epoch):
             idx = order.batch(step)
-            loss = _train_step(model, optimizer, train_x[idx], train_y[idx], tc.grad_clip)
+            loss = step_fn(train_x[idx], train_y[idx])
             loop.add_loss(loss)
             if (device.type == "cpu" or loop.step % 25 == 0) and not loop.loss_finite():
                 loop.diverge(reporter, splits.val, time.perf_counter() - tick)
@@ -356,8 +359,9 @@ def make_optimizer(tc: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay, fused=fused)
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                grad_clip: float | None) -> torch.Tensor:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               grad_clip: float | None) -> torch.Tensor:
+    """One optimizer step on one batch, as every trial takes it (benchmarks/gpu.py times this too)."""
     model.train()
     loss = F.cross_entropy(model(x), y)
     optimizer.zero_grad(set_to_none=True)

@@ -278,15 +278,17 @@ def test_gpu_benchmark_runs_its_whole_grid_and_sharing_test_on_the_cpu():
     the later points untimed, and the spawned sharing processes report."""
     tiny = {"hidden": 6, "batch": 4, "length": 7}
     assert gpu.FORMS and all(models.NATIVE not in options for _, options in gpu.FORMS)
+    forms = gpu.FORMS + gpu.GRAPHED_FORMS
+    graphed = gpu.GRAPHED_FORMS
+    assert graphed and all(o[gpu.GRAPH] == "on" and o.get("fw_form") != "matrix" for _, o in graphed)
     rows, untimed = gpu.time_grid([tiny], steps=2, budget_s=None, device="cpu")
-    assert [(r["model"], r["options"]) for r in rows] == [
-        (name, models.options_label(options)) for name, options in gpu.FORMS
-    ]
+    assert [(r["model"], r["options"]) for r in rows] == [(n, models.options_label(o)) for n, o in forms]
     assert untimed == [] and all(r["ms"] > 0 and r["peak_mib"] is None for r in rows)
     rows, untimed = gpu.time_grid([tiny, tiny | {"hidden": 8}], steps=1, budget_s=0.0, device="cpu")
-    assert len(rows) == len(gpu.FORMS) and untimed == [tiny | {"hidden": 8}]
-    shared = gpu.sharing(tiny, [1, 2], seconds=0.5, device="cpu")
+    assert len(rows) == len(forms) and untimed == [tiny | {"hidden": 8}]
+    shared = gpu.sharing(tiny, [1, 2], seconds=0.5, device="cpu", graphed=True)
     assert [s["processes"] for s in shared] == [1, 2] and shared[0]["speedup_vs_one"] == 1.0
+    assert all(s["cuda_graph"] for s in shared)
     assert all(s["steps_per_s_per_trial"] > 0 for s in shared)
 
 

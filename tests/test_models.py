@@ -41,7 +41,7 @@ def tokens(batch: int = 3, length: int = 9, seed: int = 1) -> torch.Tensor:
 def outputs_and_grads(model, x):
     model.zero_grad()
     logits = model(x)
-    (logits * torch.linspace(-1, 1, CLASSES, dtype=logits.dtype)).sum().backward()
+    (logits * torch.linspace(-1, 1, CLASSES, dtype=logits.dtype, device=logits.device)).sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 

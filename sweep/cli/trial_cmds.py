@@ -62,6 +62,7 @@ _FLAG_FIELDS = {
 _RESUMABLE_CHANGES = {
     "epochs",
     "device",
+    "cuda_graph",
     "num_threads",
     "target_accuracy",
     "keep_checkpoints",
