@@ -57,10 +57,13 @@ def machine() -> dict[str, Any]:
 
 def git_commit() -> str | None:
     """The commit measured, '+dirty' with local edits to anything but benchmarks/results/ (where the
-    earlier benchmarks of one batch write their JSON: that changes no code measured). Where the tree is a
-    copy without git (sent to a lent GPU machine), FWSWEEP_GIT_COMMIT, which the sender sets, names it."""
+    earlier benchmarks of one batch write their JSON: that changes no code measured). FWSWEEP_GIT_COMMIT,
+    where set, names it instead: a tree sent to a lent GPU machine is a copy whose .git need not be the
+    sender's (one such copy reported the session's first commit, "+dirty")."""
     import subprocess
 
+    if os.environ.get("FWSWEEP_GIT_COMMIT"):
+        return os.environ["FWSWEEP_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -69,7 +72,7 @@ def git_commit() -> str | None:
                                 ":(exclude)benchmarks/results"], capture_output=True, text=True,
                                check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("FWSWEEP_GIT_COMMIT")
+        return None
     return head + ("+dirty" if edits else "")
 
 

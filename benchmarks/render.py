@@ -293,11 +293,14 @@ def render_gpu(p: dict[str, Any]) -> str:
                 f"{s['host_ms']:.2f}" if s.get("host_ms") is not None else "-",
                 s.get("kernels") or "-",
                 vs_ln(s),
-                "-" if s["peak_mib"] is None else f"{s['peak_mib']:.1f}",
+                "-" if s["peak_mib"] is None or graphed(s) else f"{s['peak_mib']:.1f}",
             ]
             for s in r["steps"]
         ],
     )
+    if any(graphed(s) for s in r["steps"]):
+        steps += ("\n\nA graphed step's peak is not shown: its memory is taken once, at capture, in the "
+                  "graph's own pool, so the allocator sees no new memory during a replay.")
     untimed = r.get("untimed_points") or []
     if untimed:
         steps += "\n\nNot timed (the run's `--budget-s` ran out first): " + ", ".join(

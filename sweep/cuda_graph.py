@@ -47,7 +47,7 @@ class GraphedStep:
             self.graph.replay()
             return self.static_loss
         if self.failed or self.graph is not None:
-            return self.eager(x, y)
+            return self.eager(x, y).detach()
         if self.steps <= WARMUP_STEPS:
             return self._on_side_stream(x, y)
         return self._capture(x, y)
@@ -56,8 +56,8 @@ class GraphedStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            loss = self.eager(x, y)
-        torch.cuda.current_stream().wait_stream(side)
+            loss = self.eager(x, y).detach()  # the caller's loss must not keep this step's autograd graph
+        torch.cuda.current_stream().wait_stream(side)  # (and its side-stream nodes) alive into the capture
         return loss
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -71,12 +71,12 @@ class GraphedStep:
             # every replay writes them anew (no accumulation across steps)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA
-                self.static_loss = self.eager(self.static_x, self.static_y)
+                self.static_loss = self.eager(self.static_x, self.static_y).detach()
         except RuntimeError as error:  # nothing captured ran: this batch's step is still to do
             self.failed, self.static_x, self.static_y, self.static_loss = True, None, None, None
             log.warning("CUDA graph capture of the train step failed (%s); training on without graphs", error)
             torch.cuda.synchronize()
-            return self.eager(x, y)
+            return self.eager(x, y).detach()
         self.graph = graph
         graph.replay()  # capture only records: this runs the step on this batch
         return self.static_loss
