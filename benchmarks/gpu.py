@@ -1,5 +1,6 @@
 """GPU benchmark, for when a CUDA device is lent: step time and peak memory vs H, B and T for every form,
-and the throughput of 1, 2 or 4 trials sharing one GPU (as `resources: {gpu: 0.5}` or `{gpu: 0.25}` do).
+eager and graphed, and the throughput of 1, 2 or 4 trials sharing one GPU (as `resources: {gpu: 0.5}` or
+`{gpu: 0.25}` do). benchmarks/gpu_lease.sh runs it, with the CUDA tests, in one call.
 
     .venv/bin/python benchmarks/gpu.py                    # the whole grid, then the sharing test
     .venv/bin/python benchmarks/gpu.py --quick            # a few points only (a short device lease)
@@ -8,11 +9,13 @@ and the throughput of 1, 2 or 4 trials sharing one GPU (as `resources: {gpu: 0.5
 Writes benchmarks/results/gpu.json (see record.py); `benchmarks/render.py` makes its tables in
 docs/benchmarks.md. Without CUDA it stops at once with exit code 2 and says so.
 
-Step: zero_grad + forward + cross-entropy + backward + Adam step on ART-shaped input (benchmarks/models.py),
-timed with CUDA events after a warm-up, median of `--steps`; peak memory is torch.cuda.max_memory_allocated
-over one step above the memory held before it. Sharing: N processes (spawned, each its own CUDA context,
-as N Tune trials on one GPU would be) train FW-LSTM (fused) for `--share-seconds` after a common start;
-steps per second per process, in all, and against one process alone.
+Step: a trial's own step (sweep.train.train_step: forward, cross-entropy, backward, clipping, Adam) on
+ART-shaped input (benchmarks/models.py), eagerly and as a CUDA graph (sweep/cuda_graph.py, what trials do
+on CUDA), timed with CUDA events after a warm-up, median of `--steps`, with the host's time to queue it;
+peak memory is torch.cuda.max_memory_allocated over one step above the memory held before it; kernels per
+step at the base point. Sharing: N processes (spawned, each its own CUDA context, as N Tune trials on one
+GPU would be) train FW-LSTM (fused), eager then graphed, for `--share-seconds` after a common start; steps
+per second per process, in all, and against one process alone.
 """
 
 from __future__ import annotations
