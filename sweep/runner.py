@@ -322,9 +322,9 @@ JSON_LOGGER_MARK = ".json-logger-only"  # in a sweep's folder: its saved Tuner c
 def json_logger_only(store: SweepStore, fresh: bool) -> Any:
     """Tune's default CSV and TensorBoard loggers off for this fit. They write every result twice more, on
     the driver, with a TensorBoard writer thread per trial; the sweep's records are result.json (its own
-    JsonLoggerCallback, see build_tuner) and its view is MLflow. A sweep begun by an older fwsweep has no
-    logger of its own (no mark): Tune keeps adding its defaults there. A user's setting of the variable
-    wins."""
+    JSON logger, sweep.result_log.ResultLog, see build_tuner) and its view is MLflow. A sweep begun by an
+    older fwsweep has no logger of its own (no mark): Tune keeps adding its defaults there. A user's
+    setting of the variable wins."""
     if fresh:
         store.write_text(JSON_LOGGER_MARK, "Tune's default CSV/TensorBoard loggers are off for this sweep\n")
     if os.environ.get(AUTO_LOGGERS_ENV) is not None or not (fresh or store.exists(JSON_LOGGER_MARK)):
@@ -396,9 +396,10 @@ def _tracker(spec: SweepSpec, tracking_url: str | None, store: SweepStore) -> An
 
 def build_tuner(spec: SweepSpec, callbacks: list[Any] | None = None, store: SweepStore | None = None) -> Any:
     from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
+
+    from sweep.result_log import ResultLog
 
     searcher = OptunaSearch(space=DefineByRun(spec), metric=spec.metric.name, mode=spec.metric.mode,
                             sampler=_sampler(spec))
@@ -410,7 +411,7 @@ def build_tuner(spec: SweepSpec, callbacks: list[Any] | None = None, store: Swee
         storage_filesystem=_tune_filesystem(store),
         failure_config=tune.FailureConfig(max_failures=spec.retries.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-        callbacks=list(callbacks or []) + [JsonLoggerCallback()],  # result.json: what sweep.store reads
+        callbacks=list(callbacks or []) + [ResultLog()],  # result.json: what sweep.store reads
         stop=_stopper(spec),
         verbose=0,
     )

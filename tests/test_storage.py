@@ -201,3 +201,48 @@ def test_tunes_state_upload_race_is_one_line_and_other_errors_keep_their_traceba
     assert race.levelname == "WARNING" and race.exc_info is None and "raced" in race.getMessage()
     for kept in (missing, denied):
         assert kept.levelname == "ERROR" and kept.exc_info is not None
+
+
+@pytest.mark.slow  # a local Ray session
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_trial_restored_without_a_checkpoint_keeps_the_result_rows_it_uploaded(
+        where: str, s3_env: S3Store, tmp_path: Path) -> None:
+    """Tune snapshots its state apart from the results it logs. A driver killed in between comes back
+    with a trial that has no checkpoint in Tune's state but result rows already uploaded; Tune's own JSON
+    logger starts that trial's staging file empty, and its next upload replaced the rows (seen once as a
+    trial recorded as epochs [2, 3] after `sweep resume`). sweep.result_log.ResultLog keeps them."""
+    import ray
+    from ray import tune
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+    from ray.tune.logger import JsonLoggerCallback
+
+    from sweep.result_log import ResultLog
+    from sweep.runner import tune_trial
+
+    storage = open_storage(str(tmp_path / "store") if where == "local" else s3_env.uri("result-log"))
+    fs = storage.fs if storage.remote else None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        tune.register_trainable("fwsweep_trial", tune_trial)
+        lines = {}
+        for logger in (JsonLoggerCallback(), ResultLog()):
+            name = type(logger).__name__
+            trial = Trial("fwsweep_trial", config={}, trial_id=name.lower(),
+                          storage=StorageContext(storage.root, name, storage_filesystem=fs))
+            trial.init_local_path()
+            storage.fs.create_dir(trial.path)
+            with storage.fs.open_output_stream(f"{trial.path}/result.json") as out:  # what the dead driver
+                out.write(b'{"epoch": 1}\n')  # uploaded
+            assert trial.checkpoint is None
+            logger.log_trial_start(trial)
+            logger.log_trial_result(1, trial, {"epoch": 2})
+            logger.on_experiment_end([trial])
+            lines[name] = Path(trial.local_path, "result.json").read_text().splitlines()
+    finally:
+        if started:
+            ray.shutdown()
+    assert lines["JsonLoggerCallback"] == ['{"epoch": 2}']  # Tune's own: the uploaded row would be lost
+    assert lines["ResultLog"] == ['{"epoch": 1}', '{"epoch": 2}']
