@@ -1,9 +1,10 @@
 """A train step replayed as one captured CUDA graph.
 
 On a GPU these models' steps are bound by kernel launches, not by the GPU: an FW-LSTM step at H = 100 is
-about 900 small kernels, each queued by Python and the dispatcher in ~40 µs, so the H200 of
-docs/benchmarks.md ("GPU") sits idle most of a 38 ms step. A CUDA graph records the step's kernels once
-and then launches them all with one call. The arithmetic is the same kernels on the same tensors.
+about 940 small kernels, each queued by Python and the dispatcher in 18-40 µs (it depends on the host
+CPU), so the H200 of docs/benchmarks.md ("GPU") sat idle most of a 17-39 ms step. A CUDA graph records
+the step's kernels once and then launches them all with one call: 2.2 ms there. The arithmetic is the
+same kernels on the same tensors.
 
 torch's whole-network recipe (docs: "CUDA Graphs", torch.cuda.graph): a few eager steps on a side stream
 first (lazy initialisation must not happen during capture), then capture forward, backward, clipping and
