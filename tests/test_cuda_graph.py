@@ -42,7 +42,7 @@ def steps_in_float64(name: str, optimizer: str, graphed: bool, steps: int = 12) 
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 37, (16, 9), generator=g), torch.randint(0, 10, (16,), generator=g))
                for _ in range(steps)]
-    losses = [float(step(x.cuda(), y.cuda())) for x, y in batches]
+    losses = [float(step(x.cuda(), y.cuda()).detach()) for x, y in batches]
     if graphed:
         assert step.graph is not None and not step.failed  # captured, and the later steps replayed
     return losses, [p.detach().cpu() for p in model.parameters()]
