@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 class ResultLog(JsonLoggerCallback):
     def log_trial_start(self, trial: Any) -> None:
-        if trial not in self._trial_files and trial.checkpoint is None:
+        if trial.checkpoint is None:  # else Tune fetches the file itself
             _fetch_recorded_rows(trial)
         super().log_trial_start(trial)
 
