@@ -24,11 +24,12 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 
 # the tests that skip without a GPU: CUDA against the CPU (models), the trial loop on CUDA, graphed steps
 timeout "${CUDA_TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -rs \
-    tests/test_models.py tests/test_train.py tests/test_cuda_graph.py -k "cuda or graph" 2>&1 | tee "$OUT/cuda_tests.txt"
+    tests/test_models.py tests/test_train.py tests/test_cuda_graph.py -k "cuda or graph" 2>&1 |
+    tee "$OUT/cuda_tests.txt"
 
 # the grid stops starting new points after GPU_BUDGET_S; the sharing tests (eager, then graphed: 1, 2, 4
 # and 8 trials, each ~10 s after start-up) run after it
-# shellcheck disable=SC2086 (GPU_SHARE is a list of counts)
+# shellcheck disable=SC2086 # GPU_SHARE is a list of counts
 timeout "${GPU_BENCH_TIMEOUT:-420}" python3 benchmarks/gpu.py --budget-s "${GPU_BUDGET_S:-150}" \
     --share ${GPU_SHARE:-1 2 4 8} --share-seconds "${GPU_SHARE_SECONDS:-10}" 2>&1 | tee "$OUT/gpu_bench.txt"
 cp benchmarks/results/gpu.json "$OUT/" 2>/dev/null || echo "no gpu.json written" >&2
