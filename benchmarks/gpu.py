@@ -94,7 +94,7 @@ def build(name: str, options: dict, point: dict[str, int], device: str):  # noqa
     train = TrainConfig()
     optimizer = make_optimizer(train, model)
     eager = lambda bx, by: train_step(model, optimizer, bx, by, train.grad_clip)  # noqa: E731
-    step = graphed_if_cuda(eager, model, optimizer, torch.device(device), options.get(GRAPH) == "on")
+    step = graphed_if_cuda(eager, optimizer, torch.device(device), options.get(GRAPH) == "on")
     return model, lambda: step(x, y)
 
 

@@ -18,7 +18,6 @@ import logging
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +32,8 @@ class GraphedStep:
     the host, say), the step says so once in the log and stays eager: slower, never wrong.
     """
 
-    def __init__(self, eager: Step, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.eager, self.model, self.optimizer = eager, model, optimizer
+    def __init__(self, eager: Step, optimizer: torch.optim.Optimizer) -> None:
+        self.eager, self.optimizer = eager, optimizer
         self.steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed = False
@@ -83,7 +82,7 @@ class GraphedStep:
         return self.static_loss
 
 
-def graphed_if_cuda(eager: Step, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+def graphed_if_cuda(eager: Step, optimizer: torch.optim.Optimizer, device: torch.device,
                     enabled: bool) -> Step:
     """The step to call: graphed on CUDA when enabled, `eager` itself everywhere else."""
-    return GraphedStep(eager, model, optimizer) if enabled and device.type == "cuda" else eager
+    return GraphedStep(eager, optimizer) if enabled and device.type == "cuda" else eager

@@ -109,8 +109,8 @@ def run_trial(
     order = _BatchOrder(len(splits.train), tc.batch_size, tc.seed, device)
     per_epoch = steps_per_epoch(config)
     last_callback = 0.0
-    step_fn = graphed_if_cuda(lambda x, y: train_step(model, optimizer, x, y, tc.grad_clip), model,
-                              optimizer, device, tc.cuda_graph)
+    step_fn = graphed_if_cuda(lambda x, y: train_step(model, optimizer, x, y, tc.grad_clip), optimizer,
+                              device, tc.cuda_graph)
 
     if loop.finished():
         return loop.final_report(reporter, splits.test)

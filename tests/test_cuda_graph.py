@@ -24,10 +24,10 @@ def test_on_the_cpu_the_step_is_never_graphed() -> None:
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert graphed_if_cuda(step, model, optimizer, torch.device("cpu"), enabled=True) is step
+    assert graphed_if_cuda(step, optimizer, torch.device("cpu"), enabled=True) is step
     cuda = torch.device("cuda")
-    assert isinstance(graphed_if_cuda(step, model, optimizer, cuda, enabled=True), GraphedStep)
-    assert graphed_if_cuda(step, model, optimizer, cuda, enabled=False) is step
+    assert isinstance(graphed_if_cuda(step, optimizer, cuda, enabled=True), GraphedStep)
+    assert graphed_if_cuda(step, optimizer, cuda, enabled=False) is step
 
 
 def steps_in_float64(name: str, optimizer: str, graphed: bool, steps: int = 12) -> tuple[list, list]:
@@ -37,7 +37,7 @@ def steps_in_float64(name: str, optimizer: str, graphed: bool, steps: int = 12) 
     model = build_model(params_class(name)(**fields), 37, 10).to("cuda", torch.float64)
     train = TrainConfig(optimizer=optimizer, lr=0.01)
     opt = make_optimizer(train, model)
-    step = graphed_if_cuda(lambda x, y: train_step(model, opt, x, y, train.grad_clip), model, opt,
+    step = graphed_if_cuda(lambda x, y: train_step(model, opt, x, y, train.grad_clip), opt,
                            torch.device("cuda"), graphed)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 37, (16, 9), generator=g), torch.randint(0, 10, (16,), generator=g))
