@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import CONFIGS, MATRIX_CONFIGS, NATIVE, art_shaped_batch, options_label  # noqa: E402
+from models import CLASSES, CONFIGS, MATRIX_CONFIGS, NATIVE, VOCAB, art_shaped_batch, options_label  # noqa: E402
 from record import record  # noqa: E402
 
 BASE = {"hidden": 100, "batch": 128, "length": 19}
@@ -88,7 +88,7 @@ def build(name: str, options: dict, point: dict[str, int], device: str):  # noqa
 
     torch.manual_seed(0)
     fields = {k: v for k, v in options.items() if k != GRAPH}
-    model = build_model(params_class(name)(hidden_size=point["hidden"], **fields), 37, 10).to(device)
+    model = build_model(params_class(name)(hidden_size=point["hidden"], **fields), VOCAB, CLASSES).to(device)
     x, y = art_shaped_batch(point["batch"], (point["length"] - 3) // 2)
     x, y = x.to(device), y.to(device)
     train = TrainConfig()
