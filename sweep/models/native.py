@@ -954,10 +954,13 @@ static void fwlstm_step_backward_$sfx(const void *model, long b0, long nb, long 
     const struct fwlstm_$sfx *m = model;
     const long B = m->B, H = m->H, G = 4 * H, o = t * B + b0, mb = m->one_block ? 0 : b0, m0 = m->m0;
     if (m->one_block && t == m->T - 1)  /* a new block: its stored vectors again */
-        for (long s = 0; s < m->T; s++)
+        for (long s = 0; s < m->T; s++) {
+            if (s + 1 < m->T)  /* step s + 1's rows (one run of nb rows), while step s's are computed */
+                PREFETCH_LINES(m->N + ((s + 1) * B + b0) * G, nb * G, 0);
             for (long b = 0; b < nb; b++)
                 stored_vector_$sfx(G - m0, m->N + (s * B + b0 + b) * G + m0, m->gamma + m0, m->beta + m0,
                                    m->V + b * m->v_sb + s * m->v_sk);
+        }
     fwlstm_backward_$sfx(nb, H, m0, t, m->S, m->T, m->lo[t], m->rows, dh, m->dc + b0 * H, m->gamma, m->gc,
                          m->N + o * G, m->ACT + o * G, m->R + o * 2, m->CN + o * H, m->C + o * H,
                          t ? m->C + (o - B) * H : 0, m->V + mb * m->v_sb, m->v_sb, m->v_sk,
