@@ -259,8 +259,8 @@ def time_round_robin(steps: list[Callable[[], None]], rounds: int, probe: Callab
     weights and buffers back into the caches the other steps took over, and the round's time is the median
     of the other `block`. A trial's steps run back to back, so that is the time a trial's step takes.
     (Before 2026-12-01 each round timed one step, which then began with caches full of another model's
-    data: that cost the LN-LSTM more than the FW-LSTM, 2.9 ms a step at H = 50 against 2.2 back to back,
-    and put FW/LN at 1.24 where back to back it is 1.44.) CPU time is time.thread_time: with one torch
+    data: that cost the LN-LSTM more than the FW-LSTM, 2.9 ms a step at H = 50 against 2.3 back to back,
+    and put FW/LN at 1.24 where back to back it is 1.42.) CPU time is time.thread_time: with one torch
     thread the whole step, backward included, runs on the calling thread."""
     cpu: list[list[float]] = [[] for _ in steps]
     wall: list[list[float]] = [[] for _ in steps]

@@ -948,6 +948,11 @@ static void fwlstm_step_$sfx(const void *model, long b0, long nb, long t, const 
                         m->GQ + mb * m->gq_sb, m->gq_sb, m->gq_sj, m->SG + b0 * m->sg_sb, m->sg_sb, m->sg_sj,
                         m->w, m->N + o * G, m->ACT + o * G, m->R + o * 2, m->CN + o * H, m->C + o * H, h,
                         h_sb);
+    if (t + 1 < m->T) {  /* the next step's first row (the cell asks for the others), during its product */
+        const long p = o + B;
+        PREFETCH_LINES(m->N + p * G, G, 1); PREFETCH_LINES(m->ACT + p * G, G, 1);
+        PREFETCH_LINES(m->CN + p * H, H, 1); PREFETCH_LINES(m->C + p * H, H, 1);
+    }
 }
 static void fwlstm_step_backward_$sfx(const void *model, long b0, long nb, long t, const $real *dh,
                                       $real *dz) {
@@ -966,6 +971,13 @@ static void fwlstm_step_backward_$sfx(const void *model, long b0, long nb, long 
                          t ? m->C + (o - B) * H : 0, m->V + mb * m->v_sb, m->v_sb, m->v_sk,
                          m->GQ + mb * m->gq_sb, m->gq_sb, m->gq_sj, m->SG + b0 * m->sg_sb, m->sg_sb,
                          m->sg_sj, m->w, dz, m->T * G, m->dgamma, m->dbeta, m->dgc, m->dbc);
+    if (t > 0) {  /* step t - 1's first row (the cell asks for the others), during the products between */
+        const long p = o - B;
+        PREFETCH_LINES(m->N + p * G, G, 0); PREFETCH_LINES(m->ACT + p * G, G, 0);
+        PREFETCH_LINES(m->CN + p * H, H, 0); PREFETCH_LINES(m->C + p * H, H, 0);
+        if (t > 1) PREFETCH_LINES(m->C + (p - B) * H, H, 0);
+        PREFETCH_LINES(dz - G, G, 1);
+    }
 }
 void fwlstm_sequence_forward_$sfx(gemm_$sfx gemm, long B, long T, long H, long rb, long m0, long S,
                                   long one_block, const $real *W_hT, const $real *xW, const long *tokens,
