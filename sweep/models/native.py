@@ -57,6 +57,10 @@ HEADER = r"""
    LN-LSTM's saved rows, all B of a step in one run: measured no faster. */
 #define PREFETCH_LINES(p, n, rw) \
     for (long k_ = 0; k_ < (n); k_ += 64 / (long) sizeof *(p)) __builtin_prefetch((p) + k_, rw, 3)
+/* One row of the FW-LSTM's saved buffers N, ACT (G wide), CN and C (H wide). */
+#define PREFETCH_FWLSTM_ROW(n, act, cn, c, G, H, rw) { \
+        PREFETCH_LINES(n, G, rw); PREFETCH_LINES(act, G, rw); PREFETCH_LINES(cn, H, rw); \
+        PREFETCH_LINES(c, H, rw); }
 
 /* e^x for float32 as Cephes' expf: 2^n e^r with |r| <= ln2/2 and a degree-6 polynomial (about 1 ulp),
    written out so that loops over it vectorise; NaN stays NaN. float64 uses libm. */
@@ -533,8 +537,8 @@ void fwlstm_forward_$sfx(long B, long H, long m0, long t, long S, long T, const 
     $real zb[G] LINE_ALIGNED, zh[G] LINE_ALIGNED, a[D] LINE_ALIGNED;
     for (long b = 0; b < B; b++) {
         if (b + 1 < B) {  /* the next row's saved rows, to be written */
-            PREFETCH_LINES(n + (b + 1) * G, G, 1); PREFETCH_LINES(act + (b + 1) * G, G, 1);
-            PREFETCH_LINES(cn + (b + 1) * H, H, 1); PREFETCH_LINES(c + (b + 1) * H, H, 1);
+            const long r = b + 1;
+            PREFETCH_FWLSTM_ROW(n + r * G, act + r * G, cn + r * H, c + r * H, G, H, 1)
         }
         gate_inputs_$sfx(G, hw ? hw + b * G : 0, xw + b * xw_sb, zb);
         $real *nb = n + b * G, *ab = act + b * G, *rb = rstd + b * 2;
@@ -592,10 +596,10 @@ void fwlstm_backward_$sfx(long B, long H, long m0, long t, long S, long T, long 
     $real dg[G] LINE_ALIGNED, dcn[H] LINE_ALIGNED, dq[D] LINE_ALIGNED;
     for (long b = 0; b < B; b++) {
         if (b + 1 < B) {  /* the next row's saved rows, to be read */
-            PREFETCH_LINES(n + (b + 1) * G, G, 0); PREFETCH_LINES(act + (b + 1) * G, G, 0);
-            PREFETCH_LINES(cn + (b + 1) * H, H, 0); PREFETCH_LINES(c + (b + 1) * H, H, 0);
-            if (c_prev) PREFETCH_LINES(c_prev + (b + 1) * H, H, 0);
-            PREFETCH_LINES(dz + (b + 1) * dz_sb, G, 1);  /* to be written */
+            const long r = b + 1;
+            PREFETCH_FWLSTM_ROW(n + r * G, act + r * G, cn + r * H, c + r * H, G, H, 0)
+            if (c_prev) PREFETCH_LINES(c_prev + r * H, H, 0);
+            PREFETCH_LINES(dz + r * dz_sb, G, 1);  /* to be written */
         }
         const $real *dhb = dh + b * H, *nb = n + b * G, *ab = act + b * G, *rb = rstd + b * 2;
         const $real *cnb = cn + b * H, *cb = c + b * H, *cp = c_prev ? c_prev + b * H : 0;
@@ -950,8 +954,7 @@ static void fwlstm_step_$sfx(const void *model, long b0, long nb, long t, const 
                         h_sb);
     if (t + 1 < m->T) {  /* the next step's first row (the cell asks for the others), during its product */
         const long p = o + B;
-        PREFETCH_LINES(m->N + p * G, G, 1); PREFETCH_LINES(m->ACT + p * G, G, 1);
-        PREFETCH_LINES(m->CN + p * H, H, 1); PREFETCH_LINES(m->C + p * H, H, 1);
+        PREFETCH_FWLSTM_ROW(m->N + p * G, m->ACT + p * G, m->CN + p * H, m->C + p * H, G, H, 1)
     }
 }
 static void fwlstm_step_backward_$sfx(const void *model, long b0, long nb, long t, const $real *dh,
@@ -973,8 +976,7 @@ static void fwlstm_step_backward_$sfx(const void *model, long b0, long nb, long 
                          m->sg_sj, m->w, dz, m->T * G, m->dgamma, m->dbeta, m->dgc, m->dbc);
     if (t > 0) {  /* step t - 1's first row (the cell asks for the others), during the products between */
         const long p = o - B;
-        PREFETCH_LINES(m->N + p * G, G, 0); PREFETCH_LINES(m->ACT + p * G, G, 0);
-        PREFETCH_LINES(m->CN + p * H, H, 0); PREFETCH_LINES(m->C + p * H, H, 0);
+        PREFETCH_FWLSTM_ROW(m->N + p * G, m->ACT + p * G, m->CN + p * H, m->C + p * H, G, H, 0)
         if (t > 1) PREFETCH_LINES(m->C + (p - B) * H, H, 0);
         PREFETCH_LINES(dz - G, G, 1);
     }
