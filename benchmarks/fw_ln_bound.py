@@ -123,8 +123,9 @@ def read_bandwidth(nbytes: int, seconds: float = 0.2) -> float:
     return repeats * n * 4 / best / 1e9
 
 
-def build_variant(replacements: list[tuple[str, str]]) -> ctypes.CDLL:
-    """native.SOURCE with each `old` replaced by `new` (each must occur exactly once), compiled and loaded."""
+def build_variant(replacements: list[tuple[str, str]], hidden: int | None = None) -> ctypes.CDLL:
+    """native.SOURCE with each `old` replaced by `new` (each must occur exactly once), compiled (for one
+    hidden size, as the shipped steps use theirs: native.kernel's `hidden`) and loaded."""
     source = native.SOURCE
     for old, new in replacements:
         if source.count(old) != 1:
@@ -133,7 +134,8 @@ def build_variant(replacements: list[tuple[str, str]]) -> ctypes.CDLL:
     with tempfile.TemporaryDirectory(prefix="fwsweep-bound-") as folder:  # loaded, the file may go
         c_file, library = Path(folder) / "variant.c", Path(folder) / "variant.so"
         c_file.write_text(source)
-        subprocess.run(["cc", *native.FLAGS, str(c_file), "-o", str(library)], check=True)
+        flags = [*native.FLAGS, *([f"-DFWSWEEP_HIDDEN={hidden}"] if hidden else [])]
+        subprocess.run(["cc", *flags, str(c_file), "-o", str(library)], check=True)
         loaded = ctypes.CDLL(str(library))
     for name, argtypes in native.SIGNATURES.items():
         for suffix in ("f32", "f64"):
@@ -145,7 +147,7 @@ def with_library(step: Callable[[], None], library: ctypes.CDLL) -> Callable[[],
     """The step with native.kernel taken from `library` (decided per call, as the forms look kernels up)."""
     def variant_step() -> None:
         original = native._library
-        native._library = lambda: library
+        native._library = lambda hidden=None: library
         try:
             step()
         finally:
@@ -228,10 +230,12 @@ def main() -> None:
     torch.set_num_threads(1)
     if not native.usable_for(torch.zeros(0)):
         raise SystemExit("fw_ln_bound.py needs the C kernels (a C compiler); see docs/models.md")
-    variants = {"no products": build_variant(WITHOUT_PRODUCTS), "memory in L2": build_variant(MEMORY_IN_L2),
-                "memory in L2, no products": build_variant(MEMORY_IN_L2 + WITHOUT_PRODUCTS)}
+    variants = {"no products": WITHOUT_PRODUCTS, "memory in L2": MEMORY_IN_L2,
+                "memory in L2, no products": MEMORY_IN_L2 + WITHOUT_PRODUCTS}
     with record("fw_ln_bound", vars(args)) as payload:
-        payload["results"] = [measure(h, args.batch, args.pairs, args.rounds, variants) for h in args.hidden]
+        payload["results"] = [measure(h, args.batch, args.pairs, args.rounds,
+                                      {label: build_variant(lines, h) for label, lines in variants.items()})
+                              for h in args.hidden]
         for r in payload["results"]:
             s, p = r["step_ms"], r["parts_ms"]
             print(f"H={r['hidden']}: LN {s['ln_lstm']:.2f} ms, FW {s['fw_lstm']:.2f} ms "

@@ -187,9 +187,40 @@ def test_the_fused_forms_run_as_c_where_a_compiler_is(monkeypatch, name, kernel)
     assert not native.usable_for(torch.zeros(1, dtype=torch.bfloat16))  # torch ops serve other dtypes
     assert list(native.cache_dir().glob("fw_kernels-*.so"))
     calls, original = [], native.kernel
-    monkeypatch.setattr(native, "kernel", lambda name, dtype: calls.append(name) or original(name, dtype))
+    monkeypatch.setattr(native, "kernel",
+                        lambda name, dtype, hidden=None: calls.append(name) or original(name, dtype, hidden))
     outputs_and_grads(make(name), tokens())
     assert kernel in calls, calls
+
+
+@needs_cc
+@pytest.mark.parametrize(("name", "fields"), [*FAST_WEIGHT_MODELS, ("ln_lstm", {})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_built_for_the_hidden_size_equal_the_general_ones(monkeypatch, name, fields, dtype):
+    """Each model's C calls go to a library built for its H (ASSUME_HIDDEN: its loops compiled for that
+    length), which computes what the library for any H does, to rounding (GCC may order or fuse a
+    multiply-add differently in a loop of known length: float64 results differ in the last bits)."""
+    kw = {**fields, "hidden_size": 7}
+    if name != "ln_lstm":
+        kw.update(fast_lr=0.5, decay=0.9)
+    x = tokens(batch=5, length=13)
+    calls, original = [], native.kernel
+
+    def spy(kernel_name, kernel_dtype, hidden=None):
+        calls.append((kernel_name, hidden))
+        return original(kernel_name, kernel_dtype, hidden)
+
+    monkeypatch.setattr(native, "kernel", spy)
+    out, grads = outputs_and_grads(make(name, dtype=dtype, **kw), x)
+    cells = {hidden for kernel_name, hidden in calls if kernel_name.startswith(("lnlstm", "fwlstm", "fwrnn"))}
+    assert cells == {7}, calls  # the other kernels (the memory's sums) take no H
+    monkeypatch.setattr(native, "kernel", lambda kernel_name, kernel_dtype, hidden=None: original(
+        kernel_name, kernel_dtype))
+    out_general, grads_general = outputs_and_grads(make(name, dtype=dtype, **kw), x)
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    assert rel_err(out, out_general) < tol
+    for param_name, grad in grads_general.items():
+        assert rel_err(grads[param_name], grad) < tol, param_name
 
 
 @needs_cc
@@ -456,7 +487,8 @@ def test_the_portable_lane_sums_equal_the_shuffle_tree(monkeypatch, tmp_path, dt
     native._library.cache_clear()
     try:
         portable = [outputs_and_grads(make(name, dtype=dtype, **kw), x) for name in ("fw_lstm", "fw_rnn")]
-        assert len(list(tmp_path.glob("fw_kernels-*.so"))) == 1  # built apart from the cached library
+        # built apart from the cached libraries: the one for any hidden size and the one for H = 7
+        assert len(list(tmp_path.glob("fw_kernels-*.so"))) == 2
         assert_weighted_sums_are_exact(dtype)
     finally:
         native._library.cache_clear()

@@ -11,9 +11,11 @@ called from C by the sequence loops, from Python by the per-step ones. The reads
 of dot products and weighted sums over the stored vectors (`torch.bmm` pays about 1 us per batch element for
 those, ~130 us per read at batch 128).
 
-The C source below is compiled on first use with the system C compiler (`cc`, about 2 s) and cached
+The C source below is compiled on first use with the system C compiler (`cc`, about 4 s) and cached
 per source, compiler flags and CPU model under $FWSWEEP_KERNEL_CACHE (default ~/.cache/fwsweep/kernels),
-so a cluster node compiles it once, for its own CPU. Without a compiler, on CUDA, for other dtypes, or
+so a cluster node compiles it once, for its own CPU: once for any hidden size, and once more for each
+hidden size a model uses (`kernel(..., hidden=H)`; ASSUME_HIDDEN says why), falling back to the first
+where that build fails. Without a compiler, on CUDA, for other dtypes, or
 with FWSWEEP_NATIVE=0, fused.py runs the same equations with torch ops (the reads with `torch.bmm`):
 checked against each other and against the matrix form in tests/test_models.py.
 
@@ -50,6 +52,15 @@ HEADER = r"""
    load or store then never straddles two lines (LSTM steps 1-6% faster at H = 50, the FW-RNN's 11-13% at
    H = 100) */
 #define LINE_ALIGNED __attribute__((aligned(64)))
+/* A library built for one hidden size (kernel(..., hidden=H): -DFWSWEEP_HIDDEN=H) lets each cell take its H
+   as that constant, so GCC compiles every loop over a row for its known length, the last H mod 16 numbers
+   included, where it otherwise ends each loop with a run-time chain of narrower vectors and scalar code:
+   steps 4-11% faster. Such a library is only ever called with that H. */
+#ifdef FWSWEEP_HIDDEN
+#define ASSUME_HIDDEN(H) do { if ((H) != FWSWEEP_HIDDEN) __builtin_unreachable(); } while (0)
+#else
+#define ASSUME_HIDDEN(H) ((void) 0)
+#endif
 /* Asks for the cache lines of the n numbers at p ahead of their use (rw: 1 to write them, 0 to read). The
    cells call it on the next batch row's rows while they work on this one, where the hardware's prefetcher
    does not get ahead of them: rows of a step that are a short run (the FW-LSTM's blocks of a few rows in
@@ -439,6 +450,7 @@ void lnlstm_forward_$sfx(long B, long H, const $real *hw, const $real *xw, long 
                          const $real *gc, const $real *bc, const $real *c_prev,
                          $real *n, $real *act, $real *rstd, $real *cn, $real *c, $real *tc, $real *h,
                          long h_sb) {
+    ASSUME_HIDDEN(H);
     const long G = 4 * H;
     $real zb[G] LINE_ALIGNED;
     for (long b = 0; b < B; b++) {
@@ -475,6 +487,7 @@ void lnlstm_backward_$sfx(long B, long H, const $real *dh, $real *dc, const $rea
                           const $real *n, const $real *act, const $real *rstd, const $real *cn,
                           const $real *tc, const $real *c_prev, $real *dz, long dz_sb, $real *dgamma,
                           $real *dbeta, $real *dgc, $real *dbc) {
+    ASSUME_HIDDEN(H);
     const long G = 4 * H;
     $real dy[G] LINE_ALIGNED, dcn[H] LINE_ALIGNED;
     for (long b = 0; b < B; b++) {
@@ -532,6 +545,7 @@ void fwlstm_forward_$sfx(long B, long H, long m0, long t, long S, long T, const 
                          $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb, long sg_sj,
                          const $real *w, $real *n, $real *act, $real *rstd, $real *cn, $real *c, $real *h,
                          long h_sb) {
+    ASSUME_HIDDEN(H);
     const long G = 4 * H, D = G - m0, reads = t + 1;
     const $real *wt = w + T - reads;
     $real zb[G] LINE_ALIGNED, zh[G] LINE_ALIGNED, a[D] LINE_ALIGNED;
@@ -591,6 +605,7 @@ void fwlstm_backward_$sfx(long B, long H, long m0, long t, long S, long T, long 
                           $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb, long sg_sj,
                           const $real *w, $real *dz, long dz_sb, $real *dgamma, $real *dbeta, $real *dgc,
                           $real *dbc) {
+    ASSUME_HIDDEN(H);
     const long G = 4 * H, D = G - m0, reads = t + 1;
     const $real *wt = w + T - reads;
     $real dg[G] LINE_ALIGNED, dcn[H] LINE_ALIGNED, dq[D] LINE_ALIGNED;
@@ -664,6 +679,7 @@ void fwrnn_forward_$sfx(long B, long H, long S, long T, long n, long r0, long wr
                         $real *V, long v_sb,
                         long v_sk, $real *GQ, long gq_sb, long gq_sj, $real *SG, long sg_sb, long sg_sj,
                         const $real *w, $real *xh, $real *rstd, $real *h, long h_sb) {
+    ASSUME_HIDDEN(H);
     const $real *wn = w + T - n;
     $real a[H] LINE_ALIGNED, hs[H] LINE_ALIGNED, sb[H] LINE_ALIGNED;
     for (long b = 0; b < B; b++) {
@@ -713,6 +729,7 @@ void fwrnn_backward_$sfx(long B, long H, long S, long T, long n, long r0, long w
                          long gq_sj, $real *SG, long sg_sb, long sg_sj,
                          const $real *w, $real *dslow, long dslow_sb, $real *dq0, $real *dgamma,
                          $real *dbeta) {
+    ASSUME_HIDDEN(H);
     const $real *wn = w + T - n;
     $real dhs[H] LINE_ALIGNED, dx[H] LINE_ALIGNED;
     for (long b = 0; b < B; b++) {
@@ -1143,10 +1160,10 @@ def _cpu_model() -> str:
     return "\n".join(fields) or platform.processor() or platform.machine()
 
 
-def _compile(compiler: list[str]) -> Path:
+def _compile(compiler: list[str], flags: list[str]) -> Path:
     """The cached shared library, built first if missing; in the temp folder if the cache cannot be
     written (a read-only home on a cluster node)."""
-    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, *compiler, _cpu_model()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE, *flags, *compiler, _cpu_model()]).encode()).hexdigest()[:16]
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -1158,33 +1175,42 @@ def _compile(compiler: list[str]) -> Path:
         folder.mkdir(mode=0o700, exist_ok=True)
         if folder.stat().st_uid != os.getuid():  # a shared /tmp: never load a library someone else put there
             raise OSError(f"{folder} belongs to another user")
-    return _build(compiler, folder / f"fw_kernels-{key}.so")
+    return _build(compiler, flags, folder / f"fw_kernels-{key}.so")
 
 
-def _build(compiler: list[str], target: Path) -> Path:
+def _build(compiler: list[str], flags: list[str], target: Path) -> Path:
     """`target`, compiled unless there; atomically (os.replace): trials may race on a fresh node."""
     if target.exists():
         return target
     with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as build:
         source, built = Path(build) / "fw_kernels.c", Path(build) / "fw_kernels.so"
         source.write_text(SOURCE)
-        subprocess.run([*compiler, *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
+        subprocess.run([*compiler, *flags, str(source), "-o", str(built)], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(built, target)
     return target
 
 
 @cache
-def _library() -> ctypes.CDLL | None:
+def _library(hidden: int | None = None) -> ctypes.CDLL | None:
+    """The kernels, built for any hidden size (hidden None) or for one (ASSUME_HIDDEN in the source)."""
+    if hidden is not None:
+        if _library() is None:
+            return None
+        try:
+            flags = [*FLAGS, f"-DFWSWEEP_HIDDEN={int(hidden)}"]
+            return _loaded(ctypes.CDLL(str(_compile(_compiler(), flags))))
+        except (OSError, subprocess.SubprocessError) as err:  # the general build serves instead
+            log.debug("no kernels built for H = %s (%s)", hidden, err)
+            return _library()
     if os.environ.get("FWSWEEP_NATIVE", "1") == "0":
         return None
-    found = shutil.which("cc") or shutil.which("gcc")
-    compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])  # CC may carry flags
+    compiler = _compiler()
     if not compiler:
         _fall_back("no C compiler: neither cc nor gcc is on the PATH and CC is unset")
         return None
     try:
-        library = ctypes.CDLL(str(_compile(compiler)))
+        library = ctypes.CDLL(str(_compile(compiler, FLAGS)))
     except subprocess.CalledProcessError as err:
         said = (err.stderr or "").strip().splitlines()  # a compiler's last line names the error
         _fall_back(f"{shlex.join(compiler)} exited with status {err.returncode}"
@@ -1193,6 +1219,15 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as err:
         _fall_back(str(err))
         return None
+    return _loaded(library)
+
+
+def _compiler() -> list[str]:
+    found = shutil.which("cc") or shutil.which("gcc")
+    return shlex.split(os.environ.get("CC", "")) or ([found] if found else [])  # CC may carry flags
+
+
+def _loaded(library: ctypes.CDLL) -> ctypes.CDLL:
     for name, argtypes in SIGNATURES.items():
         for suffix in _SUFFIX.values():
             getattr(library, f"{name}_{suffix}").argtypes = argtypes
@@ -1211,6 +1246,7 @@ def usable_for(like: Tensor) -> bool:
 
 
 
-def kernel(name: str, dtype: torch.dtype):
-    """The C function `name` for `dtype` (call only where `usable_for` said yes)."""
-    return getattr(_library(), f"{name}_{_SUFFIX[dtype]}")
+def kernel(name: str, dtype: torch.dtype, hidden: int | None = None):
+    """The C function `name` for `dtype` (call only where `usable_for` said yes); with `hidden`, from the
+    library built for that hidden size, which must then be the H of every call (see ASSUME_HIDDEN)."""
+    return getattr(_library(hidden), f"{name}_{_SUFFIX[dtype]}")

@@ -172,14 +172,14 @@ def ln_lstm_forward(ctx: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, beta_fb: T
     With `tokens`, xW is the projected vocabulary and the inputs are xW[tokens]."""
     gemm, xW, tokens, (B, T, G) = _sequence_inputs(ctx, xW, tokens)
     H = G // 4
-    cell = native.kernel("lnlstm_forward", xW.dtype)
+    cell = native.kernel("lnlstm_forward", xW.dtype, hidden=H)
     N, ACT, R, CN, C, TC, Hprev, h_last = _forward_buffers(xW, B, T, cell_stats=5, extra=3)
     params = [p.contiguous() for p in (gamma, beta_fb, gamma_c, beta_c)]
     ctx.native_saved = (N, ACT, R, CN, C, TC, Hprev, W_h, params)
     if gemm is not None:  # one C call for the whole sequence, one block of B rows
         W_hT, xW, hw = W_h.t().contiguous(), xW.contiguous(), xW.new_empty(B, G)  # alive through the call
         tokens, xg = _token_arguments(xW, tokens, B)
-        _in_c("lnlstm_sequence_forward", xW.dtype,
+        _in_c("lnlstm_sequence_forward", xW.dtype, H,
             gemm, B, T, H, B, *_addresses(W_hT, xW), *_pointers(tokens, xg),
             *_addresses(*params, N, ACT, R, CN, C, TC, Hprev, h_last, hw))
         return h_last
@@ -196,7 +196,7 @@ def ln_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     N, ACT, R, CN, C, TC, Hprev, W_h, (gamma, _, gamma_c, _) = ctx.native_saved
     T, B, G = N.shape
     H = G // 4
-    cell = native.kernel("lnlstm_backward", N.dtype)
+    cell = native.kernel("lnlstm_backward", N.dtype, hidden=H)
     dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc = _gradient_buffers(N, T, B, G, H)
     fixed = _addresses(gamma, gamma_c)
     sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
@@ -205,7 +205,7 @@ def ln_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
         W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(B, H)
         tokens, dtable = _table_arguments(ctx, N)
         dW_h = _WeightGrad(Hprev, min(WEIGHT_GRAD_ROWS, B * T), G)
-        _in_c("lnlstm_sequence_backward", N.dtype,
+        _in_c("lnlstm_sequence_backward", N.dtype, H,
             gemm, B, T, H, B, *_addresses(W_h, grad_h), *fixed, *_addresses(N, ACT, R, CN, TC, C, dZ, dc, dh),
             *sums, *_pointers(tokens, dtable), *dW_h.arguments())
         return (dZ if dtable is None else dtable, dW_h.dW, dgamma.view(4, H), dbeta.view(4, H), dgamma_c,
@@ -234,7 +234,7 @@ def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, 
     `tokens`, xW is the projected vocabulary and the inputs are xW[tokens]."""
     gemm, xW, tokens, (B, T, G) = _sequence_inputs(ctx, xW, tokens)
     H = G // 4
-    cell = native.kernel("fwlstm_forward", xW.dtype)
+    cell = native.kernel("fwlstm_forward", xW.dtype, hidden=H)
     N, ACT, R, CN, C, Hprev, h_last = _forward_buffers(xW, B, T, cell_stats=2, extra=2)
     params = [p.contiguous() for p in (gamma, beta, forget_bias, gamma_c, beta_c)]
     fixed = _addresses(*params)
@@ -245,7 +245,7 @@ def fw_lstm_forward(ctx: Any, mem: Any, xW: Tensor, W_h: Tensor, gamma: Tensor, 
     if gemm is not None:  # one C call for the whole sequence, in blocks of rows whose memory fits in L2
         W_hT, xW, hw = W_h.t().contiguous(), xW.contiguous(), xW.new_empty(rb, G)
         tokens, xg = _token_arguments(xW, tokens, rb)
-        _in_c("fwlstm_sequence_forward", xW.dtype,
+        _in_c("fwlstm_sequence_forward", xW.dtype, H,
             gemm, B, T, H, rb, m0, reads, one_block, *_addresses(W_hT, xW), *_pointers(tokens, xg), *fixed,
             *memory, *_addresses(N, ACT, R, CN, C, Hprev, h_last, hw))
         return h_last
@@ -262,7 +262,7 @@ def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
         ctx.native_saved)
     T, B, G = N.shape
     H = G // 4
-    cell = native.kernel("fwlstm_backward", N.dtype)
+    cell = native.kernel("fwlstm_backward", N.dtype, hidden=H)
     dZ, dgamma, dbeta, dgamma_c, dbeta_c, dc = _gradient_buffers(N, T, B, G, H)
     fixed = _addresses(gamma, gamma_c)
     sums = _addresses(dgamma, dbeta, dgamma_c, dbeta_c)
@@ -273,7 +273,7 @@ def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
         tokens, dtable = _table_arguments(ctx, N)
         dW_h = _WeightGrad(Hprev, rb * T, G)  # one product per block, while its rows are in L2
         W_h, grad_h, dh = W_h.contiguous(), grad_h.contiguous(), N.new_empty(rb, H)
-        _in_c("fwlstm_sequence_backward", N.dtype,
+        _in_c("fwlstm_sequence_backward", N.dtype, H,
             gemm, B, T, H, rb, m0, reads, one_block, lo, rows, *_addresses(W_h, grad_h, gamma, beta, gamma_c),
             *_addresses(N, ACT, R, CN, C), *memory, *_addresses(dZ, dc, dh), *sums,
             *_pointers(tokens, dtable), *dW_h.arguments())
@@ -285,9 +285,10 @@ def fw_lstm_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     return table_grad(dZ, *ctx.lookup), _recurrent_weight_grad(dZ, Hprev), dgamma, dbeta, dgamma_c, dbeta_c
 
 
-def _in_c(name: str, dtype: torch.dtype, *arguments: Any) -> None:
-    """One whole-sequence C call (native.py's SEQUENCES), then what torch does after its own brgemm loops."""
-    native.kernel(name, dtype)(*arguments)
+def _in_c(name: str, dtype: torch.dtype, hidden: int, *arguments: Any) -> None:
+    """One whole-sequence C call (native.py's SEQUENCES) from the kernels built for `hidden`, then what torch
+    does after its own brgemm loops."""
+    native.kernel(name, dtype, hidden=hidden)(*arguments)
     matmul.release_sequence_gemm(dtype)
 
 
@@ -312,7 +313,7 @@ def fw_rnn_forward(ctx: Any, mem: Any, Cx: Tensor, W: Tensor, gamma: Tensor, bet
     """h(T) of the FW-RNN (fused.FWRNNSequence's equations): per step one matmul (the authors' variant:
     two, and its u written into the memory) and one C call for the inner loop."""
     B, T, H = Cx.shape
-    inner = native.kernel("fwrnn_forward", Cx.dtype)
+    inner = native.kernel("fwrnn_forward", Cx.dtype, hidden=H)
     XH, RS, SLOW = Cx.new_empty(T, reads, B, H), Cx.new_empty(T, reads, B), Cx.new_empty(B, H)
     Hprev, h_last = Cx.new_zeros(B, T, H), Cx.new_empty(B, H)  # h(-1) = 0 (all zeroed: measured faster)
     U = Cx.new_empty(B, T, H) if authors else None  # the authors' u = ReLU(W h(t-1) + C x), batch-major
@@ -323,7 +324,7 @@ def fw_rnn_forward(ctx: Any, mem: Any, Cx: Tensor, W: Tensor, gamma: Tensor, bet
     gemm = None if authors else matmul.sequence_gemm(Cx.dtype)
     if gemm is not None:  # Ba's equations: the whole sequence in one C call
         WT, hw = W.t().contiguous(), Cx.new_empty(B, H)
-        _in_c("fwrnn_sequence_forward", Cx.dtype,
+        _in_c("fwrnn_sequence_forward", Cx.dtype, H,
             gemm, B, T, H, reads, *_addresses(WT, Cx), *params, *memory,
             *_addresses(XH, RS, Hprev, h_last, hw))
         return h_last
@@ -356,7 +357,7 @@ def fw_rnn_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
     """Gradients of Cx, W, gamma, beta."""
     mem, memory, XH, RS, Hprev, U, W, params, reads, authors, _ = ctx.native_saved
     T, _, B, H = XH.shape
-    inner = native.kernel("fwrnn_backward", XH.dtype)
+    inner = native.kernel("fwrnn_backward", XH.dtype, hidden=H)
     sums = XH.new_zeros(2 * H)
     dgamma, dbeta = sums.split([H, H])
     dSlow, dh_buffer = XH.new_empty(B, T, H), XH.new_empty(B, H)
@@ -365,7 +366,7 @@ def fw_rnn_backward(ctx: Any, grad_h: Tensor) -> tuple[Tensor, ...]:
         first_read = (ctypes.c_long * T)(*mem.first_read)
         dW = _WeightGrad(Hprev, min(WEIGHT_GRAD_ROWS, B * T), H)
         W, grad_h = W.contiguous(), grad_h.contiguous()  # kept while C reads them
-        _in_c("fwrnn_sequence_backward", XH.dtype,
+        _in_c("fwrnn_sequence_backward", XH.dtype, H,
             gemm, B, T, H, reads, first_read, mem.GQ.shape[1], *_addresses(W, grad_h), *params,
             *_addresses(XH, RS), *memory, *_addresses(dSlow, dh_buffer, dgamma, dbeta), *dW.arguments())
         return dSlow, dW.dW, dgamma, dbeta
