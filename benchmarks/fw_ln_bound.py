@@ -134,13 +134,8 @@ def build_variant(replacements: list[tuple[str, str]], hidden: int | None = None
     with tempfile.TemporaryDirectory(prefix="fwsweep-bound-") as folder:  # loaded, the file may go
         c_file, library = Path(folder) / "variant.c", Path(folder) / "variant.so"
         c_file.write_text(source)
-        flags = [*native.FLAGS, *([f"-DFWSWEEP_HIDDEN={hidden}"] if hidden else [])]
-        subprocess.run(["cc", *flags, str(c_file), "-o", str(library)], check=True)
-        loaded = ctypes.CDLL(str(library))
-    for name, argtypes in native.SIGNATURES.items():
-        for suffix in ("f32", "f64"):
-            getattr(loaded, f"{name}_{suffix}").argtypes = argtypes
-    return loaded
+        subprocess.run(["cc", *native.build_flags(hidden), str(c_file), "-o", str(library)], check=True)
+        return native._loaded(ctypes.CDLL(str(library)))
 
 
 def with_library(step: Callable[[], None], library: ctypes.CDLL) -> Callable[[], None]:

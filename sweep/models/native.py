@@ -1198,8 +1198,7 @@ def _library(hidden: int | None = None) -> ctypes.CDLL | None:
         if _library() is None:
             return None
         try:
-            flags = [*FLAGS, f"-DFWSWEEP_HIDDEN={int(hidden)}"]
-            return _loaded(ctypes.CDLL(str(_compile(_compiler(), flags))))
+            return _loaded(ctypes.CDLL(str(_compile(_compiler(), build_flags(hidden)))))
         except (OSError, subprocess.SubprocessError) as err:  # the general build serves instead
             log.debug("no kernels built for H = %s (%s)", hidden, err)
             return _library()
@@ -1210,7 +1209,7 @@ def _library(hidden: int | None = None) -> ctypes.CDLL | None:
         _fall_back("no C compiler: neither cc nor gcc is on the PATH and CC is unset")
         return None
     try:
-        library = ctypes.CDLL(str(_compile(compiler, FLAGS)))
+        library = ctypes.CDLL(str(_compile(compiler, build_flags())))
     except subprocess.CalledProcessError as err:
         said = (err.stderr or "").strip().splitlines()  # a compiler's last line names the error
         _fall_back(f"{shlex.join(compiler)} exited with status {err.returncode}"
@@ -1220,6 +1219,11 @@ def _library(hidden: int | None = None) -> ctypes.CDLL | None:
         _fall_back(str(err))
         return None
     return _loaded(library)
+
+
+def build_flags(hidden: int | None = None) -> list[str]:
+    """The compiler's flags for the library for any hidden size (None) or for one (see ASSUME_HIDDEN)."""
+    return [*FLAGS, *([f"-DFWSWEEP_HIDDEN={int(hidden)}"] if hidden is not None else [])]
 
 
 def _compiler() -> list[str]:
