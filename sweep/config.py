@@ -228,9 +228,30 @@ ParamSpec = Annotated[
 ]
 
 
+# What every trial reports each epoch that a sweep can rank trials by, and the direction that is better
+# (sweep/train.py's Trial.end_epoch reports them; a test holds the two together).
+RANKABLE_METRICS = {"val_accuracy": "max", "best_val_accuracy": "max", "val_loss": "min", "train_loss": "min"}
+
+
 class Metric(Strict):
     name: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"
+
+    @field_validator("name")
+    @classmethod
+    def _reported(cls, v: str) -> str:
+        if v not in RANKABLE_METRICS:
+            raise ValueError(f"{v!r} is not a metric the trials report{did_you_mean(v, RANKABLE_METRICS)}; "
+                             f"use one of: {', '.join(RANKABLE_METRICS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _direction(self) -> Metric:
+        better = RANKABLE_METRICS[self.name]
+        if self.mode != better:
+            raise ValueError(f"mode: {self.mode} would rank the worst {self.name} first; "
+                             f"use mode: {better}")
+        return self
 
 
 class SearcherConfig(Strict):

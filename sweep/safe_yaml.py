@@ -111,7 +111,13 @@ def parse_yaml(text: str, source: str) -> Any:
     if len(text) > MAX_BYTES:
         raise UserError(Problem(source, f"is larger than {MAX_BYTES // 1024} KiB",
                                 "a spec or config is a few KB; check that this is the right file"))
-    loader = BoundedSafeLoader(text)
+    try:  # the loader's reader checks every character as it is built: a binary file fails here
+        loader = BoundedSafeLoader(text)
+    except yaml.reader.ReaderError as err:
+        line = text.count("\n", 0, err.position) + 1
+        raise UserError(Problem(f"{source}:{line}", f"holds a character YAML does not allow ({err.reason}, "
+                                f"#x{err.character:04x})", "give a text YAML file (UTF-8); this one looks "
+                                "binary or damaged")) from None
     try:
         node = loader.get_single_node()
         if node is None:

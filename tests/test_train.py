@@ -10,6 +10,7 @@ import torch
 
 import sweep.checkpoint as ckpt
 import sweep.train as train_mod
+from sweep.config import RANKABLE_METRICS
 from sweep.errors import TrialDiverged, UserError
 from sweep.reporter import NullReporter
 from sweep.train import TrialInterrupted, run_trial
@@ -29,6 +30,7 @@ def test_reports_every_epoch_with_the_contract_metrics(tiny_trial, tmp_path: Pat
     for h in rep.history:
         assert {"epoch", "step", "train_loss", "val_loss", "val_accuracy", "steps_per_s", "sequences_per_s",
                 "elapsed_s", "num_params", "diverged"} <= set(h)
+        assert set(RANKABLE_METRICS) <= set(h)  # every metric a spec may rank by (config.Metric)
         assert h["diverged"] == 0 and 0 <= h["val_accuracy"] <= 1 and h["steps_per_s"] > 0
     assert rep.history[-1]["step"] == 3 * (2000 // 64)
     assert "test_accuracy" not in rep.history[0]
