@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,12 +18,18 @@ from typing import Any
 
 import torch
 
+from sweep.errors import Problem, UserError
+
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"  # sub-folder of a trial's workdir
 _PREFIX = "step-"
 _TEMP = ".tmp-"
+# what a resume reads from each file (sweep.train.Trial.checkpoint writes them)
+META_KEYS = ("epoch", "step", "status", "best_val_accuracy", "history", "elapsed_s", "epoch_loss_sum",
+             "epoch_steps", "epoch_train_s", "config")
+STATE_KEYS = ("model", "optimizer", "torch_rng")
 
 
 def checkpoint_name(step: int) -> str:
@@ -79,10 +86,38 @@ def find_checkpoint(path: Path) -> Path | None:
 def load_checkpoint(
     path: Path, map_location: str | torch.device = "cpu"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state tensors, meta) of a checkpoint folder."""
-    state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
-    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    """(state tensors, meta) of a checkpoint folder; a damaged file is a UserError that names it."""
+    meta = read_meta(path)
+    try:
+        state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as err:
+        raise _damaged(path / STATE_FILE, f"not a whole torch checkpoint: {type(err).__name__}") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise _damaged(path / STATE_FILE, f"no {', '.join(missing)}")
     return state, meta
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint folder's meta.json, checked (it is read without torch, e.g. for the history)."""
+    file = path / META_FILE
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _damaged(file, str(err).splitlines()[0][:160]) from None
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise _damaged(file, f"no {', '.join(missing)}")
+    return meta
+
+
+def _damaged(file: Path, why: str) -> UserError:
+    """A damaged checkpoint file: the fix names the checkpoint before it, if there is one."""
+    folder = file.parent
+    older = [p for p in list_checkpoints(folder.parent) if p.name < folder.name]
+    fix = (f"remove {folder} to resume from the checkpoint before it ({older[-1].name})" if older
+           else "restore it from a copy, or start a new run (there is no earlier checkpoint)")
+    return UserError(Problem(str(file), f"is damaged ({why}): the checkpoint cannot be resumed", fix))
 
 
 def prune_checkpoints(root: Path, keep: int) -> list[Path]:

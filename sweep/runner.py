@@ -463,6 +463,7 @@ def _check_start(spec: SweepSpec, resume: bool, store: SweepStore) -> None:
             raise UserError(Problem(spec.name, f"no sweep state to resume in {store.uri}",
                                     "start it with `sweep run SPEC` (see `sweep list`; --storage / "
                                     "$FWSWEEP_STORAGE say where sweeps live)"))
+        store.check_resumable(spec)
         old = store.read_spec()
         if old is not None and old.model_dump() != spec.model_dump():
             raise UserError(Problem(spec.name, "this sweep was started from a different spec",

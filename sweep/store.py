@@ -48,6 +48,7 @@ RESULT_FILE = "result.json"
 ERROR_FILE = "error.txt"
 EXPORT_DIR = "exports"
 EXPERIMENT_STATE_GLOB = "experiment_state-"
+PICKLED_STATE = ("tuner.pkl", "searcher-state-")  # Tune's pickles a resume unpickles (exact name, prefix)
 STORAGE_FIX = ("give --storage (or the spec's storage:, or $FWSWEEP_STORAGE) a writable folder or "
                "s3://BUCKET/PREFIX")
 
@@ -309,7 +310,12 @@ class SweepStore:
         """A file's text, or None if it is not there."""
         try:
             with self.storage.fs.open_input_stream(self._p(rel)) as f:
-                return f.read().decode("utf-8")
+                raw = f.read()
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(Problem(self.where(rel), f"is damaged: not UTF-8 text (byte {err.start} of "
+                                    f"{len(raw)} is {raw[err.start]:#04x})",
+                                    "restore it from a copy (nothing was changed)")) from None
         except FileNotFoundError:
             return None
         except OSError as err:
@@ -346,17 +352,57 @@ class SweepStore:
         pafs.copy_files(str(local_dir), dest, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.storage.fs)
 
-    def state_mtime(self) -> float | None:
-        """When Tune last saved the experiment state (seconds since the epoch), None if never."""
+    def _experiment_states(self) -> list[tuple[float, str]]:
+        """(mtime, file name) of each experiment state Tune saved here, oldest first."""
         import pyarrow.fs as pafs
 
         try:
             infos = self.storage.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         except OSError:
-            return None
-        times = [i.mtime.timestamp() for i in infos
-                 if i.base_name.startswith(EXPERIMENT_STATE_GLOB) and i.mtime is not None]
-        return max(times) if times else None
+            return []
+        return sorted((i.mtime.timestamp(), i.base_name) for i in infos
+                      if i.base_name.startswith(EXPERIMENT_STATE_GLOB) and i.mtime is not None)
+
+    def check_resumable(self, spec: SweepSpec) -> None:
+        """Before a resume starts anything: every file of Tune's state it will read parses, or a UserError
+        names the damaged one. The pickles are only walked (pickletools), never loaded."""
+        import pickletools
+
+        import pyarrow.fs as pafs
+
+        states = self._experiment_states()
+        if states:  # the trials' result.json are read (and checked) as the resume reads its progress
+            try:
+                json.loads(self.read_text(states[-1][1]) or "")
+            except ValueError as err:
+                raise self._damaged_state(states[-1][1], err) from None
+        try:
+            infos = self.storage.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        except OSError as err:
+            raise _storage_error(self.storage.uri, err) from None
+        for info in infos:
+            name = info.base_name
+            if info.type != pafs.FileType.File or not (name == PICKLED_STATE[0] or (
+                    name.startswith(PICKLED_STATE[1]) and name.endswith(".pkl"))):
+                continue
+            with self.storage.fs.open_input_stream(self._p(name)) as f:
+                raw = f.read()
+            try:
+                for _ in pickletools.genops(raw):
+                    pass
+            except Exception as err:  # noqa: BLE001  (genops raises ValueError, and others on garbage)
+                raise self._damaged_state(name, err) from None
+
+    def _damaged_state(self, name: str, err: Exception) -> UserError:
+        return UserError(Problem(self.where(name), f"Tune's state file is damaged ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:160] if str(err) else '-'})",
+                                 f"restore it from a copy, or {self.how_to_remove()} to start over "
+                                 "(nothing was changed)"))
+
+    def state_mtime(self) -> float | None:
+        """When Tune last saved the experiment state (seconds since the epoch), None if never."""
+        states = self._experiment_states()
+        return states[-1][0] if states else None
 
     # -- the spec -----------------------------------------------------------------------------------------
 
@@ -399,8 +445,13 @@ class SweepStore:
         hush_missing_results()
         try:
             analysis = ExperimentAnalysis(self.path, storage_filesystem=self.storage.fs)
-        except (ValueError, FileNotFoundError):
-            return []  # started, but interrupted before Tune saved any state
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+            states = self._experiment_states()
+            if not states:
+                return []  # started, but interrupted before Tune saved any state
+            raise self._damaged_state(states[-1][1], err) from None
+        except FileNotFoundError:
+            return []
         records = []
         for trial in analysis.trials:
             rel = posixpath.relpath(trial.storage.trial_fs_path, self.path)

@@ -64,6 +64,31 @@ def test_resume_from_a_checkpoint_folder_continues_its_run(tmp_path: Path, monke
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.json"]
 
 
+@pytest.mark.parametrize(("file", "damage", "expect"), [
+    ("meta.json", b"{bad", ["meta.json", "damaged", "step-"]),
+    ("meta.json", b"\xff\xfe", ["meta.json", "damaged", "utf-8"]),
+    ("meta.json", b"{}", ["meta.json", "damaged", "no epoch"]),
+    ("state.pt", b"garbage", ["state.pt", "damaged", "not a whole torch checkpoint"]),
+    ("state.pt", None, ["state.pt", "damaged"]),  # None: cut to half its length
+])
+def test_a_damaged_checkpoint_is_one_clear_error_and_changes_nothing(
+        file: str, damage: bytes | None, expect: list[str], tmp_path: Path, monkeypatch, capsys) -> None:
+    from conftest import snapshot
+
+    run = tmp_path / "run"
+    assert run_cli(["train", *TINY, "--epochs", "2", "--out", str(run)], monkeypatch, capsys)[0] == 0
+    older, newest = sorted((run / "checkpoints").iterdir())
+    target = newest / file
+    target.write_bytes(damage if damage is not None else target.read_bytes()[:target.stat().st_size // 2])
+    before = snapshot(run)
+    code, out = run_cli(["train", "--resume", str(run), "--epochs", "3"], monkeypatch, capsys)
+    flat = " ".join(out.split()).lower()
+    assert code == 2 and "traceback" not in flat, out
+    assert all(word.lower() in flat for word in expect), out
+    assert f"remove {newest}".lower() in flat and older.name in flat, out  # resume from the one before
+    assert snapshot(run) == before, "a failed resume changed the run folder"
+
+
 def test_default_run_folder_under_fwsweep_home(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path / "home"))
     code, out = run_cli(["train", *TINY, "--epochs", "1"], monkeypatch, capsys)

@@ -293,3 +293,37 @@ def test_the_local_ray_prestarts_no_idle_workers(home):
     finally:
         stop_ray()
     assert idle == [], f"idle Ray workers started: {idle}"
+
+
+DAMAGES = [  # (file under the sweep folder, damage, command, words the one message must hold)
+    ("trial_*/result.json", b"\x00\xff garbage", "show", ["result.json", "damaged", "not utf-8", "restore"]),
+    ("experiment_state-*.json", b"{bad", "show", ["experiment_state-", "damaged", "rm -r"]),
+    ("experiment_state-*.json", b"{bad", "resume", ["experiment_state-", "damaged", "rm -r"]),
+    ("tuner.pkl", None, "resume", ["tuner.pkl", "damaged", "rm -r"]),  # None: cut to half its length
+    ("searcher-state-*.pkl", None, "resume", ["searcher-state-", "damaged", "restore"]),
+]
+
+
+def test_damaged_state_files_are_one_clear_error(home, mlflow_server, tmp_path, monkeypatch, capsys):
+    """Each of Tune's files a command reads, damaged in a copy of a finished sweep: exit 2, one message
+    naming the file and the fix, no traceback, nothing changed (resume checks before Ray or MLflow start)."""
+    import shutil
+
+    from conftest import run_cli_in_process, snapshot
+
+    data = TINY_SPEC | {"name": "e2e-damaged", "scheduler": {"name": "fifo"},
+                        "budget": {"num_samples": 1, "max_epochs": 1, "max_concurrent": 1}}
+    run_sweep(SweepSpec.model_validate(data), tracking_uri=mlflow_server)
+    for i, (pattern, damage, command, expect) in enumerate(DAMAGES):
+        copy = tmp_path / f"home{i}"
+        shutil.copytree(home / "sweeps" / "e2e-damaged", copy / "sweeps" / "e2e-damaged")
+        (target,) = (copy / "sweeps" / "e2e-damaged").glob(pattern)
+        target.write_bytes(damage if damage is not None else target.read_bytes()[:target.stat().st_size // 2])
+        monkeypatch.setenv("FWSWEEP_HOME", str(copy))
+        before = snapshot(copy)
+        code, output = run_cli_in_process([command, "e2e-damaged"], monkeypatch, capsys)
+        assert code == 2 and "Traceback" not in output, output
+        flat = " ".join(output.split()).lower()
+        assert all(word in flat for word in expect), (pattern, command, output)
+        assert snapshot(copy) == before, (pattern, command)
+        assert not (copy / "mlflow").exists(), "a local MLflow server was started for a damaged sweep"
