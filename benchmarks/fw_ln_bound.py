@@ -62,7 +62,17 @@ _FORWARD_PRODUCTS = """            dots_f32(reads, D, q, Vb, v_sk, wt, sg);
             else  /* the last read adds into the gates: zh[m0:] += a_{S-1} */
                 combine_f32(reads, D, sg, 1, Vb, v_sk, zh + m0, zh + m0);"""
 _BACKWARD_PRODUCTS = """            dots_f32(reads, D, g_r, Vb, v_sk, wt, sg);
-            if (s == 0)  /* q_0 is v_t, so add v_t's gradient as a stored vector */
+            if (s == 0 && P) {  /* S = 1, v_t's gradient with its partial sums (PENDING_DV) */
+                const long a_off = (T - 1 - t) % (PENDING_DV + 1);
+                float *Pb = P + b * p_sb;
+                if (a_off == 0) {
+                    float *outs[4] = {dq, Pb, Pb + p_sk, Pb + 2 * p_sk}, *none[4] = {0, 0, 0, 0};
+                    combine_outs_f32(1 + (t < PENDING_DV ? (int) t : PENDING_DV), rows - lo, D,
+                                      SGb + lo * sg_sj + t, sg_sj, GQb + lo * gq_sj, gq_sj, none, outs);
+                } else
+                    combine_f32(2 * a_off, D, SGb + lo * sg_sj + t, sg_sj, GQb + lo * gq_sj, gq_sj,
+                                 Pb + (a_off - 1) * p_sk, dq);
+            } else if (s == 0)  /* q_0 is v_t, so add v_t's gradient as a stored vector */
                 combine_f32(rows - lo, D, SGb + lo * sg_sj + t, sg_sj, GQb + lo * gq_sj, gq_sj, 0, dq);
             else
                 for (long k = 0; k < D; k++) dq[k] = 0;
@@ -90,14 +100,17 @@ MEMORY_IN_L2 = [
 ]
 
 
-def product_rows(T: int) -> int:
+def product_rows(T: int, pending: int = 3) -> int:
     """Stored-vector rows (D numbers each) one batch row's products bring in from beyond L1 per train step,
     S = 1. Forward, read t (0-based) runs its dots over v_0 .. v_t (t + 1 rows; the weighted sum then finds
     them in L1). Backward, step t: the dots of the read's gradient over the same t + 1 rows (the weighted sum
-    again from L1), and v_t's gradient from the later reads' query and gradient rows, 2 (T - 1 - t) of them
-    beyond this read's own two (just written, in L1). In all 2 T^2."""
+    again from L1), and v_t's gradient from the later reads' query and gradient rows beyond this read's own
+    two (just written, in L1): every `pending` + 1 steps (native.py's PENDING_DV) all 2 (T - 1 - t) of them,
+    in one pass that sums the next `pending` vectors' shares too; between, the 2 (a - 1) rows since that
+    pass, a steps before."""
     forward = sum(t + 1 for t in range(T))
-    backward = sum((t + 1) + 2 * (T - 1 - t) for t in range(T))
+    since = [(T - 1 - t) % (pending + 1) for t in range(T)]
+    backward = sum((t + 1) + (2 * (T - 1 - t) if a == 0 else 2 * (a - 1)) for t, a in enumerate(since))
     return forward + backward
 
 

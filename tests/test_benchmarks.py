@@ -315,6 +315,10 @@ def test_fw_ln_bound_counts_the_products_the_flop_count_counts_and_its_variants_
     with_reads = train_step_flops("fw_lstm", {}, H, B, T)
     no_reads = train_step_flops("ln_lstm", {}, H, B, T)
     assert 2 * B * product_macs(T, 4 * H) == with_reads - no_reads
-    assert product_rows(T) == 2 * T * T
+    assert product_rows(T, pending=0) == 2 * T * T  # every step sums every later read's rows
+    # T = 19, pending = 3: dots 190 + 190; anchors at t = 18, 14, 10, 6, 2 (0 + 8 + 16 + 24 + 32 rows),
+    # the steps between 0, 2, 4 rows (t = 1, 0: 0, 2)
+    assert product_rows(T) == 190 + 190 + 80 + 4 * (0 + 2 + 4) + 2
+    assert "#define PENDING_DV 3\n" in native.SOURCE  # the count above follows the kernels' setting
     for old, _ in WITHOUT_PRODUCTS + MEMORY_IN_L2:
         assert native.SOURCE.count(old) == 1, old
