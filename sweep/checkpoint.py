@@ -26,7 +26,7 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"  # sub-folder of a trial's workdir
 _PREFIX = "step-"
 _TEMP = ".tmp-"
-# what a resume reads from each file (sweep.train.Trial.checkpoint writes them)
+# what a resume reads from each file (sweep.train.Trial.save writes them)
 META_KEYS = ("epoch", "step", "status", "best_val_accuracy", "history", "elapsed_s", "epoch_loss_sum",
              "epoch_steps", "epoch_train_s", "config")
 STATE_KEYS = ("model", "optimizer", "torch_rng")
@@ -86,29 +86,29 @@ def find_checkpoint(path: Path) -> Path | None:
 def load_checkpoint(
     path: Path, map_location: str | torch.device = "cpu"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state tensors, meta) of a checkpoint folder; a damaged file is a UserError that names it."""
-    meta = read_meta(path)
-    try:
-        state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as err:
-        raise _damaged(path / STATE_FILE, f"not a whole torch checkpoint: {type(err).__name__}") from None
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise _damaged(path / STATE_FILE, f"no {', '.join(missing)}")
-    return state, meta
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """A checkpoint folder's meta.json, checked (it is read without torch, e.g. for the history)."""
+    """(state tensors, meta) of a checkpoint folder; a file that does not parse is a UserError naming it."""
     file = path / META_FILE
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise _damaged(file, str(err).splitlines()[0][:160]) from None
-    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise _damaged(file, f"no {', '.join(missing)}")
-    return meta
+    try:
+        state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as err:
+        raise _damaged(path / STATE_FILE, f"not a whole torch checkpoint: {type(err).__name__}") from None
+    return state, meta
+
+
+def load_resumable(
+    path: Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """load_checkpoint, and every field a resume reads there (what sweep.train.Trial.save writes)."""
+    state, meta = load_checkpoint(path, map_location)
+    for file, found, keys in ((META_FILE, meta, META_KEYS), (STATE_FILE, state, STATE_KEYS)):
+        missing = [k for k in keys if not isinstance(found, dict) or k not in found]
+        if missing:
+            raise _damaged(path / file, f"no {', '.join(missing)}")
+    return state, meta
 
 
 def _damaged(file: Path, why: str) -> UserError:

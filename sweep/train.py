@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sweep.allocator import keep_freed_memory
-from sweep.checkpoint import CHECKPOINTS, find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from sweep.checkpoint import CHECKPOINTS, find_checkpoint, load_resumable, prune_checkpoints, save_checkpoint
 from sweep.config import TrainConfig, TrialConfig, dump_yaml
 from sweep.cuda_graph import graphed_if_cuda
 from sweep.errors import Problem, TrialDiverged, UserError
@@ -283,7 +283,7 @@ class _Loop:
         if found is None:
             raise UserError(Problem(str(path), "holds no checkpoint (state.pt + meta.json)",
                                     "give a run folder or a checkpoint folder written by `sweep train`"))
-        state, meta = load_checkpoint(found, map_location=self.device)
+        state, meta = load_resumable(found, map_location=self.device)
         _check_same_trial(self.config, meta.get("config", {}), found)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -355,7 +355,7 @@ def _is_checkpoint_in_run(path: Path) -> bool:
 def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore_from: Path | None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sweep.checkpoint import find_checkpoint, load_checkpoint
+    from sweep.checkpoint import find_checkpoint, load_resumable
     from sweep.errors import TrialDiverged
     from sweep.train import TrialInterrupted, run_trial, steps_per_epoch
 
@@ -367,7 +367,7 @@ def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore
             raise UserError(
                 Problem("--resume", f"{run_dir} holds no checkpoint yet", "start a new run instead")
             )
-        history = load_checkpoint(restore)[1]["history"]  # a damaged checkpoint stops here: nothing written
+        history = load_resumable(restore)[1]["history"]  # a damaged checkpoint stops here: nothing written
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(run_dir / "config.yaml", config_yaml)
