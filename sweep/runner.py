@@ -178,8 +178,8 @@ def _probe(address: str) -> None:
                                 "submit the sweep as a job (`ray job submit --address http://HEAD:8265 -- "
                                 "sweep run SPEC`), or run it on a cluster node with --address HEAD:6379"))
     host, _, port = address.rstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(Problem("--address", f"{address!r} is not HOST:PORT",
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(Problem("--address", f"{address!r} is not HOST:PORT (a port from 1 to 65535)",
                                 "give the Ray head's GCS address, e.g. 10.0.0.5:6379"))
     try:
         with socket.create_connection((host, int(port)), timeout=3):

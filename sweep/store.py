@@ -29,6 +29,7 @@ import posixpath
 import re
 import secrets
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -51,6 +52,8 @@ EXPERIMENT_STATE_GLOB = "experiment_state-"
 PICKLED_STATE = ("tuner.pkl", "searcher-state-")  # Tune's pickles a resume unpickles (exact name, prefix)
 STORAGE_FIX = ("give --storage (or the spec's storage:, or $FWSWEEP_STORAGE) a writable folder or "
                "s3://BUCKET/PREFIX")
+OBJECT_STORES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # URI schemes sweeps may live in
+GCS_RETRY_S = 20  # pyarrow's GCS client retries for 15 minutes by default, deaf to Ctrl-C meanwhile
 
 
 def storage_setting(given: str | None = None) -> str:
@@ -123,15 +126,16 @@ def open_storage(given: str | None = None) -> Storage:
         return Storage(str(folder), pafs.LocalFileSystem(), folder.as_posix())
     parsed = urlparse(location)
     uri = location.rstrip("/")
-    if parsed.scheme in ("s3", "s3a"):
-        return Storage(uri, _s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/"))
-    import pyarrow.fs as pafs
-
-    try:
-        fs, root = pafs.FileSystem.from_uri(location)
-    except (pafs.ArrowInvalid, OSError, ValueError) as err:  # an unknown scheme, a malformed URI
-        raise UserError(Problem("--storage", f"cannot open {location!r}: {err}", STORAGE_FIX)) from None
-    return Storage(uri, fs, root.rstrip("/"))
+    store = OBJECT_STORES.get(parsed.scheme.lower())
+    if store is None:  # others pyarrow knows (hdfs, abfs, ...) are untested here, and may hang or crash
+        raise UserError(Problem("--storage", f"{parsed.scheme}:// is not a storage sweeps can live in",
+                                "use s3://BUCKET/PREFIX (any S3-compatible store), gs://BUCKET/PREFIX or a "
+                                "folder every node shares"))
+    if not parsed.netloc:
+        raise UserError(Problem("--storage", f"{location!r} names no bucket",
+                                f"write it as {parsed.scheme}://BUCKET/PREFIX"))
+    fs = _s3_filesystem() if store == "s3" else _gcs_filesystem()
+    return Storage(uri, fs, f"{parsed.netloc}{parsed.path}".rstrip("/"))
 
 
 def s3_endpoint() -> str | None:
@@ -154,6 +158,14 @@ def _s3_filesystem() -> pyarrow.fs.FileSystem:
     return pafs.S3FileSystem(**options)
 
 
+def _gcs_filesystem() -> pyarrow.fs.FileSystem:
+    """pyarrow's GCS filesystem (credentials: Google's default chain on each process), its retries bounded
+    so that a missing credential or an unreachable endpoint is an error in seconds, not a hang."""
+    import pyarrow.fs as pafs
+
+    return pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=GCS_RETRY_S))
+
+
 def _check_s3_credentials(uri: str) -> None:
     """The AWS SDK's own credential chain (env, profile, SSO, web identity, instance role), via botocore."""
     try:
@@ -169,6 +181,11 @@ def _check_s3_credentials(uri: str) -> None:
 def _storage_error(uri: str, err: OSError) -> UserError:
     text = str(err)
     endpoint = s3_endpoint()
+    if "OAuth2 access token" in text:  # GCS: no usable Google credential
+        return UserError(Problem("Google Cloud credentials", f"none usable for {uri}",
+                                 "set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file (or run "
+                                 "`gcloud auth application-default login`, or on a machine with a service "
+                                 "account); they are never given on the command line"))
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return UserError(Problem("--storage", f"the bucket of {uri} does not exist",
                                  "create it (e.g. `aws s3 mb s3://BUCKET`) or give an existing bucket"))

@@ -263,6 +263,13 @@ CASES = [
          {"reproduce.yaml": "comparison: x\ngit_commit: abc\nspec: {name: x, models: [lstm], "
                             "compare: {seeds: 1}}\n"}),
     # ---- environment and servers that are not there
+    Case("run-address-port-out-of-range", ["run", S, "--address", "127.0.0.1:99999"],
+         ["--address", "a port from 1 to 65535"], {S: TINY_SPEC_TEXT}),
+    Case("run-storage-scheme-unsupported", ["run", S, "--storage", "hdfs://localhost:9000/x"],
+         ["--storage", "hdfs://", "s3://BUCKET/PREFIX", "gs://BUCKET/PREFIX"], {S: TINY_SPEC_TEXT}),
+    Case("run-storage-no-bucket", ["run", S, "--storage", "s3://"],
+         ["--storage", "names no bucket", "s3://BUCKET/PREFIX"], {S: TINY_SPEC_TEXT}),
+    Case("list-storage-scheme-unsupported", ["list", "--storage", "mock://x"], ["--storage", "mock://"]),
     Case("run-no-ray-cluster", ["run", S, "--address", "127.0.0.1:{port}"],
          ["--address", "no Ray cluster answers"],
          {S: TINY_SPEC_TEXT}, real_cli=True),

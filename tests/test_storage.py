@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,22 @@ def test_bad_storage_fails_before_anything_starts(case: str, s3_store: S3Store, 
     assert "ray" not in {p.name for p in tmp_path.iterdir()}
 
 
+def test_gcs_without_credentials_is_an_error_in_seconds_not_a_hang(tmp_path: Path) -> None:
+    """pyarrow's GCS client retries for 15 minutes by default, and the process ignores SIGTERM meanwhile;
+    sweeps bound its retries (store.GCS_RETRY_S), so no credential (and no network) is exit 2, named."""
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(SPEC))
+    env = {"FWSWEEP_HOME": str(tmp_path / "home"), "HOME": str(tmp_path),
+           "GOOGLE_APPLICATION_CREDENTIALS": "", "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")}
+    start = time.monotonic()
+    result = _sweep_cli(["run", str(spec_file), "--storage", "gs://fwsweep-no-such-bucket/x"], env, tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in out, out
+    assert "Google Cloud credentials" in out and "GOOGLE_APPLICATION_CREDENTIALS" in out, out
+    assert time.monotonic() - start < 90
+    assert not (tmp_path / "home").exists()
+
+
 def test_fwsweep_home_must_be_a_folder_not_a_uri(tmp_path: Path) -> None:
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(SPEC))
@@ -158,6 +175,8 @@ def test_compare_accepts_a_tracking_server_every_node_reaches() -> None:
     ("AWS Error UNKNOWN (HTTP status 403) during HeadObject operation", "AWS credentials"),
     ("InvalidAccessKeyId: the key 4031 does not exist", "AWS credentials"),
     ("AWS Error NO_SUCH_BUCKET: NoSuchBucket", "--storage"),
+    ("google::cloud::Status(UNAVAILABLE: Retry policy exhausted, with a last message of Could not create a "
+     "OAuth2 access token to authenticate the request.", "Google Cloud credentials"),
 ])
 def test_a_storage_error_is_named_by_what_failed_not_by_digits_in_it(message: str, field: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
