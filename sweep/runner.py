@@ -561,7 +561,7 @@ def driver_lock(store: SweepStore) -> Any:
     from filelock import FileLock, Timeout
 
     local = store.local_path()
-    lock = None
+    lock, created = None, local is not None and not local.exists()
     if local is not None:
         with contextlib.suppress(OSError, Timeout):
             local.mkdir(parents=True, exist_ok=True)
@@ -572,6 +572,11 @@ def driver_lock(store: SweepStore) -> Any:
     finally:
         if lock is not None and lock.is_locked:
             lock.release()
+        if created:  # a start that failed before writing anything leaves no folder holding only the lock
+            with contextlib.suppress(OSError):
+                if {p.name for p in local.iterdir()} <= {DRIVER_LOCK}:
+                    (local / DRIVER_LOCK).unlink(missing_ok=True)
+                    local.rmdir()
 
 
 def is_driven(store: SweepStore) -> bool:

@@ -102,10 +102,14 @@ def check_tracking_uri(uri: str, setting: str = "--tracking-uri") -> str:
                 "start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`), correct the URL, or unset "
                 "--tracking-uri / MLFLOW_TRACKING_URI so fwsweep starts its own local server"))
         return uri.rstrip("/")
-    if scheme.split("+", 1)[0] in STORE_SCHEMES:
+    folder = scheme == "file" or (not scheme and ":" not in uri and not any(c.isspace() for c in uri))
+    if folder and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
+        raise UserError(Problem(setting, f"{uri!r} is a folder, MLflow's file store, which MLflow 3 refuses "
+                                "(in maintenance mode)", "give a database file, sqlite:///PATH/mlflow.db (no "
+                                "server needed), or a server's http://HOST:PORT; or set "
+                                "MLFLOW_ALLOW_FILE_STORE=true to use the folder anyway"))
+    if folder or scheme.split("+", 1)[0] in STORE_SCHEMES:
         return uri
-    if not scheme and ":" not in uri and not any(c.isspace() for c in uri):
-        return uri  # a plain folder: MLflow's file store
     raise UserError(Problem(setting, f"{uri!r} is not a tracking URI MLflow can use "
                             f"({'scheme ' + repr(scheme) if scheme else 'no scheme'}; "
                             "MLflow takes http(s)://, sqlite://, postgresql://, mysql://, file:)", URI_FIX))

@@ -263,6 +263,10 @@ CASES = [
          {"reproduce.yaml": "comparison: x\ngit_commit: abc\nspec: {name: x, models: [lstm], "
                             "compare: {seeds: 1}}\n"}),
     # ---- environment and servers that are not there
+    Case("run-tracking-uri-a-folder", ["run", S, "--tracking-uri", "notaurl"],
+         ["--tracking-uri", "file store", "sqlite:///", "MLFLOW_ALLOW_FILE_STORE"], {S: TINY_SPEC_TEXT}),
+    Case("run-tracking-uri-file-scheme", ["run", S, "--tracking-uri", "file:///tmp/mlruns"],
+         ["--tracking-uri", "file store", "sqlite:///"], {S: TINY_SPEC_TEXT}),
     Case("run-address-port-out-of-range", ["run", S, "--address", "127.0.0.1:99999"],
          ["--address", "a port from 1 to 65535"], {S: TINY_SPEC_TEXT}),
     Case("run-storage-scheme-unsupported", ["run", S, "--storage", "hdfs://localhost:9000/x"],

@@ -82,9 +82,15 @@ def test_uri_mlflow_cannot_use_is_refused(given: str | None, env: str | None, se
 def test_uris_that_need_no_server_pass_and_precedence_holds(monkeypatch: pytest.MonkeyPatch,
                                                             tmp_path: Path) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for uri in (f"sqlite:///{tmp_path}/a.db", f"file://{tmp_path}/mlruns", "postgresql+psycopg2://u@db/x",
-                "mlruns"):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in (f"sqlite:///{tmp_path}/a.db", "postgresql+psycopg2://u@db/x"):
         assert resolve_tracking_uri(uri) == uri
+    for folder in (f"file://{tmp_path}/mlruns", "mlruns"):  # MLflow 3 refuses its file store by default
+        with pytest.raises(UserError, match="MLFLOW_ALLOW_FILE_STORE=true"):
+            resolve_tracking_uri(folder)
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        assert resolve_tracking_uri(folder) == folder
+        monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     assert resolve_tracking_uri(None, spec_uri="sqlite:///spec.db") == "sqlite:///spec.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
     assert resolve_tracking_uri(None, spec_uri="sqlite:///spec.db") == "sqlite:///env.db"
