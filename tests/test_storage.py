@@ -265,3 +265,23 @@ def test_a_trial_restored_without_a_checkpoint_keeps_the_result_rows_it_uploaded
             ray.shutdown()
     assert lines["JsonLoggerCallback"] == ['{"epoch": 2}']  # Tune's own: the uploaded row would be lost
     assert lines["ResultLog"] == ['{"epoch": 1}', '{"epoch": 2}']
+
+
+def test_a_start_that_fails_under_the_driver_lock_leaves_no_folder(tmp_path: Path) -> None:
+    """The driver's lock makes the sweep's folder; a start that fails before writing anything (a tracking
+    store MLflow cannot open, say) removes it again, so the name is free and nothing half-made stays.
+    A folder that held more (an earlier sweep's files) keeps everything."""
+    from sweep.runner import DRIVER_LOCK, driver_lock
+
+    store = open_storage(str(tmp_path / "sweeps")).sweep("failed-start")
+    with pytest.raises(RuntimeError), driver_lock(store):
+        assert (tmp_path / "sweeps" / "failed-start" / DRIVER_LOCK).exists()
+        raise RuntimeError("the start failed")
+    assert not (tmp_path / "sweeps" / "failed-start").exists()
+
+    kept = tmp_path / "sweeps" / "kept"
+    kept.mkdir(parents=True)
+    (kept / SPEC_FILE).write_text("name: kept\n")
+    with pytest.raises(RuntimeError), driver_lock(open_storage(str(tmp_path / "sweeps")).sweep("kept")):
+        raise RuntimeError("the resume failed")
+    assert (kept / SPEC_FILE).exists()
