@@ -490,7 +490,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     """
     from ray import tune  # noqa: F401  (fail early if Ray is broken)
 
-    from sweep.tracking import resolve_tracking_uri, tracking_server
+    from sweep.tracking import redacted, resolve_tracking_uri, tracking_server
 
     start = time.monotonic()
     paths.check_home()
@@ -530,7 +530,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
             if announce:
                 how = "starting on 127.0.0.1; trials start meanwhile" if server.started_here else \
                     "reused" if not uri else "given"
-                announce(f"MLflow: {server.url} ({how}); sweep state: {store.uri}")
+                announce(f"MLflow: {redacted(server.url)} ({how}); sweep state: {store.uri}")
             try:
                 result = _run(spec, resume, server.url, store, on_event)
             finally:

@@ -22,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 3.0  # one /health probe of a given server
+STORE_OPEN_TIMEOUT_S = 30.0  # opening a given database store (sqlite creates its tables on first use)
 START_TIMEOUT_S = 180.0  # a fresh local server is healthy in 4-10 s when idle; 35-70 s measured at load 15
 WATCH_EVERY_S = 2.0  # the watchdog checks that the server's process lives this often (no request)
 PROBE_EVERY_S = 15.0  # ...and asks a live one for /health this often (sooner when a writer saw it fail)
@@ -109,10 +111,73 @@ def check_tracking_uri(uri: str, setting: str = "--tracking-uri") -> str:
                                 "server needed), or a server's http://HOST:PORT; or set "
                                 "MLFLOW_ALLOW_FILE_STORE=true to use the folder anyway"))
     if folder or scheme.split("+", 1)[0] in STORE_SCHEMES:
-        return uri
+        return _opened(uri, setting)
     raise UserError(Problem(setting, f"{uri!r} is not a tracking URI MLflow can use "
                             f"({'scheme ' + repr(scheme) if scheme else 'no scheme'}; "
                             "MLflow takes http(s)://, sqlite://, postgresql://, mysql://, file:)", URI_FIX))
+
+
+def redacted(uri: str) -> str:
+    """`uri` with any password in it replaced by ***, for messages."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.password is None:
+        return uri
+    return uri.replace(f":{parsed.password}@", ":***@", 1)
+
+
+def _check_sqlite_path(uri: str, setting: str) -> None:
+    """A sqlite database's file must be writable, or creatable in a writable folder: said at once (MLflow
+    itself retries for a minute, then fails with 'unable to open database file'). Tried, not inferred
+    from permission bits, which root ignores."""
+    path = uri.split("://", 1)[1][1:].split("?", 1)[0]  # sqlite:///rel.db -> rel.db, sqlite:////abs -> /abs
+    if path in ("", ":memory:"):
+        return
+    file = Path(path)
+    fix = "give a sqlite:///PATH whose folder you can write to (sqlite:////abs/path or sqlite:///relative)"
+    target = file if file.exists() else next((p for p in file.absolute().parents if p.exists()), Path("/"))
+    try:
+        if target is file:
+            with open(file, "r+b"):
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=target):
+                pass
+    except OSError as err:
+        raise UserError(Problem(setting, f"{uri}: cannot write {target} ({err.strerror or err})",
+                                fix)) from None
+
+
+def _opened(uri: str, setting: str) -> str:
+    """`uri` once MLflow has opened the store there and answered one query: a database it cannot open (a
+    folder that does not exist or is not writable, a server that refuses, a missing driver) is a UserError
+    now, not a traceback once Ray has started. Bounded: an unreachable database host may not time out."""
+    if urllib.parse.urlparse(uri).scheme.lower().split("+", 1)[0] == "sqlite":
+        _check_sqlite_path(uri, setting)
+    outcome: list[BaseException | None] = []
+
+    def query() -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            outcome.append(None)
+        except BaseException as err:  # noqa: BLE001  (whatever the store raised is the message)
+            outcome.append(err)
+
+    worker = threading.Thread(target=query, name="fwsweep-store-check", daemon=True)
+    worker.start()
+    worker.join(STORE_OPEN_TIMEOUT_S)
+    if not outcome:
+        raise UserError(Problem(setting, f"MLflow could not open {redacted(uri)} within "
+                                f"{STORE_OPEN_TIMEOUT_S:.0f} s",
+                                "check that the database answers, or use another tracking URI"))
+    if outcome[0] is not None:
+        err = outcome[0]
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)[:240]
+        raise UserError(Problem(setting, f"MLflow cannot open {redacted(uri)} ({first})",
+                                "for sqlite:///PATH the folder of PATH must exist and be writable; for a "
+                                "database server check its host, port, credentials and driver"))
+    return uri
 
 
 # ---------------------------------------------------------------------------------------------- health

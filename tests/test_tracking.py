@@ -83,8 +83,15 @@ def test_uris_that_need_no_server_pass_and_precedence_holds(monkeypatch: pytest.
                                                             tmp_path: Path) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    for uri in (f"sqlite:///{tmp_path}/a.db", "postgresql+psycopg2://u@db/x"):
-        assert resolve_tracking_uri(uri) == uri
+    assert resolve_tracking_uri(f"sqlite:///{tmp_path}/a.db") == f"sqlite:///{tmp_path}/a.db"
+    assert (tmp_path / "a.db").is_file()  # opened (and queried) once before anything starts
+    with pytest.raises(UserError) as err:  # no driver installed here: said now, the password not shown
+        resolve_tracking_uri("postgresql+psycopg2://u:hunter2@db/x")
+    text = str(err.value)
+    assert "cannot open postgresql+psycopg2://u:***@db/x" in text and "hunter2" not in text
+    with pytest.raises(UserError, match="cannot write /proc"):  # MLflow would retry for a minute
+        resolve_tracking_uri("sqlite:////proc/fwsweep.db")
+    monkeypatch.chdir(tmp_path)
     for folder in (f"file://{tmp_path}/mlruns", "mlruns"):  # MLflow 3 refuses its file store by default
         with pytest.raises(UserError, match="MLFLOW_ALLOW_FILE_STORE=true"):
             resolve_tracking_uri(folder)

@@ -35,6 +35,7 @@ def storage_option() -> str | None:
 
 def _summary(result, spec) -> None:  # noqa: ANN001  (SweepResult, SweepSpec: imported lazily for a fast CLI)
     from sweep.events import FINISHED_STATES, UNFINISHED, searched_keys, searched_params
+    from sweep.tracking import redacted
 
     ended = {s: n for s, n in result.status_counts.items() if s in FINISHED_STATES}
     how = ", ".join(f"{n} {s}" for s, n in sorted(ended.items(), key=lambda kv: FINISHED_STATES.index(kv[0])))
@@ -53,7 +54,7 @@ def _summary(result, spec) -> None:  # noqa: ANN001  (SweepResult, SweepSpec: im
         console.print(f"best trial: {best.trial_id} ({best.model}) {result.metric}={value:.4f} "
                       f"after {best.epochs} epoch(s): {escape(params)}", soft_wrap=True)
     if result.mlflow_url:
-        console.print(f"MLflow:     {result.mlflow_url}", soft_wrap=True)
+        console.print(f"MLflow:     {redacted(result.mlflow_url)}", soft_wrap=True)
     for path in result.exported:
         console.print(f"exported:   {path}", soft_wrap=True)
         console.print(f"re-run it:  sweep train --config {path}", soft_wrap=True)
@@ -209,7 +210,7 @@ def sync(
     from sweep.mlflow_runs.reconcile import sync_sweep
     from sweep.runner import is_driven
     from sweep.store import open_sweep
-    from sweep.tracking import tracking_server
+    from sweep.tracking import redacted, tracking_server
 
     store = open_sweep(name, storage)
     spec = store.load_spec()
@@ -224,7 +225,7 @@ def sync(
                   f"backfilled, {report.runs_closed} status(es) set, {report.runs_trashed} stray run(s) "
                   f"trashed, {report.uploads} artifact(s) uploaded)", soft_wrap=True)
     if report.url:
-        console.print(f"MLflow:     {report.url}", soft_wrap=True)
+        console.print(f"MLflow:     {redacted(report.url)}", soft_wrap=True)
 
 
 @app.command()
@@ -349,7 +350,7 @@ def show(
     """One sweep: its status, where it is stored, and its best trials."""
     from sweep.cli.sweep_tables import overview, trials_table
     from sweep.store import EXPORT_DIR, open_sweep
-    from sweep.tracking import running_server_url, sweep_link
+    from sweep.tracking import redacted, running_server_url, sweep_link
 
     store = open_sweep(name, storage)
     spec = store.load_spec()
@@ -365,5 +366,5 @@ def show(
         console.print(f"exports: {', '.join(files)} in")  # the folder on a line of its own, never cut
         console.print(f"  {escape(store.where(EXPORT_DIR))}", soft_wrap=True)
     link = sweep_link(mlflow_url, spec)
-    console.print(f"MLflow: {link}" if link else "MLflow: `sweep ui` brings up the server and prints this "
-                  "sweep's link", soft_wrap=True)
+    console.print(f"MLflow: {redacted(link)}" if link else
+                  "MLflow: `sweep ui` brings up the server and prints this sweep's link", soft_wrap=True)
