@@ -165,8 +165,9 @@ def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None,
 # ---------------------------------------------------------------------------------------------- Ray
 
 
-def _probe(address: str) -> None:
-    """Fail fast on an address where nothing listens (ray.init would retry for a minute).
+def _probe(address: str, setting: str = "--address") -> None:
+    """Fail fast on an address where nothing listens (ray.init would retry for a minute). `setting`: where
+    the address came from, for the message (--address, or RAY_ADDRESS).
 
     Ray Client (ray://) is refused: a sweep's driver must run on a cluster node (Tune's driver-side
     callbacks, experiment state and the MLflow writes live there), which `ray job submit` gives.
@@ -174,18 +175,18 @@ def _probe(address: str) -> None:
     if address == "auto":
         return
     if address.startswith("ray://"):
-        raise UserError(Problem("--address", f"{address!r} is a Ray Client address, which sweeps do not use",
+        raise UserError(Problem(setting, f"{address!r} is a Ray Client address, which sweeps do not use",
                                 "submit the sweep as a job (`ray job submit --address http://HEAD:8265 -- "
                                 "sweep run SPEC`), or run it on a cluster node with --address HEAD:6379"))
     host, _, port = address.rstrip("/").rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(Problem("--address", f"{address!r} is not HOST:PORT (a port from 1 to 65535)",
+        raise UserError(Problem(setting, f"{address!r} is not HOST:PORT (a port from 1 to 65535)",
                                 "give the Ray head's GCS address, e.g. 10.0.0.5:6379"))
     try:
         with socket.create_connection((host, int(port)), timeout=3):
             pass
     except OSError as err:
-        raise UserError(Problem("--address", f"no Ray cluster answers at {address} ({err.strerror or err})",
+        raise UserError(Problem(setting, f"no Ray cluster answers at {address} ({err.strerror or err})",
                                 "start the head (`ray start --head`), check the host/port and firewall, or "
                                 "drop --address / RAY_ADDRESS to run on this machine")) from None
 
@@ -197,9 +198,10 @@ def connect_ray(address: str | None = None) -> bool:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # 1 ckpt/epoch
     if ray.is_initialized():
         return False
+    setting = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        _probe(address)
+        _probe(address, setting)
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except Exception as err:  # auth or version mismatch: name the flag and the env knobs
@@ -496,9 +498,10 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     paths.check_home()
     store = open_storage(storage or spec.storage).sweep(spec.name)
     _check_start(spec, resume, store)  # every cheap check first: nothing starts or is written on a mistake
+    setting = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        _probe(address)
+        _probe(address, setting)
     _sampler(spec)
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)  # exit 2 on a URI that cannot work
     ray_started: list[bool] = []

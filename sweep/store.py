@@ -152,6 +152,15 @@ def _s3_filesystem() -> pyarrow.fs.FileSystem:
     endpoint = s3_endpoint()
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        try:
+            parsed.port  # noqa: B018  (raises on a port that is not a number)
+            valid = bool(parsed.hostname) and parsed.scheme in ("http", "https")
+        except ValueError:
+            valid = False
+        if not valid:
+            name = next(k for k in ENDPOINT_ENVS if os.environ.get(k))
+            raise UserError(Problem(name, f"{endpoint!r} is not an endpoint", "give HOST:PORT, or "
+                                    "http://HOST:PORT for a plain-HTTP store (https://HOST:PORT otherwise)"))
         options |= {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https",
                     "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
                     or "us-east-1"}

@@ -295,6 +295,11 @@ CASES = [
          {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}),
     Case("env-ray-address-dead", ["run", S], ["127.0.0.1:{port}", "RAY_ADDRESS"], {S: TINY_SPEC_TEXT},
          {"RAY_ADDRESS": "127.0.0.1:{port}"}),
+    Case("env-ray-address-not-host-port", ["run", S], ["RAY_ADDRESS:", "'garbage' is not HOST:PORT"],
+         {S: TINY_SPEC_TEXT}, {"RAY_ADDRESS": "garbage"}),
+    Case("env-s3-endpoint-malformed", ["list", "--storage", "s3://b/x"],
+         ["FWSWEEP_S3_ENDPOINT", "is not an endpoint", "http://HOST:PORT"], {},
+         {"FWSWEEP_S3_ENDPOINT": "http://h:notaport"}),
 ]
 
 
