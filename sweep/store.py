@@ -28,16 +28,20 @@ import os
 import posixpath
 import re
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 from sweep import events, paths
 from sweep.config import SweepSpec, TrialConfig, dump_yaml, load_saved_spec
 from sweep.errors import Problem, UserError
 from sweep.space import MODEL_KEY, trial_config
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -49,6 +53,9 @@ RESULT_FILE = "result.json"
 ERROR_FILE = "error.txt"
 EXPORT_DIR = "exports"
 EXPERIMENT_STATE_GLOB = "experiment_state-"
+# A reader of the experiment state while a driver replaces it (in object storage, a read in ranges that
+# straddles an upload) can get a torn copy: it is read again after these pauses before it counts as damaged.
+STATE_REREAD_S = (0.5, 1.0, 2.0)
 PICKLED_STATE = ("tuner.pkl", "searcher-state-")  # Tune's pickles a resume unpickles (exact name, prefix)
 STORAGE_FIX = ("give --storage (or the spec's storage:, or $FWSWEEP_STORAGE) a writable folder or "
                "s3://BUCKET/PREFIX")
@@ -398,10 +405,7 @@ class SweepStore:
 
         states = self._experiment_states()
         if states:  # the trials' result.json are read (and checked) as the resume reads its progress
-            try:
-                json.loads(self.read_text(states[-1][1]) or "")
-            except ValueError as err:
-                raise self._damaged_state(states[-1][1], err) from None
+            self._read_state(lambda: json.loads(self.read_text(states[-1][1]) or ""))
         try:
             infos = self.storage.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         except OSError as err:
@@ -418,6 +422,22 @@ class SweepStore:
                     pass
             except Exception as err:  # noqa: BLE001  (genops raises ValueError, and others on garbage)
                 raise self._damaged_state(name, err) from None
+
+    def _read_state(self, read: Callable[[], T]) -> T | None:
+        """read() of the experiment state; None when there is none yet. One that does not parse is read
+        again after each pause of STATE_REREAD_S (a torn copy read during the driver's upload) before it
+        is a UserError naming the newest state file."""
+        for wait in (*STATE_REREAD_S, None):
+            try:
+                return read()
+            except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSON and decoding errors too
+                states = self._experiment_states()
+                if not states:
+                    return None
+                if wait is None:
+                    raise self._damaged_state(states[-1][1], err) from None
+                time.sleep(wait)
+        return None
 
     def _damaged_state(self, name: str, err: Exception) -> UserError:
         return UserError(Problem(self.where(name), f"Tune's state file is damaged ({type(err).__name__}: "
@@ -470,14 +490,12 @@ class SweepStore:
         spec = spec or self.load_spec()
         hush_missing_results()
         try:
-            analysis = ExperimentAnalysis(self.path, storage_filesystem=self.storage.fs)
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
-            states = self._experiment_states()
-            if not states:
-                return []  # started, but interrupted before Tune saved any state
-            raise self._damaged_state(states[-1][1], err) from None
+            analysis = self._read_state(
+                lambda: ExperimentAnalysis(self.path, storage_filesystem=self.storage.fs))
         except FileNotFoundError:
             return []
+        if analysis is None:
+            return []  # started, but interrupted before Tune saved any state
         records = []
         for trial in analysis.trials:
             rel = posixpath.relpath(trial.storage.trial_fs_path, self.path)

@@ -327,3 +327,14 @@ def test_damaged_state_files_are_one_clear_error(home, mlflow_server, tmp_path, 
         assert all(word in flat for word in expect), (pattern, command, output)
         assert snapshot(copy) == before, (pattern, command)
         assert not (copy / "mlflow").exists(), "a local MLflow server was started for a damaged sweep"
+
+    # A torn read (the state read while a driver replaced it) is read again, not called damaged
+    torn = tmp_path / "torn"
+    shutil.copytree(home / "sweeps" / "e2e-damaged", torn / "e2e-damaged")
+    (state,) = (torn / "e2e-damaged").glob("experiment_state-*.json")
+    whole = state.read_bytes()
+    state.write_bytes(whole[: len(whole) // 2])
+    threading.Timer(0.3, state.write_bytes, [whole]).start()  # the upload completes a moment later
+    from sweep.store import open_sweep
+
+    assert len(open_sweep("e2e-damaged", str(torn)).load_trials()) == 1
