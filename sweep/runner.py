@@ -465,6 +465,8 @@ def _check_start(spec: SweepSpec, resume: bool, store: SweepStore) -> None:
             raise UserError(Problem(spec.name, f"no sweep state to resume in {store.uri}",
                                     "start it with `sweep run SPEC` (see `sweep list`; --storage / "
                                     "$FWSWEEP_STORAGE say where sweeps live)"))
+        if store.local_path() is not None and is_driven(store):  # in object storage: see is_driven
+            raise _driven_error(spec.name)
         store.check_resumable(spec)
         old = store.read_spec()
         if old is not None and old.model_dump() != spec.model_dump():
@@ -566,10 +568,14 @@ def driver_lock(store: SweepStore) -> Any:
     local = store.local_path()
     lock, created = None, local is not None and not local.exists()
     if local is not None:
-        with contextlib.suppress(OSError, Timeout):
+        try:
             local.mkdir(parents=True, exist_ok=True)
             lock = FileLock(str(local / DRIVER_LOCK))
             lock.acquire(timeout=0)
+        except Timeout:  # another live driver took it since _check_start looked
+            raise _driven_error(store.name) from None
+        except OSError:
+            lock = None  # best effort: a folder that takes no lock (some network mounts)
     try:
         yield
     finally:
@@ -580,6 +586,13 @@ def driver_lock(store: SweepStore) -> Any:
                 if {p.name for p in local.iterdir()} <= {DRIVER_LOCK}:
                     (local / DRIVER_LOCK).unlink(missing_ok=True)
                     local.rmdir()
+
+
+def _driven_error(name: str) -> UserError:
+    return UserError(Problem(
+        name, f"this sweep is running: another process drives it (it holds the sweep's {DRIVER_LOCK})",
+        f"let it finish, or stop it (Ctrl-C there), then `sweep resume {name}`; two drivers would each run "
+        "trials and delete the other's checkpoints"))
 
 
 def is_driven(store: SweepStore) -> bool:

@@ -328,6 +328,24 @@ def test_damaged_state_files_are_one_clear_error(home, mlflow_server, tmp_path, 
         assert snapshot(copy) == before, (pattern, command)
         assert not (copy / "mlflow").exists(), "a local MLflow server was started for a damaged sweep"
 
+    # A sweep another live process drives is not resumed beside it (two drivers delete each other's
+    # checkpoints): its lock, held by another process, is exit 2 before anything starts
+    held = tmp_path / "held"
+    shutil.copytree(home / "sweeps" / "e2e-damaged", held / "sweeps" / "e2e-damaged")
+    lock_path = held / "sweeps" / "e2e-damaged" / ".driver.lock"
+    hold = (f"from filelock import FileLock; import time; lock = FileLock({str(lock_path)!r}); "
+            "lock.acquire(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv("FWSWEEP_HOME", str(held))
+        code, output = run_cli_in_process(["resume", "e2e-damaged"], monkeypatch, capsys)
+        assert code == 2 and "this sweep is running" in " ".join(output.split()), output
+        assert not (held / "mlflow").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
     # A torn read (the state read while a driver replaced it) is read again, not called damaged
     torn = tmp_path / "torn"
     shutil.copytree(home / "sweeps" / "e2e-damaged", torn / "e2e-damaged")
