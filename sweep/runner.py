@@ -191,6 +191,13 @@ def _probe(address: str, setting: str = "--address") -> None:
                                 "drop --address / RAY_ADDRESS to run on this machine")) from None
 
 
+def _ray_address(given: str | None) -> tuple[str | None, str]:
+    """The Ray address to join (--address, else RAY_ADDRESS, else None: a local Ray) and which it was."""
+    if given:
+        return given, "--address"
+    return os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
+
+
 def connect_ray(address: str | None = None) -> bool:
     """Start a local Ray (all cores here) or join `address` / RAY_ADDRESS. True if this call started it."""
     import ray
@@ -198,8 +205,7 @@ def connect_ray(address: str | None = None) -> bool:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # 1 ckpt/epoch
     if ray.is_initialized():
         return False
-    setting = "--address" if address else "RAY_ADDRESS"
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address, setting = _ray_address(address)
     if address:
         _probe(address, setting)
         try:
@@ -500,8 +506,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     paths.check_home()
     store = open_storage(storage or spec.storage).sweep(spec.name)
     _check_start(spec, resume, store)  # every cheap check first: nothing starts or is written on a mistake
-    setting = "--address" if address else "RAY_ADDRESS"
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address, setting = _ray_address(address)
     if address:
         _probe(address, setting)
     _sampler(spec)

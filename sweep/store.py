@@ -145,8 +145,14 @@ def open_storage(given: str | None = None) -> Storage:
     return Storage(uri, fs, f"{parsed.netloc}{parsed.path}".rstrip("/"))
 
 
+def _endpoint_setting() -> tuple[str, str] | None:
+    """(the variable, its value) of the first endpoint variable set, in ENDPOINT_ENVS' order."""
+    return next(((k, os.environ[k]) for k in ENDPOINT_ENVS if os.environ.get(k)), None)
+
+
 def s3_endpoint() -> str | None:
-    return next((os.environ[k] for k in ENDPOINT_ENVS if os.environ.get(k)), None)
+    setting = _endpoint_setting()
+    return setting[1] if setting else None
 
 
 def _s3_filesystem() -> pyarrow.fs.FileSystem:
@@ -156,8 +162,9 @@ def _s3_filesystem() -> pyarrow.fs.FileSystem:
 
     options: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
                                "connect_timeout": 5, "request_timeout": 30}
-    endpoint = s3_endpoint()
-    if endpoint:
+    setting = _endpoint_setting()
+    if setting:
+        name, endpoint = setting
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         try:
             parsed.port  # noqa: B018  (raises on a port that is not a number)
@@ -165,7 +172,6 @@ def _s3_filesystem() -> pyarrow.fs.FileSystem:
         except ValueError:
             valid = False
         if not valid:
-            name = next(k for k in ENDPOINT_ENVS if os.environ.get(k))
             raise UserError(Problem(name, f"{endpoint!r} is not an endpoint", "give HOST:PORT, or "
                                     "http://HOST:PORT for a plain-HTTP store (https://HOST:PORT otherwise)"))
         options |= {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https",
@@ -385,14 +391,16 @@ class SweepStore:
         pafs.copy_files(str(local_dir), dest, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.storage.fs)
 
-    def _experiment_states(self) -> list[tuple[float, str]]:
-        """(mtime, file name) of each experiment state Tune saved here, oldest first."""
+    def _experiment_states(self, infos: list[pyarrow.fs.FileInfo] | None = None) -> list[tuple[float, str]]:
+        """(mtime, file name) of each experiment state Tune saved here, oldest first (from `infos`, a
+        listing of the sweep's folder already made, else from a new one)."""
         import pyarrow.fs as pafs
 
-        try:
-            infos = self.storage.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        except OSError:
-            return []
+        if infos is None:
+            try:
+                infos = self.storage.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+            except OSError:
+                return []
         return sorted((i.mtime.timestamp(), i.base_name) for i in infos
                       if i.base_name.startswith(EXPERIMENT_STATE_GLOB) and i.mtime is not None)
 
@@ -403,13 +411,13 @@ class SweepStore:
 
         import pyarrow.fs as pafs
 
-        states = self._experiment_states()
-        if states:  # the trials' result.json are read (and checked) as the resume reads its progress
-            self._read_state(lambda: json.loads(self.read_text(states[-1][1]) or ""))
         try:
             infos = self.storage.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         except OSError as err:
             raise _storage_error(self.storage.uri, err) from None
+        states = self._experiment_states(infos)
+        if states:  # the trials' result.json are read (and checked) as the resume reads its progress
+            self._read_state(lambda: json.loads(self.read_text(states[-1][1]) or ""))
         for info in infos:
             name = info.base_name
             if info.type != pafs.FileType.File or not (name == PICKLED_STATE[0] or (

@@ -147,10 +147,15 @@ def _check_sqlite_path(uri: str, setting: str) -> None:
                                 fix)) from None
 
 
+_opened_stores: set[str] = set()  # database stores this process has opened: a command resolves its URI twice
+
+
 def _opened(uri: str, setting: str) -> str:
     """`uri` once MLflow has opened the store there and answered one query: a database it cannot open (a
     folder that does not exist or is not writable, a server that refuses, a missing driver) is a UserError
     now, not a traceback once Ray has started. Bounded: an unreachable database host may not time out."""
+    if uri in _opened_stores:
+        return uri
     if urllib.parse.urlparse(uri).scheme.lower().split("+", 1)[0] == "sqlite":
         _check_sqlite_path(uri, setting)
     outcome: list[BaseException | None] = []
@@ -177,6 +182,7 @@ def _opened(uri: str, setting: str) -> str:
         raise UserError(Problem(setting, f"MLflow cannot open {redacted(uri)} ({first})",
                                 "for sqlite:///PATH the folder of PATH must exist and be writable; for a "
                                 "database server check its host, port, credentials and driver"))
+    _opened_stores.add(uri)
     return uri
 
 
