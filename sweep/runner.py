@@ -26,7 +26,7 @@ from sweep.config import SweepSpec
 from sweep.errors import Problem, TrialDiverged, UserError
 from sweep.events import FINISHED_STATES, UNFINISHED, Listener, Phase, SweepEnded, SweepStarted, final_report
 from sweep.space import MODEL_KEY, DefineByRun, trial_config
-from sweep.store import SPEC_FILE, SweepStore, hush_missing_results, open_storage, trial_threads
+from sweep.store import SPEC_FILE, SweepStore, TrialRecord, hush_missing_results, open_storage, trial_threads
 
 __all__ = ["SPEC_FILE", "SweepResult", "build_tuner", "connect_ray", "restore_tuner", "run_sweep",
            "trial_threads", "tune_trial"]
@@ -353,7 +353,7 @@ def _trainable(spec: SweepSpec, recorded: dict[str, dict[str, Any]] | None = Non
     return tune.with_resources(trainable, resources)
 
 
-def recorded_progress(store: SweepStore, spec: SweepSpec) -> dict[str, dict[str, Any]]:
+def recorded_progress(records: list[TrialRecord]) -> dict[str, dict[str, Any]]:
     """Each unfinished trial's recorded progress, for tune_trial: {"epochs": the epochs its result.json
     holds, "final": its last result (our metrics, without Tune's own keys) if that ended the trial, else
     None}. A result ends a trial when Tune said done (its scheduler stopped it) or it is the trial's
@@ -362,7 +362,7 @@ def recorded_progress(store: SweepStore, spec: SweepSpec) -> dict[str, dict[str,
 
     tune_keys = {*AUTO_RESULT_KEYS, "done", "trial_id", "should_checkpoint"}
     out: dict[str, dict[str, Any]] = {}
-    for r in store.load_trials(spec):
+    for r in records:
         if r.status == "TERMINATED" or not r.history:
             continue
         last = r.history[-1]
@@ -445,13 +445,20 @@ def _tune_filesystem(store: SweepStore) -> Any:
     return store.storage.fs if store.storage.remote else None
 
 
-def restore_tuner(spec: SweepSpec, store: SweepStore | None = None) -> Any:
+def restore_tuner(spec: SweepSpec, store: SweepStore | None = None, on_event: Listener | None = None) -> Any:
     """The saved Tuner. Its pickled callbacks come back as the ones this session registered for the sweep
-    (sweep.live_callbacks), so no private Tune API swaps callbacks in."""
+    (sweep.live_callbacks), so no private Tune API swaps callbacks in. A trial whose named checkpoint Tune
+    deleted after its last saved state goes on from its newest one (sweep.tune_checkpoints)."""
     from ray import tune
 
+    from sweep.tune_checkpoints import restore_named_checkpoints
+
     store = store or open_storage(spec.storage).sweep(spec.name)
-    trainable = _trainable(spec, recorded_progress(store, spec))
+    records = store.load_trials(spec)
+    for restored in restore_named_checkpoints(store, records):
+        if on_event is not None:
+            on_event(Phase(restored.message()))
+    trainable = _trainable(spec, recorded_progress(records))
     return tune.Tuner.restore(store.path, trainable=trainable, resume_unfinished=True,
                               resume_errored=True, storage_filesystem=_tune_filesystem(store))
 
@@ -632,7 +639,7 @@ def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepSt
     try:
         _quiet_tune()
         if resume:
-            tuner = restore_tuner(spec, store)
+            tuner = restore_tuner(spec, store, on_event)
         else:
             store.write_spec(spec)
             tuner = build_tuner(spec, callbacks, store)

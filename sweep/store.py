@@ -245,6 +245,7 @@ class TrialRecord:
     status: str = "PENDING"  # Tune's: PENDING, RUNNING, PAUSED, TERMINATED, ERROR
     params: dict[str, Any] = field(default_factory=dict)  # the sampled Tune config
     path: str = ""  # the trial's folder in the sweep's storage (URI or local path)
+    checkpoint: str = ""  # the newest checkpoint Tune's state names, relative to the sweep's folder
 
     @property
     def epochs(self) -> int:
@@ -329,7 +330,8 @@ class SweepStore:
         """The folder on this machine's disk, or None in object storage."""
         return None if self.storage.remote else Path(self.path)
 
-    def _p(self, rel: str) -> str:
+    def fs_path(self, rel: str) -> str:
+        """`rel` (relative to the sweep's folder) as a path on the storage's filesystem."""
         return posixpath.join(self.path, rel)
 
     def where(self, rel: str = "") -> str:
@@ -341,14 +343,14 @@ class SweepStore:
         import pyarrow.fs as pafs
 
         try:
-            return self.storage.fs.get_file_info(self._p(rel)).type != pafs.FileType.NotFound
+            return self.storage.fs.get_file_info(self.fs_path(rel)).type != pafs.FileType.NotFound
         except OSError as err:
             raise _storage_error(self.storage.uri, err) from None
 
     def read_text(self, rel: str) -> str | None:
         """A file's text, or None if it is not there."""
         try:
-            with self.storage.fs.open_input_stream(self._p(rel)) as f:
+            with self.storage.fs.open_input_stream(self.fs_path(rel)) as f:
                 raw = f.read()
             return raw.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -365,7 +367,7 @@ class SweepStore:
     def write_text(self, rel: str, text: str) -> str:
         """Write a whole file: an object is replaced in one put; a local file via a temp file and rename, so
         no reader ever sees half of it. Returns where it went."""
-        target = self._p(rel)
+        target = self.fs_path(rel)
         local = self.local_path()
         if local is not None:
             path = local / rel
@@ -385,7 +387,7 @@ class SweepStore:
         """Copy a local folder's files into this sweep's folder (a no-op when they are already there)."""
         import pyarrow.fs as pafs
 
-        dest = self._p(rel)
+        dest = self.fs_path(rel)
         if not self.storage.remote and Path(dest).resolve() == local_dir.resolve():
             return
         pafs.copy_files(str(local_dir), dest, source_filesystem=pafs.LocalFileSystem(),
@@ -423,7 +425,7 @@ class SweepStore:
             if info.type != pafs.FileType.File or not (name == PICKLED_STATE[0] or (
                     name.startswith(PICKLED_STATE[1]) and name.endswith(".pkl"))):
                 continue
-            with self.storage.fs.open_input_stream(self._p(name)) as f:
+            with self.storage.fs.open_input_stream(self.fs_path(name)) as f:
                 raw = f.read()
             try:
                 for _ in pickletools.genops(raw):
@@ -509,8 +511,11 @@ class SweepStore:
             rel = posixpath.relpath(trial.storage.trial_fs_path, self.path)
             history = parse_history(self.read_text(posixpath.join(rel, RESULT_FILE)) or "")
             metrics = dict(trial.last_result or {}) or (history[-1] if history else {})
-            records.append(TrialRecord.of_trial(spec, trial.trial_id, dict(trial.config), metrics, history,
-                                                trial.status, self.where(rel)))
+            record = TrialRecord.of_trial(spec, trial.trial_id, dict(trial.config), metrics, history,
+                                          trial.status, self.where(rel))
+            if trial.checkpoint is not None:
+                record.checkpoint = posixpath.join(rel, posixpath.basename(trial.checkpoint.path.rstrip("/")))
+            records.append(record)
         return records
 
     # -- exports ------------------------------------------------------------------------------------------

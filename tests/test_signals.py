@@ -111,3 +111,42 @@ def test_interrupt_between_a_logged_result_and_tunes_snapshot(mlflow_server: str
     assert all(r.info.status == "FINISHED" for r in parents + children)
     for r in children:
         assert metric_steps(mlflow_server, r.info.run_id, "val_accuracy") == epoch_steps(3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resume_when_tune_deleted_the_checkpoint_its_state_names(mlflow_server: str, home: Path,
+                                                                tmp_path: Path) -> None:
+    """Tune deletes a trial's older checkpoints the moment it registers a new one, but saves the state that
+    names the newest on a timer: a driver killed in between leaves a state naming a deleted checkpoint
+    beside a newer one. `sweep resume` goes on from the newest whole checkpoint (not failing the trial
+    with Tune's 'Could not recover from checkpoint', not training it from scratch)."""
+    import shutil
+
+    name = "faults-deleted-checkpoint"
+    spec = write_spec(tmp_path, name, budget={"num_samples": 1, "max_concurrent": 1},
+                      train={"keep_checkpoints": 1})
+    run = SweepProcess(["run", str(spec), "--tracking-uri", mlflow_server], home,
+                       {"FWSWEEP_FAULT": "interrupt@2", "FWSWEEP_FAULT_STATE": str(tmp_path / "faults")})
+    rc = run.wait(200)
+    assert rc == 130, f"exit {rc}:\n{run.output()[-3000:]}"
+    (tid, saved), = tune_trials(home, name).items()
+    folder = experiment_dir(home, name) / f"trial_{tid}"
+    # The state names epoch 1's checkpoint; epoch 2's is on storage, not yet registered. Delete the named
+    # one, as Tune does when it registers epoch 2's (keep_checkpoints: 1) before the state is saved again.
+    assert saved["checkpoints"] == ["checkpoint_000000", "checkpoint_000001"], saved
+    shutil.rmtree(folder / "checkpoint_000000")
+    partial = folder / "checkpoint_000002"  # a newer upload cut short: not a checkpoint to restore from
+    partial.mkdir()
+    (partial / "state.pt").write_bytes(b"\x80")
+
+    out = run_to_end(["resume", name, "--tracking-uri", mlflow_server], home)
+    trials = tune_trials(home, name)
+    assert trials[tid]["status"] == "TERMINATED" and trials[tid]["num_failures"] == 0, (trials, out[-3000:])
+    assert trials[tid]["epochs"] == [1, 2, 3], trials  # went on after epoch 2: nothing trained twice
+    assert trials[tid]["checkpoints"] == ["checkpoint_000001"], trials  # keep_checkpoints: 1, no strays
+    assert "Could not recover" not in out and "Traceback" not in out, out[-3000:]
+    assert "resuming from the newer checkpoint_000001" in " ".join(out.split()), out[-3000:]
+    parents, children = mlflow_runs(mlflow_server, name)
+    assert all(r.info.status == "FINISHED" for r in parents + children)
+    assert metric_steps(mlflow_server, children[0].info.run_id, "val_accuracy") == epoch_steps(3)

@@ -285,3 +285,39 @@ def test_a_start_that_fails_under_the_driver_lock_leaves_no_folder(tmp_path: Pat
     with pytest.raises(RuntimeError), driver_lock(open_storage(str(tmp_path / "sweeps")).sweep("kept")):
         raise RuntimeError("the resume failed")
     assert (kept / SPEC_FILE).exists()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_named_checkpoint_tune_deleted_is_replaced_by_the_newest_whole_one(
+        where: str, s3_env: S3Store, tmp_path: Path) -> None:  # noqa: F811
+    """The copy a resume makes before Tune restores (sweep.tune_checkpoints), on a folder and on S3: the
+    newest whole checkpoint under the name Tune's state holds, the newer folders gone; a trial whose named
+    checkpoint is there, or that ended, is left alone."""
+    from sweep.store import TrialRecord
+    from sweep.tune_checkpoints import restore_named_checkpoints
+
+    uri = str(tmp_path / "store") if where == "local" else s3_env.uri(f"repair-{where}")
+    store = open_storage(uri).sweep("repair")
+    whole = {"state.pt": "S", "config.yaml": "C", "meta.json": '{"epoch": 3}'}
+    layout = {"trial_a/checkpoint_000003": whole,  # trial a's state names checkpoint_000004: gone
+              "trial_a/checkpoint_000005": whole | {"meta.json": '{"epoch": 5}'},
+              "trial_a/checkpoint_000006": {"state.pt": "cut short"},  # no meta.json: not whole
+              "trial_b/checkpoint_000001": whole, "trial_b/checkpoint_000002": whole,  # named one is there
+              "trial_c/checkpoint_000007": whole}  # ended: Tune restores nothing
+    for folder, files in layout.items():
+        for name, text in files.items():
+            store.write_text(f"{folder}/{name}", text)
+
+    def record(tid: str, named: str, status: str = "RUNNING") -> TrialRecord:
+        return TrialRecord(tid, "lstm", None, {}, status=status, checkpoint=f"trial_{tid}/{named}")  # type: ignore[arg-type]
+
+    restored = restore_named_checkpoints(store, [record("a", "checkpoint_000004"),
+                                                record("b", "checkpoint_000001"),
+                                                record("c", "checkpoint_000002", "TERMINATED")])
+    assert [(r.trial_id, r.source) for r in restored] == [("a", "checkpoint_000005")]
+    assert "deleted after that state was saved" in restored[0].message()
+    assert store.read_text("trial_a/checkpoint_000004/meta.json") == '{"epoch": 5}'
+    assert store.read_text("trial_a/checkpoint_000004/state.pt") == "S"
+    assert not store.exists("trial_a/checkpoint_000005") and not store.exists("trial_a/checkpoint_000006")
+    assert store.exists("trial_a/checkpoint_000003")  # older ones are Tune's to delete
+    assert store.exists("trial_b/checkpoint_000002") and store.exists("trial_c/checkpoint_000007")
