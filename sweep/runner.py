@@ -375,19 +375,21 @@ def recorded_progress(records: list[TrialRecord]) -> dict[str, dict[str, Any]]:
 def _callbacks(spec: SweepSpec, tracker: Any, store: SweepStore, on_event: Listener | None = None
                ) -> list[Any]:
     """This session's Tune callbacks: the live view's events, the live MLflow logging (kept by the
-    runner) and, for a local folder, the storage watch. The first two pickle as references to this
+    runner) and the storage watch. The first two pickle as references to this
     session's objects (sweep.live_callbacks), so a restored Tuner gets them without private Tune APIs."""
-    from sweep.storage_watch import StorageWatch, hush_state_sync_race
+    from sweep.storage_watch import StorageWatch, hush_state_upload_messages
     from sweep.testing_faults import driver_callbacks
 
-    hush_state_sync_race()
+    hush_state_upload_messages()
     out: list[Any] = driver_callbacks()  # none unless FWSWEEP_FAULT asks
     if on_event is not None:
         from sweep.tune_events import SweepEvents
 
         out.append(SweepEvents(on_event, spec))
     local = store.local_path()
-    return out + [cb for cb in (tracker, StorageWatch(str(local)) if local else None) if cb is not None]
+    # first: a trial that failed on the storage ends the sweep before the others count it as failed
+    watch = StorageWatch(folder=str(local)) if local else StorageWatch(uri=store.uri)
+    return [watch, *out] + ([tracker] if tracker is not None else [])
 
 
 def _tracker(spec: SweepSpec, tracking_url: str | None, store: SweepStore) -> Any:
@@ -649,6 +651,10 @@ def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepSt
         # Tune snapshots its experiment state every >= 10 s by default: a driver killed in that window
         # forgets the trials that finished in it, and `resume` re-runs their last epoch. It is small.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+        # Tune fetches every trial's result itself; what Ray would print as "Unhandled error" at exit are the
+        # futures of trials still running when the driver stops early (a storage fault): their tracebacks
+        # would bury the one message that says what happened.
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
         hush_missing_results()
         with storage_faults(spec, store), json_logger_only(store, fresh=not resume):
             tuner.fit()
@@ -688,25 +694,34 @@ def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepSt
     )
 
 
+STORAGE_SOURCE = "the sweep's storage"  # what a storage fault's message is headed by
+
+
 @contextlib.contextmanager
 def storage_faults(spec: SweepSpec, store: SweepStore) -> Any:
-    """A write to the sweep's storage that fails (read-only, full, no permission) -> one UserError saying
-    what failed, where, and how to go on; Tune's saved state is kept, so `sweep resume` continues."""
-    from sweep.storage_watch import disk_error
+    """A write to the sweep's storage that fails (read-only, full, no permission; an object store that
+    does not answer or refuses) -> one UserError saying what failed, where, and how to go on; Tune's saved
+    state is kept, so `sweep resume` continues."""
+    from sweep.storage_watch import PROBE, storage_error
 
     try:
         yield
     except Exception as err:
-        disk = disk_error(err)
-        if disk is None:
+        failed = storage_error(err)
+        if failed is None:
             raise
-        what = disk.strerror or str(disk).splitlines()[0]
-        if disk.filename and ".fwsweep-probe-" not in str(disk.filename):
-            what += f" ({disk.filename})"
+        what = failed.strerror or str(failed).splitlines()[0][:300]
+        if failed.filename and PROBE not in str(failed.filename):
+            what += f" ({failed.filename})"
+        if store.storage.remote:
+            raise UserError(Problem(
+                store.uri, f"the object store did not answer or refused a write: {what}",
+                f"once it answers again, `sweep resume {spec.name}`: the trials Tune saved are kept, and "
+                "MLflow is brought level at its end"), source=STORAGE_SOURCE) from None
         raise UserError(Problem(
             store.uri, f"writing the sweep's state failed: {what}",
             f"make it writable (or free space), then `sweep resume {spec.name}`: the trials Tune saved are "
-            "kept, and MLflow is brought level at its end")) from None
+            "kept, and MLflow is brought level at its end"), source=STORAGE_SOURCE) from None
 
 
 def sync_after(spec: SweepSpec, tracking_url: str, store: SweepStore, records: list[Any] | None = None,

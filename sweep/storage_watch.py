@@ -1,9 +1,14 @@
-"""A Tune callback that stops a sweep as soon as its local storage folder cannot be written.
+"""A Tune callback that stops a sweep as soon as its storage cannot be written: a local folder turned
+read-only or full, or an object store that stops answering (or refuses).
 
-A read-only remount or a full disk would otherwise fail every trial on its next checkpoint (a traceback
-each) and record them all as errors. Raising from Tune's loop ends the driver like a crash instead: Tune's
-last saved state keeps those trials running, so `sweep resume` continues them once the disk is fixed, and
-`sweep.runner.storage_faults` turns the error into one message.
+Otherwise every trial would fail on its next checkpoint upload (a traceback each), Tune's state uploads
+would log theirs, and all of them would be recorded as errors. Raising from Tune's loop ends the driver
+like a crash instead: Tune's last saved state keeps those trials running, so `sweep resume` continues them
+once the storage is back, and `sweep.runner.storage_faults` turns the error into one message.
+
+A local folder is probed every 2 s (a temp file, no network); an object store only after a trial error
+and after Tune logs a failed upload of its own (a write and a delete each; nothing on the event loop's
+way while the store is well).
 """
 
 from __future__ import annotations
@@ -19,29 +24,47 @@ from typing import Any
 from ray.tune import Callback
 
 DISK_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+# What pyarrow's S3 and GCS filesystems raise (OSError without an errno): "AWS Error NETWORK_CONNECTION
+# during HeadObject operation: ...", "google::cloud::Status(UNAVAILABLE: ...)"
+OBJECT_STORE_ERROR = re.compile(r"AWS Error [A-Z_]+|google::cloud::Status\(")
 TUNE_TRIAL_LOGGER = "ray.tune.execution.tune_controller"  # logs a failed trial's traceback
 TUNE_STATE_LOGGER = "ray.tune.execution.experiment_state"  # logs a failed upload of Tune's own state
+TUNE_UPLOAD_LOGGERS = ("ray.train._internal.syncer", "ray.train._internal.storage")  # its upload thread
 TUNE_TEMP_FILE = re.compile(r"/\.[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-tmp-")  # .<uuid>-tmp-<name>
+PROBE = ".fwsweep-probe"
+SLOW_UPLOAD_MESSAGE = re.compile(  # Tune's (experiment_state.py) while an upload of its state takes > 30 s
+    r"Saving the experiment state .*?(?:has already taken |took ~)([\d.]+) seconds")
 
 
-def disk_error(err: BaseException | None) -> OSError | None:
-    """The disk error (read-only, full, no permission) behind `err`, if any: Tune and Ray wrap what a
-    storage write raises (TuneError from it, RayTaskError copies a worker's), so the chain is searched."""
+def storage_error(err: BaseException | None) -> OSError | None:
+    """The storage error (read-only, full, no permission; an object store that fails) behind `err`, if
+    any: Tune and Ray wrap what a storage write raises (TuneError from it, RayTaskError copies a worker's),
+    so the chain is searched."""
     for _ in range(20):
         if err is None:
             return None
-        if isinstance(err, OSError) and (err.errno in DISK_ERRNOS or any(
-                os.strerror(code) in str(err) for code in DISK_ERRNOS)):
+        text = str(err)
+        if isinstance(err, OSError) and (err.errno in DISK_ERRNOS or OBJECT_STORE_ERROR.search(text) or any(
+                os.strerror(code) in text for code in DISK_ERRNOS)):
             return err
         err = err.__cause__ or err.__context__
     return None
 
 
-class _HushDiskTracebacks(logging.Filter):
-    """Drops Tune's traceback of a trial that failed on a disk error: the sweep ends with one message."""
+class _HushStorageTracebacks(logging.Filter):
+    """Drops Tune's tracebacks of what failed on a storage error (a trial, an upload of its state) and
+    asks the watch for a probe: the sweep ends with one message, or goes on if the storage is well."""
+
+    def __init__(self, watch: StorageWatch) -> None:
+        super().__init__()
+        self.watch = watch
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and disk_error(record.exc_info[1]))
+        failed = (record.exc_info and storage_error(record.exc_info[1])) or (
+            record.exc_info is None and OBJECT_STORE_ERROR.search(record.getMessage()))
+        if failed:
+            self.watch.suspect = True
+        return not failed
 
 
 class _OneLineStateSyncRace(logging.Filter):
@@ -61,29 +84,79 @@ class _OneLineStateSyncRace(logging.Filter):
         return True
 
 
+class _SlowStateUpload(logging.Filter):
+    """Tune warns every 2 s, in four lines, while an upload of its state has taken over 30 s (a slow or
+    unresponsive object store; it suggests s3fs and a variable). That becomes one line at most every
+    `every_s` seconds: the sweep waits for it, and an upload that fails ends the sweep (StorageWatch)."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        super().__init__()
+        self.every_s, self._last = every_s, float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() if record.exc_info is None else ""
+        taken = SLOW_UPLOAD_MESSAGE.match(text)
+        if taken is None:
+            return True
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return False
+        self._last = now
+        record.msg = (f"the sweep's storage has taken {float(taken.group(1)):.0f} s so far to save Tune's "
+                      "state (slow or not answering); the sweep goes on when it answers")
+        record.args = ()
+        return True
+
+
 STATE_SYNC_RACE = _OneLineStateSyncRace()
+SLOW_STATE_UPLOAD = _SlowStateUpload()
 
 
-def hush_state_sync_race() -> None:
-    logging.getLogger(TUNE_STATE_LOGGER).addFilter(STATE_SYNC_RACE)  # once: a filter is added once
+def hush_state_upload_messages() -> None:
+    """Tune's messages about uploads of its state, in fewer words (filters are added once)."""
+    for hush in (STATE_SYNC_RACE, SLOW_STATE_UPLOAD):
+        logging.getLogger(TUNE_STATE_LOGGER).addFilter(hush)
 
 
 class StorageWatch(Callback):
-    """Probe `folder` (a temp file created and removed) every `every_s` seconds and after a trial error."""
+    """Probe the sweep's storage: a local `folder` (a temp file created and removed) every `every_s`
+    seconds and after a trial error; an object store (`uri`) after a trial error or a failed upload."""
 
-    def __init__(self, folder: str, every_s: float = 2.0) -> None:
-        self.folder, self.every_s, self._next = folder, every_s, 0.0
+    def __init__(self, folder: str | None = None, uri: str | None = None, every_s: float = 2.0) -> None:
+        self.folder, self.uri, self.every_s, self._next = folder, uri, every_s, 0.0
+        self.suspect = False  # a failed upload was logged: probe at the next step
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the Tuner
+        return {"folder": self.folder, "uri": self.uri, "every_s": self.every_s, "_next": 0.0,
+                "suspect": False}
 
     def _probe(self, force: bool = False) -> None:
         now = time.monotonic()
+        if self.uri is not None:
+            if force or self.suspect:
+                self.suspect = False
+                self._probe_object_store()
+            return
         if not force and now < self._next:
             return
         self._next = now + self.every_s
-        if os.path.isdir(self.folder):  # (Tune creates it)
+        if self.folder and os.path.isdir(self.folder):  # (Tune creates it)
             tempfile.TemporaryFile(dir=self.folder, prefix=".fwsweep-probe-").close()  # OSError: stop
 
+    def _probe_object_store(self) -> None:
+        """A write and a delete: an OSError (the store's, with its words) ends the sweep."""
+        from sweep.store import open_storage
+
+        storage = open_storage(self.uri)
+        path = f"{storage.root}/{PROBE}"
+        with storage.fs.open_output_stream(path) as out:
+            out.write(b"ok")
+        storage.fs.delete_file(path)
+
     def setup(self, **info: Any) -> None:
-        logging.getLogger(TUNE_TRIAL_LOGGER).addFilter(_HushDiskTracebacks())
+        hush = _HushStorageTracebacks(self)
+        for name in (TUNE_TRIAL_LOGGER, TUNE_STATE_LOGGER, *TUNE_UPLOAD_LOGGERS):
+            logging.getLogger(name).addFilter(hush)
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         self._probe()

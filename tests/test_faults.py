@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import pickle
 import signal
@@ -627,8 +628,69 @@ def test_read_only_sweeps_folder_ends_with_one_message_and_resume_agrees(
     out = run.output()
     assert rc == 2, f"exit {rc}:\n{out[-3000:]}"
     assert "writing the sweep's state failed" in out and f"sweep resume {name}" in out, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
+    assert "Traceback" not in out and "Unhandled error" not in out, out[-3000:]
     kill_processes_of(home)
     run_to_end(["resume", name, "--tracking-uri", mlflow_server], home, env)
     counts = assert_records_agree(home, name, mlflow_server)
     assert counts["tune"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_object_store_outage_ends_with_one_message_and_resume_agrees(
+        mlflow_server: str, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's object store (moto's S3 server) stops answering mid-sweep: the sweep stops with one
+    message naming the store and `sweep resume`, exit 2, no traceback (not a cascade of failed trials and
+    Tune's upload errors). The store back on the same port with its data, `sweep resume` finishes the
+    sweep: every trial done, none failed, MLflow level."""
+    import boto3
+    from fixtures_s3 import CREDENTIALS
+    from moto.server import ThreadedMotoServer
+
+    from sweep.store import open_sweep
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x",
+                 region_name="us-east-1").create_bucket(Bucket="outage")
+    name, uri = "faults-s3-outage", "s3://outage/sweeps"
+    spec = write_spec(tmp_path, name, budget={"num_samples": 3, "max_concurrent": 2})
+    env = CREDENTIALS | {"FWSWEEP_S3_ENDPOINT": endpoint, "FWSWEEP_FAULT": "slow=1.5"}
+    args = ["--storage", uri, "--tracking-uri", mlflow_server]
+    try:
+        run = SweepProcess(["run", str(spec), *args], home, env)
+        wait_until(lambda: "started " in run.output() or run.proc.poll() is not None, 240, "a first trial")
+        time.sleep(2)  # a first epoch reported and uploaded
+        assert run.proc.poll() is None, run.output()[-3000:]
+        server.stop()  # connections refused from now on; moto keeps the bucket's objects in this process
+        stopped = time.monotonic()
+        rc = run.wait(180)
+        out = run.output()
+        assert rc == 2, f"exit {rc}:\n{out[-3000:]}"
+        assert time.monotonic() - stopped < 90, "took too long to notice the outage"
+        flat = " ".join(out.split())
+        assert uri in flat and f"sweep resume {name}" in flat and "did not answer" in flat, out[-3000:]
+        assert "invalid input" not in out, out[-3000:]  # an outage, not the user's mistake
+        assert "Traceback" not in out and "\nfailed " not in out, out[-3000:]  # no trial counted failed
+        assert "Unhandled error" not in out and "pyarrow" not in out, out[-3000:]
+        kill_processes_of(home)
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        out = run_to_end(["resume", name, *args], home, env)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        records = open_sweep(name, uri).load_trials()
+        assert len(records) == 3 and all(r.status == "TERMINATED" for r in records), \
+            [(r.trial_id, r.status) for r in records]
+        assert all([row["epoch"] for row in r.history] == [1, 2, 3] for r in records), \
+            {r.trial_id: [row["epoch"] for row in r.history] for r in records}
+        parents, children = mlflow_runs(mlflow_server, name)
+        assert len(parents) == 1 and len(children) == 3
+        assert all(r.info.status == "FINISHED" for r in parents + children), \
+            [(r.data.tags.get("trial_id"), r.info.status) for r in parents + children]
+    finally:
+        server.stop()

@@ -192,10 +192,10 @@ def test_tunes_state_upload_race_is_one_line_and_other_errors_keep_their_traceba
     message it logged in a real sweep, below); that becomes one warning line, any other error stays."""
     import logging
 
-    from sweep.storage_watch import STATE_SYNC_RACE, TUNE_STATE_LOGGER, hush_state_sync_race
+    from sweep.storage_watch import STATE_SYNC_RACE, TUNE_STATE_LOGGER, hush_state_upload_messages
 
-    hush_state_sync_race()
-    hush_state_sync_race()
+    hush_state_upload_messages()
+    hush_state_upload_messages()
     logger = logging.getLogger(TUNE_STATE_LOGGER)
     assert logger.filters.count(STATE_SYNC_RACE) == 1
     seen = ("[Errno 2] Failed to open local file '/tmp/ray/session_x/artifacts/2026-11-30_10-16-12/sweep/"
@@ -220,6 +220,35 @@ def test_tunes_state_upload_race_is_one_line_and_other_errors_keep_their_traceba
     assert race.levelname == "WARNING" and race.exc_info is None and "raced" in race.getMessage()
     for kept in (missing, denied):
         assert kept.levelname == "ERROR" and kept.exc_info is not None
+
+
+def test_tunes_slow_state_upload_warnings_are_one_line_now_and_then() -> None:
+    """While an object store does not answer, Tune warns every 2 s in four lines that saving its state
+    takes long (its words, below); that becomes one line at most once a minute; other warnings pass."""
+    import logging
+
+    from sweep.storage_watch import SLOW_STATE_UPLOAD, TUNE_STATE_LOGGER, hush_state_upload_messages
+
+    hush_state_upload_messages()
+    logger = logging.getLogger(TUNE_STATE_LOGGER)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    SLOW_STATE_UPLOAD._last = float("-inf")
+    tune_said = ("Saving the experiment state (which holds a global view of trial statuses and is used to "
+                 "restore the experiment) has already taken {:.2f} seconds, which may cause consistency "
+                 "issues upon restoration if your driver script ungracefully exits.\nThis could be ...")
+    try:
+        for seconds in (30.23, 32.25, 34.26):
+            logger.warning(tune_said.format(seconds))
+        logger.warning("Experiment state snapshotting has been triggered multiple times")
+    finally:
+        logger.removeHandler(handler)
+    slow, other = records
+    assert slow.getMessage() == ("the sweep's storage has taken 30 s so far to save Tune's state (slow or "
+                                 "not answering); the sweep goes on when it answers")
+    assert other.getMessage().startswith("Experiment state snapshotting")
 
 
 @pytest.mark.slow  # a local Ray session
