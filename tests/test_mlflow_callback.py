@@ -331,3 +331,33 @@ def test_a_batch_cut_off_after_it_landed_is_not_logged_twice(mlflow_server: str)
         w.log_rows(run_id, [row])
     assert w.log_rows(run_id, [row]) == 0  # the retry finds it there
     assert _steps(client, run_id, "val_accuracy") == [1]
+
+
+def test_modules_marked_absent_fail_to_import_at_once_and_stay_out_of_sys_modules() -> None:
+    """MLflow's per-request Databricks probes fail at once (mark_absent), while `"IPython" in sys.modules`
+    stays False: Ray's notebook check reads it and imports IPython when it is there (with None there,
+    that raised in Ray's error-printing thread when a node died). In a fresh interpreter: the finder is
+    process-wide."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, timeit, importlib.util
+from sweep.mlflow_runs.writer import configure_http
+from ray.widgets.util import in_notebook
+configure_http(); configure_http()
+probes = ("dbruntime", "IPython", "pyspark")
+assert importlib.util.find_spec("json") is not None and "IPython" not in sys.modules
+assert sum(type(f).__name__ == "_NotInstalled" for f in sys.meta_path) == 1
+for name in probes:
+    try:
+        __import__(name)
+    except ModuleNotFoundError as err:
+        assert err.name == name and name not in sys.modules, err
+    else:
+        raise AssertionError(name + " imported")
+assert in_notebook() is False
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

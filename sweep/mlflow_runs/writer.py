@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.abc
 import importlib.util
 import logging
 import os
@@ -56,13 +57,31 @@ def configure_http() -> None:
     mark_absent(DATABRICKS_PROBES)
 
 
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    """Answers an import of one of `names` (modules found not installed) with ModuleNotFoundError at once,
+    as Python would after searching every path entry again. Unlike a None in sys.modules (Python's own
+    marker), `name in sys.modules` stays False: Ray ("IPython") and MLflow ("pyspark") read it as "the
+    module is loaded" and import it (Ray's error-printing thread raised when a node died). The cost:
+    importlib.util.find_spec of these names raises ModuleNotFoundError instead of returning None."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname.partition(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+        return None
+
+
 def mark_absent(modules: Iterable[str]) -> None:
-    """Record the modules that are not installed as such (None in sys.modules, Python's own marker), so
-    each later `import` of them fails at once instead of searching every path entry again: a fifth of the
-    MLflow writer's CPU per request in the driver profile (docs/benchmarks.md). Installed ones are left."""
-    for name in modules:
-        if name not in sys.modules and importlib.util.find_spec(name) is None:
-            sys.modules[name] = None  # type: ignore[assignment]
+    """Imports of the modules that are not installed fail at once instead of searching every path entry
+    again: MLflow builds each request's headers in 0.06 ms instead of 0.31 ms here (it tries them all).
+    Installed ones are left; the finder goes in once."""
+    known = frozenset().union(*(f.names for f in sys.meta_path if isinstance(f, _NotInstalled)))
+    absent = frozenset(n for n in modules if n not in known and n not in sys.modules
+                       and importlib.util.find_spec(n) is None)
+    if absent:
+        sys.meta_path.insert(0, _NotInstalled(absent))
 
 
 def is_transient(err: BaseException) -> bool:
