@@ -406,14 +406,13 @@ def _tracker(spec: SweepSpec, tracking_url: str | None, store: SweepStore) -> An
 
 def build_tuner(spec: SweepSpec, callbacks: list[Any] | None = None, store: SweepStore | None = None) -> Any:
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from sweep.result_log import ResultLog
+    from sweep.searcher import SweepConcurrencyLimiter, SweepOptunaSearch
 
-    searcher = OptunaSearch(space=DefineByRun(spec), metric=spec.metric.name, mode=spec.metric.mode,
-                            sampler=_sampler(spec))
-    searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.budget.max_concurrent)
+    searcher = SweepOptunaSearch(space=DefineByRun(spec), metric=spec.metric.name, mode=spec.metric.mode,
+                                 sampler=_sampler(spec))
+    searcher = SweepConcurrencyLimiter(searcher, max_concurrent=spec.budget.max_concurrent)
     store = store or open_storage(spec.storage).sweep(spec.name)
     run_config = tune.RunConfig(
         name=spec.name,

@@ -86,13 +86,16 @@ def own_mlflow(tmp_path: Path) -> Iterator[MlflowServer]:
 # -- reading the three records back
 
 
-def optuna_trials(home: Path, name: str) -> list[Any]:
-    """The Optuna study's trials, from the newest searcher state Tune saved."""
+def optuna_trials(home: Path, name: str, retried: bool = True) -> list[Any]:
+    """The Optuna study's trials, from the newest searcher state Tune saved; `retried=False` leaves out
+    the failed ones that a later trial ran again (system attribute `failed_trial`, Optuna's convention)."""
     files = sorted(experiment_dir(home, name).glob("searcher-state-*.pkl"))  # newest session last
     assert files, f"no saved searcher state in {experiment_dir(home, name)}"
     with open(files[-1], "rb") as fh:
         state = pickle.load(fh)
-    return state["_ot_study"].get_trials(deepcopy=False)
+    trials = state["_ot_study"].get_trials(deepcopy=False)
+    again = {t.system_attrs.get("failed_trial") for t in trials}
+    return trials if retried else [t for t in trials if t.number not in again]
 
 
 # ---------------------------------------------------------------------------------------------- disk
@@ -515,7 +518,8 @@ def assert_records_agree(home: Path, name: str, url: str) -> dict[str, int]:
         expected = {r["step"] for r in rows.get(run.data.tags["trial_id"], []) if "val_accuracy" in r}
         duplicate += len(logged) - len(set(logged))
         missing += len(expected - set(logged))
-    counts = {"tune": len(trials), "optuna": len(optuna_trials(home, name)), "mlflow_children": len(children),
+    counts = {"tune": len(trials), "optuna": len(optuna_trials(home, name, retried=False)),
+              "mlflow_children": len(children),
               "parents": len(parents), "running": sum(r.info.status == "RUNNING" for r in parents + children),
               "duplicate_steps": duplicate, "missing_steps": missing}
     print(f"{name}: {counts}")
@@ -694,3 +698,31 @@ def test_object_store_outage_ends_with_one_message_and_resume_agrees(
             [(r.data.tags.get("trial_id"), r.info.status) for r in parents + children]
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_failed_trial_that_resume_runs_again_is_told_to_optuna(mlflow_server: str, home: Path,
+                                                                 tmp_path: Path) -> None:
+    """`sweep resume` runs a failed trial again (Tune's resume_errored). Optuna had recorded it as FAIL;
+    its new run's result must reach the study too (a new trial with the same parameters, `failed_trial`
+    naming the first, as Optuna's RetryFailedTrialCallback does), not be dropped with a warning per
+    epoch ("Received additional result ... already finished")."""
+    name = "faults-rerun"
+    spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 1})
+    env = {"FWSWEEP_FAULT": "raise@2x1", "FWSWEEP_FAULT_STATE": str(tmp_path / "faults")}
+    run_to_end(["run", str(spec), "--tracking-uri", mlflow_server], home, env)
+    (failed,) = [t for t, v in tune_trials(home, name).items() if v["status"] == "ERROR"]
+    assert optuna_by_tune_trial(home, name)[failed].state.name == "FAIL"
+
+    out = run_to_end(["resume", name, "--tracking-uri", mlflow_server], home, env)
+    assert "Received additional" not in out, out[-3000:]
+    trials = tune_trials(home, name)
+    assert trials[failed]["status"] == "TERMINATED" and trials[failed]["epochs"] == [1, 2, 3], trials
+    rerun = optuna_by_tune_trial(home, name)[failed]
+    assert rerun.state.name == "COMPLETE", rerun
+    last = trial_rows(home, name)[failed][-1]
+    assert rerun.value == last["val_accuracy"], (rerun.value, last)
+    first = next(t for t in optuna_trials(home, name) if t.number == rerun.system_attrs["failed_trial"])
+    assert first.state.name == "FAIL" and first.params == rerun.params
+    assert_records_agree(home, name, mlflow_server)
