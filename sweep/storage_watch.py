@@ -55,14 +55,12 @@ class _HushStorageTracebacks(logging.Filter):
     """Drops Tune's tracebacks of what failed on a storage error (a trial, an upload of its state) and
     asks the watch for a probe: the sweep ends with one message, or goes on if the storage is well."""
 
-    def __init__(self, watch: StorageWatch) -> None:
-        super().__init__()
-        self.watch = watch
+    watch: StorageWatch | None = None  # the running sweep's (one sweep runs at a time in a process)
 
     def filter(self, record: logging.LogRecord) -> bool:
         failed = (record.exc_info and storage_error(record.exc_info[1])) or (
             record.exc_info is None and OBJECT_STORE_ERROR.search(record.getMessage()))
-        if failed:
+        if failed and self.watch is not None:
             self.watch.suspect = True
         return not failed
 
@@ -110,6 +108,7 @@ class _SlowStateUpload(logging.Filter):
 
 STATE_SYNC_RACE = _OneLineStateSyncRace()
 SLOW_STATE_UPLOAD = _SlowStateUpload()
+STORAGE_TRACEBACKS = _HushStorageTracebacks()
 
 
 def hush_state_upload_messages() -> None:
@@ -122,9 +121,11 @@ class StorageWatch(Callback):
     """Probe the sweep's storage: a local `folder` (a temp file created and removed) every `every_s`
     seconds and after a trial error; an object store (`uri`) after a trial error or a failed upload."""
 
+    uri: str | None = None  # (class defaults: a watch pickled by an older fwsweep has only `folder`)
+    suspect = False  # a failed upload was logged: probe at the next step
+
     def __init__(self, folder: str | None = None, uri: str | None = None, every_s: float = 2.0) -> None:
         self.folder, self.uri, self.every_s, self._next = folder, uri, every_s, 0.0
-        self.suspect = False  # a failed upload was logged: probe at the next step
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the Tuner
         return {"folder": self.folder, "uri": self.uri, "every_s": self.every_s, "_next": 0.0,
@@ -154,9 +155,9 @@ class StorageWatch(Callback):
         storage.fs.delete_file(path)
 
     def setup(self, **info: Any) -> None:
-        hush = _HushStorageTracebacks(self)
+        STORAGE_TRACEBACKS.watch = self
         for name in (TUNE_TRIAL_LOGGER, TUNE_STATE_LOGGER, *TUNE_UPLOAD_LOGGERS):
-            logging.getLogger(name).addFilter(hush)
+            logging.getLogger(name).addFilter(STORAGE_TRACEBACKS)  # once: a filter is added once
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         self._probe()

@@ -350,3 +350,17 @@ def test_a_named_checkpoint_tune_deleted_is_replaced_by_the_newest_whole_one(
     assert not store.exists("trial_a/checkpoint_000005") and not store.exists("trial_a/checkpoint_000006")
     assert store.exists("trial_a/checkpoint_000003")  # older ones are Tune's to delete
     assert store.exists("trial_b/checkpoint_000002") and store.exists("trial_c/checkpoint_000007")
+
+
+def test_a_storage_watch_pickled_by_an_older_version_still_probes(tmp_path: Path) -> None:
+    """Tune pickles its callbacks with the Tuner: a sweep started before the watch knew object stores
+    (its state: folder, every_s, _next) is resumed with that watch, which must still work."""
+    import pickle
+
+    from sweep.storage_watch import StorageWatch
+
+    older = pickle.loads(pickle.dumps(StorageWatch(folder=str(tmp_path))))
+    older.__dict__ = {"folder": str(tmp_path), "every_s": 2.0, "_next": 0.0}  # what it pickled then
+    older._probe(force=True)  # an AttributeError (uri, suspect) if it needed what it never pickled
+    older.on_trial_error(0, [], None)
+    assert older.uri is None and not older.suspect and list(tmp_path.iterdir()) == []
