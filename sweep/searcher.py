@@ -30,15 +30,17 @@ class SweepOptunaSearch(OptunaSearch):
         return told if told.state == TrialState.FAIL else None
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if self._rerun_of_failed(trial_id) is not None:
-            return  # Optuna's trial is finished; the rerun is told when it ends
+        if trial_id in self._completed_trials:
+            return  # Optuna's trial is finished (a rerun is told when it ends); OptunaSearch would warn
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
         failed = self._rerun_of_failed(trial_id)
         if failed is None:
-            super().on_trial_complete(trial_id, result=result, error=error)
+            # told already: a resume repeats the end of a trial whose end Tune's saved state missed
+            if trial_id not in self._completed_trials:
+                super().on_trial_complete(trial_id, result=result, error=error)
             return
         value = (result or {}).get(self.metric)
         state = TrialState.COMPLETE if value is not None else TrialState.FAIL if error else TrialState.PRUNED
