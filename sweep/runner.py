@@ -640,7 +640,8 @@ def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepSt
     try:
         _quiet_tune()
         if resume:
-            tuner = restore_tuner(spec, store, on_event)
+            with storage_faults(spec, store):  # it reads Tune's state and may copy a checkpoint back
+                tuner = restore_tuner(spec, store, on_event)
         else:
             store.write_spec(spec)
             tuner = build_tuner(spec, callbacks, store)
