@@ -58,9 +58,11 @@ class _HushStorageTracebacks(logging.Filter):
     watch: StorageWatch | None = None  # the running sweep's (one sweep runs at a time in a process)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if self.watch is None:  # no sweep running: every message as Tune logged it
+            return True
         failed = (record.exc_info and storage_error(record.exc_info[1])) or (
             record.exc_info is None and OBJECT_STORE_ERROR.search(record.getMessage()))
-        if failed and self.watch is not None:
+        if failed:
             self.watch.suspect = True
         return not failed
 
@@ -161,6 +163,9 @@ class StorageWatch(Callback):
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         self._probe()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        STORAGE_TRACEBACKS.watch = None
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._probe(force=True)

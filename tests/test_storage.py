@@ -192,8 +192,14 @@ def test_tunes_state_upload_race_is_one_line_and_other_errors_keep_their_traceba
     message it logged in a real sweep, below); that becomes one warning line, any other error stays."""
     import logging
 
-    from sweep.storage_watch import STATE_SYNC_RACE, TUNE_STATE_LOGGER, hush_state_upload_messages
+    from sweep.storage_watch import (
+        STATE_SYNC_RACE,
+        STORAGE_TRACEBACKS,
+        TUNE_STATE_LOGGER,
+        hush_state_upload_messages,
+    )
 
+    STORAGE_TRACEBACKS.watch = None  # no sweep running in this process now (an earlier test's has ended)
     hush_state_upload_messages()
     hush_state_upload_messages()
     logger = logging.getLogger(TUNE_STATE_LOGGER)
@@ -220,6 +226,28 @@ def test_tunes_state_upload_race_is_one_line_and_other_errors_keep_their_traceba
     assert race.levelname == "WARNING" and race.exc_info is None and "raced" in race.getMessage()
     for kept in (missing, denied):
         assert kept.levelname == "ERROR" and kept.exc_info is not None
+
+    # While a sweep runs, its storage watch drops the traceback of a failed upload and probes next step
+    from sweep.storage_watch import StorageWatch
+
+    watch = StorageWatch(uri="s3://bucket/sweeps/x")
+    watch.setup()
+    records.clear()
+    logger.addHandler(handler)
+    try:
+        try:
+            raise OSError("When uploading part for key 'sweeps/x/experiment_state.json' in bucket 'b': "
+                          "AWS Error NETWORK_CONNECTION during UploadPart operation: curlCode: 7")
+        except OSError:
+            logger.error("Saving experiment state to storage at '/x' failed with exception: ", exc_info=True)
+        watch.on_experiment_end([])
+        try:
+            raise OSError("AWS Error NETWORK_CONNECTION (after the sweep)")
+        except OSError:
+            logger.error("Saving experiment state failed", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert watch.suspect and [r.getMessage() for r in records] == ["Saving experiment state failed"]
 
 
 def test_tunes_slow_state_upload_warnings_are_one_line_now_and_then() -> None:
