@@ -408,6 +408,10 @@ class CompareSpec(Strict):
     def _thresholds(cls, v: list[float]) -> list[float]:
         if any(not 0 < t <= 1 for t in v):
             raise ValueError("thresholds: accuracies must be in (0, 1]")
+        if len(set(v)) != len(v):  # each is a column of the report's tables: twice is a mistake
+            twice = sorted({t for t in v if v.count(t) > 1})
+            raise ValueError(f"thresholds: {twice} given twice; list each once ([] for no steps-to-reach "
+                             "columns)")
         return v
 
     @property

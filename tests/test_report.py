@@ -101,6 +101,7 @@ def test_a_reports_reproduce_yaml_is_what_sweep_compare_reruns(runs, tmp_path):
     ({"models": ["fw_rnn"]}, "compare.models"),
     ({"pairs": [30]}, "compare.pairs"),
     ({"thresholds": [1.5]}, "compare.thresholds"),
+    ({"thresholds": [0.95, 0.99, 0.95]}, "compare.thresholds"),
     ({"test": "ttest"}, "compare.test"),
     ({"seed": 3}, "compare.seed"),
     ({"levels": ["art-K8", "art8"]}, "compare.levels"),
