@@ -5,6 +5,7 @@ Commands live in one module per area (trial, sweeps, reports); each adds itself 
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -46,6 +47,8 @@ def main() -> None:
     """Console-script entry: every user mistake (a bad file or value, or a mistyped command line) is one
     `error:` message and exit 2, never a traceback."""
     command = tidy_help(typer.main.get_command(app))
+    if not console.is_terminal or console.no_color:  # piped or NO_COLOR: Ray's lines uncoloured too
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     try:
         code = command.main(prog_name="sweep", standalone_mode=False)
     except UserError as err:
