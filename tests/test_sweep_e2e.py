@@ -146,7 +146,6 @@ def _cli(args: list[str], width: int = 250) -> str:
     from sweep.cli.output import console
 
     buffer = io.StringIO()
-    old_file, old_width = console.file, console.width
     console.file, console.width = buffer, width
     try:
         with contextlib.redirect_stdout(buffer), pytest.MonkeyPatch.context() as mp:
@@ -156,7 +155,9 @@ def _cli(args: list[str], width: int = 250) -> str:
             except SystemExit as exit_:
                 assert exit_.code in (0, None), buffer.getvalue()
     finally:
-        console.file, console.width = old_file, old_width
+        # None: follow sys.stdout and the terminal's width again, as sweep.cli.output's console does
+        # (restoring the values read before pinned this test's stdout: later tests' capsys read nothing)
+        console.file, console.width = None, None
     return buffer.getvalue()
 
 
