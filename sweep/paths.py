@@ -36,6 +36,9 @@ def check_home() -> Path:
                                  "set FWSWEEP_HOME to a writable folder (or unset it to use ./fwsweep-runs)")
 
 
+PROBE = ".fwsweep-probe"  # the prefix of the files and objects written to check that storage takes writes
+
+
 def check_writable_folder(root: Path, setting: str, fix: str) -> Path:
     """`root`, or a UserError naming `setting` when it cannot hold state (a file, an unwritable place).
     Leaves nothing behind: the first real write creates the folder."""
@@ -45,7 +48,7 @@ def check_writable_folder(root: Path, setting: str, fix: str) -> Path:
     if existing is None or not existing.is_dir():
         raise UserError(Problem(setting, f"{root} cannot be a folder: {existing} is a file", fix))
     try:  # a real probe: permissions, read-only mounts and virtual filesystems all answer here
-        tempfile.TemporaryDirectory(prefix=".fwsweep-probe-", dir=existing).cleanup()
+        tempfile.TemporaryDirectory(prefix=f"{PROBE}-", dir=existing).cleanup()
     except OSError as err:
         problem = f"{root} is not writable ({existing}: {err.strerror})"
         raise UserError(Problem(setting, problem, fix)) from None

@@ -702,7 +702,7 @@ def storage_faults(spec: SweepSpec, store: SweepStore) -> Any:
     """A write to the sweep's storage that fails (read-only, full, no permission; an object store that
     does not answer or refuses) -> one UserError saying what failed, where, and how to go on; Tune's saved
     state is kept, so `sweep resume` continues."""
-    from sweep.storage_watch import PROBE, storage_error
+    from sweep.storage_watch import storage_error
 
     try:
         yield
@@ -711,17 +711,15 @@ def storage_faults(spec: SweepSpec, store: SweepStore) -> Any:
         if failed is None:
             raise
         what = failed.strerror or str(failed).splitlines()[0][:300]
-        if failed.filename and PROBE not in str(failed.filename):
+        if failed.filename and paths.PROBE not in str(failed.filename):
             what += f" ({failed.filename})"
-        if store.storage.remote:
-            raise UserError(Problem(
-                store.uri, f"the object store did not answer or refused a write: {what}",
-                f"once it answers again, `sweep resume {spec.name}`: the trials Tune saved are kept, and "
-                "MLflow is brought level at its end"), source=STORAGE_SOURCE) from None
+        failure, first = (("the object store did not answer or refused a write", "once it answers again,")
+                          if store.storage.remote else
+                          ("writing the sweep's state failed", "make it writable (or free space), then"))
         raise UserError(Problem(
-            store.uri, f"writing the sweep's state failed: {what}",
-            f"make it writable (or free space), then `sweep resume {spec.name}`: the trials Tune saved are "
-            "kept, and MLflow is brought level at its end"), source=STORAGE_SOURCE) from None
+            store.uri, f"{failure}: {what}",
+            f"{first} `sweep resume {spec.name}`: the trials Tune saved are kept, and MLflow is brought "
+            "level at its end"), source=STORAGE_SOURCE) from None
 
 
 def sync_after(spec: SweepSpec, tracking_url: str, store: SweepStore, records: list[Any] | None = None,

@@ -23,6 +23,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from sweep import paths
+
 DISK_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 # What pyarrow's S3 and GCS filesystems raise (OSError without an errno): "AWS Error NETWORK_CONNECTION
 # during HeadObject operation: ...", "google::cloud::Status(UNAVAILABLE: ...)"
@@ -31,7 +33,6 @@ TUNE_TRIAL_LOGGER = "ray.tune.execution.tune_controller"  # logs a failed trial'
 TUNE_STATE_LOGGER = "ray.tune.execution.experiment_state"  # logs a failed upload of Tune's own state
 TUNE_UPLOAD_LOGGERS = ("ray.train._internal.syncer", "ray.train._internal.storage")  # its upload thread
 TUNE_TEMP_FILE = re.compile(r"/\.[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-tmp-")  # .<uuid>-tmp-<name>
-PROBE = ".fwsweep-probe"
 SLOW_UPLOAD_MESSAGE = re.compile(  # Tune's (experiment_state.py) while an upload of its state takes > 30 s
     r"Saving the experiment state .*?(?:has already taken |took ~)([\d.]+) seconds")
 
@@ -137,24 +138,16 @@ class StorageWatch(Callback):
         now = time.monotonic()
         if self.uri is not None:
             if force or self.suspect:
+                from sweep.store import open_storage
+
                 self.suspect = False
-                self._probe_object_store()
+                open_storage(self.uri).write_probe()  # the store's OSError, with its words, ends the sweep
             return
         if not force and now < self._next:
             return
         self._next = now + self.every_s
         if self.folder and os.path.isdir(self.folder):  # (Tune creates it)
-            tempfile.TemporaryFile(dir=self.folder, prefix=".fwsweep-probe-").close()  # OSError: stop
-
-    def _probe_object_store(self) -> None:
-        """A write and a delete: an OSError (the store's, with its words) ends the sweep."""
-        from sweep.store import open_storage
-
-        storage = open_storage(self.uri)
-        path = f"{storage.root}/{PROBE}"
-        with storage.fs.open_output_stream(path) as out:
-            out.write(b"ok")
-        storage.fs.delete_file(path)
+            tempfile.TemporaryFile(dir=self.folder, prefix=f"{paths.PROBE}-").close()  # OSError: stop
 
     def setup(self, **info: Any) -> None:
         STORAGE_TRACEBACKS.watch = self

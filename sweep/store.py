@@ -114,13 +114,17 @@ class Storage:
             return
         if self.fs.type_name == "s3":
             _check_s3_credentials(self.uri)
-        probe = posixpath.join(self.root, f".fwsweep-probe-{secrets.token_hex(4)}")
         try:
-            with self.fs.open_output_stream(probe) as out:
-                out.write(b"probe")
-            self.fs.delete_file(probe)
+            self.write_probe()
         except OSError as err:
             raise _storage_error(self.uri, err) from None
+
+    def write_probe(self) -> None:
+        """Write and delete a small object at the root; the store's own OSError if it cannot."""
+        probe = posixpath.join(self.root, f"{paths.PROBE}-{secrets.token_hex(4)}")
+        with self.fs.open_output_stream(probe) as out:
+            out.write(b"probe")
+        self.fs.delete_file(probe)
 
 
 def open_storage(given: str | None = None) -> Storage:
