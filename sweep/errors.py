@@ -6,8 +6,11 @@ Raised anywhere in the package; only `sweep.cli` turns them into a message and e
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,15 @@ class UserError(Exception):
     def render(self) -> str:
         head = f"{len(self.problems)} problem(s) in {self.source}" if self.source else "invalid input"
         return head + ":\n" + "\n".join(f"  - {p.render()}" for p in self.problems)
+
+
+def exit_now(err: UserError) -> NoReturn:
+    """End the process with `err` as the CLI prints it (exit code 2), from where an exception cannot
+    unwind: a thread, while the main thread is held inside a library that would end the process itself."""
+    sys.stderr.write(f"error: {err.render()}\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(2)
 
 
 class TrialDiverged(RuntimeError):

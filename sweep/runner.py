@@ -349,7 +349,7 @@ def _trainable(spec: SweepSpec, recorded: dict[str, dict[str, Any]] | None = Non
     from ray import tune
 
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    trainable = tune.with_parameters(tune_trial, spec=spec.model_dump(mode="json"), recorded=recorded or {})
+    trainable = functools.partial(tune_trial, spec=spec.model_dump(mode="json"), recorded=recorded or {})
     return tune.with_resources(trainable, resources)
 
 
@@ -372,11 +372,12 @@ def recorded_progress(records: list[TrialRecord]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _callbacks(spec: SweepSpec, tracker: Any, store: SweepStore, on_event: Listener | None = None
-               ) -> list[Any]:
+def _callbacks(spec: SweepSpec, tracker: Any, store: SweepStore, on_event: Listener | None = None,
+               on_stuck: Callable[[Any], None] | None = None) -> list[Any]:
     """This session's Tune callbacks: the live view's events, the live MLflow logging (kept by the
     runner) and the storage watch. The first two pickle as references to this
     session's objects (sweep.live_callbacks), so a restored Tuner gets them without private Tune APIs."""
+    from sweep.ray_watch import RayNodeWatch
     from sweep.storage_watch import StorageWatch, hush_state_upload_messages
     from sweep.testing_faults import driver_callbacks
 
@@ -387,9 +388,10 @@ def _callbacks(spec: SweepSpec, tracker: Any, store: SweepStore, on_event: Liste
 
         out.append(SweepEvents(on_event, spec))
     local = store.local_path()
-    # first: a trial that failed on the storage ends the sweep before the others count it as failed
+    # first: a trial that failed on the storage, or on a dead local Ray, ends the sweep before the others
+    # count it as failed
     watch = StorageWatch(folder=str(local)) if local else StorageWatch(uri=store.uri)
-    return [watch, *out] + ([tracker] if tracker is not None else [])
+    return [RayNodeWatch(spec.name, on_stuck), watch, *out] + ([tracker] if tracker is not None else [])
 
 
 def _tracker(spec: SweepSpec, tracking_url: str | None, store: SweepStore) -> Any:
@@ -633,9 +635,11 @@ def is_driven(store: SweepStore) -> bool:
 def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepStore,
                 on_event: Listener | None = None) -> SweepResult:
     from sweep import export, tracking
+    from sweep.ray_watch import RayNodeWatch
 
     tracker = _tracker(spec, tracking_url, store)
-    callbacks = _callbacks(spec, tracker, store, on_event)  # registered before a restore unpickles them
+    on_stuck = functools.partial(_end_held_driver, spec, tracking_url, store, tracker, on_event)
+    callbacks = _callbacks(spec, tracker, store, on_event, on_stuck)  # registered before a restore unpickles
     unsent = 0
     try:
         _quiet_tune()
@@ -656,7 +660,7 @@ def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepSt
         # would bury the one message that says what happened.
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
         hush_missing_results()
-        with storage_faults(spec, store), json_logger_only(store, fresh=not resume):
+        with storage_faults(spec, store), ray_node_faults(spec), json_logger_only(store, fresh=not resume):
             tuner.fit()
     except BaseException:  # interrupted or failed: still no run left RUNNING, as far as the records go
         if tracker is not None:
@@ -665,6 +669,9 @@ def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepSt
             sync_after(spec, tracking_url, store)
         raise
     finally:
+        for callback in callbacks:
+            if isinstance(callback, RayNodeWatch):
+                callback.stop()
         live_callbacks.unregister(callbacks)
     if tracker is not None:  # live logging ends before the reconcile, which then owns every write
         tracking.wait_ready(tracking_url, tracking.START_TIMEOUT_S)  # a sweep shorter than the server's boot
@@ -720,6 +727,52 @@ def storage_faults(spec: SweepSpec, store: SweepStore) -> Any:
             store.uri, f"{failure}: {what}",
             f"{first} `sweep resume {spec.name}`: the trials Tune saved are kept, and MLflow is brought "
             "level at its end"), source=STORAGE_SOURCE) from None
+
+
+@contextlib.contextmanager
+def ray_node_faults(spec: SweepSpec) -> Any:
+    """The local Ray losing its raylet or GCS server mid-sweep (sweep.ray_watch) -> one UserError saying
+    which process ended and how, and how to go on."""
+    from sweep.ray_watch import node_lost
+
+    try:
+        yield
+    except Exception as err:
+        lost = node_lost(err)
+        if lost is None:
+            raise
+        raise node_lost_error(spec, lost) from None
+
+
+def node_lost_error(spec: SweepSpec, lost: Exception) -> UserError:
+    return UserError(Problem(
+        "local Ray", f"its {lost}, so no trial can run or report",
+        f"`sweep resume {spec.name}` starts a new local Ray: trials that were running go on from their "
+        "last checkpoints (if memory ran out, lower budget.max_concurrent or the model's size first)"),
+        source="Ray")
+
+
+def _end_held_driver(spec: SweepSpec, tracking_url: str, store: SweepStore, tracker: Any,
+                     on_event: Listener | None, lost: Exception) -> None:
+    """Tune's loop is held inside Ray by a call to a GCS server that is gone, and Ray would end the
+    process after 60 s with exit code 1 and not a word: from the watch's thread, what the runner does on
+    any error (MLflow brought level), the sweep's message, the node's leftovers stopped, exit code 2."""
+    from sweep import tracking
+    from sweep.errors import exit_now
+    from sweep.ray_watch import end_processes, local_node_tree
+
+    if on_event is not None:
+        with contextlib.suppress(Exception):
+            on_event(SweepEnded(spec.name))  # the live view lets go of the terminal
+    if tracker is not None:
+        with contextlib.suppress(Exception):
+            tracker.close(timeout_s=5.0)
+    with contextlib.suppress(Exception):
+        sync_after(spec, tracking_url, store)
+    end_processes(local_node_tree())
+    with contextlib.suppress(Exception):
+        tracking.leave_local_server()
+    exit_now(node_lost_error(spec, lost))
 
 
 def sync_after(spec: SweepSpec, tracking_url: str, store: SweepStore, records: list[Any] | None = None,

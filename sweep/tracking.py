@@ -29,6 +29,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -351,6 +352,9 @@ def active_users(folder: Path | None = None) -> list[int]:
 # ---------------------------------------------------------------------------------------------- watchdog
 
 
+_WATCHDOGS: weakref.WeakSet[Watchdog] = weakref.WeakSet()  # this process's (leave_local_server stops them)
+
+
 class Watchdog:
     """Keeps the local server at `url` up while a command uses it, and says when it answers.
 
@@ -372,6 +376,7 @@ class Watchdog:
         self._pid: int | None = None  # the server's process, from the state file when it last answered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fwsweep-mlflow-watchdog", daemon=True)
+        _WATCHDOGS.add(self)
 
     def start(self) -> None:
         self._thread.start()
@@ -591,6 +596,23 @@ def stop_local_server(folder: Path | None = None, meanwhile: Callable[[], object
         _kill_tree(state["pid"], meanwhile=meanwhile)
     (folder / STATE_FILE).unlink(missing_ok=True)
     return alive
+
+
+def leave_local_server(folder: Path | None = None) -> None:
+    """What the end of `tracking_server` does, for a command that ends without unwinding (the process
+    exits from a thread, sweep.runner): its watchdogs stop, its leases go, and the local server stops
+    unless other commands use it or it is kept."""
+    for watchdog in list(_WATCHDOGS):
+        watchdog.stop()
+    folder = folder or paths.mlflow_dir()
+    ours = list((folder / USERS_DIR).glob(f"{os.getpid()}-*")) if (folder / USERS_DIR).is_dir() else []
+    if not ours:
+        return
+    with _locked(folder):
+        for lease in ours:
+            lease.unlink(missing_ok=True)
+        if not active_users(folder) and not (folder / KEEP_FILE).exists():
+            stop_local_server(folder)
 
 
 def stop_unless_used(folder: Path | None = None) -> tuple[bool, list[int]]:

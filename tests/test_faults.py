@@ -700,6 +700,53 @@ def test_object_store_outage_ends_with_one_message_and_resume_agrees(
         server.stop()
 
 
+def local_ray_process(driver: int, kind: str) -> int | None:
+    """The pid of the local Ray's `kind` (raylet, gcs_server) that the `sweep` process `driver` started."""
+    from sweep.tracking import _descendants
+
+    for pid in _descendants(driver):
+        with contextlib.suppress(OSError):
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            if Path(argv0).name == kind:
+                return pid
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize(("process", "sig"), [("raylet", signal.SIGTERM), ("gcs_server", signal.SIGKILL)])
+def test_local_ray_losing_its_node_ends_with_one_message_and_resume_agrees(
+        process: str, sig: int, mlflow_server: str, home: Path, tmp_path: Path) -> None:
+    """The local Ray's raylet stopped (as `ray stop` does) or its GCS server killed (as the out-of-memory
+    killer does) mid-sweep: the sweep ends
+    with one message naming the process and `sweep resume`, exit 2, no trial counted failed, no
+    traceback and no Ray process left (not exit 1 from inside Ray, with Ray's agents and the local MLflow
+    server left running). `sweep resume` then finishes every trial once, with Tune, Optuna and MLflow
+    level."""
+    name = f"faults-lost-{process.replace('_', '-')}"
+    spec = write_spec(tmp_path, name, budget={"num_samples": 3, "max_concurrent": 2})
+    env = {"FWSWEEP_FAULT": "slow=1.5"}
+    run = SweepProcess(["run", str(spec), "--tracking-uri", mlflow_server], home, env)
+    wait_until(lambda: "started " in run.output() or run.proc.poll() is not None, 240, "a first trial")
+    time.sleep(2)  # a first epoch reported
+    victim = local_ray_process(run.proc.pid, process)
+    assert run.proc.poll() is None and victim, run.output()[-3000:]
+    os.kill(victim, sig)
+    rc = run.wait(120)
+    out = run.output()
+    assert rc == 2, f"exit {rc}:\n{out[-3000:]}"
+    flat = " ".join(out.split())
+    assert f"local Ray: its {process} (pid {victim})" in flat and f"sweep resume {name}" in flat, out[-3000:]
+    assert "Traceback" not in out and "\nfailed " not in out, out[-3000:]  # no trial counted failed
+    assert not kill_processes_of(home), "processes of the sweep's Ray were left running"
+
+    run_to_end(["resume", name, "--tracking-uri", mlflow_server], home, env)
+    trials = tune_trials(home, name)
+    assert len(trials) == 3 and all(t["status"] == "TERMINATED" for t in trials.values()), trials
+    assert all(t["epochs"] == [1, 2, 3] for t in trials.values()), trials
+    assert_records_agree(home, name, mlflow_server)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_failed_trial_that_resume_runs_again_is_told_to_optuna(mlflow_server: str, home: Path,
