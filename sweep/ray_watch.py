@@ -66,18 +66,22 @@ def node_lost(err: BaseException | None) -> RayNodeLost | None:
     return None
 
 
-def local_node_processes() -> dict[str, Any]:
-    """The raylet and GCS server (subprocess.Popen) of the local Ray that this process started; empty when
-    it joined a cluster. Ray keeps them on its private node object: without it, nothing is watched."""
+def _started_processes() -> dict[str, list[Any]]:
+    """Ray's record of the processes this process started for its local node ({type: [ProcessInfo]}),
+    on its private node object; empty when it joined a cluster, or on a Ray version without it."""
     try:
         from ray._private import worker
 
-        processes = worker._global_node.all_processes if worker._global_node is not None else {}
+        return dict(worker._global_node.all_processes) if worker._global_node is not None else {}
     except Exception:  # noqa: BLE001 - another Ray version's internals: watch nothing rather than fail
         return {}
+
+
+def local_node_processes() -> dict[str, Any]:
+    """The raylet and GCS server (subprocess.Popen) of the local Ray that this process started."""
     found = {}
     for kind in CRITICAL:
-        for info in processes.get(kind) or []:
+        for info in _started_processes().get(kind) or []:
             if hasattr(getattr(info, "process", None), "poll"):
                 found[kind] = info.process
     return found
@@ -96,14 +100,8 @@ def local_node_tree() -> list[Any]:
     with their descendants (workers, agents), as psutil processes (safe against a reused pid)."""
     import psutil
 
-    try:
-        from ray._private import worker
-
-        processes = worker._global_node.all_processes if worker._global_node is not None else {}
-    except Exception:  # noqa: BLE001 - another Ray version's internals
-        return []
     tree = []
-    for infos in processes.values():
+    for infos in _started_processes().values():
         for info in infos:
             pid = getattr(getattr(info, "process", None), "pid", None)
             try:

@@ -374,9 +374,10 @@ def recorded_progress(records: list[TrialRecord]) -> dict[str, dict[str, Any]]:
 
 def _callbacks(spec: SweepSpec, tracker: Any, store: SweepStore, on_event: Listener | None = None,
                on_stuck: Callable[[Any], None] | None = None) -> list[Any]:
-    """This session's Tune callbacks: the live view's events, the live MLflow logging (kept by the
-    runner) and the storage watch. The first two pickle as references to this
-    session's objects (sweep.live_callbacks), so a restored Tuner gets them without private Tune APIs."""
+    """This session's Tune callbacks: the local Ray's watch (`on_stuck`: see sweep.ray_watch), the
+    storage watch, the live view's events and the live MLflow logging (kept by the runner). The Ray
+    watch, the events and the logging pickle as references to this session's objects
+    (sweep.live_callbacks), so a restored Tuner gets them without private Tune APIs."""
     from sweep.ray_watch import RayNodeWatch
     from sweep.storage_watch import StorageWatch, hush_state_upload_messages
     from sweep.testing_faults import driver_callbacks
