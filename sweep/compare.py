@@ -340,6 +340,7 @@ def check_workers_reach_tracking(address: str | None, tracking_uri: str | None) 
 
 def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log,  # noqa: ANN001
              on_event: Listener | None = None) -> list[Path]:
+    from sweep.ray_watch import node_lost
     from sweep.runner import connect_ray, run_sweep, stop_ray
 
     store = open_sweep(spec.name, spec.storage)
@@ -388,6 +389,12 @@ def _compare(spec: SweepSpec, tracking_url: str, address: str | None, log,  # no
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         RunWriter(tracking_url).end(manifest.parent_run_id, status)
+        lost = node_lost(err) or getattr(err, "lost", None)  # in the seed runs, or in a tuning sweep
+        if lost is not None:
+            raise UserError(Problem(
+                "local Ray", f"its {lost}, so no trial or seed run can go on",
+                "run the same `sweep compare` again: the tuning sweeps and seed runs that finished are "
+                "kept, and an interrupted tuning sweep goes on from its checkpoints"), source="Ray") from None
         raise
     finally:
         if ray_started:
@@ -437,9 +444,11 @@ def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) 
         return
     _close_orphans(manifest)
     log(f"retraining {len(jobs)} seed runs (best config x {len(cmp.seed_list)} seeds)")
+    from sweep.ray_watch import local_node_processes
     from sweep.runner import connect_ray, stop_ray
 
     started = connect_ray(address)
+    node = local_node_processes()  # a local Ray that loses its node ends the comparison with one message
     try:
         task = ray.remote(retrain_seed).options(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu,
                                                 max_retries=max(spec.retries.max_failures, 0),
@@ -447,12 +456,12 @@ def _retrain_all(spec: SweepSpec, manifest: Manifest, address: str | None, log) 
         limit = cmp.max_concurrent or spec.budget.max_concurrent
         pending: list[Any] = []
         for config, workdir, tags in jobs:
-            if len(pending) >= limit:
-                pending = _collect(spec.name, pending, log, spec.storage)
+            while len(pending) >= limit:
+                pending = _collect(spec.name, pending, log, spec.storage, node)
             pending.append(task.remote(config, workdir, manifest.tracking_uri, manifest.experiment_id,
                                        manifest.parent_run_id, tags))
         while pending:
-            pending = _collect(spec.name, pending, log, spec.storage)
+            pending = _collect(spec.name, pending, log, spec.storage, node)
     finally:
         if started:
             stop_ray()
@@ -468,10 +477,18 @@ def _close_orphans(manifest: Manifest) -> None:
         w.end(run.info.run_id, "KILLED")
 
 
-def _collect(name: str, pending: list[Any], log, storage: str | None) -> list[Any]:  # noqa: ANN001
+def _collect(name: str, pending: list[Any], log, storage: str | None,  # noqa: ANN001
+             node: dict[str, Any]) -> list[Any]:
+    """Record the next seed run that ends (`pending` less it), or `pending` after a second without one;
+    the local node's processes (`node`) are checked each second."""
     import ray
 
-    ready, rest = ray.wait(pending, num_returns=1)
+    from sweep.ray_watch import check_local_ray
+
+    ready, rest = ray.wait(pending, num_returns=1, timeout=1.0)
+    check_local_ray(node)
+    if not ready:
+        return pending
     record = ray.get(ready[0])
     _append_seed_run(name, seed_run_from_dict(record), storage)
     run = seed_run_from_dict(record)

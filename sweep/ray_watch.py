@@ -142,6 +142,29 @@ def let_go_of_ray() -> None:
     end_processes(tree)
 
 
+def first_lost(processes: dict[str, Any], wait_s: float = 0.0) -> RayNodeLost | None:
+    """The first of `processes` (local_node_processes) that has ended, waiting up to `wait_s` for one."""
+    deadline = time.monotonic() + wait_s
+    while processes:  # none on a joined cluster
+        for kind, process in processes.items():
+            code = process.poll()
+            if code is not None:
+                return RayNodeLost(kind, process.pid, code)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    return None
+
+
+def check_local_ray(processes: dict[str, Any]) -> None:
+    """Raise RayNodeLost, after letting go of Ray, when one of `processes` has ended: for a loop that
+    waits on Ray (Tune's, through RayNodeWatch; the seed runs of `sweep compare`)."""
+    lost = first_lost(processes)
+    if lost is not None:
+        let_go_of_ray()
+        raise lost
+
+
 class _HushNodeLossTracebacks(logging.Filter):
     """Drops Tune's traceback of a trial that failed because the node went down (the sweep ends with one
     message instead); a Ray error on a node that stays up is logged as Tune logs it."""
@@ -171,25 +194,13 @@ class RayNodeWatch(LiveCallback):
         self._done = threading.Event()
 
     def lost(self, wait_s: float = 0.0) -> RayNodeLost | None:
-        """The first watched process that has ended, waiting up to `wait_s` for one to end."""
-        deadline = time.monotonic() + wait_s
-        while self._processes:  # none on a joined cluster
-            for kind, process in self._processes.items():
-                code = process.poll()
-                if code is not None:
-                    return RayNodeLost(kind, process.pid, code)
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.1)
-        return None
+        return first_lost(self._processes, wait_s)
 
     def check(self) -> None:
-        lost = None if self._done.is_set() else self.lost()
-        if lost is not None:
+        if not self._done.is_set() and self.lost() is not None:
             self._taken_over = True
             self.stop()
-            let_go_of_ray()
-            raise lost
+            check_local_ray(self._processes)
 
     def stop(self) -> None:
         """The sweep is over here (ended, failed, interrupted): nothing more to watch."""

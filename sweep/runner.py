@@ -742,15 +742,20 @@ def ray_node_faults(spec: SweepSpec) -> Any:
         lost = node_lost(err)
         if lost is None:
             raise
-        raise node_lost_error(spec, lost) from None
+        raise NodeLostError(spec, lost) from None
 
 
-def node_lost_error(spec: SweepSpec, lost: Exception) -> UserError:
-    return UserError(Problem(
-        "local Ray", f"its {lost}, so no trial can run or report",
-        f"`sweep resume {spec.name}` starts a new local Ray: trials that were running go on from their "
-        "last checkpoints (if memory ran out, lower budget.max_concurrent or the model's size first)"),
-        source="Ray")
+class NodeLostError(UserError):
+    """The sweep's message for a local Ray that lost its node; `lost` says which process, for a caller
+    with other advice (`sweep compare`)."""
+
+    def __init__(self, spec: SweepSpec, lost: Exception) -> None:
+        self.lost = lost
+        super().__init__(Problem(
+            "local Ray", f"its {lost}, so no trial can run or report",
+            f"`sweep resume {spec.name}` starts a new local Ray: trials that were running go on from their "
+            "last checkpoints (if memory ran out, lower budget.max_concurrent or the model's size first)"),
+            source="Ray")
 
 
 def _end_held_driver(spec: SweepSpec, tracking_url: str, store: SweepStore, tracker: Any,
@@ -773,7 +778,7 @@ def _end_held_driver(spec: SweepSpec, tracking_url: str, store: SweepStore, trac
     end_processes(local_node_tree())
     with contextlib.suppress(Exception):
         tracking.leave_local_server()
-    exit_now(node_lost_error(spec, lost))
+    exit_now(NodeLostError(spec, lost))
 
 
 def sync_after(spec: SweepSpec, tracking_url: str, store: SweepStore, records: list[Any] | None = None,

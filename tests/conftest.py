@@ -221,6 +221,18 @@ class SweepProcess:
         os.kill(self.proc.pid, sig)
 
 
+def local_ray_process(driver: int, kind: str) -> int | None:
+    """The pid of the local Ray's `kind` (raylet, gcs_server) that the `sweep` process `driver` started."""
+    from sweep.tracking import _descendants
+
+    for pid in _descendants(driver):
+        with contextlib.suppress(OSError):
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            if Path(argv0).name == kind:
+                return pid
+    return None
+
+
 def kill_processes_of(home: Path) -> list[int]:
     """SIGKILL every process whose environment carries FWSWEEP_HOME=home: the sweep, its local Ray
     (GCS, raylet, workers) and anything else it started. Matching on our own unique folder never touches

@@ -7,6 +7,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -105,3 +106,42 @@ def test_tiny_comparison_end_to_end(tmp_path, monkeypatch, mlflow_server):
     assert (out / "report.md").exists() and "fw_lstm" in done.stdout
     bad = subprocess.run([*cli, "report", "no-such"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no-such" in bad.stderr
+
+
+@pytest.mark.timeout(420)
+def test_seed_runs_on_a_local_ray_that_loses_its_raylet_end_with_one_message(tmp_path, monkeypatch,
+                                                                             mlflow_server):
+    """`ray stop` (here: the raylet's SIGTERM) while the comparison retrains its seed runs: one message
+    naming the raylet and what to run again, exit 2, no traceback, no Ray process left (before: Ray
+    ended the driver from inside, or `ray.wait` waited for ever on tasks no node could run). Run
+    again, the comparison finishes with every seed run."""
+    import signal as signals
+
+    from conftest import SweepProcess, kill_processes_of, local_ray_process, wait_until
+
+    home = tmp_path / "home"
+    spec = tmp_path / "cmp-lost.yaml"
+    data = TINY_COMPARE | {"name": "cmp-lost"}
+    data["compare"] = TINY_COMPARE["compare"] | {"retrain_epochs": 400}  # seed runs of ~10-20 s
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    url = _url(mlflow_server)
+    run = SweepProcess(["compare", str(spec), "--tracking-uri", url], home)
+    wait_until(lambda: "retraining" in run.output() or run.proc.poll() is not None, 300, "the seed runs")
+    time.sleep(3)
+    raylet = local_ray_process(run.proc.pid, "raylet")
+    assert run.proc.poll() is None and raylet, run.output()[-3000:]
+    os.kill(raylet, signals.SIGTERM)
+    rc = run.wait(120)
+    out = run.output()
+    assert rc == 2, f"exit {rc}:\n{out[-3000:]}"
+    flat = " ".join(out.split())
+    assert f"local Ray: its raylet (pid {raylet}) shut down" in flat and "the same `sweep compare`" in flat, \
+        out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert not kill_processes_of(home), "processes of the comparison's Ray were left running"
+
+    again = SweepProcess(["compare", str(spec), "--tracking-uri", url], home)
+    assert again.wait(400) == 0, again.output()[-3000:]
+    monkeypatch.setenv("FWSWEEP_HOME", str(home))
+    runs = load_seed_runs("cmp-lost")
+    assert len(runs) == 4 and len({(r.model, r.seed) for r in runs}) == 4, runs

@@ -31,6 +31,7 @@ from conftest import (
     epoch_steps,
     experiment_dir,
     kill_processes_of,
+    local_ray_process,
     metric_steps,
     mlflow_runs,
     run_to_end,
@@ -698,18 +699,6 @@ def test_object_store_outage_ends_with_one_message_and_resume_agrees(
             [(r.data.tags.get("trial_id"), r.info.status) for r in parents + children]
     finally:
         server.stop()
-
-
-def local_ray_process(driver: int, kind: str) -> int | None:
-    """The pid of the local Ray's `kind` (raylet, gcs_server) that the `sweep` process `driver` started."""
-    from sweep.tracking import _descendants
-
-    for pid in _descendants(driver):
-        with contextlib.suppress(OSError):
-            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-            if Path(argv0).name == kind:
-                return pid
-    return None
 
 
 @pytest.mark.slow
