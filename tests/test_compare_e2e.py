@@ -138,7 +138,8 @@ def test_seed_runs_on_a_local_ray_that_loses_its_raylet_end_with_one_message(tmp
     assert f"local Ray: its raylet (pid {raylet}) shut down" in flat and "the same `sweep compare`" in flat, \
         out[-3000:]
     assert "Traceback" not in out, out[-3000:]
-    assert not kill_processes_of(home), "processes of the comparison's Ray were left running"
+    left = kill_processes_of(home)
+    assert not left, f"processes {left} of the comparison's Ray were left running:\n{out[-3000:]}"
 
     again = SweepProcess(["compare", str(spec), "--tracking-uri", url], home)
     assert again.wait(400) == 0, again.output()[-3000:]

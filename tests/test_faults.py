@@ -727,7 +727,8 @@ def test_local_ray_losing_its_node_ends_with_one_message_and_resume_agrees(
     flat = " ".join(out.split())
     assert f"local Ray: its {process} (pid {victim})" in flat and f"sweep resume {name}" in flat, out[-3000:]
     assert "Traceback" not in out and "\nfailed " not in out, out[-3000:]  # no trial counted failed
-    assert not kill_processes_of(home), "processes of the sweep's Ray were left running"
+    left = kill_processes_of(home)
+    assert not left, f"processes {left} of the sweep's Ray were left running:\n{out[-3000:]}"
 
     run_to_end(["resume", name, "--tracking-uri", mlflow_server], home, env)
     trials = tune_trials(home, name)
