@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -47,6 +47,16 @@ class UserError(Exception):
     def render(self) -> str:
         head = f"{len(self.problems)} problem(s) in {self.source}" if self.source else "invalid input"
         return head + ":\n" + "\n".join(f"  - {p.render()}" for p in self.problems)
+
+
+def in_chain(err: BaseException | None, match: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception `match` accepts in `err`'s chain (it, its cause or else its context, ...):
+    Tune and Ray wrap what they catch (TuneError from it, RayTaskError copies a worker's)."""
+    for _ in range(20):
+        if err is None or match(err):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def exit_now(err: UserError) -> NoReturn:

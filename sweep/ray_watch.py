@@ -27,10 +27,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sweep.errors import in_chain
 from sweep.live_callbacks import LiveCallback
+from sweep.storage_watch import TUNE_TRIAL_LOGGER
 
 CRITICAL = ("raylet", "gcs_server")  # Ray's process types (ray_constants.PROCESS_TYPE_*) a node cannot lose
-TUNE_TRIAL_LOGGER = "ray.tune.execution.tune_controller"  # logs a failed trial's traceback
 DYING_WAIT_S = 3.0  # how long a trial's Ray system error waits to see whether the node is going down
 STUCK_S = 5.0  # a loss Tune's loop has not acted on after this long: the loop is held inside Ray
 
@@ -59,11 +60,7 @@ def ended(returncode: int) -> str:
 
 def node_lost(err: BaseException | None) -> RayNodeLost | None:
     """The RayNodeLost behind `err` (Tune's clean-up may raise on top of it), if any."""
-    for _ in range(20):
-        if err is None or isinstance(err, RayNodeLost):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
+    return in_chain(err, lambda e: isinstance(e, RayNodeLost))  # type: ignore[return-value]
 
 
 def _started_processes() -> dict[str, list[Any]]:
@@ -190,17 +187,17 @@ class RayNodeWatch(LiveCallback):
         super().__init__(sweep)
         self.on_stuck = on_stuck
         self._processes: dict[str, Any] = {}
-        self._taken_over = False  # the loop acted on the loss: the runner unwinds as for any error
-        self._done = threading.Event()
+        self._done = threading.Event()  # the sweep ended here, or the loop acted on a loss: no more watching
 
     def lost(self, wait_s: float = 0.0) -> RayNodeLost | None:
         return first_lost(self._processes, wait_s)
 
     def check(self) -> None:
-        if not self._done.is_set() and self.lost() is not None:
-            self._taken_over = True
-            self.stop()
-            check_local_ray(self._processes)
+        lost = None if self._done.is_set() else self.lost()
+        if lost is not None:
+            self.stop()  # before letting go (seconds): the thread must not act on this loss too
+            let_go_of_ray()
+            raise lost
 
     def stop(self) -> None:
         """The sweep is over here (ended, failed, interrupted): nothing more to watch."""
@@ -215,7 +212,7 @@ class RayNodeWatch(LiveCallback):
             if lost is None:
                 continue
             noticed = noticed or time.monotonic()
-            if time.monotonic() - noticed >= STUCK_S and not self._taken_over and not self._done.is_set():
+            if time.monotonic() - noticed >= STUCK_S and not self._done.is_set():
                 self._done.set()
                 self.on_stuck(lost)  # ends the process
                 return

@@ -24,6 +24,7 @@ from typing import Any
 from ray.tune import Callback
 
 from sweep import paths
+from sweep.errors import in_chain
 
 DISK_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 # What pyarrow's S3 and GCS filesystems raise (OSError without an errno): "AWS Error NETWORK_CONNECTION
@@ -37,19 +38,18 @@ SLOW_UPLOAD_MESSAGE = re.compile(  # Tune's (experiment_state.py) while an uploa
     r"Saving the experiment state .*?(?:has already taken |took ~)([\d.]+) seconds")
 
 
+def _is_storage_error(err: BaseException) -> bool:
+    if not isinstance(err, OSError):
+        return False
+    text = str(err)
+    return err.errno in DISK_ERRNOS or bool(OBJECT_STORE_ERROR.search(text)) or any(
+        os.strerror(code) in text for code in DISK_ERRNOS)
+
+
 def storage_error(err: BaseException | None) -> OSError | None:
     """The storage error (read-only, full, no permission; an object store that fails) behind `err`, if
-    any: Tune and Ray wrap what a storage write raises (TuneError from it, RayTaskError copies a worker's),
-    so the chain is searched."""
-    for _ in range(20):
-        if err is None:
-            return None
-        text = str(err)
-        if isinstance(err, OSError) and (err.errno in DISK_ERRNOS or OBJECT_STORE_ERROR.search(text) or any(
-                os.strerror(code) in text for code in DISK_ERRNOS)):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
+    any (the chain is searched: Tune and Ray wrap what a storage write raises)."""
+    return in_chain(err, _is_storage_error)  # type: ignore[return-value]
 
 
 class _HushStorageTracebacks(logging.Filter):

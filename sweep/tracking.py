@@ -297,11 +297,8 @@ def tracking_server(uri: str | None, keep: bool = False, meanwhile: Callable[[],
         watchdog.stop()
         # meanwhile_stopping runs once: during the server's shutdown if this command stops it, else after
         pending = [meanwhile_stopping] if meanwhile_stopping is not None else []
-        with _locked(folder):
-            lease.unlink(missing_ok=True)
-            if not active_users(folder) and not (folder / KEEP_FILE).exists() and \
-                    stop_local_server(folder, meanwhile=lambda: _call(pending.pop() if pending else None)):
-                _readiness.pop(server.url, None)
+        if _release(folder, [lease], meanwhile=lambda: _call(pending.pop() if pending else None)):
+            _readiness.pop(server.url, None)
         _call(pending.pop() if pending else None)  # the server was kept, reused by others, or gone
 
 
@@ -606,13 +603,18 @@ def leave_local_server(folder: Path | None = None) -> None:
         watchdog.stop()
     folder = folder or paths.mlflow_dir()
     ours = list((folder / USERS_DIR).glob(f"{os.getpid()}-*")) if (folder / USERS_DIR).is_dir() else []
-    if not ours:
-        return
+    if ours:
+        _release(folder, ours)
+
+
+def _release(folder: Path, leases: list[Path], meanwhile: Callable[[], object] | None = None) -> bool:
+    """A command's leases go; the last command out stops the local server unless it is kept. True if
+    this stopped it."""
     with _locked(folder):
-        for lease in ours:
+        for lease in leases:
             lease.unlink(missing_ok=True)
-        if not active_users(folder) and not (folder / KEEP_FILE).exists():
-            stop_local_server(folder)
+        return not active_users(folder) and not (folder / KEEP_FILE).exists() and \
+            stop_local_server(folder, meanwhile=meanwhile)
 
 
 def stop_unless_used(folder: Path | None = None) -> tuple[bool, list[int]]:
