@@ -483,13 +483,22 @@ def _collect(name: str, pending: list[Any], log, storage: str | None,  # noqa: A
     the local node's processes (`node`) are checked each second."""
     import ray
 
-    from sweep.ray_watch import check_local_ray
+    from sweep.ray_watch import DYING_WAIT_S, check_local_ray, is_ray_system_error
 
     ready, rest = ray.wait(pending, num_returns=1, timeout=1.0)
     check_local_ray(node)
     if not ready:
         return pending
-    record = ray.get(ready[0])
+    try:
+        record = ray.get(ready[0])
+    except Exception as err:
+        if not is_ray_system_error(err):
+            raise
+        check_local_ray(node, wait_s=DYING_WAIT_S)  # a raylet told to stop fails its tasks before it ends
+        raise UserError(Problem("seed run", f"Ray lost it: {str(err).split('. ')[0]}",
+                                "run the same `sweep compare` again: the seed runs that finished are kept "
+                                "(or set retries.max_failures for Ray to retry a lost seed run)"),
+                        source="Ray") from err
     _append_seed_run(name, seed_run_from_dict(record), storage)
     run = seed_run_from_dict(record)
     log(f"  {run.model} {run.difficulty} seed {run.seed}: {run.status}, test error {run.test_error_pct:.2f}%")

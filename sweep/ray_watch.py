@@ -153,10 +153,11 @@ def first_lost(processes: dict[str, Any], wait_s: float = 0.0) -> RayNodeLost | 
     return None
 
 
-def check_local_ray(processes: dict[str, Any]) -> None:
-    """Raise RayNodeLost, after letting go of Ray, when one of `processes` has ended: for a loop that
-    waits on Ray (Tune's, through RayNodeWatch; the seed runs of `sweep compare`)."""
-    lost = first_lost(processes)
+def check_local_ray(processes: dict[str, Any], wait_s: float = 0.0) -> None:
+    """Raise RayNodeLost, after letting go of Ray, when one of `processes` has ended (waiting up to
+    `wait_s` for one): for a loop that waits on Ray (Tune's, through RayNodeWatch; the seed runs of
+    `sweep compare`)."""
+    lost = first_lost(processes, wait_s)
     if lost is not None:
         let_go_of_ray()
         raise lost

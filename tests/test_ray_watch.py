@@ -99,3 +99,46 @@ def test_the_watch_pickles_as_this_sessions_own(watch: RayNodeWatch) -> None:
     assert pickle.loads(pickle.dumps(watch)) is watch
     live_callbacks.unregister([watch])
     assert not isinstance(pickle.loads(pickle.dumps(watch)), RayNodeWatch)
+
+
+def test_a_seed_run_lost_by_ray_is_one_message_and_a_node_going_down_is_named(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sweep compare`'s wait on its seed runs (compare._collect), on a real Ray: a raylet told to stop
+    (`ray stop`) fails its tasks before its process ends, so a seed run's Ray error gives the node
+    DYING_WAIT_S to go and then names it (CI once got Ray's NodeDiedError traceback, exit 1, here).
+    A seed run lost on a node that stays up (its worker died): one message saying what to run again."""
+    import os
+    import threading
+
+    import ray
+    from ray._private import auto_init_hook
+
+    from sweep import compare
+    from sweep.errors import UserError
+
+    monkeypatch.setattr(ray_watch, "DYING_WAIT_S", 2.0)
+    monkeypatch.setattr(auto_init_hook, "enable_auto_connect", True)  # letting go of Ray turns it off
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the 'raylet'
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        crash = ray.remote(max_retries=0)(lambda: os._exit(1))
+        ref = crash.remote()
+        ray.wait([ref], timeout=60)
+        started = time.monotonic()
+        with pytest.raises(UserError) as told:
+            compare._collect("cmp", [ref], print, None, {"raylet": stand_in})
+        words = " ".join(str(told.value).split())
+        assert "seed run" in words and "Ray lost it" in words and "the same `sweep compare` again" in words
+        assert time.monotonic() - started >= 2.0  # it gave the node its time to go
+
+        ref = crash.remote()
+        ray.wait([ref], timeout=60)
+        threading.Timer(0.3, stand_in.kill).start()  # the raylet ends after its tasks failed
+        with pytest.raises(RayNodeLost) as lost:
+            compare._collect("cmp", [ref], print, None, {"raylet": stand_in})
+        assert (lost.value.process, lost.value.pid) == ("raylet", stand_in.pid)
+        assert not ray.is_initialized()  # it let go of Ray: nothing of Tune's or ours waits on it
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+        ray.shutdown()
