@@ -233,6 +233,11 @@ def render_search_efficiency(p: dict[str, Any]) -> str:
     if r.get("earlier_runs"):  # one table over several sittings (`--extend`): each one's provenance
         runs = [*r["earlier_runs"], {**p, "seeds": r["seeds_this_run"]}]
         out = "\n\n".join(f"Seeds {seed_ranges(run['seeds'])}: {provenance(run)}" for run in runs)
+    if r.get("paired_with"):
+        src = r["paired_with"]
+        out += (f"\n\nrandom+fifo: the same seeds' searches from `{src['file']}` (commits "
+                f"{', '.join(c[:7] for c in src['git_commits'])}), not run again: random+fifo does not "
+                f"depend on ASHA's settings. ASHA's bootstrap_count: {r.get('bootstrap_count', 0)}.")
     out += "\n\n" + table(header, rows)
     eff = r.get("efficiency")
     if eff:

@@ -17,8 +17,10 @@ Usage: .venv/bin/python benchmarks/search_efficiency.py [--seeds 3] [--target 0.
 --pairs 8 --target 0.99 --epochs 12 --steps 150 --trials 40. `--extend` adds this run's seeds (from
 `--first-seed` on) to an earlier run's file with the same settings, so a long interval can be narrowed in
 several sittings; the ratio and its interval are then over all seeds, and each run's commit, times and
-load are kept. Writes benchmarks/results/search_efficiency.json; `benchmarks/render.py` puts the table in
-docs/benchmarks.md.
+load are kept. `--bootstrap-count N` sets ASHA's scheduler.bootstrap_count (0: Ray's ASHA as is);
+`--pair-with FILE` takes the random+fifo searches of the same seeds from an earlier run (random+fifo does
+not depend on ASHA's settings) and runs tpe+asha only. Writes benchmarks/results/NAME.json (`--name`,
+default search_efficiency); `benchmarks/render.py` puts the table in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from record import record, scratch_home  # noqa: E402
 
 STRATEGIES = {
     "tpe+asha": ({"name": "optuna", "sampler": "tpe", "n_startup_trials": 4},
-                 {"name": "asha", "grace_period": 1, "reduction_factor": 3}),
+                 {"name": "asha", "grace_period": 1, "reduction_factor": 3}),  # + --bootstrap-count
     "random+fifo": ({"name": "optuna", "sampler": "random"}, {"name": "fifo"}),
 }
 
@@ -44,6 +46,8 @@ def spec_for(strategy: str, seed: int, args: argparse.Namespace):  # noqa: ANN20
     from sweep.config import SweepSpec
 
     searcher, scheduler = STRATEGIES[strategy]
+    if scheduler["name"] == "asha":
+        scheduler = scheduler | {"bootstrap_count": args.bootstrap_count}
     return SweepSpec.model_validate({
         "name": f"efficiency-{strategy.replace('+', '-')}-s{seed}",
         "task": {"name": "art", "pairs": args.pairs, "train_size": 20000, "val_size": 1000, "test_size": 1000,
@@ -104,9 +108,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="steps per epoch")
     parser.add_argument("--first-seed", type=int, default=0, help="searcher seeds from this one on")
     parser.add_argument("--extend", type=Path, help="an earlier run's JSON with the same settings: add to it")
+    parser.add_argument("--bootstrap-count", type=int, default=0,
+                        help="ASHA's scheduler.bootstrap_count (0: Ray's ASHA as is)")
+    parser.add_argument("--pair-with", type=Path,
+                        help="an earlier run's JSON (same trials, epochs, target): take its random+fifo "
+                        "searches of these seeds instead of running them again (random+fifo does not "
+                        "depend on the ASHA settings), and run tpe+asha only")
+    parser.add_argument("--name", default="search_efficiency",
+                        help="results file benchmarks/results/NAME.json")
     args = parser.parse_args()
     try:
         earlier = earlier_run(args)
+        paired = paired_searches(args)
     except SystemExit as e:
         parser.error(str(e))  # exit status 2, as for any bad argument
     import ray
@@ -117,20 +130,24 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     rows: dict[str, list[tuple[int, int | None, int, float, int]]] = {s: [] for s in STRATEGIES}
     start = time.perf_counter()
-    with scratch_home(), record("search_efficiency", vars(args)) as payload:
+    with scratch_home(), record(args.name, vars(args), kind="search_efficiency") as payload:
         try:
             connect_ray()
-            run_all(args, rows)
+            run_all(args, rows, skip={"random+fifo"} if paired else set())
         finally:
             ray.shutdown()
             tracking.stop_local_server()
         keys = ("seed", "epochs_to_target", "total_epochs", "best", "trials")
         strategies = {name: [dict(zip(keys, v, strict=True)) for v in values]
                       for name, values in rows.items()}
+        if paired:
+            strategies["random+fifo"] = paired["searches"]
         strategies, earlier_runs = with_earlier_seeds(strategies, earlier)
         payload["results"] = {
             "target": args.target, "pairs": args.pairs,
             "trials": args.trials, "epochs": args.epochs, "steps_per_epoch": args.steps,
+            "bootstrap_count": args.bootstrap_count,
+            "paired_with": paired_with(paired, earlier),
             "wall_s": time.perf_counter() - start + sum(run["wall_s"] for run in earlier_runs),
             "strategies": strategies, "earlier_runs": earlier_runs,
             "seeds_this_run": list(range(args.first_seed, args.first_seed + args.seeds)),
@@ -171,14 +188,16 @@ def earlier_run(args: argparse.Namespace) -> dict | None:
         payload = json.loads(args.extend.read_text())
         results = payload["results"]
         settings = {"target": results["target"], "pairs": results["pairs"], "trials": results["trials"],
-                    "epochs": results["epochs"], "steps": results["steps_per_epoch"]}
+                    "epochs": results["epochs"], "steps": results["steps_per_epoch"],
+                    "bootstrap_count": results.get("bootstrap_count", 0)}
         seeds = {s["seed"] for s in results["strategies"]["tpe+asha"]}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--extend {args.extend}: not a search_efficiency result ({e})") from None
     ours = {"target": args.target, "pairs": args.pairs, "trials": args.trials, "epochs": args.epochs,
-            "steps": args.steps}
+            "steps": args.steps, "bootstrap_count": args.bootstrap_count}
     if settings != ours:
-        differ = ", ".join(f"--{k} {settings[k]} (not {ours[k]})" for k in ours if settings[k] != ours[k])
+        differ = ", ".join(f"--{k.replace('_', '-')} {settings[k]} (not {ours[k]})" for k in ours
+                           if settings[k] != ours[k])
         raise SystemExit(f"--extend {args.extend} was run with {differ}: use the same settings")
     overlap = seeds & set(range(args.first_seed, args.first_seed + args.seeds))
     if overlap:
@@ -187,12 +206,47 @@ def earlier_run(args: argparse.Namespace) -> dict | None:
     return payload
 
 
-def run_all(args: argparse.Namespace, rows: dict[str, list[tuple[int, int | None, int, float, int]]]) -> None:
+def paired_with(paired: dict | None, earlier: dict | None) -> dict | None:
+    """Where the random+fifo side came from, over this run and the one it extends."""
+    before = (earlier or {}).get("results", {}).get("paired_with")
+    if not paired:
+        return before
+    commits = sorted({*paired["git_commits"], *(before or {}).get("git_commits", [])})
+    return {"file": paired["file"], "git_commits": commits}
+
+
+def paired_searches(args: argparse.Namespace) -> dict | None:
+    """The random+fifo searches of this run's seeds from `--pair-with`'s file, with where they come from."""
+    if args.pair_with is None:
+        return None
+    try:
+        payload = json.loads(args.pair_with.read_text())
+        results = payload["results"]
+        searches = {s["seed"]: s for s in results["strategies"]["random+fifo"]}
+        settings = {k: results[k] for k in ("target", "pairs", "trials", "epochs", "steps_per_epoch")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--pair-with {args.pair_with}: not a search_efficiency result ({e})") from None
+    ours = {"target": args.target, "pairs": args.pairs, "trials": args.trials, "epochs": args.epochs,
+            "steps_per_epoch": args.steps}
+    if settings != ours:
+        raise SystemExit(f"--pair-with {args.pair_with} was run with {settings}: use the same settings")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    missing = [seed for seed in seeds if seed not in searches]
+    if missing:
+        raise SystemExit(f"--pair-with {args.pair_with} has no random+fifo search of seeds {missing}")
+    runs = [*results.get("earlier_runs", []), run_of(payload)]
+    return {"file": args.pair_with.name, "searches": [searches[seed] for seed in seeds],
+            "git_commits": sorted({run["git_commit"] for run in runs
+                                   if set(run["seeds"]) & set(seeds)})}
+
+
+def run_all(args: argparse.Namespace, rows: dict[str, list[tuple[int, int | None, int, float, int]]],
+            skip: set[str]) -> None:
     from sweep.export import load_trials
     from sweep.runner import run_sweep
 
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        for strategy in STRATEGIES:
+        for strategy in (s for s in STRATEGIES if s not in skip):
             spec = spec_for(strategy, seed, args)
             result = run_sweep(spec)
             records = load_trials(spec.name)

@@ -268,6 +268,9 @@ class SchedulerConfig(Strict):
     grace_period: int = Field(1, ge=1, description="epochs every trial gets before it can be stopped")
     reduction_factor: float = Field(3, gt=1)
     brackets: int = Field(1, ge=1)
+    bootstrap_count: int = Field(
+        0, ge=0, description="ASHA: a trial that reaches a rung before this many others have is stopped "
+        "there (Optuna's bootstrap_count); 0, Ray's ASHA: the first trial at each rung always goes on")
 
 
 class BudgetConfig(Strict):
@@ -479,6 +482,7 @@ class SweepSpec(Strict):
                 f"scheduler.grace_period: {self.scheduler.grace_period} exceeds the {self.max_epochs} "
                 "epochs a trial runs (budget.max_epochs or train.epochs); lower grace_period"
             )
+        problems += _bootstrap_problems(self)
         target = self.budget.target
         if target is not None and "accuracy" in self.metric.name and not 0 < target <= 1:
             problems.append(f"budget.target: {target} is not an accuracy; {self.metric.name} is in [0, 1], "
@@ -509,6 +513,19 @@ class SweepSpec(Strict):
         """(model name, fixed model settings) of a comparison entry: a model, or a variant of one."""
         variant = dict((self.compare.variants if self.compare else {}).get(entry) or {})
         return (variant.pop("model"), variant) if variant else (entry, {})
+
+
+def _bootstrap_problems(spec: SweepSpec) -> list[str]:
+    count = spec.scheduler.bootstrap_count
+    if not count:
+        return []
+    if spec.scheduler.name != "asha":
+        return [f"scheduler.bootstrap_count: only ASHA has it (scheduler.name is {spec.scheduler.name}); "
+                "remove it or use name: asha"]
+    if count >= spec.budget.num_samples:
+        return [f"scheduler.bootstrap_count: {count} would stop every one of the {spec.budget.num_samples} "
+                "trials (budget.num_samples) at the first rung; keep it well below num_samples (e.g. 1)"]
+    return []
 
 
 def compare_problems(spec: SweepSpec) -> list[str]:

@@ -282,21 +282,6 @@ def _sampler(spec: SweepSpec) -> Any:
     return optuna.samplers.CmaEsSampler(seed=cfg.seed, warn_independent_sampling=False, **startup)
 
 
-def _scheduler(spec: SweepSpec) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
-
-    s, metric, mode = spec.scheduler, spec.metric.name, spec.metric.mode
-    common = {"time_attr": "training_iteration", "metric": metric, "mode": mode}  # one iteration = one epoch
-    if s.name == "asha":
-        return ASHAScheduler(max_t=spec.max_epochs, grace_period=s.grace_period,
-                             reduction_factor=s.reduction_factor, brackets=s.brackets, **common)
-    if s.name == "hyperband":
-        return HyperBandScheduler(max_t=spec.max_epochs, reduction_factor=s.reduction_factor, **common)
-    if s.name == "median":
-        return MedianStoppingRule(grace_period=s.grace_period, **common)
-    return FIFOScheduler()
-
-
 def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -411,6 +396,7 @@ def build_tuner(spec: SweepSpec, callbacks: list[Any] | None = None, store: Swee
     from ray import tune
 
     from sweep.result_log import ResultLog
+    from sweep.schedulers import build_scheduler
     from sweep.searcher import SweepConcurrencyLimiter, SweepOptunaSearch
 
     searcher = SweepOptunaSearch(space=DefineByRun(spec), metric=spec.metric.name, mode=spec.metric.mode,
@@ -428,7 +414,7 @@ def build_tuner(spec: SweepSpec, callbacks: list[Any] | None = None, store: Swee
         verbose=0,
     )
     tune_config = tune.TuneConfig(
-        search_alg=searcher, scheduler=_scheduler(spec), num_samples=spec.budget.num_samples,
+        search_alg=searcher, scheduler=build_scheduler(spec), num_samples=spec.budget.num_samples,
         time_budget_s=spec.budget.time_budget_s, reuse_actors=True, trial_dirname_creator=_trial_dirname,
         trial_name_creator=_trial_name,
     )
