@@ -236,10 +236,12 @@ def test_search_efficiency_extends_an_earlier_run_with_the_same_settings_only(tm
     path = tmp_path / "search_efficiency.json"
     path.write_text(json.dumps(earlier))
     args = argparse.Namespace(extend=path, target=0.99, pairs=8, trials=40, epochs=12, steps=150,
-                              first_seed=3, seeds=2)
+                              first_seed=3, seeds=2, bootstrap_count=0)
     assert earlier_run(args)["command"] == "first"
     with pytest.raises(SystemExit, match="--epochs 12 \\(not 6\\)"):
         earlier_run(argparse.Namespace(**vars(args) | {"epochs": 6}))
+    with pytest.raises(SystemExit, match="--bootstrap-count 0 \\(not 1\\)"):
+        earlier_run(argparse.Namespace(**vars(args) | {"bootstrap_count": 1}))
     with pytest.raises(SystemExit, match="already has seeds \\[2\\]: set --first-seed 3"):
         earlier_run(argparse.Namespace(**vars(args) | {"first_seed": 2}))
     path.write_text("{")
@@ -256,6 +258,39 @@ def test_search_efficiency_extends_an_earlier_run_with_the_same_settings_only(tm
     assert "Seeds 0-2: *Measured t0" in page and "commit aaa; `first`" in page
     assert "Seeds 3-4: *Measured t0" in page and "commit bbb; `second`" in page
     assert render.seed_ranges([5, 0, 1, 2, 7, 8]) == "0-2, 5, 7-8"
+
+
+def test_search_efficiency_pairs_with_an_earlier_runs_random_searches(tmp_path):
+    """`--pair-with`: the random+fifo searches of the same seeds come from an earlier file with the same
+    settings (every seed there, or an error before anything runs), and the table says where from."""
+    import argparse
+
+    from search_efficiency import paired_searches, paired_with
+
+    def seeds(first, n):
+        return [{"seed": s, "epochs_to_target": 100 + s, "total_epochs": 400, "best": 0.99, "trials": 40}
+                for s in range(first, first + n)]
+
+    earlier = {"command": "first", "git_commit": "aaa", "started_utc": "t0", "finished_utc": "t1",
+               "load_average_before": [0.1] * 3, "load_average_after": [0.2] * 3, "machine": {},
+               "results": {"target": 0.99, "pairs": 8, "trials": 40, "epochs": 12, "steps_per_epoch": 150,
+                           "wall_s": 60.0, "seeds_this_run": [0, 1, 2, 3],
+                           "strategies": {"tpe+asha": seeds(0, 4), "random+fifo": seeds(0, 4)}}}
+    path = tmp_path / "search_efficiency.json"
+    path.write_text(json.dumps(earlier))
+    args = argparse.Namespace(pair_with=path, target=0.99, pairs=8, trials=40, epochs=12, steps=150,
+                              first_seed=2, seeds=2)
+    paired = paired_searches(args)
+    assert [s["seed"] for s in paired["searches"]] == [2, 3] and paired["git_commits"] == ["aaa"]
+    with pytest.raises(SystemExit, match="no random\\+fifo search of seeds \\[4, 5\\]"):
+        paired_searches(argparse.Namespace(**vars(args) | {"first_seed": 4}))
+    with pytest.raises(SystemExit, match="use the same settings"):
+        paired_searches(argparse.Namespace(**vars(args) | {"target": 0.95}))
+    source = paired_with(paired, None)
+    page = render.render_search_efficiency({
+        **earlier, "results": {**earlier["results"], "paired_with": source, "bootstrap_count": 1,
+                               "strategies": {"tpe+asha": seeds(2, 2), "random+fifo": paired["searches"]}}})
+    assert "searches from `search_efficiency.json` (commits aaa)" in page and "bootstrap_count: 1" in page
 
 
 def test_committed_docs_match_the_committed_results():
