@@ -180,25 +180,40 @@ def with_earlier_seeds(strategies: dict[str, list[dict]], earlier: dict | None
     return merged, earlier_runs
 
 
+RUN_SETTINGS = {"target": "target", "pairs": "pairs", "trials": "trials", "epochs": "epochs",
+                "steps": "steps_per_epoch", "bootstrap_count": "bootstrap_count"}  # argument -> results key
+
+
+def load_run(path: Path, flag: str) -> dict:
+    """An earlier run's JSON, or SystemExit naming `flag` when it is not a search_efficiency result."""
+    try:
+        payload = json.loads(path.read_text())
+        results = payload["results"]
+        missing = [key for key in [*RUN_SETTINGS.values()][:-1] if key not in results]  # all but ASHA's
+        missing += [name for name in STRATEGIES if not all("seed" in s for s in results["strategies"][name])]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{flag} {path}: not a search_efficiency result ({e})") from None
+    if missing:
+        raise SystemExit(f"{flag} {path}: not a search_efficiency result (no {', '.join(missing)})")
+    return payload
+
+
+def check_settings(path: Path, flag: str, results: dict, args: argparse.Namespace, names: list[str]) -> None:
+    """SystemExit when the run at `path` had other `names` settings than this one (a run from before
+    bootstrap_count existed had 0)."""
+    differ = ", ".join(f"--{n.replace('_', '-')} {results.get(RUN_SETTINGS[n], 0)} (not {getattr(args, n)})"
+                       for n in names if results.get(RUN_SETTINGS[n], 0) != getattr(args, n))
+    if differ:
+        raise SystemExit(f"{flag} {path} was run with {differ}: use the same settings")
+
+
 def earlier_run(args: argparse.Namespace) -> dict | None:
     """The run `--extend` names, checked before anything starts: same settings, no seed measured twice."""
     if args.extend is None:
         return None
-    try:
-        payload = json.loads(args.extend.read_text())
-        results = payload["results"]
-        settings = {"target": results["target"], "pairs": results["pairs"], "trials": results["trials"],
-                    "epochs": results["epochs"], "steps": results["steps_per_epoch"],
-                    "bootstrap_count": results.get("bootstrap_count", 0)}
-        seeds = {s["seed"] for s in results["strategies"]["tpe+asha"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--extend {args.extend}: not a search_efficiency result ({e})") from None
-    ours = {"target": args.target, "pairs": args.pairs, "trials": args.trials, "epochs": args.epochs,
-            "steps": args.steps, "bootstrap_count": args.bootstrap_count}
-    if settings != ours:
-        differ = ", ".join(f"--{k.replace('_', '-')} {settings[k]} (not {ours[k]})" for k in ours
-                           if settings[k] != ours[k])
-        raise SystemExit(f"--extend {args.extend} was run with {differ}: use the same settings")
+    payload = load_run(args.extend, "--extend")
+    check_settings(args.extend, "--extend", payload["results"], args, list(RUN_SETTINGS))
+    seeds = {s["seed"] for s in payload["results"]["strategies"]["tpe+asha"]}
     overlap = seeds & set(range(args.first_seed, args.first_seed + args.seeds))
     if overlap:
         raise SystemExit(f"--extend {args.extend} already has seeds {sorted(overlap)}: set --first-seed "
@@ -219,17 +234,10 @@ def paired_searches(args: argparse.Namespace) -> dict | None:
     """The random+fifo searches of this run's seeds from `--pair-with`'s file, with where they come from."""
     if args.pair_with is None:
         return None
-    try:
-        payload = json.loads(args.pair_with.read_text())
-        results = payload["results"]
-        searches = {s["seed"]: s for s in results["strategies"]["random+fifo"]}
-        settings = {k: results[k] for k in ("target", "pairs", "trials", "epochs", "steps_per_epoch")}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--pair-with {args.pair_with}: not a search_efficiency result ({e})") from None
-    ours = {"target": args.target, "pairs": args.pairs, "trials": args.trials, "epochs": args.epochs,
-            "steps_per_epoch": args.steps}
-    if settings != ours:
-        raise SystemExit(f"--pair-with {args.pair_with} was run with {settings}: use the same settings")
+    payload = load_run(args.pair_with, "--pair-with")
+    results = payload["results"]
+    check_settings(args.pair_with, "--pair-with", results, args, [*RUN_SETTINGS][:-1])  # not ASHA's
+    searches = {s["seed"]: s for s in results["strategies"]["random+fifo"]}
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     missing = [seed for seed in seeds if seed not in searches]
     if missing:
