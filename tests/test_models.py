@@ -217,7 +217,7 @@ def test_kernels_built_for_the_hidden_size_equal_the_general_ones(monkeypatch, n
     monkeypatch.setattr(native, "kernel", lambda kernel_name, kernel_dtype, hidden=None: original(
         kernel_name, kernel_dtype))
     out_general, grads_general = outputs_and_grads(make(name, dtype=dtype, **kw), x)
-    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    tol = 1e-13 if dtype == torch.float64 else 1e-5  # float32: a sum over batch and time, another ISA
     assert rel_err(out, out_general) < tol
     for param_name, grad in grads_general.items():
         assert rel_err(grads[param_name], grad) < tol, param_name
