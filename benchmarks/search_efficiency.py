@@ -180,8 +180,9 @@ def with_earlier_seeds(strategies: dict[str, list[dict]], earlier: dict | None
     return merged, earlier_runs
 
 
-RUN_SETTINGS = {"target": "target", "pairs": "pairs", "trials": "trials", "epochs": "epochs",
-                "steps": "steps_per_epoch", "bootstrap_count": "bootstrap_count"}  # argument -> results key
+TASK_SETTINGS = {"target": "target", "pairs": "pairs", "trials": "trials", "epochs": "epochs",
+                 "steps": "steps_per_epoch"}  # argument -> results key: what both strategies' searches share
+RUN_SETTINGS = TASK_SETTINGS | {"bootstrap_count": "bootstrap_count"}  # and ASHA's (absent before: 0)
 
 
 def load_run(path: Path, flag: str) -> dict:
@@ -189,7 +190,7 @@ def load_run(path: Path, flag: str) -> dict:
     try:
         payload = json.loads(path.read_text())
         results = payload["results"]
-        missing = [key for key in [*RUN_SETTINGS.values()][:-1] if key not in results]  # all but ASHA's
+        missing = [key for key in TASK_SETTINGS.values() if key not in results]
         missing += [name for name in STRATEGIES if not all("seed" in s for s in results["strategies"][name])]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"{flag} {path}: not a search_efficiency result ({e})") from None
@@ -236,7 +237,7 @@ def paired_searches(args: argparse.Namespace) -> dict | None:
         return None
     payload = load_run(args.pair_with, "--pair-with")
     results = payload["results"]
-    check_settings(args.pair_with, "--pair-with", results, args, [*RUN_SETTINGS][:-1])  # not ASHA's
+    check_settings(args.pair_with, "--pair-with", results, args, list(TASK_SETTINGS))  # FIFO has no ASHA
     searches = {s["seed"]: s for s in results["strategies"]["random+fifo"]}
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     missing = [seed for seed in seeds if seed not in searches]

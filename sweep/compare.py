@@ -499,8 +499,8 @@ def _collect(name: str, pending: list[Any], log, storage: str | None,  # noqa: A
                                 "run the same `sweep compare` again: the seed runs that finished are kept "
                                 "(or set retries.max_failures for Ray to retry a lost seed run)"),
                         source="Ray") from err
-    _append_seed_run(name, seed_run_from_dict(record), storage)
     run = seed_run_from_dict(record)
+    _append_seed_run(name, run, storage)
     log(f"  {run.model} {run.difficulty} seed {run.seed}: {run.status}, test error {run.test_error_pct:.2f}%")
     return rest
 

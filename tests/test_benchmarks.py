@@ -216,6 +216,20 @@ def test_search_efficiency_ratio_is_paired_by_seed_and_counts_a_miss_as_the_whol
     assert eff["ci_low"] <= eff["ratio"] <= eff["ci_high"] and eff["seeds"] == 4
 
 
+def _searches(first: int, n: int) -> list[dict]:
+    """Seeds first .. first + n - 1 of one strategy, as search_efficiency.py records them."""
+    return [{"seed": s, "epochs_to_target": 10 + s, "total_epochs": 40, "best": 0.99, "trials": 4}
+            for s in range(first, first + n)]
+
+
+def _earlier_run(**results) -> dict:
+    """An earlier search_efficiency run's JSON (commit aaa, `first`), at issue 14's settings."""
+    return {"command": "first", "git_commit": "aaa", "started_utc": "t0", "finished_utc": "t1",
+            "load_average_before": [0.1] * 3, "load_average_after": [0.2] * 3, "machine": {"cpu_model": "c"},
+            "results": {"target": 0.99, "pairs": 8, "trials": 40, "epochs": 12, "steps_per_epoch": 150,
+                        **results}}
+
+
 def test_search_efficiency_extends_an_earlier_run_with_the_same_settings_only(tmp_path):
     """`--extend`: the earlier file is checked before anything runs (settings, seeds not measured twice);
     the seeds are merged in order, and the table names each run's seeds and provenance."""
@@ -223,16 +237,8 @@ def test_search_efficiency_extends_an_earlier_run_with_the_same_settings_only(tm
 
     from search_efficiency import earlier_run, with_earlier_seeds
 
-    def seeds(first, n):
-        return [{"seed": s, "epochs_to_target": 10 + s, "total_epochs": 40, "best": 0.99, "trials": 4}
-                for s in range(first, first + n)]
-
-    earlier = {"command": "first", "git_commit": "aaa", "started_utc": "t0", "finished_utc": "t1",
-               "load_average_before": [0.1] * 3, "load_average_after": [0.2] * 3,
-               "machine": {"cpu_model": "c"},
-               "results": {"target": 0.99, "pairs": 8, "trials": 40, "epochs": 12, "steps_per_epoch": 150,
-                           "wall_s": 3600.0,
-                           "strategies": {"tpe+asha": seeds(0, 3), "random+fifo": seeds(0, 3)}}}
+    earlier = _earlier_run(wall_s=3600.0,
+                           strategies={"tpe+asha": _searches(0, 3), "random+fifo": _searches(0, 3)})
     path = tmp_path / "search_efficiency.json"
     path.write_text(json.dumps(earlier))
     args = argparse.Namespace(extend=path, target=0.99, pairs=8, trials=40, epochs=12, steps=150,
@@ -248,7 +254,7 @@ def test_search_efficiency_extends_an_earlier_run_with_the_same_settings_only(tm
     with pytest.raises(SystemExit, match="not a search_efficiency result"):
         earlier_run(args)
 
-    merged, runs = with_earlier_seeds({"tpe+asha": seeds(3, 2), "random+fifo": seeds(3, 2)}, earlier)
+    merged, runs = with_earlier_seeds({"tpe+asha": _searches(3, 2), "random+fifo": _searches(3, 2)}, earlier)
     assert [s["seed"] for s in merged["tpe+asha"]] == [0, 1, 2, 3, 4]
     assert [(r["git_commit"], r["seeds"], r["wall_s"]) for r in runs] == [("aaa", [0, 1, 2], 3600.0)]
     page = render.render_search_efficiency({
@@ -267,15 +273,8 @@ def test_search_efficiency_pairs_with_an_earlier_runs_random_searches(tmp_path):
 
     from search_efficiency import paired_searches, paired_with
 
-    def seeds(first, n):
-        return [{"seed": s, "epochs_to_target": 100 + s, "total_epochs": 400, "best": 0.99, "trials": 40}
-                for s in range(first, first + n)]
-
-    earlier = {"command": "first", "git_commit": "aaa", "started_utc": "t0", "finished_utc": "t1",
-               "load_average_before": [0.1] * 3, "load_average_after": [0.2] * 3, "machine": {},
-               "results": {"target": 0.99, "pairs": 8, "trials": 40, "epochs": 12, "steps_per_epoch": 150,
-                           "wall_s": 60.0, "seeds_this_run": [0, 1, 2, 3],
-                           "strategies": {"tpe+asha": seeds(0, 4), "random+fifo": seeds(0, 4)}}}
+    earlier = _earlier_run(wall_s=60.0, seeds_this_run=[0, 1, 2, 3],
+                           strategies={"tpe+asha": _searches(0, 4), "random+fifo": _searches(0, 4)})
     path = tmp_path / "search_efficiency.json"
     path.write_text(json.dumps(earlier))
     args = argparse.Namespace(pair_with=path, target=0.99, pairs=8, trials=40, epochs=12, steps=150,
@@ -289,7 +288,8 @@ def test_search_efficiency_pairs_with_an_earlier_runs_random_searches(tmp_path):
     source = paired_with(paired, None)
     page = render.render_search_efficiency({
         **earlier, "results": {**earlier["results"], "paired_with": source, "bootstrap_count": 1,
-                               "strategies": {"tpe+asha": seeds(2, 2), "random+fifo": paired["searches"]}}})
+                               "strategies": {"tpe+asha": _searches(2, 2),
+                                              "random+fifo": paired["searches"]}}})
     assert "searches from `search_efficiency.json` (commits aaa)" in page and "bootstrap_count: 1" in page
 
 
