@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -443,6 +446,44 @@ def test_an_unwritable_kernel_cache_builds_in_the_temp_folder(monkeypatch, tmp_p
         native._library.cache_clear()
 
 
+BUILD_WHEN_TOLD = """
+import pathlib, sys, time
+from sweep.models import native
+print("ready", flush=True)
+while not pathlib.Path(sys.argv[1]).exists():
+    time.sleep(0.05)
+library = native._library(7)  # the library for any H first, then the one for H = 7
+print("built", library is not None and library is not native._library(), flush=True)
+"""
+
+
+@needs_cc
+@pytest.mark.slow  # starts three interpreters
+def test_trials_starting_together_build_each_library_once(tmp_path):
+    """Three processes that want the kernels at the same moment on a fresh node (a sweep's first trials):
+    one compiles each library, the others wait for it and load it (before: each compiled both)."""
+    calls = tmp_path / "compiler-calls"
+    compiler = tmp_path / "cc-logged"  # a compiler that notes each call and builds quickly (-O0 last wins)
+    cc = shutil.which("cc") or shutil.which("gcc")
+    compiler.write_text(f'#!/bin/sh\necho call >> {calls}\nsleep 1\nexec {cc} "$@" -O0\n')
+    compiler.chmod(0o755)
+    go = tmp_path / "go"
+    env = {**os.environ, "CC": str(compiler), "FWSWEEP_KERNEL_CACHE": str(tmp_path / "kernels")}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_WHEN_TOLD, str(go)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        go.write_text("")
+        said = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [out.strip() for out, _ in said] == ["built True"] * 3, said
+    assert calls.read_text().split() == ["call", "call"]  # the general library and H = 7's, once each
+    assert len(list((tmp_path / "kernels").glob("fw_kernels-*.so"))) == 2
+
+
 def assert_weighted_sums_are_exact(dtype: torch.dtype) -> None:
     """The C weighted sums (native.py's `combine`, through `column_combine`) for every length D up to nine
     vectors and one lane: each chunk shape (whole vectors, a part, the last lanes), with and without an
@@ -507,7 +548,8 @@ def test_without_a_compiler_the_fused_forms_fall_back_to_torch_ops(monkeypatch, 
         with caplog.at_level("WARNING", logger="sweep.models.native"):
             assert not native.usable_for(torch.zeros(1))
         assert "/bin/false exited with status 1" in caplog.text and "use torch ops instead" in caplog.text
-        assert not list(tmp_path.iterdir())  # no half-built library left in the cache
+        left = [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"]  # the build's lock file stays
+        assert not left, left  # no half-built library or build folder left in the cache
         for name in ("fw_lstm", "ln_lstm", "fw_rnn"):
             assert torch.isfinite(make(name)(tokens())).all()
         monkeypatch.setenv("FWSWEEP_NATIVE", "0")  # and the switch, with a working compiler

@@ -11,10 +11,11 @@ called from C by the sequence loops, from Python by the per-step ones. The reads
 of dot products and weighted sums over the stored vectors (`torch.bmm` pays about 1 us per batch element for
 those, ~130 us per read at batch 128).
 
-The C source below is compiled on first use with the system C compiler (`cc`, about 4 s) and cached
-per source, compiler flags and CPU model under $FWSWEEP_KERNEL_CACHE (default ~/.cache/fwsweep/kernels),
-so a cluster node compiles it once, for its own CPU: once for any hidden size, and once more for each
-hidden size a model uses (`kernel(..., hidden=H)`; ASSUME_HIDDEN says why), falling back to the first
+The C source below is compiled on first use with the system C compiler (`cc`, about 20 CPU-seconds per
+library on a 2-core AMD EPYC) and cached per source, compiler flags and CPU model under
+$FWSWEEP_KERNEL_CACHE (default ~/.cache/fwsweep/kernels), so a cluster node compiles it once, for its own
+CPU (trials starting together wait for one build: `_build`): once for any hidden size, and once more for
+each hidden size a model uses (`kernel(..., hidden=H)`; ASSUME_HIDDEN says why), falling back to the first
 where that build fails. Without a compiler, on CUDA, for other dtypes, or
 with FWSWEEP_NATIVE=0, fused.py runs the same equations with torch ops (the reads with `torch.bmm`):
 checked against each other and against the matrix form in tests/test_models.py.
@@ -25,7 +26,9 @@ float32 uses its own vectorisable exp and tanh (Cephes' polynomials, about 1 ulp
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
@@ -34,6 +37,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from string import Template
@@ -1194,6 +1198,8 @@ void fwrnn_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long S
 TYPES = (("float", "f32"), ("double", "f64"))
 SOURCE = HEADER + "".join(part.substitute(real=r, sfx=sfx) for r, sfx in TYPES
                          for part in (MEMORY, CELLS, SEQUENCES))
+# A hung compiler must not hang the trial; a busy node (every core training) can take minutes to build.
+COMPILE_TIMEOUT_S = 600
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _long, _ptr = ctypes.c_long, ctypes.c_void_p
@@ -1280,16 +1286,37 @@ def _compile(compiler: list[str], flags: list[str]) -> Path:
 
 
 def _build(compiler: list[str], flags: list[str], target: Path) -> Path:
-    """`target`, compiled unless there; atomically (os.replace): trials may race on a fresh node."""
+    """`target`, compiled unless there. Trials that start together on a fresh node all want it: the first
+    to take the folder's lock for it compiles, the others wait and load its library, instead of each
+    compiling the same one (tens of CPU-seconds each, and on a busy node past any timeout). The library
+    appears atomically (os.replace), so a reader never sees a half-written one, lock or none."""
     if target.exists():
         return target
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as build:
-        source, built = Path(build) / "fw_kernels.c", Path(build) / "fw_kernels.so"
-        source.write_text(SOURCE)
-        subprocess.run([*compiler, *flags, str(source), "-o", str(built)], check=True, capture_output=True,
-                       text=True, timeout=120)
-        os.replace(built, target)
+    with _build_lock(target):
+        if target.exists():  # built by whoever held the lock before us
+            return target
+        with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as build:
+            source, built = Path(build) / "fw_kernels.c", Path(build) / "fw_kernels.so"
+            source.write_text(SOURCE)
+            subprocess.run([*compiler, *flags, str(source), "-o", str(built)], check=True,
+                           capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            os.replace(built, target)
     return target
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path) -> Iterator[None]:
+    """An exclusive lock on `.NAME.lock` beside `target`, released by the OS if its holder dies; where the
+    folder's file system has no locks, none (each process then builds its own copy, as before)."""
+    try:
+        handle = open(target.parent / f".{target.stem}.lock", "a")  # noqa: SIM115 (closed below)
+    except OSError:
+        handle = None
+    with handle or contextlib.nullcontext():
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 @cache
@@ -1301,7 +1328,8 @@ def _library(hidden: int | None = None) -> ctypes.CDLL | None:
         try:
             return _loaded(ctypes.CDLL(str(_compile(_compiler(), build_flags(hidden)))))
         except (OSError, subprocess.SubprocessError) as err:  # the general build serves instead
-            log.debug("no kernels built for H = %s (%s)", hidden, err)
+            log.warning("could not build the C kernels for hidden size %s (%s); the ones for any size serve "
+                        "(same results, a little slower)", hidden, _said(err))
             return _library()
     if os.environ.get("FWSWEEP_NATIVE", "1") == "0":
         return None
@@ -1311,15 +1339,21 @@ def _library(hidden: int | None = None) -> ctypes.CDLL | None:
         return None
     try:
         library = ctypes.CDLL(str(_compile(compiler, build_flags())))
-    except subprocess.CalledProcessError as err:
-        said = (err.stderr or "").strip().splitlines()  # a compiler's last line names the error
-        _fall_back(f"{shlex.join(compiler)} exited with status {err.returncode}"
-                   + (f": {said[-1]}" if said else ""))
-        return None
     except (OSError, subprocess.SubprocessError) as err:
-        _fall_back(str(err))
+        _fall_back(_said(err))
         return None
     return _loaded(library)
+
+
+def _said(err: Exception) -> str:
+    """What went wrong with a build, in one line: a compiler's last line names its error."""
+    if isinstance(err, subprocess.CalledProcessError):
+        said = (err.stderr or "").strip().splitlines()
+        return (f"{shlex.join(err.cmd[:1])} exited with status {err.returncode}"
+                + (f": {said[-1]}" if said else ""))
+    if isinstance(err, subprocess.TimeoutExpired):
+        return f"{shlex.join(err.cmd[:1])} took more than {err.timeout:.0f} s"
+    return str(err)
 
 
 def build_flags(hidden: int | None = None) -> list[str]:
