@@ -452,8 +452,8 @@ from sweep.models import native
 print("ready", flush=True)
 while not pathlib.Path(sys.argv[1]).exists():
     time.sleep(0.05)
-library = native._library(7)  # the library for any H first, then the one for H = 7
-print("built", library is not None and library is not native._library(), flush=True)
+library = native._library(7, "f32")  # the float32 library for any H first, then the one for H = 7
+print("built", library is not None and library is not native._library(None, "f32"), flush=True)
 """
 
 

@@ -11,14 +11,14 @@ called from C by the sequence loops, from Python by the per-step ones. The reads
 of dot products and weighted sums over the stored vectors (`torch.bmm` pays about 1 us per batch element for
 those, ~130 us per read at batch 128).
 
-The C source below is compiled on first use with the system C compiler (`cc`, about 20 CPU-seconds per
-library on a 2-core AMD EPYC) and cached per source, compiler flags and CPU model under
-$FWSWEEP_KERNEL_CACHE (default ~/.cache/fwsweep/kernels), so a cluster node compiles it once, for its own
-CPU (trials starting together wait for one build: `_build`): once for any hidden size, and once more for
-each hidden size a model uses (`kernel(..., hidden=H)`; ASSUME_HIDDEN says why), falling back to the first
-where that build fails. Without a compiler, on CUDA, for other dtypes, or
-with FWSWEEP_NATIVE=0, fused.py runs the same equations with torch ops (the reads with `torch.bmm`):
-checked against each other and against the matrix form in tests/test_models.py.
+The C source below is compiled on first use with the system C compiler (`cc`), for the type in use
+(`source_for`: about 24 CPU-seconds per library on a 2-core AMD EPYC), and cached per source, compiler
+flags and CPU model under $FWSWEEP_KERNEL_CACHE (default ~/.cache/fwsweep/kernels), so a cluster node
+compiles it once, for its own CPU (trials starting together wait for one build: `_build`): once for any
+hidden size, and once more for each hidden size a model uses (`kernel(..., hidden=H)`; ASSUME_HIDDEN
+says why), falling back to the first where that build fails. Without a compiler, on CUDA, for other
+dtypes, or with FWSWEEP_NATIVE=0, fused.py runs the same equations with torch ops (the reads with
+`torch.bmm`): checked against each other and against the matrix form in tests/test_models.py.
 
 Each function is written once, for `$real` (float32 `_f32`, float64 `_f64`): `SOURCE` substitutes both.
 float32 uses its own vectorisable exp and tanh (Cephes' polynomials, about 1 ulp); float64 uses libm's.
@@ -1198,6 +1198,13 @@ void fwrnn_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long S
 TYPES = (("float", "f32"), ("double", "f64"))
 SOURCE = HEADER + "".join(part.substitute(real=r, sfx=sfx) for r, sfx in TYPES
                          for part in (MEMORY, CELLS, SEQUENCES))
+
+
+def source_for(sfx: str) -> str:
+    """The kernels of one type (`f32` or `f64`): a process builds only the type it trains in (float32, as a
+    rule): 24 CPU-seconds a library on a 2-core AMD EPYC where both types took 33."""
+    real = dict((s, r) for r, s in TYPES)[sfx]
+    return HEADER + "".join(part.substitute(real=real, sfx=sfx) for part in (MEMORY, CELLS, SEQUENCES))
 # A hung compiler must not hang the trial; a busy node (every core training) can take minutes to build.
 COMPILE_TIMEOUT_S = 600
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
@@ -1267,10 +1274,10 @@ def _cpu_model() -> str:
     return "\n".join(fields) or platform.processor() or platform.machine()
 
 
-def _compile(compiler: list[str], flags: list[str]) -> Path:
+def _compile(compiler: list[str], flags: list[str], source: str) -> Path:
     """The cached shared library, built first if missing; in the temp folder if the cache cannot be
     written (a read-only home on a cluster node)."""
-    key = hashlib.sha256("\0".join([SOURCE, *flags, *compiler, _cpu_model()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, *flags, *compiler, _cpu_model()]).encode()).hexdigest()[:16]
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -1282,10 +1289,10 @@ def _compile(compiler: list[str], flags: list[str]) -> Path:
         folder.mkdir(mode=0o700, exist_ok=True)
         if folder.stat().st_uid != os.getuid():  # a shared /tmp: never load a library someone else put there
             raise OSError(f"{folder} belongs to another user")
-    return _build(compiler, flags, folder / f"fw_kernels-{key}.so")
+    return _build(compiler, flags, folder / f"fw_kernels-{key}.so", source)
 
 
-def _build(compiler: list[str], flags: list[str], target: Path) -> Path:
+def _build(compiler: list[str], flags: list[str], target: Path, text: str) -> Path:
     """`target`, compiled unless there. Trials that start together on a fresh node all want it: the first
     to take the folder's lock for it compiles, the others wait and load its library, instead of each
     compiling the same one (tens of CPU-seconds each, and on a busy node past any timeout). The library
@@ -1297,7 +1304,7 @@ def _build(compiler: list[str], flags: list[str], target: Path) -> Path:
             return target
         with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as build:
             source, built = Path(build) / "fw_kernels.c", Path(build) / "fw_kernels.so"
-            source.write_text(SOURCE)
+            source.write_text(text)
             subprocess.run([*compiler, *flags, str(source), "-o", str(built)], check=True,
                            capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
             os.replace(built, target)
@@ -1320,17 +1327,18 @@ def _build_lock(target: Path) -> Iterator[None]:
 
 
 @cache
-def _library(hidden: int | None = None) -> ctypes.CDLL | None:
-    """The kernels, built for any hidden size (hidden None) or for one (ASSUME_HIDDEN in the source)."""
+def _library(hidden: int | None = None, sfx: str = "f32") -> ctypes.CDLL | None:
+    """The kernels of one type (`sfx`: f32 or f64), built for any hidden size (hidden None) or for one
+    (ASSUME_HIDDEN in the source)."""
     if hidden is not None:
-        if _library() is None:
+        if _library(None, sfx) is None:
             return None
         try:
-            return _loaded(ctypes.CDLL(str(_compile(_compiler(), build_flags(hidden)))))
+            return _loaded(ctypes.CDLL(str(_compile(_compiler(), build_flags(hidden), source_for(sfx)))), sfx)
         except (OSError, subprocess.SubprocessError) as err:  # the general build serves instead
             log.warning("could not build the C kernels for hidden size %s (%s); the ones for any size serve "
                         "(same results, a little slower)", hidden, _said(err))
-            return _library()
+            return _library(None, sfx)
     if os.environ.get("FWSWEEP_NATIVE", "1") == "0":
         return None
     compiler = _compiler()
@@ -1338,11 +1346,11 @@ def _library(hidden: int | None = None) -> ctypes.CDLL | None:
         _fall_back("no C compiler: neither cc nor gcc is on the PATH and CC is unset")
         return None
     try:
-        library = ctypes.CDLL(str(_compile(compiler, build_flags())))
+        library = ctypes.CDLL(str(_compile(compiler, build_flags(), source_for(sfx))))
     except (OSError, subprocess.SubprocessError) as err:
         _fall_back(_said(err))
         return None
-    return _loaded(library)
+    return _loaded(library, sfx)
 
 
 def _said(err: Exception) -> str:
@@ -1366,9 +1374,10 @@ def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CC", "")) or ([found] if found else [])  # CC may carry flags
 
 
-def _loaded(library: ctypes.CDLL) -> ctypes.CDLL:
+def _loaded(library: ctypes.CDLL, *suffixes: str) -> ctypes.CDLL:
+    """`library` with each function's argument types set, for the types it holds (default: both)."""
     for name, argtypes in SIGNATURES.items():
-        for suffix in _SUFFIX.values():
+        for suffix in suffixes or _SUFFIX.values():
             getattr(library, f"{name}_{suffix}").argtypes = argtypes
     return library
 
@@ -1380,7 +1389,8 @@ def _fall_back(why: str) -> None:
 
 def usable_for(like: Tensor) -> bool:
     """Whether the C kernels can serve tensors like `like` (CPU, float32/float64, built)."""
-    return like.device.type == "cpu" and like.dtype in _SUFFIX and _library() is not None
+    cpu_type = like.device.type == "cpu" and like.dtype in _SUFFIX
+    return cpu_type and _library(None, _SUFFIX[like.dtype]) is not None
 
 
 
@@ -1388,4 +1398,4 @@ def usable_for(like: Tensor) -> bool:
 def kernel(name: str, dtype: torch.dtype, hidden: int | None = None):
     """The C function `name` for `dtype` (call only where `usable_for` said yes); with `hidden`, from the
     library built for that hidden size, which must then be the H of every call (see ASSUME_HIDDEN)."""
-    return getattr(_library(hidden), f"{name}_{_SUFFIX[dtype]}")
+    return getattr(_library(hidden, _SUFFIX[dtype]), f"{name}_{_SUFFIX[dtype]}")
