@@ -23,9 +23,10 @@ VOCAB, CLASSES = 37, 10
 SMALL = {"hidden_size": 6, "embed_size": 5, "head_size": 7}
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny tensors: one thread is fastest and does not fight other jobs on a shared CI machine."""
+    """Tiny tensors: one thread is fastest and does not fight other jobs on a shared CI machine. Per test
+    (it costs nothing): a module-scoped fixture would make the module one unit of xdist's work."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -45,15 +45,15 @@ TINY_SPEC = {
 }
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One FWSWEEP_HOME for the module (each test runs its own sweeps in it, under its own names)."""
-    folder = tmp_path_factory.mktemp("fwsweep") / "home"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FWSWEEP_HOME", str(folder))
-        mp.delenv("RAY_ADDRESS", raising=False)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield folder
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """Each test's own FWSWEEP_HOME: the tests are self-contained, so xdist may spread them over workers
+    (a module-scoped home made the module one unit of work, minutes of sweeps on one worker)."""
+    folder = tmp_path / "home"
+    monkeypatch.setenv("FWSWEEP_HOME", str(folder))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return folder
 
 
 def _runs(url: str, sweep: str) -> tuple[list, list]:

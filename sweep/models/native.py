@@ -20,7 +20,8 @@ says why), falling back to the first where that build fails. Without a compiler,
 dtypes, or with FWSWEEP_NATIVE=0, fused.py runs the same equations with torch ops (the reads with
 `torch.bmm`): checked against each other and against the matrix form in tests/test_models.py.
 
-Each function is written once, for `$real` (float32 `_f32`, float64 `_f64`): `SOURCE` substitutes both.
+Each function is written once, for `$real` (float32 `_f32`, float64 `_f64`): `SOURCE` substitutes both,
+`source_for` one (what a process builds).
 float32 uses its own vectorisable exp and tanh (Cephes' polynomials, about 1 ulp); float64 uses libm's.
 """
 
@@ -1205,6 +1206,8 @@ def source_for(sfx: str) -> str:
     rule): 24 CPU-seconds a library on a 2-core AMD EPYC where both types took 33."""
     real = dict((s, r) for r, s in TYPES)[sfx]
     return HEADER + "".join(part.substitute(real=real, sfx=sfx) for part in (MEMORY, CELLS, SEQUENCES))
+
+
 # A hung compiler must not hang the trial; a busy node (every core training) can take minutes to build.
 COMPILE_TIMEOUT_S = 600
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
