@@ -64,8 +64,10 @@ def pytest_configure(config: pytest.Config) -> None:
     every worker starts its own copy of a module's cluster or sweep. Stop at once instead."""
     from importlib.metadata import version
 
-    def release(name: str) -> tuple[int, ...]:
-        return tuple(int(part) for part in version(name).split(".")[:2] if part.isdigit())
+    from packaging.version import Version  # pytest's own dependency
+
+    def release(name: str) -> tuple[int, ...]:  # major.minor: a 9.2 pre-release has the change too
+        return Version(version(name)).release[:2]
 
     if config.getoption("dist", "no") == "loadgroup" and release("pytest") >= (9, 2) \
             and release("pytest-xdist") <= (3, 8):

@@ -1197,15 +1197,20 @@ void fwrnn_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long S
 """)
 
 TYPES = (("float", "f32"), ("double", "f64"))
-SOURCE = HEADER + "".join(part.substitute(real=r, sfx=sfx) for r, sfx in TYPES
-                         for part in (MEMORY, CELLS, SEQUENCES))
+
+
+def _typed(real: str, sfx: str) -> str:
+    """Every function of the kernels for one C type (`real`), named with its suffix."""
+    return "".join(part.substitute(real=real, sfx=sfx) for part in (MEMORY, CELLS, SEQUENCES))
+
+
+SOURCE = HEADER + "".join(_typed(real, sfx) for real, sfx in TYPES)
 
 
 def source_for(sfx: str) -> str:
     """The kernels of one type (`f32` or `f64`): a process builds only the type it trains in (float32, as a
     rule): 24 CPU-seconds a library on a 2-core AMD EPYC where both types took 33."""
-    real = dict((s, r) for r, s in TYPES)[sfx]
-    return HEADER + "".join(part.substitute(real=real, sfx=sfx) for part in (MEMORY, CELLS, SEQUENCES))
+    return HEADER + _typed(dict((s, r) for r, s in TYPES)[sfx], sfx)
 
 
 # A hung compiler must not hang the trial; a busy node (every core training) can take minutes to build.
