@@ -201,6 +201,7 @@ class MlflowSeedReporter:
 def retrain_seed(config: dict[str, Any], workdir: str, tracking_uri: str | None, experiment_id: str | None,
                  parent_run_id: str | None, tags: dict[str, str]) -> dict[str, Any]:
     """One seed run (a Ray task, or called directly): train, log to its MLflow child run, return it."""
+    from sweep import testing_faults
     from sweep.checkpoint import find_checkpoint
     from sweep.train import run_trial
 
@@ -215,8 +216,8 @@ def retrain_seed(config: dict[str, Any], workdir: str, tracking_uri: str | None,
     # a retried or rerun seed continues from its last checkpoint (the trajectory is the same, see train.py)
     reporter = MlflowSeedReporter(w, run_id, restore=find_checkpoint(Path(workdir)))
     status = "FINISHED"
-    try:
-        outcome = run_trial(trial, reporter, Path(workdir))
+    try:  # testing_faults: the reliability tests' faults (FWSWEEP_FAULT) reach seed runs as they reach trials
+        outcome = run_trial(trial, testing_faults.wrap(reporter), Path(workdir))
         result, history = outcome.status, outcome.history
     except TrialDiverged:
         result, status, history = "diverged", "FAILED", reporter.history

@@ -1,7 +1,8 @@
 """Fault injection for reliability tests: a testing hook, off unless FWSWEEP_FAULT is set.
 
-Ray workers cannot import test modules, so the hook lives in the package. The trainable wraps its
-reporter with `wrap(reporter)`; with FWSWEEP_FAULT unset that returns the reporter unchanged.
+Ray workers cannot import test modules, so the hook lives in the package. The trainable and a
+comparison's seed runs wrap their reporter with `wrap(reporter)`; with FWSWEEP_FAULT unset that returns
+the reporter unchanged.
 
 FWSWEEP_FAULT holds directives separated by ';', each `KIND[@EPOCH][xTIMES][=VALUE]`:
 

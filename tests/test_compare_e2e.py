@@ -122,10 +122,12 @@ def test_seed_runs_on_a_local_ray_that_loses_its_raylet_end_with_one_message(tmp
     home = tmp_path / "home"
     spec = tmp_path / "cmp-lost.yaml"
     data = TINY_COMPARE | {"name": "cmp-lost"}
-    data["compare"] = TINY_COMPARE["compare"] | {"retrain_epochs": 400}  # seed runs of ~10-20 s
+    data["compare"] = TINY_COMPARE["compare"] | {"retrain_epochs": 40}
     spec.write_text(yaml.safe_dump(data, sort_keys=False))
     url = _url(mlflow_server)
-    run = SweepProcess(["compare", str(spec), "--tracking-uri", url], home)
+    # seed runs of ~10 s whatever the machine (each epoch waits 0.25 s) while the raylet goes; the run
+    # again trains at full speed, from the seed runs' checkpoints
+    run = SweepProcess(["compare", str(spec), "--tracking-uri", url], home, {"FWSWEEP_FAULT": "slow=0.25"})
     wait_until(lambda: "retraining" in run.output() or run.proc.poll() is not None, 300, "the seed runs")
     time.sleep(3)
     raylet = local_ray_process(run.proc.pid, "raylet")
