@@ -155,7 +155,7 @@ def with_library(step: Callable[[], None], library: ctypes.CDLL) -> Callable[[],
     """The step with native.kernel taken from `library` (decided per call, as the forms look kernels up)."""
     def variant_step() -> None:
         original = native._library
-        native._library = lambda hidden=None, sfx=None: library
+        native._library = lambda hidden=None, sfx=None, model=None: library
         try:
             step()
         finally:

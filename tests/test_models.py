@@ -467,7 +467,7 @@ from sweep.models import native
 print("ready", flush=True)
 while not pathlib.Path(sys.argv[1]).exists():
     time.sleep(0.05)
-library = native._library(7, "f32")  # the float32 library for any H first, then the one for H = 7
+library = native._library(7, "f32", "fwlstm")  # the float32 library for any H, then the FW-LSTM's for H = 7
 print("built", library is not None and library is not native._library(None, "f32"), flush=True)
 """
 
@@ -539,8 +539,8 @@ def test_the_portable_lane_sums_equal_the_shuffle_tree(monkeypatch, tmp_path, dt
     native._library.cache_clear()
     try:
         portable = [outputs_and_grads(make(name, dtype=dtype, **kw), x) for name in ("fw_lstm", "fw_rnn")]
-        # built apart from the cached libraries: the one for any hidden size and the one for H = 7
-        assert len(list(tmp_path.glob("fw_kernels-*.so"))) == 2
+        # built apart from the cached libraries: the one for any hidden size and each model's for H = 7
+        assert len(list(tmp_path.glob("fw_kernels-*.so"))) == 3
         assert_weighted_sums_are_exact(dtype)
     finally:
         native._library.cache_clear()

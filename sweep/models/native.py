@@ -12,11 +12,12 @@ of dot products and weighted sums over the stored vectors (`torch.bmm` pays abou
 those, ~130 us per read at batch 128).
 
 The C source below is compiled on first use with the system C compiler (`cc`), for the type in use
-(`source_for`: about 24 CPU-seconds per library on a 2-core AMD EPYC), and cached per source, compiler
+(`source_for`: about 18-24 CPU-seconds per library on a 2-core AMD EPYC), and cached per source, compiler
 flags and CPU model under $FWSWEEP_KERNEL_CACHE (default ~/.cache/fwsweep/kernels), so a cluster node
 compiles it once, for its own CPU (trials starting together wait for one build: `_build`): once for any
-hidden size, and once more for each hidden size a model uses (`kernel(..., hidden=H)`; ASSUME_HIDDEN
-says why), falling back to the first where that build fails. Without a compiler, on CUDA, for other
+hidden size, and once more for each model and hidden size in use, with that model's kernels only
+(`kernel(..., hidden=H)`; ASSUME_HIDDEN and HAS say why; 16 CPU-seconds for the FW-LSTM's, under one
+for the others), falling back to the first where that build fails. Without a compiler, on CUDA, for other
 dtypes, or with FWSWEEP_NATIVE=0, fused.py runs the same equations with torch ops (the reads with
 `torch.bmm`): checked against each other and against the matrix form in tests/test_models.py.
 
@@ -66,6 +67,19 @@ HEADER = r"""
 #define ASSUME_HIDDEN(H) do { if ((H) != FWSWEEP_HIDDEN) __builtin_unreachable(); } while (0)
 #else
 #define ASSUME_HIDDEN(H) ((void) 0)
+#endif
+/* A library for one hidden size serves one model's cells and sequences (-DFWSWEEP_MODEL=MODEL_...: the
+   trial's model; what the others and the shared functions need comes from the library for any size): a
+   third to half of the whole source to compile. The library for any size holds everything. */
+#define MODEL_LNLSTM 1
+#define MODEL_FWLSTM 2
+#define MODEL_FWRNN 3
+#ifdef FWSWEEP_MODEL
+#define HAS(model) (FWSWEEP_MODEL == (model))
+#define HAS_SHARED 0
+#else
+#define HAS(model) 1
+#define HAS_SHARED 1
 #endif
 /* Asks for the cache lines of the n numbers at p ahead of their use (rw: 1 to write them, 0 to read). The
    cells call it on the next batch row's rows while they work on this one, where the hardware's prefetcher
@@ -430,6 +444,7 @@ static void combine_outs_$sfx(int O, long n, long D, const $real *c, long c_s, c
     default: COMBINE_OUTS_$sfx(4) break;
     }
 }
+#if HAS_SHARED
 void column_combine_$sfx(long B, long rows, long D, const $real *sg, long sg_sb, long sg_sj,
                          const $real *G, long g_sb, long g_sj, const $real *init, long init_sb,
                          $real *out, long out_sb) {
@@ -437,6 +452,7 @@ void column_combine_$sfx(long B, long rows, long D, const $real *sg, long sg_sb,
         combine_$sfx(rows, D, sg + b * sg_sb, sg_sj, G + b * g_sb, g_sj, init ? init + b * init_sb : 0,
                      out + b * out_sb);
 }
+#endif
 """)
 
 CELLS = Template(r"""
@@ -511,6 +527,7 @@ static inline void cell_state_$sfx(long H, const $real *cp, const $real *si, con
     }
 }
 
+#if HAS(MODEL_LNLSTM)
 /* LN-LSTM, one time step for every row. Gates i, j, f, o, each with its own layer norm (gain gamma, bias
    beta, forget bias in beta's f row). Saves: n (normalised gates), act (σi, g, σf, σo), rstd (4 gates, cell),
    cn (normalised c_pre), c, tanh(c); writes h. */
@@ -591,6 +608,7 @@ void lnlstm_backward_$sfx(long B, long H, const $real *dh, $real *dc, const $rea
         for (long q = 0; q < 4; q++) ln_backward_$sfx(H, dy + q * H, nb + q * H, rb[q], dzb + q * H);
     }
 }
+#endif
 
 #ifndef PENDING_DV
 /* The FW-LSTM's backward (S = 1) sums v_t's gradient over the GQ rows of every read that saw it (j >= t):
@@ -608,6 +626,7 @@ static inline void stored_vector_$sfx(long D, const $real *n, const $real *gamma
     for (long k = 0; k < D; k++) { const $real z = n[k] * gamma[k] + beta[k]; v[k] = z > 0 ? z : 0; }
 }
 
+#if HAS(MODEL_FWLSTM)
 /* FW-LSTM, one time step t for every row: z is normalised over all 4H gates (i, f, o, g) with gain gamma
    and bias beta; the memory holds v = ReLU(ẑ[m0:]) (D = 4H - m0) and S reads a_s = A(t) q_s, q_0 = v,
    q_s = ReLU(ẑ[m0:] + a_{s-1}), kept in GQ's rows 2r+1 (r = tS + s) with their weighted dots in SG's rows 2r.
@@ -765,7 +784,9 @@ void fwlstm_backward_$sfx(long B, long H, long m0, long t, long S, long T, long 
                               V, v_sb, v_sk, GQ, gq_sb, gq_sj, SG, sg_sb, sg_sj, w, dz, dz_sb, dgamma, dbeta,
                               dgc, dbc, 0, 0, 0);
 }
+#endif
 
+#if HAS(MODEL_FWRNN)
 /* FW-RNN, the inner loop of time step t for every row: S steps h_s = ReLU(LN(slow + A h_{s-1})) with gain
    gamma and bias beta, each read r = r0 + s of the n stored vectors v_0 .. v_{n-1} (n = 0: no read, then
    every h_s = ReLU(LN(slow))). The first query is the stored vector v_{h0_k} (the authors' u, written
@@ -874,6 +895,7 @@ void fwrnn_backward_$sfx(long B, long H, long S, long T, long n, long r0, long w
             for (long k = 0; k < H; k++) dq0[b * H + k] = 0;
     }
 }
+#endif
 """)
 
 SEQUENCES = Template(r"""
@@ -889,6 +911,7 @@ typedef void (*fortran_gemm_$sfx)(const char *ta, const char *tb, const int *m, 
                                   const $real *alpha, const $real *a, const int *lda, const $real *b,
                                   const int *ldb, const $real *beta, $real *c, const int *ldc);
 static fortran_gemm_$sfx blas_$sfx;
+#if HAS_SHARED
 void use_blas_$sfx(void *f) { blas_$sfx = (fortran_gemm_$sfx) f; }
 /* C = A B (+ C when add) for row-major A [M, K], B [K, N], C [M, N], through the BLAS's column-major
    ?gemm_ (Cᵀ = Bᵀ Aᵀ), with brgemm's arguments. */
@@ -899,6 +922,7 @@ void blas_rowmajor_gemm_$sfx(long M, long N, long K, long lda, long ldb, long ld
     (void) vnni;
     blas_$sfx("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
 }
+#endif
 
 /* Step t's rows of x W_x + b for rows b0 .. b0 + nb - 1: of xW [B, T, G] in place (batch stride T G), or,
    with `tokens` [B, T], gathered from the projected vocabulary xW [V, G] into xg [nb, G] (batch stride G),
@@ -995,6 +1019,7 @@ static void sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
     transpose_$sfx(H, G, dWT, dW_h);
 }
 
+#if HAS(MODEL_LNLSTM)
 /* Each model: its buffers, and its step for rows b0 .. b0 + nb - 1 (o: row b0 of step t in the T-major
    buffers). LN-LSTM: */
 struct lnlstm_fw_$sfx {
@@ -1046,6 +1071,8 @@ void lnlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
                            dWT, dW_h, lnlstm_step_backward_$sfx, &m);
 }
 
+#endif
+#if HAS(MODEL_FWLSTM)
 /* FW-LSTM (its memory: V, GQ, SG with their batch and row strides, and the weights w). one_block (S = 1,
    V the query rows of GQ): V and GQ hold one block's rows, which every block reuses, so the memory stays in
    L2 and is never written out for the backward; the backward recomputes a block's stored vectors from the
@@ -1139,6 +1166,8 @@ void fwlstm_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long 
     free(P);
 }
 
+#endif
+#if HAS(MODEL_FWRNN)
 /* FW-RNN, Ba et al.'s equations (the authors' variant keeps its time loop in Python): step t's slow input
    W h(t-1) + C x(t), then the inner loop reading h(0) .. h(t-1), and h(t) stored unless t = T - 1. One
    block of all B rows (the memory is H wide: 15 KB a row at H = 100). XH [T, S, B, H], RS [T, S, B]; in
@@ -1194,6 +1223,7 @@ void fwrnn_sequence_backward_$sfx(gemm_$sfx gemm, long B, long T, long H, long S
     sequence_backward_$sfx(gemm, B, T, H, H, B, W, grad_h, dSlow, dh, 0, 0, Hprev, chunk, HT, dWT, dW,
                            fwrnn_step_backward_$sfx, &m);
 }
+#endif
 """)
 
 TYPES = (("float", "f32"), ("double", "f64"))
@@ -1217,6 +1247,7 @@ def source_for(sfx: str) -> str:
 COMPILE_TIMEOUT_S = 600
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+MODELS = {"lnlstm": 1, "fwlstm": 2, "fwrnn": 3}  # the source's MODEL_LNLSTM, MODEL_FWLSTM, MODEL_FWRNN
 _long, _ptr = ctypes.c_long, ctypes.c_void_p
 _MEMORY = [_ptr, _long, _long] * 3 + [_ptr]  # V, GQ, SG (address, batch stride, row stride), weights
 SIGNATURES = {
@@ -1335,14 +1366,15 @@ def _build_lock(target: Path) -> Iterator[None]:
 
 
 @cache
-def _library(hidden: int | None = None, sfx: str = "f32") -> ctypes.CDLL | None:
+def _library(hidden: int | None = None, sfx: str = "f32", model: str | None = None) -> ctypes.CDLL | None:
     """The kernels of one type (`sfx`: f32 or f64), built for any hidden size (hidden None) or for one
-    (ASSUME_HIDDEN in the source)."""
+    (ASSUME_HIDDEN in the source), then those of one `model` only (MODELS: HAS in the source)."""
     if hidden is not None:
         if _library(None, sfx) is None:
             return None
         try:
-            return _loaded(ctypes.CDLL(str(_compile(_compiler(), build_flags(hidden), source_for(sfx)))), sfx)
+            built = _compile(_compiler(), build_flags(hidden, model), source_for(sfx))
+            return _loaded(ctypes.CDLL(str(built)), sfx, model=model)
         except (OSError, subprocess.SubprocessError) as err:  # the general build serves instead
             log.warning("could not build the C kernels for hidden size %s (%s); the ones for any size serve "
                         "(same results, a little slower)", hidden, _said(err))
@@ -1372,9 +1404,11 @@ def _said(err: Exception) -> str:
     return str(err)
 
 
-def build_flags(hidden: int | None = None) -> list[str]:
-    """The compiler's flags for the library for any hidden size (None) or for one (see ASSUME_HIDDEN)."""
-    return [*FLAGS, *([f"-DFWSWEEP_HIDDEN={int(hidden)}"] if hidden is not None else [])]
+def build_flags(hidden: int | None = None, model: str | None = None) -> list[str]:
+    """The compiler's flags for the library for any hidden size (None) or for one (see ASSUME_HIDDEN), with
+    `model` (a key of MODELS) one model's kernels only."""
+    return [*FLAGS, *([f"-DFWSWEEP_HIDDEN={int(hidden)}"] if hidden is not None else []),
+            *([f"-DFWSWEEP_MODEL={MODELS[model]}"] if model is not None else [])]
 
 
 def _compiler() -> list[str]:
@@ -1382,12 +1416,21 @@ def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CC", "")) or ([found] if found else [])  # CC may carry flags
 
 
-def _loaded(library: ctypes.CDLL, *suffixes: str) -> ctypes.CDLL:
-    """`library` with each function's argument types set, for the types it holds (default: both)."""
+def _loaded(library: ctypes.CDLL, *suffixes: str, model: str | None = None) -> ctypes.CDLL:
+    """`library` with each function's argument types set, for the types it holds (default: both) and, for
+    a library of one model's kernels, that model's functions."""
     for name, argtypes in SIGNATURES.items():
+        if model is not None and _model_of(name) != model:
+            continue
         for suffix in suffixes or _SUFFIX.values():
             getattr(library, f"{name}_{suffix}").argtypes = argtypes
     return library
+
+
+def _model_of(name: str) -> str | None:
+    """The model whose kernels `name` belongs to (lnlstm_forward: lnlstm); None for the shared ones."""
+    prefix = name.split("_", 1)[0]
+    return prefix if prefix in MODELS else None
 
 
 def _fall_back(why: str) -> None:
@@ -1405,5 +1448,9 @@ def usable_for(like: Tensor) -> bool:
 
 def kernel(name: str, dtype: torch.dtype, hidden: int | None = None):
     """The C function `name` for `dtype` (call only where `usable_for` said yes); with `hidden`, from the
-    library built for that hidden size, which must then be the H of every call (see ASSUME_HIDDEN)."""
-    return getattr(_library(hidden, _SUFFIX[dtype]), f"{name}_{_SUFFIX[dtype]}")
+    library built for that hidden size and the function's model, which must then be the H of every call
+    (see ASSUME_HIDDEN)."""
+    model = _model_of(name) if hidden is not None else None
+    if hidden is not None and model is None:
+        raise ValueError(f"{name}: only a model's kernels are built for one hidden size")
+    return getattr(_library(hidden, _SUFFIX[dtype], model), f"{name}_{_SUFFIX[dtype]}")
