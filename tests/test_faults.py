@@ -271,13 +271,66 @@ def finished_trials_on_disk(home: Path, name: str, epochs: int) -> dict[str, lis
     return out
 
 
-def running_trial_runs(url: str, name: str) -> list[str]:
-    """The RUNNING trial runs of sweep `name` in MLflow (none while its experiment does not exist yet)."""
+def trial_runs_so_far(url: str, name: str) -> list[Any]:
+    """The trial runs of sweep `name` in MLflow (none while its experiment does not exist yet)."""
     from mlflow import MlflowClient
 
     if MlflowClient(url).get_experiment_by_name(name) is None:
         return []
-    return [r.info.run_id for r in mlflow_runs(url, name)[1] if r.info.status == "RUNNING"]
+    return mlflow_runs(url, name)[1]
+
+
+def running_trial_runs(url: str, name: str) -> list[str]:
+    """The RUNNING trial runs of sweep `name` in MLflow."""
+    return [r.info.run_id for r in trial_runs_so_far(url, name) if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killed_driver_is_resumed_without_rerunning_or_duplicating(
+        mlflow_server: str, home: Path, tmp_path: Path) -> None:
+    """SIGKILL to `sweep run` once a trial has finished and others are mid-way; `sweep resume` then
+    finishes the sweep: the finished trial does not run again, no MLflow run is duplicated or left
+    RUNNING, every metric step is logged once, and Optuna's study holds each trial exactly once."""
+    name, epochs = "faults-driver", 3
+    spec = write_spec(tmp_path, name, budget={"num_samples": 3, "max_concurrent": 2})
+    env = {"FWSWEEP_FAULT": "slow=3"}  # ~10 s per trial: time to kill the sweep mid-way, even when loaded
+    run = SweepProcess(["run", str(spec), "--tracking-uri", mlflow_server], home, env)
+    wait_until(lambda: finished_trials_on_disk(home, name, epochs) and
+               len(started_trials_on_disk(home, name)) >= 2 or run.proc.poll() is not None,
+               150, "a finished trial and a running one")
+    time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S (2 s): Tune's experiment state now knows the finished trial
+    # the live logging runs behind the trials (more so on a loaded machine): wait for a run it opened
+    wait_until(lambda: running_trial_runs(mlflow_server, name) or run.proc.poll() is not None, 60,
+               "an MLflow run of a running trial")
+    assert run.proc.poll() is None, f"the sweep ended before it could be killed:\n{run.output()[-3000:]}"
+    run.signal(signal.SIGKILL)
+    run.wait(10)
+    time.sleep(1)
+    kill_processes_of(home)  # the dead driver's local Ray goes with it, as when its machine dies
+    finished_before = finished_trials_on_disk(home, name, epochs)
+    _, runs_before = mlflow_runs(mlflow_server, name)
+    running_before = [r.info.run_id for r in runs_before if r.info.status == "RUNNING"]
+    assert running_before, "no MLflow run was RUNNING when the driver died"
+
+    run_to_end(["resume", name, "--tracking-uri", mlflow_server], home, env)
+
+    trials = tune_trials(home, name)
+    assert len(trials) == 3 and all(t["status"] == "TERMINATED" for t in trials.values()), trials
+    for tid, epochs_before in finished_before.items():
+        assert trials[tid]["epochs"] == epochs_before, f"finished trial {tid} ran again"
+    for tid, t in trials.items():
+        assert t["epochs"] == [1, 2, 3], f"trial {tid}: epochs {t['epochs']} (repeated or missing)"
+    runs = trial_runs_by_id(mlflow_server, name)
+    assert set(runs) == set(trials)
+    assert {r.info.run_id for r in runs_before} <= {r.info.run_id for r in runs.values()}, "runs replaced"
+    parents, children = mlflow_runs(mlflow_server, name)
+    assert len(parents) == 1 and all(r.info.status == "FINISHED" for r in parents + children)
+    for tid, run_ in runs.items():  # one value per step, none missing (also for trials in flight at the kill)
+        assert metric_steps(mlflow_server, run_.info.run_id, "val_accuracy") == epoch_steps(3), tid
+    study = optuna_by_tune_trial(home, name)
+    assert set(study) == set(trials) and all(t.state.name == "COMPLETE" for t in study.values())
+    assert len(optuna_trials(home, name)) == 3, "the Optuna study lost or repeated a trial"
 
 
 class RayNode:
@@ -484,28 +537,22 @@ def assert_records_agree(home: Path, name: str, url: str) -> dict[str, int]:
     return counts
 
 
-def any_trial_started(home: Path, name: str, url: str) -> bool:
+def any_trial_started(home: Path, name: str) -> bool:
     return any(experiment_dir(home, name).glob("trial_*"))
 
 
-def finished_and_running(home: Path, name: str, url: str) -> bool:
-    """A trial finished, another has results, and MLflow holds a RUNNING run of a trial (the live logging
-    runs behind the trials, more so on a loaded machine): the kill leaves a run for `resume` to close."""
-    return bool(finished_trials_on_disk(home, name, 3)) and len(started_trials_on_disk(home, name)) >= 2 \
-        and bool(running_trial_runs(url, name))
-
-
-KILL_POINTS: dict[str, Callable[[Path, str, str], bool]] = {
+KILL_POINTS: dict[str, Callable[[Path, str], bool]] = {
     # right after Tune started a trial (its folder exists), before it reported anything
     "trial started": any_trial_started,
     # a first epoch reported (Tune's result row on disk)
-    "first result": lambda home, name, url: bool(started_trials_on_disk(home, name)),
-    # one trial finished and another is running, with its MLflow run open
-    "trial finished": finished_and_running,
+    "first result": lambda home, name: bool(started_trials_on_disk(home, name)),
+    # one trial finished and another is running
+    "trial finished": lambda home, name: bool(finished_trials_on_disk(home, name, 3))
+    and len(started_trials_on_disk(home, name)) >= 2,
     # every trial of the budget started
-    "all started": lambda home, name, url: len(started_trials_on_disk(home, name)) >= 3,
+    "all started": lambda home, name: len(started_trials_on_disk(home, name)) >= 3,
     # Tune is done: the driver exports and brings MLflow level (the kill lands in that reconcile)
-    "in the final sync": lambda home, name, url: (experiment_dir(home, name) / "exports/best.yaml").exists(),
+    "in the final sync": lambda home, name: (experiment_dir(home, name) / "exports" / "best.yaml").exists(),
 }
 
 
@@ -522,19 +569,16 @@ def test_driver_killed_at_any_point_then_resume_agrees(point: str, mlflow_server
     spec = write_spec(tmp_path, name, budget={"num_samples": 3, "max_concurrent": 2})
     env = {"FWSWEEP_FAULT": "slow=1.5"}
     run = SweepProcess(["run", str(spec), "--tracking-uri", mlflow_server], home, env)
-    wait_until(lambda: KILL_POINTS[point](home, name, mlflow_server) or run.proc.poll() is not None, 240,
-               point)
+    wait_until(lambda: KILL_POINTS[point](home, name) or run.proc.poll() is not None, 240, point)
     assert run.proc.poll() is None, f"the sweep ended before {point}:\n{run.output()[-3000:]}"
     run.signal(signal.SIGKILL)
     run.wait(10)
     kill_processes_of(home)  # its local Ray goes with it, as when the machine dies
-    from mlflow import MlflowClient
     from ray.tune import Tuner
 
     finished_before = {tid: rows for tid, rows in trial_rows(home, name).items()
                        if tid in finished_trials_on_disk(home, name, 3)}
-    runs_before = {r.info.run_id for r in mlflow_runs(mlflow_server, name)[1]} \
-        if MlflowClient(mlflow_server).get_experiment_by_name(name) else set()
+    runs_before = {r.info.run_id for r in trial_runs_so_far(mlflow_server, name)}
     saved = Tuner.can_restore(str(experiment_dir(home, name)))
     again = ["resume", name] if saved else ["run", str(spec)]
     run_to_end([*again, "--tracking-uri", mlflow_server], home, env)
@@ -549,7 +593,7 @@ def test_driver_killed_at_any_point_then_resume_agrees(point: str, mlflow_server
         epochs = [row["epoch"] for row in mine]
         once = epochs[:-1] if len(mine) > 1 and repeats_only_the_final_row(mine[:-1], mine) else epochs
         assert once == [1, 2, 3], f"trial {tid}: epochs {epochs} (repeated or missing)"
-    assert runs_before <= {r.info.run_id for r in mlflow_runs(mlflow_server, name)[1]}, "runs replaced"
+    assert runs_before <= {r.info.run_id for r in trial_runs_so_far(mlflow_server, name)}, "runs replaced"
     assert len(optuna_trials(home, name)) == 3, "the Optuna study lost or repeated a trial"
 
 
