@@ -124,17 +124,26 @@ static inline float tanh_approx_f32(float x) {
     big = x < 0 ? -big : big;
     return a < 0.625f ? small : big;
 }
-/* One 64-byte vector (GCC's and Clang's vector extensions: one AVX-512 register where the CPU has them,
-   two or four narrower ones elsewhere), its loads from unaligned memory, the lower half of one (upper
-   lanes zero), and the sums across the lanes of eight vectors at once: a transposing tree of shuffles
-   and adds (a vector's lanes summed one by one, as `omp simd reduction` compiles them, cost more than
-   the 8-row dot products' FMAs at these lengths). */
-typedef float vec_f32 __attribute__((vector_size(64)));
-typedef double vec_f64 __attribute__((vector_size(64)));
-#define LANES_f32 16
-#define LANES_f64 8
-typedef float half_f32 __attribute__((vector_size(32)));
-typedef double half_f64 __attribute__((vector_size(32)));
+/* One vector of VECTOR_BYTES (GCC's and Clang's vector extensions): 64 bytes, one AVX-512 register, where
+   the CPU has them; 32 elsewhere (one AVX2 register, two NEON ones). The products below keep up to 16 sums
+   in registers: 64-byte vectors on a CPU with 16 32-byte registers spill them, and an FW-LSTM step at
+   H = 50 took 2.4x as long on an AVX2-only AMD EPYC (docs/benchmarks.md, "AVX2"). Also: its loads from
+   unaligned memory, the lower half of one (upper lanes zero), and the sums across the lanes of eight
+   vectors at once: a transposing tree of shuffles and adds (a vector's lanes summed one by one, as
+   `omp simd reduction` compiles them, cost more than the 8-row dot products' FMAs at these lengths). */
+#if defined(FWSWEEP_VECTOR_BYTES)  /* to test the other width */
+#define VECTOR_BYTES FWSWEEP_VECTOR_BYTES
+#elif defined(__AVX512F__)
+#define VECTOR_BYTES 64
+#else
+#define VECTOR_BYTES 32
+#endif
+typedef float vec_f32 __attribute__((vector_size(VECTOR_BYTES)));
+typedef double vec_f64 __attribute__((vector_size(VECTOR_BYTES)));
+#define LANES_f32 (VECTOR_BYTES / 4)
+#define LANES_f64 (VECTOR_BYTES / 8)
+typedef float half_f32 __attribute__((vector_size(VECTOR_BYTES / 2)));
+typedef double half_f64 __attribute__((vector_size(VECTOR_BYTES / 2)));
 static inline vec_f32 load_f32(const float *p) { vec_f32 v; memcpy(&v, p, sizeof v); return v; }
 static inline vec_f64 load_f64(const double *p) { vec_f64 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store_f32(float *p, vec_f32 v) { memcpy(p, &v, sizeof v); }
@@ -146,6 +155,20 @@ static inline void store_f64(double *p, vec_f64 v) { memcpy(p, &v, sizeof v); }
 #endif
 #ifdef HAVE_SHUFFLEVECTOR
 #define SHUF __builtin_shufflevector
+/* pairwise sums of two vectors' lanes in groups (x's then y's): 16 lanes to 8 + 8, ... 2 lanes to 1 + 1 */
+#define PAIR8(x, y) (SHUF(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) \
+                     + SHUF(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+#define PAIR4(x, y) (SHUF(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) \
+                     + SHUF(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31))
+#define PAIR2(x, y) (SHUF(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) \
+                     + SHUF(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31))
+#define OPAIR4(x, y) (SHUF(x, y, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(x, y, 4, 5, 6, 7, 12, 13, 14, 15))
+#define OPAIR2(x, y) (SHUF(x, y, 0, 1, 4, 5, 8, 9, 12, 13) + SHUF(x, y, 2, 3, 6, 7, 10, 11, 14, 15))
+#define OPAIR1(x, y) (SHUF(x, y, 0, 2, 4, 6, 8, 10, 12, 14) + SHUF(x, y, 1, 3, 5, 7, 9, 11, 13, 15))
+#define QPAIR2(x, y) (SHUF(x, y, 0, 1, 4, 5) + SHUF(x, y, 2, 3, 6, 7))
+#define QPAIR1(x, y) (SHUF(x, y, 0, 2, 4, 6) + SHUF(x, y, 1, 3, 5, 7))
+typedef float quarter_f32 __attribute__((vector_size(16)));
+#if VECTOR_BYTES == 64
 /* a half vector widened by a shuffle (a load into half of a vector in memory would stall the next load) */
 static inline vec_f32 load_half_f32(const float *p) {
     half_f32 h;
@@ -159,12 +182,6 @@ static inline vec_f64 load_half_f64(const double *p) {
 }
 static inline void hsum8_f32(vec_f32 a0, vec_f32 a1, vec_f32 a2, vec_f32 a3, vec_f32 a4, vec_f32 a5,
                              vec_f32 a6, vec_f32 a7, float *s) {
-#define PAIR8(x, y) (SHUF(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) \
-                     + SHUF(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
-#define PAIR4(x, y) (SHUF(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) \
-                     + SHUF(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31))
-#define PAIR2(x, y) (SHUF(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) \
-                     + SHUF(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31))
     /* [a0: 8 | a1: 8] ..., then [a0: 4, a1: 4, a2: 4, a3: 4], [a0: 2, ..., a7: 2], [a0, ..., a7] */
     const vec_f32 d = PAIR2(PAIR4(PAIR8(a0, a1), PAIR8(a2, a3)), PAIR4(PAIR8(a4, a5), PAIR8(a6, a7)));
     const half_f32 e = SHUF(d, d, 0, 2, 4, 6, 8, 10, 12, 14) + SHUF(d, d, 1, 3, 5, 7, 9, 11, 13, 15);
@@ -172,14 +189,10 @@ static inline void hsum8_f32(vec_f32 a0, vec_f32 a1, vec_f32 a2, vec_f32 a3, vec
 }
 static inline void hsum8_f64(vec_f64 a0, vec_f64 a1, vec_f64 a2, vec_f64 a3, vec_f64 a4, vec_f64 a5,
                              vec_f64 a6, vec_f64 a7, double *s) {
-#define DPAIR4(x, y) (SHUF(x, y, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(x, y, 4, 5, 6, 7, 12, 13, 14, 15))
-#define DPAIR2(x, y) (SHUF(x, y, 0, 1, 4, 5, 8, 9, 12, 13) + SHUF(x, y, 2, 3, 6, 7, 10, 11, 14, 15))
-#define DPAIR1(x, y) (SHUF(x, y, 0, 2, 4, 6, 8, 10, 12, 14) + SHUF(x, y, 1, 3, 5, 7, 9, 11, 13, 15))
-    const vec_f64 e = DPAIR1(DPAIR2(DPAIR4(a0, a1), DPAIR4(a2, a3)), DPAIR2(DPAIR4(a4, a5), DPAIR4(a6, a7)));
+    const vec_f64 e = OPAIR1(OPAIR2(OPAIR4(a0, a1), OPAIR4(a2, a3)), OPAIR2(OPAIR4(a4, a5), OPAIR4(a6, a7)));
     memcpy(s, &e, sizeof e);
 }
 /* the sum of one vector's lanes: halves added, then quarters, then pairwise */
-typedef float quarter_f32 __attribute__((vector_size(16)));
 static inline float hsum1_f32(vec_f32 a) {
     const half_f32 h = SHUF(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + SHUF(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
     const quarter_f32 q = SHUF(h, h, 0, 1, 2, 3) + SHUF(h, h, 4, 5, 6, 7);
@@ -189,7 +202,35 @@ static inline double hsum1_f64(vec_f64 a) {
     const half_f64 h = SHUF(a, a, 0, 1, 2, 3) + SHUF(a, a, 4, 5, 6, 7);
     return (h[0] + h[2]) + (h[1] + h[3]);
 }
-#if defined(__AVX512F__)
+#else  /* 32-byte vectors: 8 floats, 4 doubles */
+static inline vec_f32 load_half_f32(const float *p) {
+    half_f32 h;
+    memcpy(&h, p, sizeof h);
+    return SHUF(h, (half_f32){0}, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+static inline vec_f64 load_half_f64(const double *p) {
+    half_f64 h;
+    memcpy(&h, p, sizeof h);
+    return SHUF(h, (half_f64){0}, 0, 1, 2, 3);
+}
+static inline void hsum8_f32(vec_f32 a0, vec_f32 a1, vec_f32 a2, vec_f32 a3, vec_f32 a4, vec_f32 a5,
+                             vec_f32 a6, vec_f32 a7, float *s) {
+    const vec_f32 e = OPAIR1(OPAIR2(OPAIR4(a0, a1), OPAIR4(a2, a3)), OPAIR2(OPAIR4(a4, a5), OPAIR4(a6, a7)));
+    memcpy(s, &e, sizeof e);
+}
+static inline void hsum8_f64(vec_f64 a0, vec_f64 a1, vec_f64 a2, vec_f64 a3, vec_f64 a4, vec_f64 a5,
+                             vec_f64 a6, vec_f64 a7, double *s) {
+    const vec_f64 lo = QPAIR1(QPAIR2(a0, a1), QPAIR2(a2, a3)), hi = QPAIR1(QPAIR2(a4, a5), QPAIR2(a6, a7));
+    memcpy(s, &lo, sizeof lo);
+    memcpy(s + 4, &hi, sizeof hi);
+}
+static inline float hsum1_f32(vec_f32 a) {
+    const quarter_f32 q = SHUF(a, a, 0, 1, 2, 3) + SHUF(a, a, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+static inline double hsum1_f64(vec_f64 a) { return (a[0] + a[2]) + (a[1] + a[3]); }
+#endif
+#if defined(__AVX512F__) && VECTOR_BYTES == 64
 #include <immintrin.h>
 /* the first m lanes (0 < m < LANES), the others zero: a masked load, which never touches the lanes past m
    (so never memory past a buffer's end); and its masked store */
@@ -385,7 +426,13 @@ static void combine_$sfx(long n, long D, const $real *c, long c_s, const $real *
 /* O <= 4 sums in one pass over V's n rows: out_i = init_i + Σ_k c[k c_s - i] V[k] (init_i = 0 when NULL),
    so each row, loaded once, serves O outputs (the FW-LSTM's backward: one stored vector's gradient and
    partial sums of the next ones', from the same rows). A chunk of J <= 4 vectors (the last one `part`
-   lanes when part > 0) of every output is kept in registers through all n rows. */
+   lanes when part > 0) of every output is kept in registers through all n rows: J = 4 with 32 registers
+   (AVX-512), with 16 as many as O J sums, O coefficients and J rows fit (4 for O <= 2, else 2). */
+#if VECTOR_BYTES == 64
+#define OUTS_J(O) 4
+#else
+#define OUTS_J(O) ((O) <= 2 ? 4 : 2)
+#endif
 #define EACH_OJ_$sfx(op) \
     op(0, 0) op(0, 1) op(0, 2) op(0, 3) op(1, 0) op(1, 1) op(1, 2) op(1, 3) \
     op(2, 0) op(2, 1) op(2, 2) op(2, 3) op(3, 0) op(3, 1) op(3, 2) op(3, 3)
@@ -419,8 +466,8 @@ static inline __attribute__((always_inline)) void combine_outs_chunk_$sfx(const 
 }
 #define COMBINE_OUTS_$sfx(O) { \
         long d = 0; \
-        for (; d + 4 * L <= D; d += 4 * L) \
-            combine_outs_chunk_$sfx(O, 4, 0, n, c, c_s, V, v_sk, init, out, d); \
+        for (; d + OUTS_J(O) * L <= D; d += OUTS_J(O) * L) \
+            combine_outs_chunk_$sfx(O, OUTS_J(O), 0, n, c, c_s, V, v_sk, init, out, d); \
         const long whole = (D - d) / L, part = PART_LANES(D - d - whole * L, L); \
         switch (whole + (part > 0)) { \
         case 1: combine_outs_chunk_$sfx(O, 1, part, n, c, c_s, V, v_sk, init, out, d); break; \
@@ -1246,7 +1293,12 @@ def source_for(sfx: str) -> str:
 
 # A hung compiler must not hang the trial; a busy node (every core training) can take minutes to build.
 COMPILE_TIMEOUT_S = 600
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
+# -fno-trapping-math: the cells' sigmoid and tanh loops pick a branch per lane (tanh's two ranges, the exp's
+# clamps). GCC computes both sides and blends only where it may assume no floating-point operation traps;
+# AVX-512's masked operations need no such assumption, so without the flag those loops stayed scalar on
+# AVX2-only CPUs: an LN-LSTM step 1.6x as long (docs/benchmarks.md, "AVX2"). The kernels never read
+# floating-point exception flags; the results are the same numbers.
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 MODELS = {"lnlstm": 1, "fwlstm": 2, "fwrnn": 3}  # the source's MODEL_LNLSTM, MODEL_FWLSTM, MODEL_FWRNN
 _long, _ptr = ctypes.c_long, ctypes.c_void_p
