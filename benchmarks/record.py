@@ -34,10 +34,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def simd() -> str | None:
+    """The widest x86 vector instructions the CPU reports (the C kernels are built for them): 'AVX-512',
+    'AVX2', or None (another architecture, or an older x86)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+
+
 def machine() -> dict[str, Any]:
     """What the numbers depend on: CPU, cores, memory, library versions."""
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
+        "simd": simd(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "python": platform.python_version(),

@@ -36,8 +36,9 @@ def provenance(p: dict[str, Any]) -> str:
     load = "{:.1f} before, {:.1f} after".format(p["load_average_before"][0], p["load_average_after"][0])
     torch = f", torch {m['torch']}" if m.get("torch") else ""
     gpu = f", GPU {m['cuda_device']}" if m.get("cuda_device") else ""
+    simd = f" with {m['simd']}" if m.get("simd") else ""
     return (
-        f"*Measured {p['started_utc']} on {m.get('cpu_model')} ({m.get('usable_cpus')} usable of "
+        f"*Measured {p['started_utc']} on {m.get('cpu_model')}{simd} ({m.get('usable_cpus')} usable of "
         f"{m.get('logical_cpus')} CPUs, {m.get('memory_gib')} GiB{gpu}), "
         f"Python {m.get('python')}{torch}; "
         f"1-minute load average {load}; commit {p.get('git_commit') or 'unknown'}; "
@@ -192,6 +193,15 @@ def render_allocator(p: dict[str, Any]) -> str:
             for r in p["results"]["rows"]]
     header = ["H", "model", "options", "ms, glibc's defaults", "ms, as trials run", "ratio",
               "page faults per step, defaults", "page faults per step, as trials run"]
+    return "\n\n".join([provenance(p), table(header, rows)])
+
+
+def render_kernels_ab(p: dict[str, Any]) -> str:
+    r = p["results"]
+    rows = [[row["hidden_size"], row["model"], f"{row['base_ms']:.2f}", f"{row['new_ms']:.2f}",
+             f"{row['ratio']:.3f}", f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"] for row in r["rows"]]
+    header = ["H", "model", f"base ({r['base_commit'][:7]}) ms", "this commit ms", "this / base (median)",
+              "range over rounds"]
     return "\n\n".join([provenance(p), table(header, rows)])
 
 
@@ -409,6 +419,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "tracking": render_tracking,
     "gpu": render_gpu,
     "fw_ln_bound": render_fw_ln_bound,
+    "kernels_ab": render_kernels_ab,
 }
 
 

@@ -202,6 +202,11 @@ def test_every_kind_of_result_has_a_renderer():
                                  "ms_default": 70.0, "ms_kept": 56.0, "ratio": 0.8, "faults_default": 2700.0,
                                  "faults_kept": 0.0}]},
          "| 100 | fw_lstm | fw_form=fused | 70.0 | 56.0 | 0.80 |"),
+        ("kernels_ab", {"base_commit": "6521f7f0", "rows": [{"hidden_size": 50, "model": "fw_lstm",
+                                                             "base_ms": 35.6, "new_ms": 14.6, "ratio": 0.415,
+                                                             "ratio_min": 0.3, "ratio_max": 0.52,
+                                                             "rounds": 25}]},
+         "| 50 | fw_lstm | 35.60 | 14.60 | 0.415 | 0.30-0.52 |"),
     ]:
         assert expected in render.RENDERERS[kind](base | {"kind": kind, "results": results})
 
@@ -291,6 +296,24 @@ def test_search_efficiency_pairs_with_an_earlier_runs_random_searches(tmp_path):
                                "strategies": {"tpe+asha": _searches(2, 2),
                                               "random+fifo": paired["searches"]}}})
     assert "searches from `search_efficiency.json` (commits aaa)" in page and "bootstrap_count: 1" in page
+
+
+@pytest.mark.slow  # a benchmark subprocess that compiles six kernel libraries
+def test_kernels_ab_times_a_base_commits_kernels_against_the_working_trees(tmp_path):
+    from test_models import quick_compiler  # noqa: PLC0415 - the -O1 compiler of the kernel tests
+
+    env = {**os.environ, "CC": str(quick_compiler(tmp_path)), "FWSWEEP_KERNEL_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, str(BENCH / "kernels_ab.py"), "--base", "HEAD", "--hidden", "4",
+                           "--rounds", "2", "--name", str(tmp_path / "ab")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    payload = json.loads((tmp_path / "ab.json").read_text())
+    rows = payload["results"]["rows"]
+    assert [(r["hidden_size"], r["model"]) for r in rows] == [(4, "fw_lstm"), (4, "ln_lstm"), (4, "fw_rnn")]
+    assert all(r["base_ms"] > 0 and r["new_ms"] > 0 and r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+               for r in rows)
+    assert payload["kind"] == "kernels_ab" and len(payload["results"]["base_commit"]) == 40
+    assert "| 4 | fw_rnn |" in render.RENDERERS["kernels_ab"](payload)
 
 
 def test_committed_docs_match_the_committed_results():
