@@ -3,13 +3,14 @@
     .venv/bin/python benchmarks/kernels_ab.py --base 6521f7f                 # H in {20, 50, 100}
     .venv/bin/python benchmarks/kernels_ab.py --base 6521f7f --hidden 50 --rounds 40
 
-For each hidden size and model (FW-LSTM, LN-LSTM, FW-RNN, all fused), the kernel library a trial would
-build (one model, one H) is built twice: from the base commit's `sweep/models/native.py` (its C source
-and its compiler flags) and from the working tree's. One model and one batch then train in rounds of 10
-steps with each library in turn, back to back (one torch thread, batch 128, ART K=8, the trials' malloc
-setting); the ratio is the median over rounds of (working tree / base), CPU time of the thread. All but
-the kernels is the working tree's code, so the ratio is the kernels' change alone; both sides share the
-host's slow and fast spells. The base must call its kernels as the working tree does (same C signatures).
+For each hidden size, the kernel library for that size is built twice, with every model's kernels (as
+fw_ln_bound.py builds its variants; a trial's library holds one model's, the same code): from the base
+commit's `sweep/models/native.py` (its C source and its compiler flags) and from the working tree's. Each
+model (FW-LSTM, LN-LSTM, FW-RNN, all fused) then trains one batch in rounds of 10 steps with each library
+in turn, back to back (one torch thread, batch 128, ART K=8, the trials' malloc setting); the ratio is the
+median over rounds of (working tree / base), CPU time of the thread. All but the kernels is the working
+tree's code, so the ratio is the kernels' change alone; both sides share the host's slow and fast spells.
+The base must call its kernels as the working tree does (same C signatures).
 
 Writes benchmarks/results/kernels_ab.json (--name for another); `benchmarks/render.py` renders it into
 docs/benchmarks.md. Run it on an otherwise idle machine.
@@ -33,6 +34,7 @@ from types import ModuleType
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fw_ln_bound import with_library  # noqa: E402
 from models import CLASSES, VOCAB, art_shaped_batch, train_step_fn  # noqa: E402
 from record import record  # noqa: E402
 
@@ -40,7 +42,7 @@ from sweep.allocator import keep_freed_memory  # noqa: E402
 from sweep.models import build_model, native, params_class  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = [("fw_lstm", "fwlstm"), ("ln_lstm", "lnlstm"), ("fw_rnn", "fwrnn")]
+MODELS = ["fw_lstm", "ln_lstm", "fw_rnn"]
 STEPS_PER_ROUND = 10
 
 
@@ -60,26 +62,12 @@ def base_native(commit: str, folder: Path) -> ModuleType:
     return module
 
 
-def build(source: str, flags: list[str], folder: Path, label: str, model: str) -> ctypes.CDLL:
+def build(source: str, flags: list[str], folder: Path, label: str) -> ctypes.CDLL:
     c_file, library = folder / f"{label}.c", folder / f"{label}.so"
     c_file.write_text(source)
-    compiler = native._compiler()
-    subprocess.run([*compiler, *flags, str(c_file), "-o", str(library)], check=True, capture_output=True)
-    return native._loaded(ctypes.CDLL(str(library)), "f32", model=model)
-
-
-def with_library(step: Callable[[], None], library: ctypes.CDLL) -> Callable[[], None]:
-    """The step with the hidden size's kernels taken from `library` (the library for any size stays)."""
-    def variant_step() -> None:
-        original = native._library
-        native._library = lambda hidden=None, sfx=None, model=None: (
-            library if hidden is not None else original(None, sfx))
-        try:
-            step()
-        finally:
-            native._library = original
-
-    return variant_step
+    subprocess.run([*native._compiler(), *flags, str(c_file), "-o", str(library)], check=True,
+                   capture_output=True)
+    return native._loaded(ctypes.CDLL(str(library)), "f32")
 
 
 def thread_seconds(step: Callable[[], None]) -> float:
@@ -89,15 +77,11 @@ def thread_seconds(step: Callable[[], None]) -> float:
     return (time.thread_time() - start) / STEPS_PER_ROUND
 
 
-def compare(base: ModuleType, hidden: int, name: str, model: str, rounds: int, folder: Path) -> dict:
-    base_lib = build(base.source_for("f32"), base.build_flags(hidden, model), folder,
-                     f"base-{model}-{hidden}", model)
-    new_lib = build(native.source_for("f32"), native.build_flags(hidden, model), folder,
-                    f"new-{model}-{hidden}", model)
+def compare(libraries: tuple[ctypes.CDLL, ctypes.CDLL], hidden: int, name: str, rounds: int) -> dict:
     x, y = art_shaped_batch(128, 8)
     torch.manual_seed(0)
     step = train_step_fn(build_model(params_class(name)(hidden_size=hidden), VOCAB, CLASSES), x, y)
-    old, new = with_library(step, base_lib), with_library(step, new_lib)
+    old, new = (with_library(step, library) for library in libraries)
     old(), new()  # warm-up: Adam's state, the allocator
     base_s, new_s = [], []
     for _ in range(rounds):
@@ -110,6 +94,12 @@ def compare(base: ModuleType, hidden: int, name: str, model: str, rounds: int, f
     print(f"H={hidden} {name}: new/base {row['ratio']:.3f} ({row['ratio_min']:.3f}-{row['ratio_max']:.3f}); "
           f"base {row['base_ms']:.2f} ms, new {row['new_ms']:.2f} ms", flush=True)
     return row
+
+
+def libraries(base: ModuleType, hidden: int, folder: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """The base's and the working tree's library for this hidden size (every model's kernels)."""
+    return (build(base.source_for("f32"), base.build_flags(hidden), folder, f"base-{hidden}"),
+            build(native.source_for("f32"), native.build_flags(hidden), folder, f"new-{hidden}"))
 
 
 def main() -> None:
@@ -126,8 +116,10 @@ def main() -> None:
     with (record(args.name, vars(args), kind="kernels_ab") as payload,
           tempfile.TemporaryDirectory(prefix="kernels-ab-") as tmp):
         base = base_native(base_commit, Path(tmp))
-        rows = [compare(base, hidden, name, model, args.rounds, Path(tmp))
-                for hidden in args.hidden for name, model in MODELS]
+        rows = []
+        for hidden in args.hidden:
+            built = libraries(base, hidden, Path(tmp))
+            rows += [compare(built, hidden, name, args.rounds) for name in MODELS]
         payload["results"] = {"base_commit": base_commit, "rows": rows}
 
 
