@@ -127,7 +127,7 @@ static inline float tanh_approx_f32(float x) {
 /* One vector of VECTOR_BYTES (GCC's and Clang's vector extensions): 64 bytes, one AVX-512 register, where
    the CPU has them; 32 elsewhere (one AVX2 register, two NEON ones). The products below keep up to 16 sums
    in registers: 64-byte vectors on a CPU with 16 32-byte registers spill them, and an FW-LSTM step at
-   H = 50 took 2.4x as long on an AVX2-only AMD EPYC (docs/benchmarks.md, "AVX2"). Also: its loads from
+   H = 50 took 1.9x as long on an AVX2-only AMD EPYC (docs/benchmarks.md, "AVX2"). Also: its loads from
    unaligned memory, the lower half of one (upper lanes zero), and the sums across the lanes of eight
    vectors at once: a transposing tree of shuffles and adds (a vector's lanes summed one by one, as
    `omp simd reduction` compiles them, cost more than the 8-row dot products' FMAs at these lengths). */
