@@ -426,13 +426,8 @@ static void combine_$sfx(long n, long D, const $real *c, long c_s, const $real *
 /* O <= 4 sums in one pass over V's n rows: out_i = init_i + Σ_k c[k c_s - i] V[k] (init_i = 0 when NULL),
    so each row, loaded once, serves O outputs (the FW-LSTM's backward: one stored vector's gradient and
    partial sums of the next ones', from the same rows). A chunk of J <= 4 vectors (the last one `part`
-   lanes when part > 0) of every output is kept in registers through all n rows: J = 4 with 32 registers
-   (AVX-512), with 16 as many as O J sums, O coefficients and J rows fit (4 for O <= 2, else 2). */
-#if VECTOR_BYTES == 64
-#define OUTS_J(O) 4
-#else
-#define OUTS_J(O) ((O) <= 2 ? 4 : 2)
-#endif
+   lanes when part > 0) of every output is kept in registers through all n rows. (With AVX2's 16 registers
+   O = 4 does not fit them all; two vectors a chunk for O > 2 measured no faster: 0.97-1.02x.) */
 #define EACH_OJ_$sfx(op) \
     op(0, 0) op(0, 1) op(0, 2) op(0, 3) op(1, 0) op(1, 1) op(1, 2) op(1, 3) \
     op(2, 0) op(2, 1) op(2, 2) op(2, 3) op(3, 0) op(3, 1) op(3, 2) op(3, 3)
@@ -466,8 +461,8 @@ static inline __attribute__((always_inline)) void combine_outs_chunk_$sfx(const 
 }
 #define COMBINE_OUTS_$sfx(O) { \
         long d = 0; \
-        for (; d + OUTS_J(O) * L <= D; d += OUTS_J(O) * L) \
-            combine_outs_chunk_$sfx(O, OUTS_J(O), 0, n, c, c_s, V, v_sk, init, out, d); \
+        for (; d + 4 * L <= D; d += 4 * L) \
+            combine_outs_chunk_$sfx(O, 4, 0, n, c, c_s, V, v_sk, init, out, d); \
         const long whole = (D - d) / L, part = PART_LANES(D - d - whole * L, L); \
         switch (whole + (part > 0)) { \
         case 1: combine_outs_chunk_$sfx(O, 1, part, n, c, c_s, V, v_sk, init, out, d); break; \
