@@ -427,7 +427,7 @@ static void combine_$sfx(long n, long D, const $real *c, long c_s, const $real *
    so each row, loaded once, serves O outputs (the FW-LSTM's backward: one stored vector's gradient and
    partial sums of the next ones', from the same rows). A chunk of J <= 4 vectors (the last one `part`
    lanes when part > 0) of every output is kept in registers through all n rows. (With AVX2's 16 registers
-   O = 4 does not fit them all; two vectors a chunk for O > 2 measured no faster: 0.97-1.02x.) */
+   O = 4 does not fit them all; two vectors a chunk for O > 2 measured no faster: 0.99-1.03x.) */
 #define EACH_OJ_$sfx(op) \
     op(0, 0) op(0, 1) op(0, 2) op(0, 3) op(1, 0) op(1, 1) op(1, 2) op(1, 3) \
     op(2, 0) op(2, 1) op(2, 2) op(2, 3) op(3, 0) op(3, 1) op(3, 2) op(3, 3)
