@@ -298,7 +298,7 @@ def test_search_efficiency_pairs_with_an_earlier_runs_random_searches(tmp_path):
     assert "searches from `search_efficiency.json` (commits aaa)" in page and "bootstrap_count: 1" in page
 
 
-@pytest.mark.slow  # a benchmark subprocess that compiles six kernel libraries
+@pytest.mark.slow  # a benchmark subprocess that compiles kernel libraries (at -O1)
 def test_kernels_ab_times_a_base_commits_kernels_against_the_working_trees(tmp_path):
     from test_models import quick_compiler  # noqa: PLC0415 - the -O1 compiler of the kernel tests
 
