@@ -1295,7 +1295,7 @@ COMPILE_TIMEOUT_S = 600
 # floating-point exception flags; the results are the same numbers.
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-MODELS = {"lnlstm": 1, "fwlstm": 2, "fwrnn": 3}  # the source's MODEL_LNLSTM, MODEL_FWLSTM, MODEL_FWRNN
+MODELS = ("lnlstm", "fwlstm", "fwrnn")  # each names the source's MODEL_<NAME> (-DFWSWEEP_MODEL=MODEL_<NAME>)
 _long, _ptr = ctypes.c_long, ctypes.c_void_p
 _MEMORY = [_ptr, _long, _long] * 3 + [_ptr]  # V, GQ, SG (address, batch stride, row stride), weights
 SIGNATURES = {
@@ -1454,9 +1454,11 @@ def _said(err: Exception) -> str:
 
 def build_flags(hidden: int | None = None, model: str | None = None) -> list[str]:
     """The compiler's flags for the library for any hidden size (None) or for one (see ASSUME_HIDDEN), with
-    `model` (a key of MODELS) one model's kernels only."""
+    `model` (one of MODELS) one model's kernels only."""
+    if model is not None and model not in MODELS:
+        raise ValueError(f"{model}: not one of {MODELS}")
     return [*FLAGS, *([f"-DFWSWEEP_HIDDEN={int(hidden)}"] if hidden is not None else []),
-            *([f"-DFWSWEEP_MODEL={MODELS[model]}"] if model is not None else [])]
+            *([f"-DFWSWEEP_MODEL=MODEL_{model.upper()}"] if model is not None else [])]
 
 
 def _compiler() -> list[str]:
