@@ -144,11 +144,17 @@ def build_variant(replacements: list[tuple[str, str]], hidden: int | None = None
         if source.count(old) != 1:
             raise SystemExit("fw_ln_bound.py: native.SOURCE changed; update the variants' lines to match it")
         source = source.replace(old, new)
+    return compile_library(source, native.build_flags(hidden))
+
+
+def compile_library(source: str, flags: list[str], *suffixes: str) -> ctypes.CDLL:
+    """C `source` compiled with `flags` by the compiler the kernels use, loaded with the argument types of
+    the types it holds (`suffixes`; default both)."""
     with tempfile.TemporaryDirectory(prefix="fwsweep-bound-") as folder:  # loaded, the file may go
         c_file, library = Path(folder) / "variant.c", Path(folder) / "variant.so"
         c_file.write_text(source)
-        subprocess.run(["cc", *native.build_flags(hidden), str(c_file), "-o", str(library)], check=True)
-        return native._loaded(ctypes.CDLL(str(library)))
+        subprocess.run([*native._compiler(), *flags, str(c_file), "-o", str(library)], check=True)
+        return native._loaded(ctypes.CDLL(str(library)), *suffixes)
 
 
 def with_library(step: Callable[[], None], library: ctypes.CDLL) -> Callable[[], None]:

@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fw_ln_bound import with_library  # noqa: E402
+from fw_ln_bound import compile_library, with_library  # noqa: E402
 from models import CLASSES, VOCAB, art_shaped_batch, train_step_fn  # noqa: E402
 from record import record  # noqa: E402
 
@@ -60,14 +60,6 @@ def base_native(commit: str, folder: Path) -> ModuleType:
         raise SystemExit(f"kernels_ab.py: the kernels of {commit} take other arguments than the working "
                          "tree's; pick a later base")
     return module
-
-
-def build(source: str, flags: list[str], folder: Path, label: str) -> ctypes.CDLL:
-    c_file, library = folder / f"{label}.c", folder / f"{label}.so"
-    c_file.write_text(source)
-    subprocess.run([*native._compiler(), *flags, str(c_file), "-o", str(library)], check=True,
-                   capture_output=True)
-    return native._loaded(ctypes.CDLL(str(library)), "f32")
 
 
 def thread_seconds(step: Callable[[], None]) -> float:
@@ -96,10 +88,10 @@ def compare(libraries: tuple[ctypes.CDLL, ctypes.CDLL], hidden: int, name: str, 
     return row
 
 
-def libraries(base: ModuleType, hidden: int, folder: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
+def libraries(base: ModuleType, hidden: int) -> tuple[ctypes.CDLL, ctypes.CDLL]:
     """The base's and the working tree's library for this hidden size (every model's kernels)."""
-    return (build(base.source_for("f32"), base.build_flags(hidden), folder, f"base-{hidden}"),
-            build(native.source_for("f32"), native.build_flags(hidden), folder, f"new-{hidden}"))
+    return (compile_library(base.source_for("f32"), base.build_flags(hidden), "f32"),
+            compile_library(native.source_for("f32"), native.build_flags(hidden), "f32"))
 
 
 def main() -> None:
@@ -118,7 +110,7 @@ def main() -> None:
         base = base_native(base_commit, Path(tmp))
         rows = []
         for hidden in args.hidden:
-            built = libraries(base, hidden, Path(tmp))
+            built = libraries(base, hidden)
             rows += [compare(built, hidden, name, args.rounds) for name in MODELS]
         payload["results"] = {"base_commit": base_commit, "rows": rows}
 
