@@ -165,6 +165,22 @@ def render_sweep_overhead(p: dict[str, Any]) -> str:
     return provenance(p) + "\n\n" + table(["measure", "value"], rows)
 
 
+def render_sweep_snapshots(p: dict[str, Any]) -> str:
+    r = p["results"]
+    labels = {"tune": "Tune's rules: every 2 s, forced per `num_to_keep` checkpoints (before)",
+              "paced": "paced: every 2 s or 19x a snapshot's time, none forced (sweep/tune_snapshots.py)"}
+    rows = [[labels.get(run["snapshot_rules"], run["snapshot_rules"]), f"{run['wall_s']:.1f}",
+             str(run["snapshots"]), f"{run['snapshot_s']:.1f}", f"{run['driver_cpu_s']:.1f}",
+             f"{run['utilisation']:.3f}", f"{run['overhead_core_s_per_trial']:.2f}"] for run in r["runs"]]
+    first = r["runs"][0]
+    head = (f"{r['trials']} trials x {first['epochs']} epoch of {first['steps_per_epoch']} steps (ART "
+            f"K={first['pairs']}), {first['concurrent']} at a time on {first['cores']} cores, "
+            f"{first['server']} MLflow server, `keep_checkpoints: 1`; the two in turn in one process.")
+    return provenance(p) + "\n\n" + head + "\n\n" + table(
+        ["experiment-state snapshots", "wall s", "snapshots", "in snapshots s", "driver CPU s",
+         "core utilisation", "overhead core-s per trial"], rows)
+
+
 def render_fixed_cost(p: dict[str, Any]) -> str:
     r = p["results"]
     parts, rows = [], []
@@ -415,6 +431,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "models": render_models,
     "peers": render_peers,
     "sweep_overhead": render_sweep_overhead,
+    "sweep_snapshots": render_sweep_snapshots,
     "search_efficiency": render_search_efficiency,
     "tracking": render_tracking,
     "gpu": render_gpu,

@@ -14,6 +14,7 @@ short trial. Usage:
 
     .venv/bin/python benchmarks/sweep_overhead.py [--warm-server]      # results/sweep_overhead[_warm].json
     .venv/bin/python benchmarks/sweep_overhead.py --short              # results/sweep_overhead_short.json
+    .venv/bin/python benchmarks/sweep_overhead.py --snapshots          # results/sweep_snapshots.json
 
 then `benchmarks/render.py` to update docs/benchmarks.md. Run on an otherwise idle machine.
 """
@@ -21,12 +22,16 @@ then `benchmarks/render.py` to update docs/benchmarks.md. Run on an otherwise id
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from record import record, scratch_home  # noqa: E402
@@ -57,8 +62,61 @@ BASE_TRIAL = {
 }
 
 
+RULES = ("_update_auto_checkpoint_time", "on_trial_checkpoint")  # what sweep/tune_snapshots.py replaces
+
+
+@functools.cache
+def _rule_sets() -> dict[str, dict[str, Any]]:
+    """Tune's own snapshot rules and sweep/tune_snapshots.py's, read once, before the sweep installs its."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as manager
+
+    from sweep import tune_snapshots
+
+    tune = {name: manager.__dict__[name] for name in RULES}
+    tune_snapshots.install()  # once per process: the sweep's own call then changes nothing
+    return {"tune": tune, "paced": {name: manager.__dict__[name] for name in RULES}}
+
+
+@contextlib.contextmanager
+def snapshot_rules(rules: str) -> Iterator[dict[str, float]]:
+    """Tune's experiment-state snapshots for one sweep: "paced" (sweep/tune_snapshots.py, as shipped) or
+    "tune" (the baseline: Tune's own rules, a fixed 2 s period and a snapshot forced after `num_to_keep`
+    checkpoints of a trial). Yields the count and seconds of the snapshots the sweep took, on the driver."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as manager
+    from ray.tune.execution.tune_controller import TuneController
+
+    from sweep import tune_snapshots
+
+    sets = _rule_sets()
+    for name, rule in sets[rules].items():
+        setattr(manager, name, rule)
+    save, taken = TuneController.save_to_dir, {"snapshots": 0, "snapshot_s": 0.0}
+
+    def timed_save(self: Any, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        try:
+            save(self, *args, **kwargs)
+        finally:
+            taken["snapshots"] += 1
+            taken["snapshot_s"] += time.perf_counter() - start
+
+    before = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S")
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "auto" if rules == "paced" else tune_snapshots.FIXED_PERIOD
+    TuneController.save_to_dir = timed_save
+    try:
+        yield taken
+    finally:
+        TuneController.save_to_dir = save
+        for name, rule in sets["paced"].items():
+            setattr(manager, name, rule)
+        if before is None:
+            os.environ.pop("TUNE_GLOBAL_CHECKPOINT_S", None)
+        else:
+            os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = before
+
+
 def measure(trials: int, seconds: float, pairs: int, epochs: int, concurrent: int | None,
-            warm_server: bool) -> dict:
+            warm_server: bool, snapshots: str = "paced", name: str = "overhead") -> dict:
     from sweep import tracking
     from sweep.config import SweepSpec
     from sweep.export import load_trials
@@ -68,7 +126,7 @@ def measure(trials: int, seconds: float, pairs: int, epochs: int, concurrent: in
     task = BASE_TRIAL["task"] | {"pairs": pairs}
     steps = calibrate(seconds, task, epochs)
     spec = SweepSpec.model_validate({
-        "name": "overhead",
+        "name": name,
         "task": task,
         "train": BASE_TRIAL["train"] | {"epochs": epochs, "steps_per_epoch": steps},
         "models": ["lstm"],
@@ -82,7 +140,8 @@ def measure(trials: int, seconds: float, pairs: int, epochs: int, concurrent: in
             pass
     start, cpu_start = time.perf_counter(), _process_cpu_s()
     try:
-        result = run_sweep(spec)
+        with snapshot_rules(snapshots) as taken:
+            result = run_sweep(spec)
     finally:
         wall, driver_cpu = time.perf_counter() - start, _process_cpu_s() - cpu_start
         tracking.stop_local_server()
@@ -104,6 +163,7 @@ def measure(trials: int, seconds: float, pairs: int, epochs: int, concurrent: in
         "tune_overhead_core_s_per_trial": (tune_wall * cores - train_s) / len(records),
         "fixed_cost_s": wall - tune_wall,
         "driver_cpu_s": driver_cpu, "driver_cpu_s_per_trial": driver_cpu / len(records),
+        "snapshot_rules": snapshots, **taken,
     }
 
 
@@ -123,7 +183,14 @@ def main() -> None:
                         help="training time per trial (default 20; 0.16 with --short)")
     parser.add_argument("--warm-server", action="store_true",
                         help="start the local MLflow server before timing, as `sweep ui --detach` leaves it")
+    parser.add_argument("--snapshots", action="store_true",
+                        help="the short-trial case twice in one process: Tune's own experiment-state "
+                             "snapshot rules (the baseline), then the shipped pacing "
+                             "(sweep/tune_snapshots.py); 400 trials unless --trials")
     args = parser.parse_args()
+    if args.snapshots:
+        compare_snapshot_rules(args)
+        return
     if args.short:
         trials, seconds, pairs, epochs, concurrent = args.trials or 200, args.seconds or 0.16, 2, 1, 2
         name = "sweep_overhead_short"
@@ -138,6 +205,19 @@ def main() -> None:
     print(f"core utilisation {r['utilisation']:.3f}; overhead {r['overhead_core_s_per_trial']:.2f} "
           f"core-s per trial; Tune phase {r['tune_wall_s']:.0f} s (utilisation "
           f"{r['tune_utilisation']:.3f}), fixed start/stop cost {r['fixed_cost_s']:.0f} s")
+
+
+def compare_snapshot_rules(args: argparse.Namespace) -> None:
+    """Both snapshot rules on the same short sweep, one after the other in this process (baseline first)."""
+    trials = args.trials or 400
+    with scratch_home(), record("sweep_snapshots", vars(args), kind="sweep_snapshots") as payload:
+        runs = [measure(trials, args.seconds or 0.16, 2, 1, 2, args.warm_server, snapshots=rules,
+                        name=f"snapshots-{rules}") for rules in ("tune", "paced")]
+        payload["results"] = {"trials": trials, "runs": runs}
+    for r in runs:
+        print(f"{r['snapshot_rules']:>5}: wall {r['wall_s']:.1f} s, {r['snapshots']} snapshots taking "
+              f"{r['snapshot_s']:.1f} s, driver CPU {r['driver_cpu_s']:.1f} s, overhead "
+              f"{r['overhead_core_s_per_trial']:.2f} core-s per trial")
 
 
 if __name__ == "__main__":

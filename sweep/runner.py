@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep import capacity, live_callbacks, outcome, paths
+from sweep import capacity, live_callbacks, outcome, paths, tune_snapshots
 from sweep.config import SweepSpec
 from sweep.errors import Problem, TrialDiverged, UserError
 from sweep.events import FINISHED_STATES, UNFINISHED, Listener, Phase, SweepEnded, SweepStarted, final_report
@@ -202,7 +202,9 @@ def connect_ray(address: str | None = None) -> bool:
     """Start a local Ray (all cores here) or join `address` / RAY_ADDRESS. True if this call started it."""
     import ray
 
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # 1 ckpt/epoch
+    # Tune warns when it forces snapshots often (1 checkpoint an epoch): never, where tune_snapshots could
+    # not turn those off
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return False
     address, setting = _ray_address(address)
@@ -640,8 +642,9 @@ def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepSt
             on_event(SweepStarted(spec.name, spec.metric.name, spec.metric.mode, spec.budget.num_samples,
                                   spec.max_epochs, spec.budget.max_concurrent, resumed=resume))
         # Tune snapshots its experiment state every >= 10 s by default: a driver killed in that window
-        # forgets the trials that finished in it, and `resume` re-runs their last epoch. It is small.
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+        # forgets the trials that finished in it, and `resume` re-runs their last epoch. Here every 2 s, or
+        # longer where a snapshot (which grows with the trials) would take over 5% of the driver's time.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", tune_snapshots.snapshot_period())
         # Tune fetches every trial's result itself; what Ray would print as "Unhandled error" at exit are the
         # futures of trials still running when the driver stops early (a storage fault): their tracebacks
         # would bury the one message that says what happened.

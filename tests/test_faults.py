@@ -271,6 +271,17 @@ def finished_trials_on_disk(home: Path, name: str, epochs: int) -> dict[str, lis
     return out
 
 
+def saved_as_terminated(home: Path, name: str) -> set[str]:
+    """The trials Tune's last saved experiment state holds as finished (none while it is being replaced)."""
+    states = sorted(experiment_dir(home, name).glob("experiment_state-*.json"))
+    try:
+        saved = json.loads(states[-1].read_text())["trial_data"] if states else []
+        trials = [json.loads(entry[0]) for entry in saved]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return set()
+    return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
+
+
 def trial_runs_so_far(url: str, name: str) -> list[Any]:
     """The trial runs of sweep `name` in MLflow (none while its experiment does not exist yet)."""
     from mlflow import MlflowClient
@@ -299,7 +310,8 @@ def test_killed_driver_is_resumed_without_rerunning_or_duplicating(
     wait_until(lambda: finished_trials_on_disk(home, name, epochs) and
                len(started_trials_on_disk(home, name)) >= 2 or run.proc.poll() is not None,
                150, "a finished trial and a running one")
-    time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S (2 s): Tune's experiment state now knows the finished trial
+    wait_until(lambda: set(finished_trials_on_disk(home, name, epochs)) <= saved_as_terminated(home, name) or
+               run.proc.poll() is not None, 60, "Tune's saved experiment state to hold the finished trial")
     # the live logging runs behind the trials (more so on a loaded machine): wait for a run it opened
     wait_until(lambda: running_trial_runs(mlflow_server, name) or run.proc.poll() is not None, 60,
                "an MLflow run of a running trial")
