@@ -171,14 +171,17 @@ def render_sweep_snapshots(p: dict[str, Any]) -> str:
               "paced": "paced: every 2 s or 19x a snapshot's time, none forced (sweep/tune_snapshots.py)"}
     rows = [[labels.get(run["snapshot_rules"], run["snapshot_rules"]), f"{run['wall_s']:.1f}",
              str(run["snapshots"]), f"{run['snapshot_s']:.1f}", f"{run['driver_cpu_s']:.1f}",
-             f"{run['utilisation']:.3f}", f"{run['overhead_core_s_per_trial']:.2f}"] for run in r["runs"]]
+             f"{run['utilisation']:.3f}", f"{run['overhead_core_s_per_trial']:.2f}",
+             f"{run['tune_wall_s']:.1f} ({run['tune_utilisation']:.3f})", f"{run['fixed_cost_s']:.1f}"]
+            for run in r["runs"]]
     first = r["runs"][0]
     head = (f"{r['trials']} trials x {first['epochs']} epoch of {first['steps_per_epoch']} steps (ART "
             f"K={first['pairs']}), {first['concurrent']} at a time on {first['cores']} cores, "
             f"{first['server']} MLflow server, `keep_checkpoints: 1`; the two in turn in one process.")
     return provenance(p) + "\n\n" + head + "\n\n" + table(
         ["experiment-state snapshots", "wall s", "snapshots", "in snapshots s", "driver CPU s",
-         "core utilisation", "overhead core-s per trial"], rows)
+         "core utilisation", "overhead core-s per trial", "Tune phase s (its utilisation)",
+         "fixed start/stop s"], rows)
 
 
 def render_fixed_cost(p: dict[str, Any]) -> str:

@@ -116,7 +116,8 @@ def snapshot_rules(rules: str) -> Iterator[dict[str, float]]:
 
 
 def measure(trials: int, seconds: float, pairs: int, epochs: int, concurrent: int | None,
-            warm_server: bool, snapshots: str = "paced", name: str = "overhead") -> dict:
+            warm_server: bool, snapshots: str = "paced", name: str = "overhead",
+            steps: int | None = None) -> dict:
     from sweep import tracking
     from sweep.config import SweepSpec
     from sweep.export import load_trials
@@ -124,7 +125,7 @@ def measure(trials: int, seconds: float, pairs: int, epochs: int, concurrent: in
 
     cores = len(os.sched_getaffinity(0))
     task = BASE_TRIAL["task"] | {"pairs": pairs}
-    steps = calibrate(seconds, task, epochs)
+    steps = steps or calibrate(seconds, task, epochs)
     spec = SweepSpec.model_validate({
         "name": name,
         "task": task,
@@ -209,10 +210,11 @@ def main() -> None:
 
 def compare_snapshot_rules(args: argparse.Namespace) -> None:
     """Both snapshot rules on the same short sweep, one after the other in this process (baseline first)."""
-    trials = args.trials or 400
+    trials, seconds, pairs = args.trials or 400, args.seconds or 0.16, 2
     with scratch_home(), record("sweep_snapshots", vars(args), kind="sweep_snapshots") as payload:
-        runs = [measure(trials, args.seconds or 0.16, 2, 1, 2, args.warm_server, snapshots=rules,
-                        name=f"snapshots-{rules}") for rules in ("tune", "paced")]
+        steps = calibrate(seconds, BASE_TRIAL["task"] | {"pairs": pairs}, 1)  # the same work in both
+        runs = [measure(trials, seconds, pairs, 1, 2, args.warm_server, snapshots=rules,
+                        name=f"snapshots-{rules}", steps=steps) for rules in ("tune", "paced")]
         payload["results"] = {"trials": trials, "runs": runs}
     for r in runs:
         print(f"{r['snapshot_rules']:>5}: wall {r['wall_s']:.1f} s, {r['snapshots']} snapshots taking "
