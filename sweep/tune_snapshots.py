@@ -26,7 +26,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-FLOOR_S = 2.0  # a driver killed between snapshots forgets at most this much (or 1/19 of it in snapshots)
+FLOOR_S = 2.0  # the shortest period: what a killed driver forgets, where a snapshot takes < FLOOR_S / 19
 SNAPSHOT_SHARE = 1 / 19  # of the time between snapshots, the most a snapshot may take (Tune's own rule)
 FIXED_PERIOD = "2"  # TUNE_GLOBAL_CHECKPOINT_S where the pacing cannot be installed
 
