@@ -62,9 +62,6 @@ BASE_TRIAL = {
 }
 
 
-RULES = ("_update_auto_checkpoint_time", "on_trial_checkpoint")  # what sweep/tune_snapshots.py replaces
-
-
 @functools.cache
 def _rule_sets() -> dict[str, dict[str, Any]]:
     """Tune's own snapshot rules and sweep/tune_snapshots.py's, read once, before the sweep installs its."""
@@ -72,9 +69,10 @@ def _rule_sets() -> dict[str, dict[str, Any]]:
 
     from sweep import tune_snapshots
 
-    tune = {name: manager.__dict__[name] for name in RULES}
-    tune_snapshots.install()  # once per process: the sweep's own call then changes nothing
-    return {"tune": tune, "paced": {name: manager.__dict__[name] for name in RULES}}
+    tune = {name: manager.__dict__[name] for name in tune_snapshots.RULES}
+    if not tune_snapshots.install():  # once per process: the sweep's own call then changes nothing
+        raise SystemExit("sweep/tune_snapshots.py could not install its rules on this Ray")
+    return {"tune": tune, "paced": tune_snapshots.RULES}
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,11 @@ def _no_forced_snapshot(self: Any, trial: Any) -> None:
     """Tune's `on_trial_checkpoint`, which forces a snapshot after `num_to_keep` checkpoints: nothing."""
 
 
+# Tune's methods (of _ExperimentCheckpointManager) and what replaces each
+RULES: dict[str, Callable[..., None]] = {"_update_auto_checkpoint_time": _paced_period,
+                                         "on_trial_checkpoint": _no_forced_snapshot}
+
+
 @functools.cache
 def install() -> bool:
     """Replace the two rules on Tune's snapshot manager (once per process); False where it is not there."""
@@ -49,12 +55,11 @@ def install() -> bool:
     except ImportError as err:
         log.debug("Tune's snapshot manager not found (%s): fixed %s s period", err, FIXED_PERIOD)
         return False
-    if not all(callable(getattr(manager, name, None)) for name in ("_update_auto_checkpoint_time",
-                                                                     "on_trial_checkpoint")):
+    if not all(callable(getattr(manager, name, None)) for name in RULES):
         log.debug("Tune's snapshot manager has changed: fixed %s s period", FIXED_PERIOD)
         return False
-    manager._update_auto_checkpoint_time = _paced_period
-    manager.on_trial_checkpoint = _no_forced_snapshot
+    for name, rule in RULES.items():
+        setattr(manager, name, rule)
     return True
 
 
