@@ -3,9 +3,11 @@ MLflow server, real Ray Tune runs and real sweeps on disk."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,15 @@ MODELS = ["lstm", "fw_lstm", "fw_rnn"]  # lstm runs all epochs, fw_lstm is stopp
 
 
 class CountingClient(MlflowClient):
-    """The real client; counts log_batch calls that carry metrics, per run."""
+    """The real client; counts log_batch calls per run, and those that carry metrics."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.metric_batches: Counter[str] = Counter()
+        self.batches: Counter[str] = Counter()
 
     def log_batch(self, run_id: str, metrics=(), params=(), tags=(), **kwargs: Any):  # noqa: ANN201
+        self.batches[run_id] += 1
         if metrics:
             self.metric_batches[run_id] += 1
         return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
@@ -105,10 +109,33 @@ def live_sweep(mlflow_server: str, local_ray, tmp_path_factory: pytest.TempPathF
         run_config=tune.RunConfig(name=name, storage_path=str(tmp / "tune"), stop=StopAt(),
                                   callbacks=[callback], verbose=0),
     )
-    results = tuner.fit()
-    unsent = callback.close()
+    with counted_http(mlflow_server) as http:
+        results = tuner.fit()
+        unsent = callback.close()
     reports = sum(len(r.metrics_dataframe) for r in results if r.metrics_dataframe is not None)
-    return {"name": name, "callback": callback, "client": client, "reports": reports, "unsent": unsent}
+    return {"name": name, "callback": callback, "client": client, "reports": reports, "unsent": unsent,
+            "http": http}
+
+
+@contextlib.contextmanager
+def counted_http(server: str) -> Iterator[Counter[str]]:
+    """Every HTTP request this process sends to `server` (MLflow's client and its artifact uploads use
+    `requests`), by method and path: including what MLflow's client asks on its own."""
+    import requests
+
+    sent: Counter[str] = Counter()
+    original = requests.Session.request
+
+    def request(self: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        if url.startswith(server):
+            sent[f"{method} {url.removeprefix(server).split('/artifacts/', 1)[0]}"] += 1
+        return original(self, method, url, *args, **kwargs)
+
+    requests.Session.request = request
+    try:
+        yield sent
+    finally:
+        requests.Session.request = original
 
 
 def test_live_runs_parent_and_one_child_per_trial(live_sweep: dict[str, Any], mlflow_server: str) -> None:
@@ -145,7 +172,9 @@ def test_live_metrics_at_optimizer_steps_one_batch_per_report(live_sweep: dict[s
     assert {"val_accuracy", "val_loss", "train_loss"} <= set(lstm.data.metrics)
     batches = live_sweep["client"].metric_batches
     assert live_sweep["reports"] == 7
-    assert sum(batches[r.info.run_id] for r in children.values()) == 7  # one request per report
+    # at most one request per report: reports still waiting when their trial ends go with its end tags
+    assert all(1 <= batches[r.info.run_id] <= 3 for r in children.values())
+    assert sum(batches[r.info.run_id] for r in children.values()) <= 7
 
 
 def test_live_statuses_and_descriptions(live_sweep: dict[str, Any], mlflow_server: str) -> None:
@@ -171,20 +200,74 @@ def test_live_logging_leaves_the_reconcile_no_per_trial_work(live_sweep: dict[st
         assert run.data.tags["end_reason"] != "running"
     writer = live_sweep["callback"].settled_writer()
     assert writer is not None, "the live writer is idle after close()"
-    # the parent: create, params; per trial: create (running, with its tags), params, one batch per report
-    # (the first also carries num_params, a constant of the trial), config.yaml, the end tags, the end status
-    expected = 2 + 5 * len(children) + live_sweep["reports"]
+    # the parent: create, params; per trial: create (running, with its tags), config.yaml (one upload: the
+    # run's artifact URI came with its creation), the end status, and batches: one per report sent on its
+    # own (the first also carries the trial's params and num_params, a constant of it) and one at the end
+    # (its tags, with the reports still waiting then)
+    batches = sum(live_sweep["client"].batches[r.info.run_id] for r in children.values())
+    assert batches <= live_sweep["reports"] + len(children)
+    expected = 2 + 3 * len(children) + batches
     assert writer.requests == expected, (writer.requests, expected)
+    http = live_sweep["http"]
+    assert not any("runs/get" in what for what in http), http  # no lookup of a run before an upload
+    assert sum(n for what, n in http.items() if what.endswith("runs/create")) == len(children) + 1
+    sent = sum(n for what, n in http.items() if "/runs/" in what or "artifacts" in what)
+    assert sent == expected + 1, http  # and the one search for the sweep's runs of earlier sessions
+
+
+def _stub_trial(tid: str) -> Any:
+    from ray.tune.experiment import Trial
+
+    return Trial("tiny", config={"model": "lstm", "lr": 0.001}, trial_id=tid, stub=True)
+
+
+def test_reports_waiting_at_a_trials_end_go_with_it(mlflow_server: str) -> None:
+    """MLflow behind (the writer busy): a trial's waiting reports ride in its end's request, all of them
+    land, and the run ends with its params and tags; a trial that never reported gets its params with
+    its end tags. Per trial: create, config.yaml, one batch, the end status."""
+    import threading
+
+    name = f"behind-{uuid.uuid4().hex[:6]}"
+    client = CountingClient(mlflow_server)
+    callback = MlflowSweepCallback(mlflow_server, _spec(name), client=client)
+    busy = threading.Event()
+    callback.setup()
+    callback.live.submit(lambda w: busy.wait(30), "the writer held")
+    reported, silent = _stub_trial(f"{name}_00000"), _stub_trial(f"{name}_00001")
+    for trial in (reported, silent):
+        callback.on_trial_start(0, [reported, silent], trial)
+    for epoch in (1, 2, 3):
+        trial_result = {"epoch": epoch, "training_iteration": epoch, "step": 10 * epoch,
+                        "val_accuracy": 0.1 * epoch, "num_params": 1234}
+        reported.update_last_result(trial_result)
+        callback.on_trial_result(0, [reported], reported, trial_result)
+    callback.on_trial_complete(0, [reported], reported)
+    silent.update_last_result({"epoch": 0})
+    callback.on_trial_error(0, [silent], silent)
+    busy.set()
+    assert callback.close(timeout_s=60) == 0
+    exp = client.get_experiment_by_name(name)
+    children = {r.data.tags["trial_id"]: r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get(identity.ROLE_TAG) == "trial"}
+    assert len(children) == 2
+    run = children[reported.trial_id]
+    assert _steps(client, run.info.run_id, "val_accuracy") == [10, 20, 30]
+    assert client.batches[run.info.run_id] == 1  # three reports, params and end tags: one request
+    assert (run.info.status, run.data.params["train.lr"], run.data.params["num_params"]) == \
+        ("FINISHED", "0.001", "1234")
+    assert run.data.tags["end_reason"] != "running" and content.CONFIG_SHA_TAG in run.data.tags
+    quiet = children[silent.trial_id]
+    assert client.batches[quiet.info.run_id] == 1 and quiet.data.params["train.lr"] == "0.001"
+    assert quiet.info.status == "FAILED"
+    assert callback.settled_writer().requests == 2 + 4 * 2  # the parent's create and params; 4 per trial
 
 
 def test_hooks_never_wait_for_a_dead_server() -> None:
     """Tune's event loop only enqueues: 200 reports to a port where nothing listens take milliseconds,
     and close() says how many reports MLflow did not get, after a bounded wait."""
-    from ray.tune.experiment import Trial
-
     spec = _spec("gone")
     callback = MlflowSweepCallback(f"http://127.0.0.1:{free_port()}", spec)
-    trial = Trial("tiny", config={"model": "lstm", "lr": 0.001}, trial_id="gone_00000", stub=True)
+    trial = _stub_trial("gone_00000")
     start = time.monotonic()
     callback.setup()
     callback.on_trial_start(0, [trial], trial)

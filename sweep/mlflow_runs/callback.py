@@ -25,13 +25,14 @@ from sweep import events, export
 from sweep.config import SweepSpec
 from sweep.live_callbacks import LiveCallback
 from sweep.mlflow_runs import content, identity
-from sweep.mlflow_runs.writer import LiveWriter, RunWriter, sha
+from sweep.mlflow_runs.writer import LiveWriter, Row, RunWriter, sha
 from sweep.space import MODEL_KEY, trial_config
 from sweep.store import TrialRecord
 
 log = logging.getLogger(__name__)
 
 RUNNING_TAGS = {"end_reason": "running"}
+ROWS = "rows"  # LiveWriter key of a trial's metric-row ops: (ROWS, trial_id)
 
 class MlflowSweepCallback(LiveCallback):
     """Live MLflow logging of one sweep. Pass it in `tune.RunConfig(callbacks=[...])`, keep the handle,
@@ -58,6 +59,7 @@ class MlflowSweepCallback(LiveCallback):
         self._trials: dict[str, tuple[str, dict[str, str], dict[str, str]]] = {}  # id -> name, tags, params
         self._retries: dict[str, int] = {}
         self._errors: dict[str, str] = {}  # trial_id -> the failure text already noted (writer thread)
+        self._unsent_params: dict[str, dict[str, str]] = {}  # trial_id -> params its new run lacks (writer)
         super().__init__(spec.name)
 
     @property
@@ -97,11 +99,12 @@ class MlflowSweepCallback(LiveCallback):
             parent = self._parent(w)
             name, tags, params = self._trials[trial_id]
             run = self._earlier.pop(trial_id, None)
-            if run is None:  # created running, with its params: two requests
+            if run is None:  # created running; its params ride with its first metrics (or its end tags)
                 run_id = w.create_run(self.experiment_id, name, tags | RUNNING_TAGS, parent_id=parent)
-                w.log_params(run_id, params)
+                self._unsent_params[trial_id] = dict(params)
             else:  # an earlier session's (resumed): adopt it, reopen it, add only the params it lacks
                 run_id = run.info.run_id
+                w.know(run)
                 w.set_tags(run_id, RUNNING_TAGS, run.data.tags)
                 w.set_status(run, "RUNNING")
                 w.log_params(run_id, params, run.data.params)
@@ -147,15 +150,22 @@ class MlflowSweepCallback(LiveCallback):
             self.on_trial_start(iteration, trials, trial)
         row = (content.metric_step(result), content.metric_values(result), None)
         constants = content.constant_params(result)
+        self.live.submit(lambda w: self._send(w, tid, [(row, constants)]), f"metrics of trial {tid}",
+                         reports=1, key=(ROWS, tid), data=(row, constants))
 
-        def log_row(w: RunWriter) -> None:
-            run_id = self._run(w, tid)
-            new = constants if constants and self._trials[tid][2].keys().isdisjoint(constants) else None
-            w.log_rows(run_id, [row], params=new)  # one request for both
-            if new:  # only once sent: a retried op sends them again
-                self._trials[tid][2].update(new)
-
-        self.live.submit(log_row, f"metrics of trial {tid}", reports=1)
+    def _send(self, w: RunWriter, tid: str, reports: list[tuple[Row, dict[str, str]]],
+              tags: dict[str, str] | None = None) -> None:
+        """Metric rows of a trial in one request, with the params its run lacks (its sampled config, sent
+        with its first report; constants such as num_params) and `tags` (its end)."""
+        run_id = self._run(w, tid)
+        new: dict[str, str] = {}
+        for _, constants in reports:
+            if constants and self._trials[tid][2].keys().isdisjoint(constants):
+                new |= constants
+        params = self._unsent_params.get(tid, {}) | new
+        w.log_rows(run_id, [row for row, _ in reports], params=params, tags=tags)
+        self._unsent_params.pop(tid, None)  # only once sent: a retried op sends them again
+        self._trials[tid][2].update(new)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = dict(trial.last_result or {})
@@ -178,6 +188,7 @@ class MlflowSweepCallback(LiveCallback):
                 identity.NOTE_TAG: content.trial_description(self.spec, model, sampled, how, epochs)}
 
         params = dict(trial.config)
+        reports = self.live.take((ROWS, tid))  # its reports still waiting (MLflow behind): sent with the end
 
         def end(w: RunWriter) -> None:
             run_id = self._run(w, tid)
@@ -185,11 +196,11 @@ class MlflowSweepCallback(LiveCallback):
             if config is not None:  # as the reconcile would upload it: then it has nothing left to do
                 w.upload_text(run_id, config, "config.yaml")
                 tags[content.CONFIG_SHA_TAG] = sha(config)
-            w.set_tags(run_id, tags)
+            self._send(w, tid, reports, tags)  # with the params of a run that never reported
             w.end(run_id, content.run_status(how))
             self._open.discard(tid)
 
-        self.live.submit(end, f"end of trial {tid}")
+        self.live.submit(end, f"end of trial {tid}", reports=len(reports))
 
     def _config_text(self, trial_id: str, params: dict[str, Any], last: dict[str, Any]) -> str | None:
         """The trial's re-runnable config.yaml, as `sweep export` writes it (writer thread: off Tune's loop);

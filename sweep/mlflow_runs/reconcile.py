@@ -133,6 +133,7 @@ def _sync_trial(w: RunWriter, store: SweepStore, spec: SweepSpec, record: Any, r
                               content.trial_tags(spec, tid, record.model, git) | extra, parent_id=parent_id)
         report.runs_created += 1
         run = w.client.get_run(run_id)
+    w.know(run)
     run_id, tags = run.info.run_id, run.data.tags
     history = record.history or ([record.metrics] if record.metrics else [])
     sampled_config = trial_config(spec, dict(record.params)).to_dict()  # as the live callback logs it
@@ -171,6 +172,7 @@ def _sync_trial(w: RunWriter, store: SweepStore, spec: SweepSpec, record: Any, r
 
 def _sync_parent(w: RunWriter, store: SweepStore, spec: SweepSpec, records: list[Any], parent: Any,
                  report: SyncReport) -> None:
+    w.know(parent)
     run_id, tags = parent.info.run_id, parent.data.tags
     w.log_params(run_id, content.parent_params(spec), parent.data.params)
     summary = outcome.summarize(records, spec.metric.name, spec.metric.mode, spec.max_epochs)

@@ -20,11 +20,13 @@ import importlib.abc
 import importlib.util
 import logging
 import os
+import posixpath
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's own limits per log_batch
 MAX_METRICS_PER_BATCH = 1000
+MAX_TAGS_PER_BATCH = 100
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 Row = tuple[int, Mapping[str, float], int | None]  # (step, values, timestamp in ms or None)
@@ -112,6 +115,7 @@ class RunWriter:
         self.client = client or MlflowClient(tracking_uri=tracking_uri)
         self._created: dict[str, set[int]] = {}  # run made by this writer -> every step it logged there
         self._learned: dict[tuple[str, str], set[int]] = {}  # (other run, metric) -> steps of its history
+        self._artifact_uris: dict[str, str] = {}  # run -> where its artifacts go, as the server said
         self.requests = 0
 
     # ---- runs
@@ -119,9 +123,17 @@ class RunWriter:
                    parent_id: str | None = None) -> str:
         tags = dict(tags) | ({"mlflow.parentRunId": parent_id} if parent_id else {})
         self.requests += 1
-        run_id = self.client.create_run(exp_id, tags=tags, run_name=name).info.run_id
+        run = self.client.create_run(exp_id, tags=tags, run_name=name)
+        run_id = run.info.run_id
         self._created[run_id] = set()
+        self.know(run)
         return run_id
+
+    def know(self, run: Any) -> None:
+        """Remember where a run read from the server keeps its artifacts: an upload then sends one request
+        (MLflow's client asks for the run first, once per run and process)."""
+        if run.info.artifact_uri:
+            self._artifact_uris[run.info.run_id] = run.info.artifact_uri
 
     def set_status(self, run: Any, status: str) -> None:
         """End a run with `status` (FINISHED, FAILED, KILLED), or reopen it (RUNNING), if it differs."""
@@ -157,15 +169,20 @@ class RunWriter:
             self.client.log_batch(run_id, params=todo[i:i + MAX_PARAMS_PER_BATCH])
         return len(todo)
 
-    def set_tags(self, run_id: str, tags: Mapping[str, str], existing: Mapping[str, str] | None = None
-                 ) -> int:
-        """Set the tags whose value differs from `existing` (the run's tags, when known)."""
+    def set_tags(self, run_id: str, tags: Mapping[str, str], existing: Mapping[str, str] | None = None,
+                 params: Mapping[str, str] | None = None) -> int:
+        """Set the tags whose value differs from `existing` (the run's tags, when known); new `params` ride
+        in the same request when they fit."""
         existing = existing or {}
         todo = [RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()
                 if existing.get(k) != str(v)[:MAX_TAG_VALUE]]
-        if todo:
+        extra = [Param(k, v) for k, v in (params or {}).items()]
+        if len(extra) > MAX_PARAMS_PER_BATCH:
+            self.log_params(run_id, params or {})
+            extra = []
+        if todo or extra:
             self.requests += 1
-            self.client.log_batch(run_id, tags=todo)
+            self.client.log_batch(run_id, tags=todo, params=extra)
         return len(todo)
 
     def delete_tag(self, run_id: str, key: str) -> None:
@@ -195,12 +212,15 @@ class RunWriter:
                 if (run_id, key) in self._learned:
                     self._learned[(run_id, key)].add(step)
 
-    def log_rows(self, run_id: str, rows: Sequence[Row], params: Mapping[str, str] | None = None) -> int:
+    def log_rows(self, run_id: str, rows: Sequence[Row], params: Mapping[str, str] | None = None,
+                 tags: Mapping[str, str] | None = None) -> int:
         """Log the rows whose step the run does not hold yet, in step order; returns how many rows.
 
-        `params` (new ones, e.g. a first report's constants) ride in the same request when they fit."""
+        `params` (new ones, e.g. a first report's constants) and `tags` ride in the same request when they
+        fit, else they go in one of their own."""
         rows = [r for r in rows if r[1]]
         extra = [Param(k, v) for k, v in (params or {}).items()]
+        labels = [RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in (tags or {}).items()]
         counts = Counter(k for r in rows for k in r[1])
         todo: dict[int, Row] = {}
         for row in rows:  # each row judged by a metric it has: the most common one (one history per run)
@@ -210,15 +230,16 @@ class RunWriter:
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, ts or now, step) for step, values, ts in (todo[s] for s in sorted(todo))
                    for k, v in values.items()]
-        if extra and (not metrics or len(metrics) + len(extra) > MAX_METRICS_PER_BATCH
-                      or len(extra) > MAX_PARAMS_PER_BATCH):
-            self.log_params(run_id, params or {})  # no rows to send, or no room beside them: on their own
-            extra = []
+        fits = (len(metrics) + len(extra) + len(labels) <= MAX_METRICS_PER_BATCH
+                and len(extra) <= MAX_PARAMS_PER_BATCH and len(labels) <= MAX_TAGS_PER_BATCH)
+        if (extra or labels) and not (metrics and fits):
+            self.set_tags(run_id, tags or {}, params=params)  # no rows to send, or no room beside them
+            extra, labels = [], []
         try:
             for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
                 self.requests += 1
                 self.client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH],
-                                      params=extra if i == 0 else [])
+                                      params=extra if i == 0 else [], tags=labels if i == 0 else [])
         except Exception:
             self._forget(run_id)  # a request cut off by an outage may have landed: ask the server next time
             raise
@@ -232,15 +253,35 @@ class RunWriter:
 
     # ---- artifacts
     def upload_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.requests += 1
-        self.client.log_text(run_id, text, artifact_file)
+        norm = posixpath.normpath(artifact_file)
+        with tempfile.TemporaryDirectory(prefix="fwsweep-upload-") as tmp:
+            path = Path(tmp, posixpath.basename(norm))
+            path.write_text(text, encoding="utf-8")
+            self.upload_path(run_id, path, posixpath.dirname(norm) or None)
 
     def upload_path(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.requests += 1
-        if path.is_dir():
-            self.client.log_artifacts(run_id, str(path), artifact_path)
+        repo = self._artifact_repository(run_id)
+        if repo is None:  # a run this writer has not seen: MLflow's client looks it up
+            repo = self.client
+            args: tuple[str, ...] = (run_id, str(path), artifact_path)
         else:
-            self.client.log_artifact(run_id, str(path), artifact_path)
+            args = (str(path), artifact_path)
+        if path.is_dir():
+            repo.log_artifacts(*args)
+        else:
+            repo.log_artifact(*args)
+
+    def _artifact_repository(self, run_id: str) -> Any:
+        """The run's artifact repository, as MLflow's client builds it, when its artifact URI is known."""
+        uri = self._artifact_uris.get(run_id)
+        if uri is None:
+            return None
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.utils.uri import add_databricks_profile_info_to_artifact_uri
+
+        return get_artifact_repository(add_databricks_profile_info_to_artifact_uri(uri, self.tracking_uri),
+                                       tracking_uri=self.tracking_uri)
 
 
 # ---------------------------------------------------------------------------------------------- live
@@ -251,6 +292,8 @@ class _Op:
     do: Callable[[RunWriter], Any]
     what: str
     reports: int  # metric rows it carries (what a dropped op loses until the next reconcile)
+    key: Hashable | None = None  # ops of one kind of data (a trial's metric rows): droppable, or taken
+    data: Any = None  # what a later op sends instead of this one, when it takes it (`LiveWriter.take`)
 
 
 class LiveWriter:
@@ -285,14 +328,17 @@ class LiveWriter:
     def server_down(self) -> bool:
         return self._down_since is not None
 
-    def submit(self, do: Callable[[RunWriter], Any], what: str, reports: int = 0) -> None:
+    def submit(self, do: Callable[[RunWriter], Any], what: str, reports: int = 0, key: Hashable | None = None,
+               data: Any = None) -> None:
+        """Queue `do`; `key`/`data`: a keyed op (metric rows) may be dropped when too many wait, or taken by
+        a later op that sends its `data` with its own (one request instead of two)."""
         with self._cond:
             if self._closed:
                 self.dropped_reports += reports
                 return
-            self._ops.append(_Op(do, what, reports))
+            self._ops.append(_Op(do, what, reports, key, data))
             if len(self._ops) > self.max_pending:
-                victim = next((op for op in self._ops if op.reports), None)
+                victim = next((op for op in self._ops if op.reports and op.key is not None), None)
                 if victim is not None:
                     self._ops.remove(victim)
                     self.dropped_reports += victim.reports
@@ -300,6 +346,16 @@ class LiveWriter:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="fwsweep-mlflow-writer", daemon=True)
             self._thread.start()
+
+    def take(self, key: Hashable) -> list[Any]:
+        """Remove the waiting ops submitted with `key` (not one that has started) and return their data, in
+        order: the caller sends it with the op it submits next, which then carries their reports."""
+        with self._cond:
+            started = self._ops[0] if self._busy and self._ops else None
+            taken = [op for op in self._ops if op.key == key and op is not started]
+            for op in taken:
+                self._ops.remove(op)
+            return [op.data for op in taken]
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every op ran (True) or `timeout_s` passed (False)."""
