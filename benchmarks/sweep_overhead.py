@@ -15,6 +15,7 @@ short trial. Usage:
     .venv/bin/python benchmarks/sweep_overhead.py [--warm-server]      # results/sweep_overhead[_warm].json
     .venv/bin/python benchmarks/sweep_overhead.py --short              # results/sweep_overhead_short.json
     .venv/bin/python benchmarks/sweep_overhead.py --snapshots          # results/sweep_snapshots.json
+    .venv/bin/python benchmarks/sweep_overhead.py --against COMMIT     # results/sweep_against.json
 
 then `benchmarks/render.py` to update docs/benchmarks.md. Run on an otherwise idle machine.
 """
@@ -24,8 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -186,9 +189,25 @@ def main() -> None:
                         help="the short-trial case twice in one process: Tune's own experiment-state "
                              "snapshot rules (the baseline), then the shipped pacing "
                              "(sweep/tune_snapshots.py); 400 trials unless --trials")
+    parser.add_argument("--against", metavar="COMMIT",
+                        help="the short-trial case twice, each in a fresh process with one calibration: the "
+                             "`sweep` package as of COMMIT (the baseline), then this checkout's; 400 trials "
+                             "unless --trials")
+    parser.add_argument("--steps", type=int, help="steps per epoch (default: calibrated to --seconds)")
+    parser.add_argument("--result-json", type=Path, help=argparse.SUPPRESS)  # one run of --against
     args = parser.parse_args()
     if args.snapshots:
         compare_snapshot_rules(args)
+        return
+    if args.against:
+        compare_against(args)
+        return
+    if args.result_json:
+        with scratch_home():
+            r = measure(args.trials, 0.16, 2, 1, 2, args.warm_server, name="against", steps=args.steps)
+        import sweep
+
+        args.result_json.write_text(json.dumps(r | {"sweep_source": str(Path(sweep.__file__).parent)}))
         return
     if args.short:
         trials, seconds, pairs, epochs, concurrent = args.trials or 200, args.seconds or 0.16, 2, 1, 2
@@ -197,7 +216,8 @@ def main() -> None:
         trials, seconds, pairs, epochs, concurrent = args.trials or 16, args.seconds or 20.0, 4, 4, None
         name = "sweep_overhead_warm" if args.warm_server else "sweep_overhead"
     with scratch_home(), record(name, vars(args), kind="sweep_overhead") as payload:
-        r = payload["results"] = measure(trials, seconds, pairs, epochs, concurrent, args.warm_server)
+        r = payload["results"] = measure(trials, seconds, pairs, epochs, concurrent, args.warm_server,
+                                         steps=args.steps)
     print(f"{r['trials']} trials ({r['status_counts']}), {r['steps_per_epoch']} steps x {epochs} epochs; "
           f"sum of training {r['train_s']:.1f} s, wall {r['wall_s']:.1f} s on {r['cores']} cores "
           f"({r['server']} MLflow server)")
@@ -218,6 +238,37 @@ def compare_snapshot_rules(args: argparse.Namespace) -> None:
         print(f"{r['snapshot_rules']:>5}: wall {r['wall_s']:.1f} s, {r['snapshots']} snapshots taking "
               f"{r['snapshot_s']:.1f} s, driver CPU {r['driver_cpu_s']:.1f} s, overhead "
               f"{r['overhead_core_s_per_trial']:.2f} core-s per trial")
+
+
+def compare_against(args: argparse.Namespace) -> None:
+    """The same short sweep with the `sweep` package of another commit (`git archive` of its sweep/, first
+    on PYTHONPATH: the driver and Ray's workers import it), then with this checkout's; each run in a
+    fresh process (a package cannot be swapped inside one), with the steps of one calibration."""
+    trials, pairs = args.trials or 400, 2
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", args.against], cwd=root, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    with scratch_home(), record("sweep_against", vars(args), kind="sweep_against") as payload, \
+            tempfile.TemporaryDirectory(prefix="fwsweep-against-") as tmp:
+        steps = args.steps or calibrate(args.seconds or 0.16, BASE_TRIAL["task"] | {"pairs": pairs}, 1)
+        source = Path(tmp, "source")
+        source.mkdir()
+        archive = subprocess.run(["git", "archive", commit, "sweep"], cwd=root, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        runs = []
+        for label, path in ((f"{commit[:7]} (baseline)", source), ("this checkout", None)):
+            out = Path(tmp, "run.json")
+            env = {k: v for k, v in os.environ.items() if k != "FWSWEEP_HOME"}  # each its own scratch home
+            if path is not None:
+                env["PYTHONPATH"] = os.pathsep.join([str(path), *filter(None, [env.get("PYTHONPATH")])])
+            subprocess.run([sys.executable, __file__, "--trials", str(trials), "--steps", str(steps),
+                            "--result-json", str(out)], env=env, check=True)
+            runs.append(json.loads(out.read_text()) | {"package": label})
+        payload["results"] = {"trials": trials, "against": commit, "runs": runs}
+    for r in runs:
+        print(f"{r['package']:>20}: wall {r['wall_s']:.1f} s, driver CPU {r['driver_cpu_s']:.1f} s, overhead "
+              f"{r['overhead_core_s_per_trial']:.2f} core-s per trial, fixed {r['fixed_cost_s']:.1f} s")
 
 
 if __name__ == "__main__":
