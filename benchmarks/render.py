@@ -165,23 +165,41 @@ def render_sweep_overhead(p: dict[str, Any]) -> str:
     return provenance(p) + "\n\n" + table(["measure", "value"], rows)
 
 
+def _sweep_cells(run: dict[str, Any]) -> list[str]:
+    """driver CPU s, core utilisation, overhead core-s per trial, Tune phase s (utilisation), fixed s."""
+    return [f"{run['driver_cpu_s']:.1f}", f"{run['utilisation']:.3f}",
+            f"{run['overhead_core_s_per_trial']:.2f}",
+            f"{run['tune_wall_s']:.1f} ({run['tune_utilisation']:.3f})", f"{run['fixed_cost_s']:.1f}"]
+
+
+SWEEP_COLUMNS = ["driver CPU s", "core utilisation", "overhead core-s per trial",
+                 "Tune phase s (its utilisation)", "fixed start/stop s"]
+
+
+def _short_sweep(r: dict[str, Any]) -> str:
+    first = r["runs"][0]
+    return (f"{r['trials']} trials x {first['epochs']} epoch of {first['steps_per_epoch']} steps (ART "
+            f"K={first['pairs']}), {first['concurrent']} at a time on {first['cores']} cores, "
+            f"{first['server']} MLflow server")
+
+
 def render_sweep_snapshots(p: dict[str, Any]) -> str:
     r = p["results"]
     labels = {"tune": "Tune's rules: every 2 s, forced per `num_to_keep` checkpoints (before)",
               "paced": "paced: every 2 s or 19x a snapshot's time, none forced (sweep/tune_snapshots.py)"}
     rows = [[labels.get(run["snapshot_rules"], run["snapshot_rules"]), f"{run['wall_s']:.1f}",
-             str(run["snapshots"]), f"{run['snapshot_s']:.1f}", f"{run['driver_cpu_s']:.1f}",
-             f"{run['utilisation']:.3f}", f"{run['overhead_core_s_per_trial']:.2f}",
-             f"{run['tune_wall_s']:.1f} ({run['tune_utilisation']:.3f})", f"{run['fixed_cost_s']:.1f}"]
-            for run in r["runs"]]
-    first = r["runs"][0]
-    head = (f"{r['trials']} trials x {first['epochs']} epoch of {first['steps_per_epoch']} steps (ART "
-            f"K={first['pairs']}), {first['concurrent']} at a time on {first['cores']} cores, "
-            f"{first['server']} MLflow server, `keep_checkpoints: 1`; the two in turn in one process.")
+             str(run["snapshots"]), f"{run['snapshot_s']:.1f}", *_sweep_cells(run)] for run in r["runs"]]
+    head = f"{_short_sweep(r)}, `keep_checkpoints: 1`; the two in turn in one process."
     return provenance(p) + "\n\n" + head + "\n\n" + table(
-        ["experiment-state snapshots", "wall s", "snapshots", "in snapshots s", "driver CPU s",
-         "core utilisation", "overhead core-s per trial", "Tune phase s (its utilisation)",
-         "fixed start/stop s"], rows)
+        ["experiment-state snapshots", "wall s", "snapshots", "in snapshots s", *SWEEP_COLUMNS], rows)
+
+
+def render_sweep_against(p: dict[str, Any]) -> str:
+    r = p["results"]
+    rows = [[run["package"], f"{run['wall_s']:.1f}", *_sweep_cells(run)] for run in r["runs"]]
+    head = (f"{_short_sweep(r)}; the `sweep` package of {r['against'][:7]}, then this checkout's, each in a "
+            "fresh process.")
+    return provenance(p) + "\n\n" + head + "\n\n" + table(["package", "wall s", *SWEEP_COLUMNS], rows)
 
 
 def render_fixed_cost(p: dict[str, Any]) -> str:
@@ -435,6 +453,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "peers": render_peers,
     "sweep_overhead": render_sweep_overhead,
     "sweep_snapshots": render_sweep_snapshots,
+    "sweep_against": render_sweep_against,
     "search_efficiency": render_search_efficiency,
     "tracking": render_tracking,
     "gpu": render_gpu,

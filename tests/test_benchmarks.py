@@ -190,6 +190,10 @@ def test_every_kind_of_result_has_a_renderer():
         ("sweep_snapshots", {"trials": 200, "runs": [sweep | {"snapshot_rules": "paced", "snapshots": 12,
                                                               "snapshot_s": 0.5, "driver_cpu_s": 6.3}]},
          "sweep/tune_snapshots.py) | 40.0 | 12 | 0.5 | 6.3 | 0.400 | 0.24 | 30.0 (0.530) | 10.0 |"),
+        ("sweep_against", {"trials": 200, "against": "0123456789", "runs": [
+            sweep | {"package": "0123456 (baseline)", "driver_cpu_s": 9.1},
+            sweep | {"package": "this checkout", "driver_cpu_s": 6.3, "wall_s": 30.0}]},
+         "| this checkout | 30.0 | 6.3 | 0.400 | 0.24 | 30.0 (0.530) | 10.0 |"),
         ("search_efficiency", search, "0.410**, 95% CI 0.200-0.700"),
         ("driver_profile", profile, "other thread: PythonGCThread"),
         ("tracking", tracking, "10.0x"),
