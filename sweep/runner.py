@@ -71,26 +71,45 @@ class TrackingBehind:
 class TuneReporter:
     """The Reporter protocol on top of Tune's session: one tune.report per epoch, checkpoints persisted."""
 
-    def __init__(self, workdir: Path, recorded_epochs: int = 0) -> None:
+    def __init__(self, workdir: Path, recorded_epochs: int | None = None) -> None:
         self.workdir = workdir  # the trial's scratch folder, removed when the trial ends
         self.restored_epoch = 0  # the epochs the checkpoint Tune restored this trial from holds
-        self.recorded_epochs = recorded_epochs  # the epochs the sweep's records already hold (a resume)
+        # the epochs the sweep's records held when `sweep resume` started (None: not a resumed trial)
+        self.recorded_epochs = recorded_epochs
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
-        import ray
         from ray import tune
 
         epoch = int(metrics.get("epoch") or 0)
-        if epoch <= max(self.restored_epoch, self.recorded_epochs):
+        if epoch <= max(self.restored_epoch, self.recorded_epochs or 0):
             return  # an epoch `sweep resume` repeats (from an older checkpoint): Tune has its result already
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        self._send(metrics, checkpoint)
+
+    @staticmethod
+    def _send(metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        import ray
+        from ray import tune
+
         # Where the epoch ran: the Ray node (Tune's hostname/node_ip coincide for nodes on one host) and the
         # GPU ids Ray assigned this trial ("" without a GPU).
         node = {"node_id": ray.get_runtime_context().get_node_id(),
                 "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids())}
         # Tune counts iterations by reports; a restored trial that skipped repeated epochs would drift, so
         # the scheduler's time (training_iteration) is the epoch itself.
+        epoch = int(metrics.get("epoch") or 0)
         tune.report(dict(metrics) | node | {"training_iteration": epoch}, checkpoint=checkpoint)
+
+    def _report_unrecorded(self, history: list[dict[str, Any]]) -> None:
+        """A resumed trial's epochs that its checkpoint holds and the sweep's records do not, reported as
+        they were (from the checkpoint's history). Tune saves its results with its experiment state, on a
+        timer; a driver killed after a trial's newer checkpoint and before the next save resumes that
+        trial from the newer checkpoint (sweep.tune_checkpoints), past epochs the records never got."""
+        if self.recorded_epochs is None:
+            return  # not resumed: Tune logged every epoch this trial reported in this session
+        for row in history:
+            if self.recorded_epochs < int(row.get("epoch") or 0) <= self.restored_epoch:
+                self._send(row)
 
     def close_with(self, final: dict[str, Any]) -> None:
         """End a restored trial whose final result is already recorded, without training it again.
@@ -118,8 +137,12 @@ class TuneReporter:
         # Into the trial's workdir: to_directory() without a path copies into the system temp folder
         # under a name nothing removes, one left-over copy per restored trial.
         path = Path(checkpoint.to_directory(str(self.workdir / "restored")))
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            self.restored_epoch = int(json.loads((path / META_FILE).read_text(encoding="utf-8"))["epoch"])
+        history: list[dict[str, Any]] = []
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+            self.restored_epoch = int(meta["epoch"])
+            history = [row for row in meta.get("history") or [] if isinstance(row, dict)]
+        self._report_unrecorded(history)
         return path
 
 
@@ -131,8 +154,9 @@ def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None,
     if that ended the trial, else None} (recorded_progress). Tune snapshots its state apart from the
     results it logs, so a driver stopped between the two can hand back a trial whose last results (even
     its final one) are logged but whose state is older. Such a trial is not trained past what is
-    recorded: an ended one is closed with its final result (TuneReporter.close_with); another re-trains
-    from its checkpoint without reporting the epochs already recorded."""
+    recorded: an ended one is closed with its final result (TuneReporter.close_with); another goes on from
+    its checkpoint without reporting the epochs already recorded, after reporting those its checkpoint
+    holds that the records lack."""
     import ray
     import torch
     from ray import tune
@@ -154,7 +178,7 @@ def tune_trial(config: dict[str, Any], spec: dict[str, Any] | None = None,
         trial = trial.model_copy(update={"train": trial.train.model_copy(update={"device": device,
                                                                                    "num_threads": threads})})
         # testing_faults.wrap wraps the reporter only when FWSWEEP_FAULT is set
-        reporter = testing_faults.wrap(TuneReporter(workdir, progress.get("epochs", 0)))
+        reporter = testing_faults.wrap(TuneReporter(workdir, progress.get("epochs")))
         run_trial(trial, reporter, workdir)
     except TrialDiverged:
         pass  # reported with `diverged: 1`; ending normally keeps Tune from retrying a hopeless trial
@@ -350,7 +374,10 @@ def recorded_progress(records: list[TrialRecord]) -> dict[str, dict[str, Any]]:
     tune_keys = {*AUTO_RESULT_KEYS, "done", "trial_id", "should_checkpoint"}
     out: dict[str, dict[str, Any]] = {}
     for r in records:
-        if r.status == "TERMINATED" or not r.history:
+        if r.status == "TERMINATED":
+            continue
+        if not r.history:  # none recorded: a checkpoint Tune restores it from has every epoch to report
+            out[r.trial_id] = {"epochs": 0, "final": None}
             continue
         last = r.history[-1]
         ended = bool(last.get("done")) or final_report(last)

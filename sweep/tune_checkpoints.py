@@ -6,7 +6,8 @@ background. A driver killed between the two leaves a state naming a checkpoint t
 newer one that Tune never wrote down; Tune's restore then fails the trial ("Could not recover from
 checkpoint"). Before a resume restores anything, such a trial's newest whole checkpoint is copied to the
 name the state holds (the trainable reads the epoch it holds from meta.json and goes on from there; the
-epochs the sweep's records already hold are not reported again), and the newer folders are removed, so
+epochs the sweep's records already hold are not reported again, those they lack are, from the
+checkpoint's history), and the newer folders are removed, so
 the trial's folder holds just the checkpoints Tune knows, as it would have without the kill.
 """
 

@@ -44,6 +44,7 @@ from conftest import (
 )
 from ray_cluster import port_clash
 
+from sweep.store import parse_history
 from sweep.tracking import free_port
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -607,6 +608,47 @@ def test_driver_killed_at_any_point_then_resume_agrees(point: str, mlflow_server
         assert once == [1, 2, 3], f"trial {tid}: epochs {epochs} (repeated or missing)"
     assert runs_before <= {r.info.run_id for r in trial_runs_so_far(mlflow_server, name)}, "runs replaced"
     assert len(optuna_trials(home, name)) == 3, "the Optuna study lost or repeated a trial"
+
+
+def checkpoint_ahead_of_records(home: Path, name: str) -> bool:
+    """A trial whose newest whole checkpoint on the sweep's storage is of a later epoch than the rows of its
+    saved result.json (at least one): Tune registered it after its last save of the experiment state."""
+    for folder in experiment_dir(home, name).glob("trial_*"):
+        result = folder / "result.json"
+        rows = sum(1 for line in result.read_text().splitlines() if line.strip()) if result.exists() else 0
+        whole = [int(meta.parent.name.removeprefix("checkpoint_"))
+                 for meta in folder.glob("checkpoint_*/meta.json")]
+        if rows and max(whole, default=-1) + 1 > rows:  # checkpoint_00000K holds epoch K + 1
+            return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_killed_after_a_checkpoint_newer_than_the_records_resumes_without_a_gap(
+        mlflow_server: str, home: Path, tmp_path: Path) -> None:
+    """Tune saves its results with its experiment state, on a timer (every 4 s here); with one checkpoint
+    kept, a driver killed after a trial's next checkpoint and before the next save leaves records that end
+    an epoch (or more) before the only checkpoint left. `sweep resume` goes on from that checkpoint and
+    reports the epochs between from its history: the trial's records hold every epoch once."""
+    name = "kill-ahead"
+    spec = write_spec(tmp_path, name, train={"epochs": 6, "keep_checkpoints": 1},
+                      budget={"num_samples": 1, "max_concurrent": 1})
+    env = {"FWSWEEP_FAULT": "slow=1.0", "TUNE_GLOBAL_CHECKPOINT_S": "4"}
+    run = SweepProcess(["run", str(spec), "--tracking-uri", mlflow_server], home, env)
+    wait_until(lambda: checkpoint_ahead_of_records(home, name) or run.proc.poll() is not None, 240,
+               "a checkpoint newer than the saved records", interval=0.1)
+    assert run.proc.poll() is None, f"the sweep ended first:\n{run.output()[-3000:]}"
+    run.signal(signal.SIGKILL)
+    run.wait(10)
+    kill_processes_of(home)
+    (before,) = trial_rows(home, name).values()
+    assert len(before) < 6, before
+    run_to_end(["resume", name, "--tracking-uri", mlflow_server], home, env)
+    assert_records_agree(home, name, mlflow_server)
+    (after,) = trial_rows(home, name).values()
+    assert [row["epoch"] for row in parse_history("\n".join(map(json.dumps, after)))] == [1, 2, 3, 4, 5, 6], \
+        [row["epoch"] for row in after]
 
 
 @pytest.mark.slow
