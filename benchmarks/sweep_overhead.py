@@ -57,6 +57,8 @@ def calibrate(seconds: float, task: dict, epochs: int) -> int:
     return max(2, int(steps_per_s * seconds / epochs))
 
 
+SHORT_SECONDS, SHORT_PAIRS = 0.16, 2  # the short-trial case: ~0.16 s of training on ART K=2
+
 BASE_TRIAL = {
     "task": {"name": "art", "pairs": 4, "train_size": 20000, "val_size": 1000, "test_size": 1000, "seed": 0},
     "model": {"name": "lstm", "hidden_size": 50},
@@ -202,19 +204,21 @@ def main() -> None:
     if args.against:
         compare_against(args)
         return
-    if args.result_json:
-        with scratch_home():
-            r = measure(args.trials, 0.16, 2, 1, 2, args.warm_server, name="against", steps=args.steps)
-        import sweep
-
-        args.result_json.write_text(json.dumps(r | {"sweep_source": str(Path(sweep.__file__).parent)}))
-        return
     if args.short:
-        trials, seconds, pairs, epochs, concurrent = args.trials or 200, args.seconds or 0.16, 2, 1, 2
+        trials, seconds, pairs = args.trials or 200, args.seconds or SHORT_SECONDS, SHORT_PAIRS
+        epochs, concurrent = 1, 2
         name = "sweep_overhead_short"
     else:
         trials, seconds, pairs, epochs, concurrent = args.trials or 16, args.seconds or 20.0, 4, 4, None
         name = "sweep_overhead_warm" if args.warm_server else "sweep_overhead"
+    if args.result_json:  # one run of --against: its figures go to the parent process, not to results/
+        with scratch_home():
+            r = measure(trials, seconds, pairs, epochs, concurrent, args.warm_server, name="against",
+                        steps=args.steps)
+        import sweep
+
+        args.result_json.write_text(json.dumps(r | {"sweep_source": str(Path(sweep.__file__).parent)}))
+        return
     with scratch_home(), record(name, vars(args), kind="sweep_overhead") as payload:
         r = payload["results"] = measure(trials, seconds, pairs, epochs, concurrent, args.warm_server,
                                          steps=args.steps)
@@ -228,7 +232,7 @@ def main() -> None:
 
 def compare_snapshot_rules(args: argparse.Namespace) -> None:
     """Both snapshot rules on the same short sweep, one after the other in this process (baseline first)."""
-    trials, seconds, pairs = args.trials or 400, args.seconds or 0.16, 2
+    trials, seconds, pairs = args.trials or 400, args.seconds or SHORT_SECONDS, SHORT_PAIRS
     with scratch_home(), record("sweep_snapshots", vars(args), kind="sweep_snapshots") as payload:
         steps = calibrate(seconds, BASE_TRIAL["task"] | {"pairs": pairs}, 1)  # the same work in both
         runs = [measure(trials, seconds, pairs, 1, 2, args.warm_server, snapshots=rules,
@@ -244,13 +248,14 @@ def compare_against(args: argparse.Namespace) -> None:
     """The same short sweep with the `sweep` package of another commit (`git archive` of its sweep/, first
     on PYTHONPATH: the driver and Ray's workers import it), then with this checkout's; each run in a
     fresh process (a package cannot be swapped inside one), with the steps of one calibration."""
-    trials, pairs = args.trials or 400, 2
+    trials = args.trials or 400
     root = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", args.against], cwd=root, check=True, capture_output=True,
                             text=True).stdout.strip()
     with scratch_home(), record("sweep_against", vars(args), kind="sweep_against") as payload, \
             tempfile.TemporaryDirectory(prefix="fwsweep-against-") as tmp:
-        steps = args.steps or calibrate(args.seconds or 0.16, BASE_TRIAL["task"] | {"pairs": pairs}, 1)
+        task = BASE_TRIAL["task"] | {"pairs": SHORT_PAIRS}
+        steps = args.steps or calibrate(args.seconds or SHORT_SECONDS, task, 1)
         source = Path(tmp, "source")
         source.mkdir()
         archive = subprocess.run(["git", "archive", commit, "sweep"], cwd=root, check=True,
@@ -262,8 +267,8 @@ def compare_against(args: argparse.Namespace) -> None:
             env = {k: v for k, v in os.environ.items() if k != "FWSWEEP_HOME"}  # each its own scratch home
             if path is not None:
                 env["PYTHONPATH"] = os.pathsep.join([str(path), *filter(None, [env.get("PYTHONPATH")])])
-            subprocess.run([sys.executable, __file__, "--trials", str(trials), "--steps", str(steps),
-                            "--result-json", str(out)], env=env, check=True)
+            subprocess.run([sys.executable, __file__, "--short", "--trials", str(trials), "--steps",
+                            str(steps), "--result-json", str(out)], env=env, check=True)
             runs.append(json.loads(out.read_text()) | {"package": label})
         payload["results"] = {"trials": trials, "against": commit, "runs": runs}
     for r in runs:
