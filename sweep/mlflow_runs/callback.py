@@ -148,10 +148,10 @@ class MlflowSweepCallback(LiveCallback):
         tid = trial.trial_id
         if tid not in self._trials:
             self.on_trial_start(iteration, trials, trial)
-        row = (content.metric_step(result), content.metric_values(result), None)
-        constants = content.constant_params(result)
-        self.live.submit(lambda w: self._send(w, tid, [(row, constants)]), f"metrics of trial {tid}",
-                         reports=1, key=(ROWS, tid), data=(row, constants))
+        report = ((content.metric_step(result), content.metric_values(result), None),
+                  content.constant_params(result))
+        self.live.submit(lambda w: self._send(w, tid, [report]), f"metrics of trial {tid}", reports=1,
+                         key=(ROWS, tid), data=report)
 
     def _send(self, w: RunWriter, tid: str, reports: list[tuple[Row, dict[str, str]]],
               tags: dict[str, str] | None = None) -> None:
