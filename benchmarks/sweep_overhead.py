@@ -15,7 +15,7 @@ short trial. Usage:
     .venv/bin/python benchmarks/sweep_overhead.py [--warm-server]      # results/sweep_overhead[_warm].json
     .venv/bin/python benchmarks/sweep_overhead.py --short              # results/sweep_overhead_short.json
     .venv/bin/python benchmarks/sweep_overhead.py --snapshots          # results/sweep_snapshots.json
-    .venv/bin/python benchmarks/sweep_overhead.py --against COMMIT     # results/sweep_against.json
+    .venv/bin/python benchmarks/sweep_overhead.py --against COMMIT     # results/sweep_against_COMMIT.json
 
 then `benchmarks/render.py` to update docs/benchmarks.md. Run on an otherwise idle machine.
 """
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--against", metavar="COMMIT",
                         help="the short-trial case twice, each in a fresh process with one calibration: the "
                              "`sweep` package as of COMMIT (the baseline), then this checkout's; 400 trials "
-                             "unless --trials")
+                             "unless --trials (results/sweep_against_<COMMIT's short hash>.json)")
     parser.add_argument("--steps", type=int, help="steps per epoch (default: calibrated to --seconds)")
     parser.add_argument("--result-json", type=Path, help=argparse.SUPPRESS)  # one run of --against
     args = parser.parse_args()
@@ -247,12 +247,13 @@ def compare_snapshot_rules(args: argparse.Namespace) -> None:
 def compare_against(args: argparse.Namespace) -> None:
     """The same short sweep with the `sweep` package of another commit (`git archive` of its sweep/, first
     on PYTHONPATH: the driver and Ray's workers import it), then with this checkout's; each run in a
-    fresh process (a package cannot be swapped inside one), with the steps of one calibration."""
+    fresh process (a package cannot be swapped inside one), with the steps of one calibration. Written to
+    results/sweep_against_<baseline's short hash>.json: each baseline keeps its own figures."""
     trials = args.trials or 400
     root = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", args.against], cwd=root, check=True, capture_output=True,
                             text=True).stdout.strip()
-    with scratch_home(), record("sweep_against", vars(args), kind="sweep_against") as payload, \
+    with scratch_home(), record(f"sweep_against_{commit[:7]}", vars(args), kind="sweep_against") as payload, \
             tempfile.TemporaryDirectory(prefix="fwsweep-against-") as tmp:
         task = BASE_TRIAL["task"] | {"pairs": SHORT_PAIRS}
         steps = args.steps or calibrate(args.seconds or SHORT_SECONDS, task, 1)
