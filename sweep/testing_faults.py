@@ -12,6 +12,9 @@ FWSWEEP_FAULT holds directives separated by ';', each `KIND[@EPOCH][xTIMES][=VAL
                TrialDiverged, as `run_trial` does when the loss becomes NaN/inf
 - `crash@2`    the worker process dies at epoch 2 (os._exit, like an OOM kill or a segfault)
 - `slow=1.5`   every report waits 1.5 s more (keeps a sweep running long enough to interrupt it)
+- `hold@16`    the report of epoch 16 waits while the file `hold` exists in FWSWEEP_FAULT_STATE: a test
+               keeps trials from finishing until it has done what must happen while they run (however
+               loaded the machine), then deletes the file
 - `interrupt@3` the driver sends itself SIGINT (as Ctrl-C) the moment Tune has logged a trial's epoch-3
                result, before Tune's state records that result's checkpoint or the trial's end: the
                narrowest window an interrupt can hit (see `DriverFaults`)
@@ -40,7 +43,7 @@ from sweep.reporter import Reporter
 ENV = "FWSWEEP_FAULT"
 STATE_ENV = "FWSWEEP_FAULT_STATE"
 
-_DIRECTIVE = re.compile(r"^(raise|nan|crash|slow|interrupt)(?:@(\d+))?(?:x(\d+))?(?:=([0-9.]+))?$")
+_DIRECTIVE = re.compile(r"^(raise|nan|crash|slow|hold|interrupt)(?:@(\d+))?(?:x(\d+))?(?:=([0-9.]+))?$")
 
 
 class InjectedFault(RuntimeError):
@@ -67,11 +70,18 @@ def parse(text: str) -> list[Fault]:
     return faults
 
 
+HOLD_FILE = "hold"  # in the state folder: `hold` directives wait while it exists
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get(STATE_ENV) or "fwsweep-faults")
+
+
 def _claim(fault: Fault) -> bool:
     """True if this firing is within the fault's budget (markers created atomically, so races are safe)."""
     if fault.times is None:
         return True
-    state = Path(os.environ.get(STATE_ENV) or "fwsweep-faults")
+    state = state_dir()
     state.mkdir(parents=True, exist_ok=True)
     for i in range(fault.times):
         try:
@@ -110,6 +120,9 @@ class FaultyReporter:
                 raise InjectedFault(f"fault injected on purpose by {ENV} at epoch {epoch}")
             if fault.kind == "crash":
                 os._exit(3)
+            if fault.kind == "hold":
+                while (state_dir() / HOLD_FILE).exists():
+                    time.sleep(0.2)
             if fault.kind == "nan":
                 self.inner.report({**metrics, "train_loss": math.nan, "diverged": 1}, None)
                 raise TrialDiverged(f"loss became nan at epoch {epoch} (injected by {ENV})")

@@ -44,6 +44,7 @@ from conftest import (
 )
 from ray_cluster import port_clash
 
+from sweep import testing_faults
 from sweep.store import parse_history
 from sweep.tracking import free_port
 
@@ -456,13 +457,18 @@ def test_tracking_server_outage_loses_no_metric(own_mlflow: MlflowServer, home: 
     """The MLflow server process tree is stopped for >= 20 s mid-sweep and restarted on the same port and
     database. Trials keep training meanwhile; what they reported during the outage reaches MLflow once it
     is back, and no step is missing or logged twice."""
-    # >= 48 s per trial (slow=3): the first metric can reach MLflow late on a loaded machine, and the
-    # sweep must still be running when the outage ends
-    name, epochs, outage_s = "faults-mlflow", 16, 20
+    # 3 s per epoch (slow=3): trials train on during the outage. Their last epoch waits (hold) until the
+    # server is back, so the sweep is still running then however long a loaded machine takes to restart it
+    # (under load the sweep had ended and given up on MLflow while the server was still booting).
+    name, epochs, outage_s = "faults-mlflow", 12, 20
     spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2},
                       train={"epochs": epochs})
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    hold = faults / testing_faults.HOLD_FILE
+    hold.touch()
     run = SweepProcess(["run", str(spec), "--tracking-uri", own_mlflow.url], home,
-                       {"FWSWEEP_FAULT": "slow=3"})
+                       {"FWSWEEP_FAULT": f"slow=3;hold@{epochs}", "FWSWEEP_FAULT_STATE": str(faults)})
     wait_until(lambda: any(logged_steps(own_mlflow.url, name).values()) or run.proc.poll() is not None, 150,
                "a first metric in MLflow")
     assert run.proc.poll() is None, run.output()[-3000:]
@@ -473,7 +479,8 @@ def test_tracking_server_outage_loses_no_metric(own_mlflow: MlflowServer, home: 
     rows_at_restart = {tid: len(rows) for tid, rows in trial_rows(home, name).items()}
     own_mlflow.start()
     down_s = time.monotonic() - down_at
-    assert run.proc.poll() is None, "the sweep ended during the outage: make it longer"
+    assert run.proc.poll() is None, run.output()[-3000:]
+    hold.unlink()
     assert run.wait(200) == 0, run.output()[-4000:]
 
     grew = {tid: rows_at_restart.get(tid, 0) - rows_at_stop.get(tid, 0) for tid in rows_at_restart}
@@ -499,8 +506,10 @@ def test_unreachable_tracking_server_refuses_to_start(home: Path, tmp_path: Path
 
 
 def test_fault_directives_fire_as_often_as_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hook itself: `raise@2x1` fails one report of epoch 2 across all reporters, then lets it pass."""
-    from sweep import testing_faults
+    """The hook itself: `raise@2x1` fails one report of epoch 2 across all reporters, then lets it pass;
+    `hold@2` keeps the report of epoch 2 back while the hold file exists."""
+    import threading
+
     from sweep.reporter import NullReporter
 
     fault = testing_faults.Fault
@@ -519,6 +528,19 @@ def test_fault_directives_fire_as_often_as_asked(tmp_path: Path, monkeypatch: py
         first.report({"epoch": 2})
     second.report({"epoch": 2})  # the budget of one is spent
     assert [m["epoch"] for m in inner.history] == [1, 2]
+
+    monkeypatch.setenv(testing_faults.ENV, "hold@2")
+    held, hold = NullReporter(), tmp_path / testing_faults.HOLD_FILE
+    hold.touch()
+    reporter = testing_faults.wrap(held)
+    reporter.report({"epoch": 1})
+    waiting = threading.Thread(target=reporter.report, args=({"epoch": 2},))
+    waiting.start()
+    waiting.join(1.0)
+    assert waiting.is_alive() and [m["epoch"] for m in held.history] == [1]
+    hold.unlink()
+    waiting.join(5.0)
+    assert not waiting.is_alive() and [m["epoch"] for m in held.history] == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------- agreement
