@@ -460,7 +460,7 @@ def test_tracking_server_outage_loses_no_metric(own_mlflow: MlflowServer, home: 
     # 3 s per epoch (slow=3): trials train on during the outage. Their last epoch waits (hold) until the
     # server is back, so the sweep is still running then however long a loaded machine takes to restart it
     # (under load the sweep had ended and given up on MLflow while the server was still booting).
-    name, epochs, outage_s = "faults-mlflow", 12, 20
+    name, epochs, outage_s = "faults-mlflow", 16, 20  # epochs: room to train on during the outage
     spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2},
                       train={"epochs": epochs})
     faults = tmp_path / "faults"
