@@ -639,7 +639,7 @@ def checkpoint_ahead_of_records(home: Path, name: str) -> bool:
     saved result.json (at least one): Tune registered it after its last save of the experiment state."""
     for folder in experiment_dir(home, name).glob("trial_*"):
         result = folder / "result.json"
-        rows = sum(1 for line in result.read_text().splitlines() if line.strip()) if result.exists() else 0
+        rows = len(parse_history(result.read_text())) if result.exists() else 0  # a torn last line: not saved
         whole = [int(meta.parent.name.removeprefix("checkpoint_"))
                  for meta in folder.glob("checkpoint_*/meta.json")]
         if rows and max(whole, default=-1) + 1 > rows:  # checkpoint_00000K holds epoch K + 1
