@@ -40,7 +40,7 @@ class UserError(Exception):
             problems = [Problem(source or "input", problems, fix)]
         elif isinstance(problems, Problem):
             problems = [problems]
-        self.problems = list(problems)
+        self.problems = list(dict.fromkeys(problems))  # once each (a `common:` value checked per model)
         self.source = source
         super().__init__(self.render())
 

@@ -206,7 +206,8 @@ def _check_s3_credentials(uri: str) -> None:
 
 def _storage_error(uri: str, err: OSError) -> UserError:
     text = str(err)
-    endpoint = s3_endpoint()
+    setting = _endpoint_setting()  # (the variable that set it, the endpoint)
+    endpoint = setting[1] if setting else None
     if "OAuth2 access token" in text:  # GCS: no usable Google credential
         return UserError(Problem("Google Cloud credentials", f"none usable for {uri}",
                                  "set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file (or run "
@@ -218,7 +219,7 @@ def _storage_error(uri: str, err: OSError) -> UserError:
     # The network first: the message of an unreachable endpoint quotes its URL, whose port may hold '403'.
     if any(s in text.lower() for s in ("connect", "network", "resolve host", "timed out", "timeout")):
         where = f"endpoint {endpoint}" if endpoint else "its endpoint"
-        return UserError(Problem("FWSWEEP_S3_ENDPOINT" if endpoint else "--storage",
+        return UserError(Problem(setting[0] if setting else "--storage",
                                  f"cannot reach {uri} at {where} ({text.splitlines()[0][:200]})",
                                  "start the object store or fix FWSWEEP_S3_ENDPOINT / AWS_ENDPOINT_URL "
                                  "(host:port, http:// for a plain-HTTP store)"))

@@ -106,6 +106,14 @@ def test_a_truly_missing_field_is_reported() -> None:
     assert [(p.where, p.fix) for p in info.value.problems] == [("models", "add this field")]
 
 
+def test_a_common_value_wrong_for_every_model_is_reported_once() -> None:
+    data = {"name": "n", "models": ["fw_lstm", "fw_rnn", "lstm"], "space": {"common": {"hidden_size": 0}}}
+    with pytest.raises(UserError) as info:
+        validate_as(SweepSpec, data, "s.yaml")
+    assert [p.where for p in info.value.problems] == ["space.common.hidden_size"]
+    assert info.value.render().count("is invalid for model.hidden_size") == 1
+
+
 # ---- resources a cluster cannot give (the unit; tests/test_bad_input.py runs it on a real Ray)
 
 

@@ -187,6 +187,19 @@ def test_a_storage_error_is_named_by_what_failed_not_by_digits_in_it(message: st
     assert err.problems[0].where == field, err.render()
 
 
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FWSWEEP_S3_ENDPOINT"])
+def test_an_unreachable_endpoint_names_the_variable_that_set_it(variable: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from sweep.store import ENDPOINT_ENVS, _storage_error
+
+    for name in ENDPOINT_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    err = _storage_error("s3://b/x", OSError("AWS Error NETWORK_CONNECTION: curlCode: 7, Could not connect"))
+    assert err.problems[0].where == variable, err.render()
+    assert "endpoint http://127.0.0.1:9" in err.problems[0].message
+
+
 def test_tunes_state_upload_race_is_one_line_and_other_errors_keep_their_traceback() -> None:
     """Tune's background upload of its state can find one of its own snapshot's temp files renamed (the
     message it logged in a real sweep, below); that becomes one warning line, any other error stays."""
