@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING
 import psutil
 from filelock import FileLock
 
-from sweep import paths
+from sweep import local_mlflow, paths
 from sweep.errors import Problem, UserError
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ HUNG_AFTER_S = 60.0  # a live server process that has not answered /health this 
 STATE_FILE = "server.json"  # the running server: {url, pid, started_at}
 PORT_FILE = "port"  # the port of the last server: kept across stops so links stay valid
 LOG_FILE = "server.log"
+DATABASE_FILE = "mlflow.db"
 LOCK_FILE = "server.lock"
 USERS_DIR = "users"  # one lease file per command using the local server: "<pid>-<id>"
 KEEP_FILE = "keep"  # present: the local server stays up when its last user ends (`sweep ui --detach`)
@@ -442,21 +444,24 @@ class Watchdog:
 # ---------------------------------------------------------------------------------------------- local server
 
 
-def _local_folder() -> Path:
-    folder = paths.mlflow_dir()
+def _local_folder(folder: Path | None = None) -> Path:
+    """The local server's folder (default mlflow_dir()), created, its database checked before any lock
+    or server file is made there."""
+    folder = folder or paths.mlflow_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(Problem("FWSWEEP_HOME", f"cannot create {folder} for the local MLflow server "
                                 f"({err})", "point FWSWEEP_HOME at a writable folder, or pass --tracking-uri")
                         ) from None
+    check_store(folder)
     return folder
 
 
 def ensure_local_server(folder: Path | None = None,
                         meanwhile: Callable[[], object] | None = None) -> TrackingServer:
     """Reuse the local server recorded in `folder` (default mlflow_dir()) when alive, else start one."""
-    folder = folder or _local_folder()
+    folder = _local_folder(folder)
     with _locked(folder):
         server, proc = _reuse_or_launch(folder)
     _call(meanwhile, on_error=lambda: _kill_tree(proc.pid if proc else None))
@@ -479,6 +484,7 @@ def _reuse_or_launch(folder: Path) -> tuple[TrackingServer, subprocess.Popen | N
                 return TrackingServer(url=state["url"], started_here=False, pid=pid), None
             _kill_tree(pid)  # hung: replace it (a pid now owned by another program is left alone)
         (folder / STATE_FILE).unlink(missing_ok=True)
+    check_store(folder)
     port = remembered_port(folder)
     proc, url = launch_server(folder, port=port if _port_is_free(port) else None)
     server = TrackingServer(url=url, started_here=True, pid=proc.pid)
@@ -505,6 +511,38 @@ def _forget(folder: Path, pid: int) -> None:
     state = read_state(folder)
     if state and state.get("pid") == pid:
         (folder / STATE_FILE).unlink(missing_ok=True)
+
+
+def check_store(folder: Path) -> None:
+    """A UserError naming the fix when the local database cannot be opened: the server would die at boot,
+    again at every restart, and the sweep would run unrecorded."""
+    db = folder / DATABASE_FILE
+    why = store_damage(db)
+    if why is not None:
+        raise UserError(Problem(
+            str(db), f"the local MLflow server's database is damaged: {why}",
+            f"move it aside (`mv {db} {db}.damaged`) and run the command again: it starts a new database, "
+            "and `sweep sync NAME` brings a sweep's runs back into it from the sweep's own records"))
+
+
+def store_damage(db: Path) -> str | None:
+    """Why MLflow cannot open `db`, or None (a missing or empty one is fine: the server makes it whole).
+
+    Reads only SQLite's table list and the schema version (milliseconds, whatever the database's size).
+    """
+    if local_mlflow.table_count(db) == 0:
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            left = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+            if left:
+                return f"a change of its tables was stopped half-way (MLflow's table {left[0]} is left over)"
+            if "alembic_version" not in tables or not con.execute("SELECT * FROM alembic_version").fetchall():
+                return "it has tables but no schema version (alembic_version): it was never completed"
+    except sqlite3.DatabaseError as err:  # not a database, a damaged page, a lock held for 30 s
+        return f"SQLite cannot read it ({err})"
+    return None
 
 
 def remembered_port(folder: Path | None = None) -> int | None:
@@ -536,8 +574,8 @@ def launch_server(folder: Path, host: str = "127.0.0.1", port: int | None = None
     port = port or free_port(host)
     url = f"http://{host}:{port}"
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        sys.executable, "-m", "sweep.local_mlflow", "server",  # `mlflow server`, its new database built aside
+        "--backend-store-uri", f"sqlite:///{folder / DATABASE_FILE}",
         "--artifacts-destination", str(folder / "artifacts"),
         "--serve-artifacts",
         "--host", host, "--port", str(port), "--workers", "1",
@@ -642,7 +680,7 @@ def stop_servers_under(folder: Path) -> list[int]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or ())
-        if "mlflow server " in cmdline and marker in cmdline:
+        if _is_server_command(cmdline) and marker in cmdline:
             found.append(proc.pid)
     for pid in found:
         _kill_tree(pid, grace_s=5.0)
@@ -728,11 +766,17 @@ def _is_mlflow_process(pid: int | None) -> bool:
     if proc is None:
         return False
     try:
-        return "mlflow server " in " ".join(proc.cmdline())
+        return _is_server_command(" ".join(proc.cmdline()))
     except psutil.AccessDenied:
         return True  # cannot see its command line: trust the pid plus the health check
     except psutil.Error:
         return False
+
+
+def _is_server_command(cmdline: str) -> bool:
+    """`python -m sweep.local_mlflow server ...` (launch_server), or `mlflow server ...` (fwsweep before
+    2026-12-02, still running after an upgrade)."""
+    return "sweep.local_mlflow server " in cmdline or "mlflow server " in cmdline
 
 
 @contextlib.contextmanager

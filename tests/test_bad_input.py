@@ -13,8 +13,10 @@ Cases that need Ray (resources no node has) are at the end, in the slow tier.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -41,6 +43,20 @@ ALIAS_BOMB = "anchors: [&a [8, 8, 8, 8, 8, 8, 8, 8, 8, 8]" + "".join(
     f", &{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in zip("abcd", "bcde", strict=True)) + "]\n" + \
     TINY_SPEC_TEXT.replace("lr: {loguniform: [1.0e-3, 1.0e-2]}", "lr: {choice: *e}")
 CORRUPT_SPEC = "name: faults-tiny\nmodels: [lstm\n"
+
+
+def _sqlite_file(*statements: str) -> bytes:
+    with contextlib.closing(sqlite3.connect(":memory:")) as con:
+        for statement in statements:
+            con.execute(statement)
+        return con.serialize()
+
+
+# A first boot's migrations stopped half-way (SQLite runs MLflow's DDL outside one transaction)
+HALF_MIGRATED = _sqlite_file("CREATE TABLE experiments (experiment_id INTEGER)",
+                             "CREATE TABLE alembic_version (version_num VARCHAR(32))",
+                             "INSERT INTO alembic_version VALUES ('c8d9e0f1a2b3')",
+                             "CREATE TABLE _alembic_tmp_experiments (experiment_id INTEGER)")
 SWEEPS = "home/sweeps"
 S = "s.yaml"
 
@@ -306,6 +322,13 @@ CASES = [
     Case("env-s3-endpoint-malformed", ["list", "--storage", "s3://b/x"],
          ["FWSWEEP_S3_ENDPOINT", "is not an endpoint", "http://HOST:PORT"], {},
          {"FWSWEEP_S3_ENDPOINT": "http://h:notaport"}),
+    # ---- the local MLflow server's database, damaged (its server would die at every start)
+    Case("local-mlflow-db-half-migrated", ["ui", "--detach"],
+         ["home/mlflow/mlflow.db", "damaged", "_alembic_tmp_experiments", "mv ", "sweep sync"],
+         {"home/mlflow/mlflow.db": HALF_MIGRATED}, real_cli=True),
+    Case("local-mlflow-db-not-sqlite", ["run", S],
+         ["home/mlflow/mlflow.db", "damaged", "not a database", "mv "],
+         {S: TINY_SPEC_TEXT, "home/mlflow/mlflow.db": b"not a database\n" * 300}),
 ]
 
 

@@ -10,22 +10,26 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from sweep import paths
 from sweep.errors import UserError
 from sweep.tracking import (
     _descendants,
     _exists,
+    check_store,
     ensure_server,
     free_port,
     is_healthy,
     is_ready,
+    launch_server,
     read_state,
     remembered_port,
     resolve_tracking_uri,
     stop_local_server,
     stop_process_tree,
     stop_unless_used,
+    store_damage,
     tracking_server,
     wait_ready,
 )
@@ -245,6 +249,67 @@ def test_local_server_lives_while_a_command_uses_it(home: Path) -> None:
         stop_local_server()
     assert not _exists(kept.pid)
     assert not (paths.mlflow_dir() / "keep").exists()
+
+
+@pytest.mark.slow  # starts a local MLflow server
+def test_a_server_killed_while_it_makes_its_database_leaves_none_half_made(home: Path) -> None:
+    """MLflow makes a new SQLite database by migrations outside one transaction: a server stopped during
+    that first boot left one that no later server could open (and every later command's server died at
+    boot). It is now made in a side file and moved into place whole."""
+    folder = paths.mlflow_dir()
+    folder.mkdir(parents=True)
+    proc, _ = launch_server(folder)
+    building = wait_until(lambda: list(folder.glob("mlflow.db.building-*")), 120, "the database's build",
+                          interval=0.02)
+    stop_process_tree(proc.pid, grace_s=0)  # SIGKILL mid-build, as a closed terminal or `kill -9` does
+    assert not (folder / "mlflow.db").exists(), "a half-made database took the store's place"
+    assert building[0].exists()  # the abandoned side file, for the next start to clear
+
+    server = ensure_server(None)
+    try:
+        assert store_damage(folder / "mlflow.db") is None
+        assert not list(folder.glob("mlflow.db.building-*")), "the abandoned build was left behind"
+        import mlflow
+
+        assert mlflow.MlflowClient(server.url).create_experiment("after-a-killed-boot")
+    finally:
+        stop_local_server()
+
+
+VERSIONED = ("CREATE TABLE experiments (id INTEGER); CREATE TABLE alembic_version (version_num TEXT); "
+             "INSERT INTO alembic_version VALUES ('c8d9e0f1a2b3')")
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    (None, None),  # no database yet: the server makes it
+    (b"", None),  # an empty file: made whole too
+    (f"{VERSIONED}; CREATE TABLE _alembic_tmp_experiments (id INTEGER)",
+     "_alembic_tmp_experiments is left over"),
+    ("CREATE TABLE experiments (id INTEGER)", "no schema version"),
+    ("CREATE TABLE experiments (id INTEGER); CREATE TABLE alembic_version (version_num TEXT)",
+     "no schema version"),
+    (VERSIONED, None),
+    (b"SQLite format 3\x00" + b"\xff" * 4000, "SQLite cannot read it"),
+    (b"not a database\n" * 300, "SQLite cannot read it"),
+])
+def test_a_damaged_local_database_is_named_before_a_server_dies_on_it(content: str | bytes | None,
+                                                                      why: str | None, tmp_path: Path
+                                                                      ) -> None:
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    if isinstance(content, bytes):
+        db.write_bytes(content)
+    elif content is not None:
+        with sqlite3.connect(db) as con:
+            con.executescript(content)
+        con.close()
+    found = store_damage(db)
+    assert (found is None) if why is None else (why in (found or "")), found
+    if why is not None:
+        with pytest.raises(UserError, match="move it aside") as info:
+            check_store(tmp_path)
+        assert info.value.problems[0].where == str(db)
 
 
 def test_stale_record_of_a_foreign_pid_is_not_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
