@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import socket
 import sqlite3
 import subprocess
@@ -519,9 +520,10 @@ def check_store(folder: Path) -> None:
     db = folder / DATABASE_FILE
     why = store_damage(db)
     if why is not None:
+        aside = f"mv {shlex.quote(str(db))} {shlex.quote(str(db))}.damaged"
         raise UserError(Problem(
             str(db), f"the local MLflow server's database is damaged: {why}",
-            f"move it aside (`mv {db} {db}.damaged`) and run the command again: it starts a new database, "
+            f"move it aside (`{aside}`) and run the command again: it starts a new database, "
             "and `sweep sync NAME` brings a sweep's runs back into it from the sweep's own records"))
 
 

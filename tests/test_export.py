@@ -103,3 +103,28 @@ def test_unknown_sweep(tmp_path, monkeypatch):
     monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path))
     with pytest.raises(UserError, match="no sweep named"):
         write_exports("nope", records=RECORDS)
+
+
+def test_printed_commands_run_as_printed_from_a_folder_with_spaces(tmp_path, capsys):
+    """The summary's `re-run it:` line and a damaged database's `mv` are pasted into a shell as printed."""
+    import shlex
+    import subprocess
+
+    from sweep.cli.sweep_cmds import _summary
+    from sweep.runner import SweepResult
+    from sweep.tracking import check_store
+
+    folder = tmp_path / "my runs [2026] #1"
+    best = folder / "exports" / "best.yaml"
+    result = SweepResult(name="s", path=str(folder), status_counts={}, exported=[best])
+    _summary(result, SweepSpec.model_validate({"name": "s", "models": ["lstm"]}))
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("re-run it:")]
+    assert shlex.split(line.removeprefix("re-run it:")) == ["sweep", "train", "--config", str(best)]
+
+    folder.mkdir()
+    (folder / "mlflow.db").write_bytes(b"not a database\n" * 300)
+    with pytest.raises(UserError) as info:
+        check_store(folder)
+    command = info.value.problems[0].fix.split("`")[1]
+    subprocess.run(["sh", "-c", command], check=True)
+    assert (folder / "mlflow.db.damaged").exists() and not (folder / "mlflow.db").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import time
 from collections.abc import Iterator
@@ -56,8 +57,9 @@ def _summary(result, spec) -> None:  # noqa: ANN001  (SweepResult, SweepSpec: im
     if result.mlflow_url:
         console.print(f"MLflow:     {redacted(result.mlflow_url)}", soft_wrap=True)
     for path in result.exported:
-        console.print(f"exported:   {path}", soft_wrap=True)
-        console.print(f"re-run it:  sweep train --config {path}", soft_wrap=True)
+        console.print(f"exported:   {path}", soft_wrap=True, markup=False)
+        rerun = f"sweep train --config {shlex.quote(str(path))}"  # pasted into a shell as printed
+        console.print(f"re-run it:  {rerun}", soft_wrap=True, markup=False)
     if result.interrupted:
         console.print(f"[yellow]interrupted[/]: continue with `sweep resume {result.name}`")
     if result.status_counts.get("failed"):

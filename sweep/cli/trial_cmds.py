@@ -298,7 +298,8 @@ def _check_fresh(run_dir: Path, explicit: bool) -> None:
             Problem(
                 "--out" if explicit else str(run_dir),
                 f"{run_dir} {what}",
-                f"choose a new folder, or continue that run with `sweep train --resume {run_dir}`",
+                "choose a new folder, or continue that run with "
+                f"`sweep train --resume {shlex.quote(str(run_dir))}`",
             )
         )
 
