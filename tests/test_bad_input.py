@@ -76,6 +76,9 @@ class Case:
 CASES = [
     # ---- reading files: the one bounded loader (regular files only, size, depth, aliases, duplicates)
     Case("file-missing", ["validate", "nope.yaml"], ["nope.yaml", "not found", "fix"], real_cli=True),
+    # what the user wrote is shown as written, never read as the terminal's markup (rich's [tags])
+    Case("file-name-like-markup", ["validate", "x[/]y [bold]z.yaml"], ["x[/]y [bold]z.yaml", "not found"],
+         real_cli=True),
     Case("file-is-folder", ["validate", "adir"], ["adir", "folder", "fix"], {"adir/x": ""}),
     Case("file-under-a-file", ["validate", "f.yaml/s.yaml"], ["f.yaml/s.yaml", "fix"], {"f.yaml": "a: 1\n"}),
     Case("file-dev-zero", ["validate", "/dev/zero"], ["/dev/zero", "not a regular file", "fix"],
@@ -148,7 +151,7 @@ CASES = [
          {S: spec_text(space="{common: {lr: {loguniform: [1.0e-2, 1.0e-4]}}}")}),
     Case("spec-log-range-at-zero", ["validate", S], ["space.common.lr", "> 0"],
          {S: spec_text(space="{common: {lr: {loguniform: [0, 1.0e-2]}}}")}),
-    Case("spec-two-kinds", ["validate", S], ["space.common.lr", "exactly one"],
+    Case("spec-two-kinds", ["validate", S], ["space.common.lr", "exactly one", "uniform: [lo, hi]"],
          {S: spec_text(space="{common: {lr: {uniform: [0.1, 1], choice: [0.1]}}}")}),
     Case("spec-empty-choice", ["validate", S], ["space.common.hidden_size", "at least one value"],
          {S: spec_text(space="{common: {hidden_size: {choice: []}}}")}),

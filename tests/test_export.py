@@ -105,8 +105,9 @@ def test_unknown_sweep(tmp_path, monkeypatch):
         write_exports("nope", records=RECORDS)
 
 
-def test_printed_commands_run_as_printed_from_a_folder_with_spaces(tmp_path, capsys):
-    """The summary's `re-run it:` line and a damaged database's `mv` are pasted into a shell as printed."""
+def test_printed_paths_and_commands_are_shown_as_they_are(tmp_path, capsys):
+    """The summary's `re-run it:` line and a damaged database's `mv` are pasted into a shell as printed; a
+    path's brackets are not read as the terminal's markup."""
     import shlex
     import subprocess
 
@@ -114,14 +115,16 @@ def test_printed_commands_run_as_printed_from_a_folder_with_spaces(tmp_path, cap
     from sweep.runner import SweepResult
     from sweep.tracking import check_store
 
-    folder = tmp_path / "my runs [2026] #1"
+    folder = tmp_path / "my runs [bold]x[/] #1"
     best = folder / "exports" / "best.yaml"
     result = SweepResult(name="s", path=str(folder), status_counts={}, exported=[best])
     _summary(result, SweepSpec.model_validate({"name": "s", "models": ["lstm"]}))
-    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("re-run it:")]
+    out = capsys.readouterr().out.splitlines()
+    assert f"exported:   {best}" in out
+    (line,) = [x for x in out if x.startswith("re-run it:")]
     assert shlex.split(line.removeprefix("re-run it:")) == ["sweep", "train", "--config", str(best)]
 
-    folder.mkdir()
+    folder.mkdir(parents=True)
     (folder / "mlflow.db").write_bytes(b"not a database\n" * 300)
     with pytest.raises(UserError) as info:
         check_store(folder)

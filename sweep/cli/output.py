@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from sweep.errors import Problem, UserError, did_you_mean
 
@@ -20,7 +21,9 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def print_user_error(err: UserError) -> None:
-    err_console.print(f"[bold red]error:[/] {err.render()}", soft_wrap=True, markup=True)
+    # escaped: a message quotes what the user wrote (`uniform: [lo, hi]`, a file named `x[/].yaml`), which
+    # rich would otherwise read as its markup: dropped, or an error of its own in place of ours
+    err_console.print(f"[bold red]error:[/] {escape(err.render())}", soft_wrap=True, markup=True)
 
 
 def is_usage_error(err: BaseException) -> bool:

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from sweep.cli import app
@@ -40,7 +41,8 @@ def _show(files: list[Path]) -> None:
                           "best" if r["best"] == "True" else verdict)
         console.print(table)
     console.print("* significantly worse than the best (Holm-corrected); n.s.: not significant")
-    console.print(f"report written to [bold]{report.parent}[/] ({len(files)} files), also logged to MLflow")
+    folder = escape(str(report.parent))
+    console.print(f"report written to [bold]{folder}[/] ({len(files)} files), also logged to MLflow")
 
 
 @app.command()
@@ -64,8 +66,8 @@ def compare(
     if storage:
         loaded = loaded.model_copy(update={"storage": storage})
     with SweepView(console) as view:  # each tuning sweep live, as `sweep run` shows one
-        files = run_comparison(loaded, address=address, tracking_uri=tracking_uri, log=console.print,
-                               on_event=view)
+        files = run_comparison(loaded, address=address, tracking_uri=tracking_uri, on_event=view,
+                               log=lambda text: console.print(text, markup=False))
     _show(files)
 
 

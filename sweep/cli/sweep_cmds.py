@@ -55,7 +55,7 @@ def _summary(result, spec) -> None:  # noqa: ANN001  (SweepResult, SweepSpec: im
         console.print(f"best trial: {best.trial_id} ({best.model}) {result.metric}={value:.4f} "
                       f"after {best.epochs} epoch(s): {escape(params)}", soft_wrap=True)
     if result.mlflow_url:
-        console.print(f"MLflow:     {redacted(result.mlflow_url)}", soft_wrap=True)
+        console.print(f"MLflow:     {redacted(result.mlflow_url)}", soft_wrap=True, markup=False)
     for path in result.exported:
         console.print(f"exported:   {path}", soft_wrap=True, markup=False)
         rerun = f"sweep train --config {shlex.quote(str(path))}"  # pasted into a shell as printed
@@ -227,7 +227,7 @@ def sync(
                   f"backfilled, {report.runs_closed} status(es) set, {report.runs_trashed} stray run(s) "
                   f"trashed, {report.uploads} artifact(s) uploaded)", soft_wrap=True)
     if report.url:
-        console.print(f"MLflow:     {redacted(report.url)}", soft_wrap=True)
+        console.print(f"MLflow:     {redacted(report.url)}", soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -246,7 +246,7 @@ def export(
     from sweep.export import write_exports
 
     for path in write_exports(name, top_k=top_k, per_model=per_model, fmt=fmt, out=out, storage=storage):
-        console.print(str(path))
+        console.print(str(path), markup=False)
 
 
 @app.command()
@@ -266,7 +266,7 @@ def ui(
             console.print("local MLflow server stopped" if stopped else "no local MLflow server running")
         return
     with tracking_server(None, keep=detach) as server:  # $MLFLOW_TRACKING_URI if set, else the local one
-        console.print(f"MLflow UI: [bold]{server.url}[/]")
+        console.print(f"MLflow UI: [bold]{escape(server.url)}[/]")
         _sweep_links(server.url)
         if detach:
             console.print("running in the background; stop it with `sweep ui --stop`")
@@ -286,7 +286,7 @@ def _sweep_links(url: str) -> None:
     for name in where.sweep_names():
         link = sweep_link(url, where.sweep(name).load_spec())
         if link:
-            console.print(f"  {name}: {link}", soft_wrap=True)
+            console.print(f"  {name}: {link}", soft_wrap=True, markup=False)
 
 
 def _mlflow_runs(tracking_uri: str | None) -> dict[str, str]:
@@ -368,5 +368,5 @@ def show(
         console.print(f"exports: {', '.join(files)} in")  # the folder on a line of its own, never cut
         console.print(f"  {escape(store.where(EXPORT_DIR))}", soft_wrap=True)
     link = sweep_link(mlflow_url, spec)
-    console.print(f"MLflow: {redacted(link)}" if link else
+    console.print(f"MLflow: {escape(redacted(link))}" if link else
                   "MLflow: `sweep ui` brings up the server and prints this sweep's link", soft_wrap=True)

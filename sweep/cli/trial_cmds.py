@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import typer
+from rich.markup import escape
 
 from sweep.cli import app
 from sweep.cli.output import console, err_console
@@ -197,7 +198,7 @@ def validate(
                     f"{cfg.task.difficulty}, {cfg.train.epochs} epochs, lr {cfg.train.lr:g}, "
                     f"seed {cfg.train.seed}"
                 )
-            console.print(f"[green]ok[/] {path}: {summary}", soft_wrap=True)
+            console.print(f"[green]ok[/] {escape(f'{path}: {summary}')}", soft_wrap=True)
         except UserError as err:
             errors.append(err)
     if len(errors) == 1:
@@ -390,12 +391,12 @@ def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore
     console.print(
         f"training {config.model.name} on {config.task.difficulty} "
         f"({'resuming' if resuming else 'new run'}) -> {run_dir}",
-        soft_wrap=True,
+        soft_wrap=True, markup=False,
     )
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task("train", total=total, loss="-", val="-", speed="-")
         def print_line(text: str) -> None:
-            progress.console.print(text, soft_wrap=True)
+            progress.console.print(text, soft_wrap=True, markup=False)
 
         reporter = _RunFolderReporter(run_dir, restore, history, config.train.epochs, print_line)
         last = {"t": time.perf_counter(), "step": None}
@@ -427,7 +428,7 @@ def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore
             with warnings.catch_warnings():
                 warnings.simplefilter("default")
                 warnings.showwarning = lambda message, *_args, **_kw: progress.console.print(
-                    f"[yellow]warning[/]: {message}"
+                    f"[yellow]warning[/]: {escape(str(message))}"
                 )
                 outcome = run_trial(config, reporter, run_dir, on_step=on_step, stop=stop)
         except TrialInterrupted as info:
@@ -435,8 +436,8 @@ def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore
             reporter.write()
             progress.stop()
             err_console.print(
-                f"[yellow]interrupted[/]: state saved to {info.checkpoint_dir}\n"
-                f"resume with: sweep train --resume {shlex.quote(str(run_dir))}",
+                f"[yellow]interrupted[/]: state saved to {escape(str(info.checkpoint_dir))}\n"
+                f"resume with: sweep train --resume {escape(shlex.quote(str(run_dir)))}",
                 soft_wrap=True,
             )
             raise typer.Exit(130) from None
@@ -444,7 +445,7 @@ def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore
             reporter.status = "diverged"
             reporter.write()
             progress.stop()
-            err_console.print(f"[bold red]diverged[/]: {err}", soft_wrap=True)
+            err_console.print(f"[bold red]diverged[/]: {escape(str(err))}", soft_wrap=True)
             raise typer.Exit(1) from None
         except UserError:
             if created and find_checkpoint(run_dir) is None:  # nothing trained: leave nothing behind
@@ -460,6 +461,6 @@ def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore
     console.print(
         f"[bold]{outcome.status}[/] after {m.get('epoch')} epochs ({m.get('step')} steps, "
         f"{m.get('elapsed_s', 0):.0f} s): test accuracy [bold]{m.get('test_accuracy', float('nan')):.2%}[/] "
-        f"(best val {outcome.best_val_accuracy:.2%})\nrun folder: {run_dir}",
+        f"(best val {outcome.best_val_accuracy:.2%})\nrun folder: {escape(str(run_dir))}",
         soft_wrap=True,
     )
