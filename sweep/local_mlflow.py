@@ -21,6 +21,7 @@ from pathlib import Path
 
 BUILDING = ".building-"  # mlflow.db.building-PID: a database being made by process PID
 SQLITE = "sqlite:///"
+READ_TIMEOUT_S = 30.0  # how long a read of the database waits for another process's write to end
 
 
 def database_of(argv: list[str]) -> Path | None:
@@ -36,7 +37,7 @@ def table_count(db: Path) -> int | None:
     if not db.exists():
         return 0
     try:
-        with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+        with contextlib.closing(sqlite3.connect(db, timeout=READ_TIMEOUT_S)) as con:
             return con.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
     except sqlite3.DatabaseError:
         return None

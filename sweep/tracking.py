@@ -535,14 +535,16 @@ def store_damage(db: Path) -> str | None:
     if local_mlflow.table_count(db) == 0:
         return None
     try:
-        with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+        with contextlib.closing(sqlite3.connect(db, timeout=local_mlflow.READ_TIMEOUT_S)) as con:
             tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             left = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
             if left:
                 return f"a change of its tables was stopped half-way (MLflow's table {left[0]} is left over)"
             if "alembic_version" not in tables or not con.execute("SELECT * FROM alembic_version").fetchall():
                 return "it has tables but no schema version (alembic_version): it was never completed"
-    except sqlite3.DatabaseError as err:  # not a database, a damaged page, a lock held for 30 s
+    except sqlite3.DatabaseError as err:  # not a database, a damaged page
+        if "locked" in str(err):  # busy (another server's long write), not damaged: the server will wait
+            return None
         return f"SQLite cannot read it ({err})"
     return None
 

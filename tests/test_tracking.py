@@ -312,6 +312,25 @@ def test_a_damaged_local_database_is_named_before_a_server_dies_on_it(content: s
         assert info.value.problems[0].where == str(db)
 
 
+def test_a_database_busy_with_another_write_is_not_called_damaged(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    from sweep import local_mlflow
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        con.executescript(VERSIONED)
+    con.close()
+    monkeypatch.setattr(local_mlflow, "READ_TIMEOUT_S", 0.2)
+    writer = sqlite3.connect(db, isolation_level=None)
+    try:
+        writer.execute("BEGIN EXCLUSIVE")  # a live server's long write
+        assert store_damage(db) is None
+    finally:
+        writer.close()
+
+
 def test_stale_record_of_a_foreign_pid_is_not_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A recorded pid now used by another program (here: this test) is left alone, not signalled."""
     folder = tmp_path / "home" / "mlflow"
