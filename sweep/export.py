@@ -14,6 +14,7 @@ from pathlib import Path
 from sweep import outcome, paths
 from sweep.config import SweepSpec, dump_yaml
 from sweep.errors import Problem, UserError
+from sweep.files import write_atomic
 from sweep.store import EXPORT_DIR, TrialRecord, open_sweep
 
 __all__ = ["EXPORT_DIR", "TrialRecord", "best_trials", "load_spec_of", "load_trials", "write_exports"]
@@ -74,21 +75,27 @@ def write_exports(name: str, *, records: list[TrialRecord] | None = None, top_k:
     in_store = out is None
     local = store.local_path()
     out = Path(out) if out else local / EXPORT_DIR if local else paths.home() / EXPORT_DIR / name
-    out.mkdir(parents=True, exist_ok=True)
     files: list[tuple[str, TrialRecord]] = [("best", ranked[0])]
     if top_k > 1:
         files += [(f"top{i}", r) for i, r in enumerate(ranked, start=1)]
     if per_model:
         files += [(f"best_{r.model}", r) for r in best_trials(records, metric, mode, k=1, per_model=True)]
-    written = []
-    for stem, record in files:
-        path = out / f"{stem}.{fmt}"
-        path.write_text(config_text(name, record, metric, fmt), encoding="utf-8")
-        written.append(path)
+    written = [out / f"{stem}.{fmt}" for stem, _ in files]
     index = [{"file": p.name, "trial_id": r.trial_id, "model": r.model, metric: r.value(metric),
               "epochs": r.epochs} for p, (_, r) in zip(written, files, strict=True)]
-    (out / "index.json").write_text(json.dumps({"sweep": name, "metric": metric, "mode": mode,
-                                                "exports": index}, indent=2) + "\n", encoding="utf-8")
+    texts = {p: config_text(name, r, metric, fmt) for p, (_, r) in zip(written, files, strict=True)}
+    texts[out / "index.json"] = json.dumps({"sweep": name, "metric": metric, "mode": mode, "exports": index},
+                                           indent=2) + "\n"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for path, text in texts.items():
+            write_atomic(path, text)
+    except OSError as err:
+        raise UserError(Problem("--out" if not in_store else str(out),
+                                f"cannot write the exports to {out} ({err.strerror or err})",
+                                "choose a folder you can write to" if not in_store else
+                                "make the sweep's folder writable, or give --out a folder you can write to"
+                                )) from None
     if in_store:
         store.upload(out, EXPORT_DIR)
     return written

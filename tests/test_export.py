@@ -99,6 +99,24 @@ def test_bad_export_requests(sweep_on_disk, kwargs, message):
     assert not (sweep_on_disk / "exports" / "best.json").exists()
 
 
+@pytest.mark.parametrize("where", ["a file", "under a file", "/proc"])
+def test_an_out_folder_that_cannot_be_written_is_one_clear_error(where, sweep_on_disk, tmp_path, monkeypatch,
+                                                                   capsys):
+    from conftest import run_cli_in_process
+
+    from sweep.store import open_sweep
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = {"a file": blocker, "under a file": blocker / "exports", "/proc": "/proc/fwsweep-exports"}[where]
+    monkeypatch.setattr(type(open_sweep(SPEC.name)), "load_trials", lambda self, spec: RECORDS)
+    code, output = run_cli_in_process(["export", SPEC.name, "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in output, output
+    assert "--out" in output and "cannot write the exports" in output and "Fix:" in output
+    assert blocker.read_text() == "not a folder"
+    assert not (sweep_on_disk / "exports").exists()
+
+
 def test_unknown_sweep(tmp_path, monkeypatch):
     monkeypatch.setenv("FWSWEEP_HOME", str(tmp_path))
     with pytest.raises(UserError, match="no sweep named"):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shlex
 import shutil
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -23,6 +21,7 @@ from sweep.cli import app
 from sweep.cli.output import console, err_console
 from sweep.config import read_yaml_value
 from sweep.errors import Problem, UserError
+from sweep.files import write_atomic
 from sweep.models.registry import model_names
 from sweep.tasks.registry import task_names
 
@@ -305,13 +304,6 @@ def _check_fresh(run_dir: Path, explicit: bool) -> None:
         )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 class _RunFolderReporter:
     """Keeps metrics.json in the run folder current and prints one line per epoch."""
 
@@ -345,7 +337,7 @@ class _RunFolderReporter:
     def write(self) -> None:
         final = self.history[-1] if self.history else {}
         body = {"status": self.status, "final": final, "history": self.history}
-        _write_atomic(self.run_dir / "metrics.json", json.dumps(body, indent=1) + "\n")
+        write_atomic(self.run_dir / "metrics.json", json.dumps(body, indent=1) + "\n")
 
 
 def _is_checkpoint_in_run(path: Path) -> bool:
@@ -372,7 +364,7 @@ def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore
         history = load_resumable(restore)[1]["history"]  # a damaged checkpoint stops here: nothing written
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "config.yaml", config_yaml)
+        write_atomic(run_dir / "config.yaml", config_yaml)
     except OSError as err:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
