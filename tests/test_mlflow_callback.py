@@ -244,6 +244,8 @@ def test_reports_waiting_at_a_trials_end_go_with_it(mlflow_server: str) -> None:
     callback.on_trial_complete(0, [reported], reported)
     silent.update_last_result({"epoch": 0})
     callback.on_trial_error(0, [silent], silent)
+    time.sleep(1.0)
+    released = content.now_ms()  # the runs are made from here on; they must carry the trials' own times
     busy.set()
     assert callback.close(timeout_s=60) == 0
     exp = client.get_experiment_by_name(name)
@@ -256,6 +258,8 @@ def test_reports_waiting_at_a_trials_end_go_with_it(mlflow_server: str) -> None:
     assert (run.info.status, run.data.params["train.lr"], run.data.params["num_params"]) == \
         ("FINISHED", "0.001", "1234")
     assert run.data.tags["end_reason"] != "running" and content.CONFIG_SHA_TAG in run.data.tags
+    for made_late in children.values():
+        assert made_late.info.start_time <= made_late.info.end_time < released - 500, made_late.info
     quiet = children[silent.trial_id]
     assert client.batches[quiet.info.run_id] == 1 and quiet.data.params["train.lr"] == "0.001"
     assert quiet.info.status == "FAILED"
@@ -347,8 +351,16 @@ def test_reconcile_repairs_what_live_logging_lost(synced_sweep: dict[str, Any], 
     second = w.create_run(exp_id, spec.name, content.parent_tags(spec))  # a second parent
     client.update_run(before["trials"][kept][0].info.run_id, status="RUNNING")
 
+    synced_at = content.now_ms()
     report = sync_sweep(open_sweep(spec.name), mlflow_server)
     assert (report.runs_created, report.runs_trashed) == (1, 3)
+    made, closed = (client.get_run(after_run) for after_run in (
+        identity.sweep_runs(client, exp_id, spec.name).trials[lost][0].info.run_id,
+        before["trials"][kept][0].info.run_id))
+    times = {r.trial_id: content.trial_times(r.history) for r in records}
+    # the run made from the records spans the trial's training, not the moment of the sync
+    assert (made.info.start_time, made.info.end_time) == times[lost] and times[lost][1] < synced_at
+    assert closed.info.end_time == times[kept][1]  # closed by the sync: when the trial ended
     assert report.rows_backfilled == len(expected[lost])
     after = _state(mlflow_server, spec)
     assert [p.info.run_id for p in after["parents"]] == [parent.info.run_id]

@@ -60,6 +60,8 @@ class MlflowSweepCallback(LiveCallback):
         self._retries: dict[str, int] = {}
         self._errors: dict[str, str] = {}  # trial_id -> the failure text already noted (writer thread)
         self._unsent_params: dict[str, dict[str, str]] = {}  # trial_id -> params its new run lacks (writer)
+        self._started: dict[str, int] = {}  # trial_id -> when Tune first started it (ms): its run's start
+        self._setup_ms: int | None = None  # when the sweep started: its parent run's start
         super().__init__(spec.name)
 
     @property
@@ -86,7 +88,7 @@ class MlflowSweepCallback(LiveCallback):
             run = found.parent
             if run is None:
                 run_id = w.create_run(self.experiment_id, self.spec.name, self._tags(
-                    content.parent_tags(self.spec, self.git)))
+                    content.parent_tags(self.spec, self.git)), start_time=self._setup_ms)
                 w.log_params(run_id, content.parent_params(self.spec))
             else:
                 run_id = run.info.run_id
@@ -100,7 +102,8 @@ class MlflowSweepCallback(LiveCallback):
             name, tags, params = self._trials[trial_id]
             run = self._earlier.pop(trial_id, None)
             if run is None:  # created running; its params ride with its first metrics (or its end tags)
-                run_id = w.create_run(self.experiment_id, name, tags | RUNNING_TAGS, parent_id=parent)
+                run_id = w.create_run(self.experiment_id, name, tags | RUNNING_TAGS, parent_id=parent,
+                                      start_time=self._started.get(trial_id))
                 self._unsent_params[trial_id] = dict(params)
             else:  # an earlier session's (resumed): adopt it, reopen it, add only the params it lacks
                 run_id = run.info.run_id
@@ -118,10 +121,12 @@ class MlflowSweepCallback(LiveCallback):
     # ------------------------------------------------------------------------------ Tune hooks
 
     def setup(self, **info: Any) -> None:
+        self._setup_ms = content.now_ms()  # the run may be made later: MLflow still booting
         self.live.submit(self._parent, "the sweep's parent run")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tid = trial.trial_id
+        self._started.setdefault(tid, content.now_ms())
         if tid not in self._trials:
             try:
                 config = trial_config(self.spec, dict(trial.config)).to_dict()
@@ -189,6 +194,7 @@ class MlflowSweepCallback(LiveCallback):
 
         params = dict(trial.config)
         reports = self.live.take((ROWS, tid))  # its reports still waiting (MLflow behind): sent with the end
+        ended = content.now_ms()  # sent perhaps much later (MLflow behind): the run ends when the trial did
 
         def end(w: RunWriter) -> None:
             run_id = self._run(w, tid)
@@ -197,7 +203,7 @@ class MlflowSweepCallback(LiveCallback):
                 w.upload_text(run_id, config, "config.yaml")
                 tags[content.CONFIG_SHA_TAG] = sha(config)
             self._send(w, tid, reports, tags)  # with the params of a run that never reported
-            w.end(run_id, content.run_status(how))
+            w.end(run_id, content.run_status(how), end_time=ended)
             self._open.discard(tid)
 
         self.live.submit(end, f"end of trial {tid}", reports=len(reports))

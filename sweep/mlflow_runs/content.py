@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,23 @@ END_REASONS = {events.DONE: "completed", events.STOPPED_EARLY: "stopped early by
 CUT_OFF = "the sweep stopped before this trial ended"
 RUN_STATUS = {events.DONE: "FINISHED", events.STOPPED_EARLY: "FINISHED", events.DIVERGED: "FAILED",
               events.FAILED: "FAILED"}  # any other state: KILLED (the sweep stopped before it ended)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def trial_times(rows: Sequence[Mapping[str, Any]]) -> tuple[int | None, int | None]:
+    """(start, end) of a trial in ms since the epoch, from its Tune result rows: its first report's time
+    less the training time it had by then, and its last report's time. A run made from the records (after
+    an outage, by `sweep sync`) then shows when the trial ran and for how long, not when it was synced."""
+    timed = [r for r in rows if is_number(r.get("timestamp"))]
+    if not timed:
+        return None, None
+    first, last = timed[0], timed[-1]
+    before = first.get("time_total_s", first.get("time_this_iter_s", 0.0))
+    start = float(first["timestamp"]) - (float(before) if is_number(before) else 0.0)
+    return int(start * 1000), int(float(last["timestamp"]) * 1000)
 
 
 def end_reason(state: str) -> str:

@@ -82,7 +82,7 @@ def sync_sweep(store: SweepStore, tracking_uri: str, *, spec: SweepSpec | None =
     exp_id = identity.experiment_id(w.client, spec.experiment, content.sweep_description(spec))
     found = identity.sweep_runs(w.client, exp_id, spec.name)
     report = SyncReport(exp_id, "", trials=len(records))
-    parent = _one_parent(w, exp_id, spec, found, report, git, extra)
+    parent = _one_parent(w, exp_id, spec, found, report, git, extra, records)
     report.parent_run_id = parent.info.run_id
     known = {r.trial_id for r in records}
     for tid, runs in found.trials.items():  # runs of trials Tune never saved: not results
@@ -99,9 +99,10 @@ def sync_sweep(store: SweepStore, tracking_uri: str, *, spec: SweepSpec | None =
 
 
 def _one_parent(w: RunWriter, exp_id: str, spec: SweepSpec, found: identity.SweepRuns, report: SyncReport,
-                git: tuple[str | None, bool], extra: dict[str, str]) -> Any:
+                git: tuple[str | None, bool], extra: dict[str, str], records: list[Any]) -> Any:
     if found.parent is None:
-        run_id = w.create_run(exp_id, spec.name, content.parent_tags(spec, git) | extra)
+        run_id = w.create_run(exp_id, spec.name, content.parent_tags(spec, git) | extra,
+                              start_time=_span(records)[0])
         w.log_params(run_id, content.parent_params(spec))
         report.runs_created += 1
         return w.client.get_run(run_id)
@@ -122,6 +123,8 @@ def _sync_trial(w: RunWriter, store: SweepStore, spec: SweepSpec, record: Any, r
     from sweep import export
 
     tid = record.trial_id
+    history = _rows(record)
+    start, end_time = content.trial_times(history)
     if runs:
         run = max(runs, key=lambda r: (len(r.data.metrics), -(r.info.start_time or 0)))  # the fullest
         for other in runs:
@@ -130,12 +133,12 @@ def _sync_trial(w: RunWriter, store: SweepStore, spec: SweepSpec, record: Any, r
                 report.runs_trashed += 1
     else:
         run_id = w.create_run(exp_id, content.trial_run_name(record.model, tid),
-                              content.trial_tags(spec, tid, record.model, git) | extra, parent_id=parent_id)
+                              content.trial_tags(spec, tid, record.model, git) | extra, parent_id=parent_id,
+                              start_time=start)
         report.runs_created += 1
         run = w.client.get_run(run_id)
     w.know(run)
     run_id, tags = run.info.run_id, run.data.tags
-    history = record.history or ([record.metrics] if record.metrics else [])
     sampled_config = trial_config(spec, dict(record.params)).to_dict()  # as the live callback logs it
     constants = next((c for c in map(content.constant_params, reversed(history)) if c), {})
     w.log_params(run_id, content.trial_params(sampled_config) | constants, run.data.params)
@@ -166,7 +169,7 @@ def _sync_trial(w: RunWriter, store: SweepStore, spec: SweepSpec, record: Any, r
     w.set_tags(run_id, end, tags)
     status = content.run_status(how)
     if run.info.status != status:
-        w.set_status(run, status)
+        w.set_status(run, status, end_time=end_time)
         report.runs_closed += 1
 
 
@@ -192,8 +195,20 @@ def _sync_parent(w: RunWriter, store: SweepStore, spec: SweepSpec, records: list
     w.set_tags(run_id, new, tags)
     status = sweep_status(spec, records)
     if parent.info.status != status:
-        w.set_status(parent, status)
+        w.set_status(parent, status, end_time=_span(records)[1])
         report.runs_closed += 1
+
+
+def _rows(record: Any) -> list[dict[str, Any]]:
+    """A trial's result rows: its history, or its last report alone."""
+    return record.history or ([record.metrics] if record.metrics else [])
+
+
+def _span(records: list[Any]) -> tuple[int | None, int | None]:
+    """(first start, last end) of the trials, in ms: the sweep's run as its records date it."""
+    times = [content.trial_times(_rows(r)) for r in records]
+    starts, ends = [s for s, _ in times if s is not None], [e for _, e in times if e is not None]
+    return (min(starts) if starts else None), (max(ends) if ends else None)
 
 
 def missing_rows(records: list[Any]) -> int:

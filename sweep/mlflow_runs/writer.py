@@ -120,10 +120,12 @@ class RunWriter:
 
     # ---- runs
     def create_run(self, exp_id: str, name: str, tags: Mapping[str, str],
-                   parent_id: str | None = None) -> str:
+                   parent_id: str | None = None, start_time: int | None = None) -> str:
+        """A new run; `start_time` (ms) when what it records began, which may be well before this request
+        (a trial that trained while the server booted, a run made from the records)."""
         tags = dict(tags) | ({"mlflow.parentRunId": parent_id} if parent_id else {})
         self.requests += 1
-        run = self.client.create_run(exp_id, tags=tags, run_name=name)
+        run = self.client.create_run(exp_id, start_time=start_time, tags=tags, run_name=name)
         run_id = run.info.run_id
         self._created[run_id] = set()
         self.know(run)
@@ -135,20 +137,21 @@ class RunWriter:
         if run.info.artifact_uri:
             self._artifact_uris[run.info.run_id] = run.info.artifact_uri
 
-    def set_status(self, run: Any, status: str) -> None:
-        """End a run with `status` (FINISHED, FAILED, KILLED), or reopen it (RUNNING), if it differs."""
+    def set_status(self, run: Any, status: str, end_time: int | None = None) -> None:
+        """End a run with `status` (FINISHED, FAILED, KILLED) at `end_time` (ms; default now), or reopen it
+        (RUNNING), if it differs."""
         if run.info.status == status:
             return
         self.requests += 1
         if status == "RUNNING":
             self.client.update_run(run.info.run_id, status="RUNNING")
         else:
-            self.client.set_terminated(run.info.run_id, status=status)
+            self.client.set_terminated(run.info.run_id, status=status, end_time=end_time)
 
-    def end(self, run_id: str, status: str) -> None:
-        """End a run whose state this writer does not hold (FINISHED, FAILED, KILLED)."""
+    def end(self, run_id: str, status: str, end_time: int | None = None) -> None:
+        """End a run whose state this writer does not hold (FINISHED, FAILED, KILLED) at `end_time` (ms)."""
         self.requests += 1
-        self.client.set_terminated(run_id, status=status)
+        self.client.set_terminated(run_id, status=status, end_time=end_time)
 
     def reopen(self, run_id: str) -> None:
         """Mark a run RUNNING again (a trial restarted or resumed)."""
