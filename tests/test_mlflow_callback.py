@@ -354,6 +354,7 @@ def test_reconcile_repairs_what_live_logging_lost(synced_sweep: dict[str, Any], 
     synced_at = content.now_ms()
     report = sync_sweep(open_sweep(spec.name), mlflow_server)
     assert (report.runs_created, report.runs_trashed) == (1, 3)
+    assert report.url.endswith(f"/runs/{parent.info.run_id}?workflowType=machine_learning")  # not "GenAI"
     made, closed = (client.get_run(after_run) for after_run in (
         identity.sweep_runs(client, exp_id, spec.name).trials[lost][0].info.run_id,
         before["trials"][kept][0].info.run_id))

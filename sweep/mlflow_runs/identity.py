@@ -94,7 +94,9 @@ def find_parent(client: MlflowClient, exp_id: str, sweep: str) -> Any | None:
 
 
 def run_url(tracking_uri: str, exp_id: str | None, run_id: str | None) -> str | None:
-    """Link to a run in the MLflow UI (HTTP servers only)."""
+    """Link to a run in the MLflow UI (HTTP servers only), in Model-training mode (tracking.run_link)."""
+    from sweep.tracking import run_link
+
     if not (exp_id and run_id and tracking_uri.startswith("http")):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    return run_link(tracking_uri, exp_id, run_id)
