@@ -144,7 +144,8 @@ def test_live_runs_parent_and_one_child_per_trial(live_sweep: dict[str, Any], ml
     assert live_sweep["unsent"] == 0
     assert sorted(children) == sorted(MODELS)
     assert parent.info.run_name == live_sweep["name"]
-    assert live_sweep["callback"].parent_run_url.endswith(parent.info.run_id)
+    url = live_sweep["callback"].parent_run_url
+    assert url.endswith(f"/runs/{parent.info.run_id}?workflowType=machine_learning")
     assert parent.data.params["space.lr"] == "loguniform(0.0001, 0.01)"
     assert parent.data.params["models"] == "lstm, fw_lstm, fw_rnn"
     assert "train.lr" not in parent.data.params  # searched: in space.lr
