@@ -5,11 +5,12 @@ Raised anywhere in the package; only `sweep.cli` turns them into a message and e
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
 
@@ -47,6 +48,22 @@ class UserError(Exception):
     def render(self) -> str:
         head = f"{len(self.problems)} problem(s) in {self.source}" if self.source else "invalid input"
         return head + ":\n" + "\n".join(f"  - {p.render()}" for p in self.problems)
+
+
+@contextlib.contextmanager
+def naming_flags(given: Mapping[str, str]) -> Iterator[None]:
+    """A UserError raised inside says, for each problem in a field the command line set, which flag set it
+    (`given`: field path -> the flag as typed): `train.lr (--lr -1): Input should be greater than 0`, not
+    a problem "in" a file that never held that value."""
+    try:
+        yield
+    except UserError as err:
+        def flag_of(where: str) -> str | None:
+            return next((flag for path, flag in given.items() if f"{where}.".startswith(f"{path}.")), None)
+
+        problems = [replace(p, where=f"{p.where} ({flag})") if (flag := flag_of(p.where)) else p
+                    for p in err.problems]
+        raise UserError(problems, source=err.source) from None
 
 
 def in_chain(err: BaseException | None, match: Callable[[BaseException], bool]) -> BaseException | None:

@@ -325,6 +325,11 @@ CASES = [
     Case("env-s3-endpoint-malformed", ["list", "--storage", "s3://b/x"],
          ["FWSWEEP_S3_ENDPOINT", "is not an endpoint", "http://HOST:PORT"], {},
          {"FWSWEEP_S3_ENDPOINT": "http://h:notaport"}),
+    # ---- a value typed on the command line is named by the flag that gave it, not by the file
+    Case("train-flag-negative-lr", ["train", "--lr", "-1"], ["train.lr (--lr -1", "greater than 0"]),
+    Case("run-set-zero-samples", ["run", S, "--set", "budget.num_samples=0"],
+         ["budget.num_samples (--set budget.num_samples=0)", "greater than or equal to 1"],
+         {S: TINY_SPEC_TEXT}),
     # ---- the local MLflow server's database, damaged (its server would die at every start)
     Case("local-mlflow-db-half-migrated", ["ui", "--detach"],
          ["home/mlflow/mlflow.db", "damaged", "_alembic_tmp_experiments", "mv ", "sweep sync"],

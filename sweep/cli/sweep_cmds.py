@@ -142,7 +142,7 @@ def run(
 ) -> None:
     """Run a sweep: Optuna proposes trials, Ray Tune runs and early-stops them, MLflow records them."""
     from sweep.config import SweepSpec, check_name, read_yaml, validate_as
-    from sweep.errors import Problem
+    from sweep.errors import Problem, naming_flags
 
     if name is not None:
         try:
@@ -150,8 +150,11 @@ def run(
         except ValueError as err:
             raise UserError(Problem("--name", str(err), "give another --name, or leave it out")) from None
     data = _apply_sets(read_yaml(spec), sets + ([f"name={name}"] if name is not None else []))
-    _run_to_the_end(validate_as(SweepSpec, data, str(spec)), address, tracking_uri, resume=False,
-                    storage=storage)
+    given = {item.partition("=")[0].strip(): f"--set {item}" for item in sets} | (
+        {"name": f"--name {name}"} if name is not None else {})
+    with naming_flags(given):
+        checked = validate_as(SweepSpec, data, str(spec))
+    _run_to_the_end(checked, address, tracking_uri, resume=False, storage=storage)
 
 
 @app.command()

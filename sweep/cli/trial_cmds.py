@@ -20,7 +20,7 @@ from rich.markup import escape
 from sweep.cli import app
 from sweep.cli.output import console, err_console
 from sweep.config import read_yaml_value
-from sweep.errors import Problem, UserError
+from sweep.errors import Problem, UserError, naming_flags
 from sweep.files import write_atomic
 from sweep.models.registry import model_names
 from sweep.tasks.registry import task_names
@@ -157,7 +157,11 @@ def train(
             ],
             source=source,
         )
-    config = validate_as(TrialConfig, data, source)
+    named = {"model.name" if flag == "--model" else ".".join(_FLAG_FIELDS[flag]): f"{flag} {value}"
+             for flag, value in given.items()}
+    named |= {item.partition("=")[0].strip(): f"--set {item}" for item in sets}
+    with naming_flags(named):
+        config = validate_as(TrialConfig, data, source)
     _check_device(config)
     if resume is not None:
         _check_resumable(base, config, resume)
