@@ -812,5 +812,9 @@ def sync_after(spec: SweepSpec, tracking_url: str, store: SweepStore, records: l
         report = sync_sweep(store, tracking_url, spec=spec, records=records, writer=writer, git=git_commit())
     except Exception as err:  # noqa: BLE001 - the sweep's results are safe on disk: say so, exit non-zero
         logging.getLogger(__name__).debug("reconcile failed", exc_info=True)
-        return None, TrackingBehind(tracking_url, unsent, len(records), str(err).splitlines()[0][:300])
+        from sweep.tracking import failing_reason
+
+        why = failing_reason(tracking_url)  # the local server cannot start: that, not the refused request
+        error = f"the local MLflow server cannot start: {why}" if why else str(err).splitlines()[0][:300]
+        return None, TrackingBehind(tracking_url, unsent, len(records), error)
     return report.url, None

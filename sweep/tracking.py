@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import socket
 import sqlite3
@@ -54,6 +55,7 @@ START_TIMEOUT_S = 180.0  # a fresh local server is healthy in 4-10 s when idle; 
 WATCH_EVERY_S = 2.0  # the watchdog checks that the server's process lives this often (no request)
 PROBE_EVERY_S = 15.0  # ...and asks a live one for /health this often (sooner when a writer saw it fail)
 HUNG_AFTER_S = 60.0  # a live server process that has not answered /health this long is replaced
+FAILED_STARTS = 3  # starts in a row that exited with an error: the local server is failing (waiters stop)
 STATE_FILE = "server.json"  # the running server: {url, pid, started_at}
 PORT_FILE = "port"  # the port of the last server: kept across stops so links stay valid
 LOG_FILE = "server.log"
@@ -205,6 +207,7 @@ def is_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
 
 
 _readiness: dict[str, threading.Event] = {}  # url -> set while this process knows it to answer
+_failing: dict[str, str] = {}  # url -> why the local server there failed its last FAILED_STARTS starts
 _suspicions: dict[str, threading.Event] = {}  # url -> set when a writer's request to it failed
 
 
@@ -234,9 +237,24 @@ def is_ready(url: str) -> bool:
 
 
 def wait_ready(url: str, timeout: float | None = None) -> bool:
-    """Block until `is_ready(url)`; False on timeout."""
-    event = _readiness.get(url.rstrip("/"))
-    return event is None or event.wait(timeout)
+    """Block until `is_ready(url)`; False on timeout, or at once while the local server there keeps failing
+    to start (`failing_reason`): a sweep that ended then does not wait minutes for a server that cannot
+    come up (its records keep every result; `sweep sync` later)."""
+    key = url.rstrip("/")
+    event = _readiness.get(key)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while event is not None and not event.is_set():
+        left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+        if key in _failing or left <= 0:
+            return False
+        event.wait(left)
+    return True
+
+
+def failing_reason(url: str) -> str | None:
+    """Why this process's local server at `url` fails to start (its last FAILED_STARTS starts exited with
+    an error), or None."""
+    return _failing.get(url.rstrip("/"))
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -302,6 +320,7 @@ def tracking_server(uri: str | None, keep: bool = False, meanwhile: Callable[[],
         pending = [meanwhile_stopping] if meanwhile_stopping is not None else []
         if _release(folder, [lease], meanwhile=lambda: _call(pending.pop() if pending else None)):
             _readiness.pop(server.url, None)
+            _failing.pop(server.url, None)
         _call(pending.pop() if pending else None)  # the server was kept, reused by others, or gone
 
 
@@ -371,6 +390,7 @@ class Watchdog:
         self.folder, self.url = folder, url
         self.restarts = 0
         self._failed_launches = 0
+        self._reason = ""  # why its last start failed, as last said
         self._next_try = 0.0
         self._last_healthy = 0.0
         self._pid: int | None = None  # the server's process, from the state file when it last answered
@@ -396,6 +416,7 @@ class Watchdog:
                 continue
             suspect.clear()
             if is_healthy(self.url, timeout=HEALTH_TIMEOUT_S):
+                _failing.pop(self.url.rstrip("/"), None)
                 ready.set()
                 self._last_healthy, self._failed_launches = time.time(), 0
                 self._pid = (read_state(self.folder) or {}).get("pid")
@@ -426,12 +447,27 @@ class Watchdog:
                             "same port", self.url, HUNG_AFTER_S)
                 _kill_tree(state["pid"])
                 (self.folder / STATE_FILE).unlink(missing_ok=True)
+            elif self._failed_launches or not self._last_healthy:  # never answered: say why (once a reason)
+                self._failed_to_start(boot_failure(self.folder / LOG_FILE))
             else:
                 log.warning("the local MLflow server at %s is down: restarting it on the same port", self.url)
             _reuse_or_launch(self.folder)
             self.restarts += 1
             self._failed_launches += 1  # reset once it answers; a server that cannot boot is retried slowly
             self._next_try = time.monotonic() + min(2.0 ** self._failed_launches, 30.0)
+
+    def _failed_to_start(self, reason: str) -> None:
+        """The last start exited before answering. Said once per reason (it is retried with a back-off up to
+        30 s); after FAILED_STARTS in a row the server counts as failing: `wait_ready` stops waiting."""
+        if reason != self._reason:
+            log.warning("the local MLflow server at %s did not start (%s): starting it again", self.url,
+                        reason)
+            self._reason = reason
+        if self._failed_launches + 1 >= FAILED_STARTS and self.url.rstrip("/") not in _failing:
+            _failing[self.url.rstrip("/")] = reason
+            log.warning("the local MLflow server keeps failing to start; MLflow will lack this command's "
+                        "results until it starts (the sweep's own records keep them all): fix the cause "
+                        "(see %s), then `sweep sync` the sweep", self.folder / LOG_FILE)
 
     def _hung(self, state: dict) -> bool:
         """Silent for HUNG_AFTER_S since it last answered; one that never answered gets START_TIMEOUT_S
@@ -498,12 +534,12 @@ def _wait_healthy(folder: Path, server: TrackingServer, proc: subprocess.Popen |
     """Block until the server answers; a UserError with the log's tail if it does not come up."""
     try:
         _wait_until_healthy(server.url, proc, START_TIMEOUT_S, folder / LOG_FILE)
-    except RuntimeError as err:
+    except ServerDidNotStart as err:
         if proc is not None:
             with _locked(folder):
                 _forget(folder, proc.pid)
         fix = f"see {folder / LOG_FILE}; or run your own server and pass --tracking-uri"
-        raise UserError(Problem("local MLflow server", str(err), fix)) from None
+        raise UserError(Problem("local MLflow server", err.reason, fix)) from None
     _ready_event(server.url).set()
 
 
@@ -604,19 +640,38 @@ def start_server(folder: Path, host: str = "127.0.0.1", port: int | None = None,
     return TrackingServer(url=url, started_here=True, pid=proc.pid)
 
 
+class ServerDidNotStart(RuntimeError):
+    """The server exited while starting, or did not answer in time: `reason` in one line (for a user),
+    the log's last lines in the text (for a test or benchmark)."""
+
+    def __init__(self, reason: str, log_file: Path) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}; last lines of {log_file}:\n{_tail(log_file)}")
+
+
 def _wait_until_healthy(url: str, proc: subprocess.Popen | None, timeout: float, log_file: Path) -> None:
-    """Poll `/health` until it answers; RuntimeError with the log's tail if `proc` dies or time runs out."""
+    """Poll `/health` until it answers; ServerDidNotStart if `proc` dies or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if is_healthy(url, timeout=1.0):
             return
         if proc is not None and proc.poll() is not None:
-            break
+            raise ServerDidNotStart(f"the MLflow server exited while starting (exit code {proc.returncode}): "
+                                    f"{boot_failure(log_file)}", log_file)
         time.sleep(0.1)
     if proc is not None:
         _kill_tree(proc.pid)
-    raise RuntimeError(f"the MLflow server did not become healthy at {url} within {timeout:.0f} s; "
-                       f"last lines of {log_file}:\n{_tail(log_file)}")
+    raise ServerDidNotStart(f"the MLflow server did not answer at {url} within {timeout:.0f} s", log_file)
+
+
+def boot_failure(log_file: Path) -> str:
+    """Why the server's last start failed, in one line: the log's last error line (a traceback's last line
+    is the error itself), or a pointer to the log."""
+    for line in reversed(_tail(log_file, 40).splitlines()):
+        text = line.strip()
+        if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", text) or text.startswith("ERROR"):
+            return text[:300]
+    return f"see {log_file}"
 
 
 def stop_local_server(folder: Path | None = None, meanwhile: Callable[[], object] | None = None) -> bool:

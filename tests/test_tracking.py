@@ -19,6 +19,7 @@ from sweep.tracking import (
     _exists,
     check_store,
     ensure_server,
+    failing_reason,
     free_port,
     is_healthy,
     is_ready,
@@ -224,6 +225,30 @@ def test_a_sweep_need_not_wait_for_the_server(home: Path) -> None:
         print(f"context entered after {entered_s:.2f} s; server ready after {boot_s:.1f} s")
         assert entered_s < boot_s
     assert not _exists(server.pid)
+
+
+@pytest.mark.slow  # starts local MLflow servers that fail
+def test_a_server_that_cannot_start_is_named_once_and_not_waited_for(
+        home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A local server that exits at every start (here: an MLflow setting it cannot read): a command that
+    waits for it gets one line naming the cause (exit 2); a sweep, which trains meanwhile, hears the cause
+    once and stops waiting after FAILED_STARTS starts, instead of for the 180 s a slow boot may take."""
+    cause = "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"
+    monkeypatch.setenv(cause, "abc")
+    with pytest.raises(UserError) as info:
+        ensure_server(None)
+    message = info.value.render()
+    assert "exited while starting" in message and cause in message and "Traceback" not in message, message
+    assert len(message) < 700, message
+
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="sweep.tracking"), tracking_server(None, wait=False) as server:
+        assert not wait_ready(server.url, timeout=150)
+        waited = time.monotonic() - started
+        assert cause in (failing_reason(server.url) or "")
+    said = [r.getMessage() for r in caplog.records if "did not start" in r.getMessage()]
+    assert len(said) == 1 and cause in said[0], said  # the cause once, not once per try
+    assert waited < 100, f"waited {waited:.0f} s for a server that cannot start"
 
 
 @pytest.mark.slow  # starts a local MLflow server

@@ -329,7 +329,8 @@ class LiveWriter:
 
     @property
     def server_down(self) -> bool:
-        return self._down_since is not None
+        """A request failed as if the server were down, or the local server keeps failing to start."""
+        return self._down_since is not None or tracking.failing_reason(self.writer.tracking_uri) is not None
 
     def submit(self, do: Callable[[RunWriter], Any], what: str, reports: int = 0, key: Hashable | None = None,
                data: Any = None) -> None:
