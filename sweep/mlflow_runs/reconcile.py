@@ -169,6 +169,8 @@ def _sync_trial(w: RunWriter, store: SweepStore, spec: SweepSpec, record: Any, r
     w.set_tags(run_id, end, tags)
     status = content.run_status(how)
     if run.info.status != status:
+        if end_time is not None and run.info.start_time:  # Tune's timestamps are whole seconds
+            end_time = max(end_time, run.info.start_time)
         w.set_status(run, status, end_time=end_time)
         report.runs_closed += 1
 
