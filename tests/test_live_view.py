@@ -142,6 +142,20 @@ def test_show_and_list_tables_fit_80_columns_with_every_searched_parameter():
     assert rows == ["aaaa0001", "bbbb0002", "cccc0003", "dddd0004"]  # best first, then failed/pending
 
 
+def test_a_trial_that_tune_saved_as_pending_is_running_while_its_sweep_runs():
+    """Tune saves a RUNNING trial as PENDING; `sweep show` of a live sweep called it "interrupted"."""
+    records = [_record("aaaa0001", FW_PARAMS, "PENDING", {"val_accuracy": 0.5, "epoch": 3}),
+               _record("bbbb0002", {"model": "lstm", "lr": 0.001, "hidden_size": 50}, "PENDING", {})]
+    for status, expected in (("running", "1 running, 1 pending"),
+                             ("interrupted", "1 interrupted, 1 pending")):
+        view = SweepOverview("view-test", SPEC, records, status, Counter(), None)
+        view.states = Counter(view.state_of(r) for r in records)
+        assert view.states_text() == expected
+        console, out = _console(terminal=False)
+        console.print(trials_table(view, top=10))
+        assert expected.split(", ")[0].split(" ", 1)[1] in out.getvalue()
+
+
 def test_ctrl_c_while_starting_says_what_to_type_next(tmp_path, monkeypatch):
     """Before Tune handles Ctrl-C itself there is no summary: one line says what is left to do."""
     from sweep.cli import sweep_cmds

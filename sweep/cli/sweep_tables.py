@@ -35,6 +35,12 @@ class SweepOverview:
         trial = f" {self.best.trial_id}" if with_id else ""
         return f"{fmt_metric(self.best.value(self.spec.metric.name))} ({self.best.model}{trial})"
 
+    def state_of(self, record) -> str:  # noqa: ANN001  (sweep.export.TrialRecord)
+        """The trial's state in users' words. Tune saves a RUNNING trial as PENDING (it would go on from its
+        checkpoint if restored), so while the sweep runs, one that has epochs is running, not interrupted."""
+        state = record.state(self.spec.max_epochs)
+        return events.RUNNING if state == events.INTERRUPTED and self.status == "running" else state
+
     def states_text(self) -> str:
         order = [*events.FINISHED_STATES, events.RUNNING, events.PAUSED, events.INTERRUPTED, events.PENDING]
         return ", ".join(f"{self.states[s]} {s}" for s in order if self.states[s]) or "no trials yet"
@@ -56,7 +62,9 @@ def overview(store) -> SweepOverview:  # noqa: ANN001  (sweep.store.SweepStore)
     else:
         status = "not started"
     best = best_trials(records, spec.metric.name, spec.metric.mode)
-    return SweepOverview(store.name, spec, records, status, states, best[0] if best else None)
+    view = SweepOverview(store.name, spec, records, status, states, best[0] if best else None)
+    view.states = Counter(view.state_of(r) for r in records)
+    return view
 
 
 def _is_running(store) -> bool:  # noqa: ANN001
@@ -82,7 +90,7 @@ def trials_table(view: SweepOverview, top: int) -> Table:
         params = "\n".join(f"{k}={fmt_value(v)}"
                            for k, v in events.searched_params(r.params, searched).items())
         table.add_row(r.trial_id, r.model, fmt_metric(r.value(spec.metric.name)),
-                      f"{r.epochs}/{spec.max_epochs}", r.state(spec.max_epochs), params or "-")
+                      f"{r.epochs}/{spec.max_epochs}", view.state_of(r), params or "-")
     return table
 
 
