@@ -51,10 +51,11 @@ class UserError(Exception):
 
 
 @contextlib.contextmanager
-def naming_flags(given: Mapping[str, str]) -> Iterator[None]:
+def naming_flags(flags: Mapping[str, str], sets: Iterable[str] = ()) -> Iterator[None]:
     """A UserError raised inside says, for each problem in a field the command line set, which flag set it
-    (`given`: field path -> the flag as typed): `train.lr (--lr -1): Input should be greater than 0`, not
-    a problem "in" a file that never held that value."""
+    (`flags`: field path -> the flag as typed; `sets`: the `--set FIELD=VALUE` items): `train.lr (--lr -1):
+    Input should be greater than 0`, not a problem "in" a file that never held that value."""
+    given = dict(flags) | {item.partition("=")[0].strip(): f"--set {item}" for item in sets}
     try:
         yield
     except UserError as err:

@@ -154,11 +154,6 @@ def _endpoint_setting() -> tuple[str, str] | None:
     return next(((k, os.environ[k]) for k in ENDPOINT_ENVS if os.environ.get(k)), None)
 
 
-def s3_endpoint() -> str | None:
-    setting = _endpoint_setting()
-    return setting[1] if setting else None
-
-
 def _s3_filesystem() -> pyarrow.fs.FileSystem:
     """pyarrow's S3 filesystem; credentials resolved by the AWS SDK on each process (never pickled, so each
     Ray worker uses its own role or environment), the endpoint from $FWSWEEP_S3_ENDPOINT when given."""

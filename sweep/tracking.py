@@ -436,6 +436,7 @@ class Watchdog:
         return self._pid is not None and _exists(self._pid)
 
     def _revive(self) -> None:
+        check_store(self.folder)  # the commands checked it before their first start (_local_folder)
         with _locked(self.folder):
             state = read_state(self.folder)
             if state and state.get("url") != self.url:
@@ -521,7 +522,6 @@ def _reuse_or_launch(folder: Path) -> tuple[TrackingServer, subprocess.Popen | N
                 return TrackingServer(url=state["url"], started_here=False, pid=pid), None
             _kill_tree(pid)  # hung: replace it (a pid now owned by another program is left alone)
         (folder / STATE_FILE).unlink(missing_ok=True)
-    check_store(folder)
     port = remembered_port(folder)
     proc, url = launch_server(folder, port=port if _port_is_free(port) else None)
     server = TrackingServer(url=url, started_here=True, pid=proc.pid)
@@ -568,11 +568,13 @@ def store_damage(db: Path) -> str | None:
 
     Reads only SQLite's table list and the schema version (milliseconds, whatever the database's size).
     """
-    if local_mlflow.table_count(db) == 0:
+    if not db.exists():
         return None
     try:
         with contextlib.closing(sqlite3.connect(db, timeout=local_mlflow.READ_TIMEOUT_S)) as con:
             tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables:
+                return None
             left = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
             if left:
                 return f"a change of its tables was stopped half-way (MLflow's table {left[0]} is left over)"
@@ -833,9 +835,9 @@ def _is_mlflow_process(pid: int | None) -> bool:
 
 
 def _is_server_command(cmdline: str) -> bool:
-    """`python -m sweep.local_mlflow server ...` (launch_server), or `mlflow server ...` (fwsweep before
-    2026-12-02, still running after an upgrade)."""
-    return "sweep.local_mlflow server " in cmdline or "mlflow server " in cmdline
+    """`python -m sweep.local_mlflow server ...` (launch_server) or `mlflow server ...` (fwsweep before
+    2026-12-02, still running after an upgrade): both hold "mlflow server "."""
+    return "mlflow server " in cmdline
 
 
 @contextlib.contextmanager

@@ -150,9 +150,7 @@ def run(
         except ValueError as err:
             raise UserError(Problem("--name", str(err), "give another --name, or leave it out")) from None
     data = _apply_sets(read_yaml(spec), sets + ([f"name={name}"] if name is not None else []))
-    given = {item.partition("=")[0].strip(): f"--set {item}" for item in sets} | (
-        {"name": f"--name {name}"} if name is not None else {})
-    with naming_flags(given):
+    with naming_flags({"name": f"--name {name}"} if name is not None else {}, sets):
         checked = validate_as(SweepSpec, data, str(spec))
     _run_to_the_end(checked, address, tracking_uri, resume=False, storage=storage)
 

@@ -159,8 +159,7 @@ def train(
         )
     named = {"model.name" if flag == "--model" else ".".join(_FLAG_FIELDS[flag]): f"{flag} {value}"
              for flag, value in given.items()}
-    named |= {item.partition("=")[0].strip(): f"--set {item}" for item in sets}
-    with naming_flags(named):
+    with naming_flags(named, sets):
         config = validate_as(TrialConfig, data, source)
     _check_device(config)
     if resume is not None:
