@@ -429,6 +429,7 @@ class Watchdog:
                     self._revive()
                 except Exception as err:  # noqa: BLE001 - retried after a back-off
                     log.warning("could not restart the local MLflow server: %s", err)
+                    self._back_off()
             self._stop.wait(0.25)
 
     def _alive(self) -> bool:
@@ -454,8 +455,13 @@ class Watchdog:
                 log.warning("the local MLflow server at %s is down: restarting it on the same port", self.url)
             _reuse_or_launch(self.folder)
             self.restarts += 1
-            self._failed_launches += 1  # reset once it answers; a server that cannot boot is retried slowly
-            self._next_try = time.monotonic() + min(2.0 ** self._failed_launches, 30.0)
+            self._back_off()
+
+    def _back_off(self) -> None:
+        """The next restart waits 2, 4, ... up to 30 s; reset once the server answers (a server that cannot
+        boot, or a restart that cannot even be tried, is retried slowly)."""
+        self._failed_launches += 1
+        self._next_try = time.monotonic() + min(2.0 ** self._failed_launches, 30.0)
 
     def _failed_to_start(self, reason: str) -> None:
         """The last start exited before answering. Said once per reason (it is retried with a back-off up to

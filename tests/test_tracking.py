@@ -337,6 +337,22 @@ def test_a_damaged_local_database_is_named_before_a_server_dies_on_it(content: s
         assert info.value.problems[0].where == str(db)
 
 
+def test_a_restart_that_cannot_be_tried_backs_off(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A database damaged while a command runs: the watchdog cannot restart the server, and says so at the
+    restarts' back-off (2, 4, ... s), not every 0.25 s."""
+    from sweep.tracking import Watchdog
+
+    (tmp_path / "mlflow.db").write_bytes(b"not a database\n" * 300)
+    watchdog = Watchdog(tmp_path, f"http://127.0.0.1:{free_port()}")
+    with caplog.at_level("WARNING", logger="sweep.tracking"):
+        watchdog.start()
+        time.sleep(3.5)
+        watchdog.stop()
+    said = [r for r in caplog.records if "could not restart" in r.getMessage()]
+    assert 1 <= len(said) <= 2, [r.getMessage() for r in said]
+    assert "damaged" in said[0].getMessage()
+
+
 def test_a_database_busy_with_another_write_is_not_called_damaged(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import sqlite3
