@@ -59,6 +59,8 @@ STATE_REREAD_S = (0.5, 1.0, 2.0)
 PICKLED_STATE = ("tuner.pkl", "searcher-state-")  # Tune's pickles a resume unpickles (exact name, prefix)
 STORAGE_FIX = ("give --storage (or the spec's storage:, or $FWSWEEP_STORAGE) a writable folder or "
                "s3://BUCKET/PREFIX")
+READ_FIX = ("give --storage (or the spec's storage:, or $FWSWEEP_STORAGE) the folder or s3://BUCKET/PREFIX "
+            "the sweeps were run with")
 OBJECT_STORES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # URI schemes sweeps may live in
 GCS_RETRY_S = 20  # pyarrow's GCS client retries for 15 minutes by default, deaf to Ctrl-C meanwhile
 
@@ -101,7 +103,7 @@ class Storage:
         try:
             entries = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         except OSError as err:
-            raise _storage_error(self.uri, err) from None
+            raise _storage_error(self.uri, err, reading=True) from None
         dirs = [e.base_name for e in entries if e.type == pafs.FileType.Directory]
         specs = self.fs.get_file_info([posixpath.join(self.root, d, SPEC_FILE) for d in dirs]) if dirs else []
         return sorted(d for d, info in zip(dirs, specs, strict=True) if info.type == pafs.FileType.File)
@@ -199,7 +201,9 @@ def _check_s3_credentials(uri: str) -> None:
                                 "a machine with an instance role); they are never given on the command line"))
 
 
-def _storage_error(uri: str, err: OSError) -> UserError:
+def _storage_error(uri: str, err: OSError, reading: bool = False) -> UserError:
+    """One message for a store's OSError; `reading`: what failed was a read (a listing, a file), so the
+    message and fix speak of reading, not of a place to write."""
     text = str(err)
     setting = _endpoint_setting()  # (the variable that set it, the endpoint)
     endpoint = setting[1] if setting else None
@@ -222,8 +226,10 @@ def _storage_error(uri: str, err: OSError) -> UserError:
             re.search(r"(?<![\d:])403(?!\d)", text):  # the HTTP status, not digits of a port or an id
         return UserError(Problem("AWS credentials", f"{uri} refused them ({text.splitlines()[0][:200]})",
                                  "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to keys that "
-                                 "may write there"))
+                                 f"may {'read' if reading else 'write'} there"))
     first = text.splitlines()[0][:300] if text else type(err).__name__
+    if reading:
+        return UserError(Problem("--storage", f"cannot read {uri}: {first}", READ_FIX))
     return UserError(Problem("--storage", f"cannot write to {uri}: {first}", STORAGE_FIX))
 
 
@@ -345,7 +351,7 @@ class SweepStore:
         try:
             return self.storage.fs.get_file_info(self.fs_path(rel)).type != pafs.FileType.NotFound
         except OSError as err:
-            raise _storage_error(self.storage.uri, err) from None
+            raise _storage_error(self.storage.uri, err, reading=True) from None
 
     def read_text(self, rel: str) -> str | None:
         """A file's text, or None if it is not there."""
@@ -362,7 +368,7 @@ class SweepStore:
         except OSError as err:
             if "not found" in str(err).lower() or "NoSuchKey" in str(err):
                 return None
-            raise _storage_error(self.storage.uri, err) from None
+            raise _storage_error(self.storage.uri, err, reading=True) from None
 
     def write_text(self, rel: str, text: str) -> str:
         """Write a whole file: an object is replaced in one put; a local file via a temp file and rename, so
@@ -416,7 +422,7 @@ class SweepStore:
         try:
             infos = self.storage.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         except OSError as err:
-            raise _storage_error(self.storage.uri, err) from None
+            raise _storage_error(self.storage.uri, err, reading=True) from None
         states = self._experiment_states(infos)
         if states:  # the trials' result.json are read (and checked) as the resume reads its progress
             self._read_state(lambda: json.loads(self.read_text(states[-1][1]) or ""))

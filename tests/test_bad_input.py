@@ -304,6 +304,12 @@ CASES = [
     Case("run-storage-no-bucket", ["run", S, "--storage", "s3://"],
          ["--storage", "names no bucket", "s3://BUCKET/PREFIX"], {S: TINY_SPEC_TEXT}),
     Case("list-storage-scheme-unsupported", ["list", "--storage", "mock://x"], ["--storage", "mock://"]),
+    # a command that only reads the storage says it cannot read it (not "cannot write")
+    Case("list-storage-is-a-file", ["list", "--storage", "{tmp}/afile"],
+         ["--storage", "cannot read", "not a directory", "the folder or s3://BUCKET/PREFIX the sweeps were run"],
+         {"afile": "x"}, absent=["cannot write", "writable"]),
+    Case("show-storage-is-a-file", ["show", "foo", "--storage", "{tmp}/afile"],
+         ["--storage", "cannot read", "the sweeps were run with"], {"afile": "x"}, absent=["cannot write"]),
     Case("run-no-ray-cluster", ["run", S, "--address", "127.0.0.1:{port}"],
          ["--address", "no Ray cluster answers"],
          {S: TINY_SPEC_TEXT}, real_cli=True),
