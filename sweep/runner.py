@@ -497,9 +497,7 @@ def _check_start(spec: SweepSpec, resume: bool, store: SweepStore) -> None:
             raise UserError(Problem(spec.name, f"no sweep state to resume in {store.uri}",
                                     "start it with `sweep run SPEC` (see `sweep list`; --storage / "
                                     "$FWSWEEP_STORAGE say where sweeps live)"))
-        if store.local_path() is not None and is_driven(store):  # in object storage: see is_driven
-            raise _driven_error(spec.name)
-        store.check_resumable(spec)
+        store.check_resumable(spec)  # (a live driver's lock on a local sweep: run_sweep takes it next)
         old = store.read_spec()
         if old is not None and old.model_dump() != spec.model_dump():
             raise UserError(Problem(spec.name, "this sweep was started from a different spec",
@@ -526,7 +524,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     """
     from ray import tune  # noqa: F401  (fail early if Ray is broken)
 
-    from sweep.tracking import redacted, resolve_tracking_uri, tracking_server
+    from sweep.tracking import resolve_tracking_uri
 
     start = time.monotonic()
     paths.check_home()
@@ -537,6 +535,19 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
         _probe(address, setting)
     _sampler(spec)
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)  # exit 2 on a URI that cannot work
+    with driver_lock(store):  # before Ray starts: a second driver of this sweep is refused at once
+        result = _start_and_run(spec, address, uri, resume, announce, store, on_event)
+    result.wall_s = time.monotonic() - start
+    return result
+
+
+def _start_and_run(spec: SweepSpec, address: str | None, uri: str | None, resume: bool,
+                   announce: Callable[[str], None] | None, store: SweepStore,
+                   on_event: Listener | None) -> SweepResult:
+    """Ray and the tracking server (`uri`; None: the local one) started or joined side by side, the sweep
+    run, both stopped."""
+    from sweep.tracking import redacted, tracking_server
+
     ray_started: list[bool] = []
     if on_event is not None:
         import ray
@@ -574,18 +585,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
                     on_event(SweepEnded(spec.name))
     finally:  # e.g. the MLflow server failed to start after Ray did
         stop_started_ray()
-    result.wall_s = time.monotonic() - start
     return result
-
-
-def _run(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepStore,
-         on_event: Listener | None = None) -> SweepResult:
-    """The sweep on a connected Ray (left running: the caller stops a Ray it started).
-
-    Afterwards MLflow is brought level with the sweep's records (`sweep.mlflow_runs.reconcile`), whatever
-    the live logging managed to send."""
-    with driver_lock(store):
-        return _run_locked(spec, resume, tracking_url, store, on_event)
 
 
 DRIVER_LOCK = ".driver.lock"  # held (an OS file lock) by the process driving the sweep; gone with it
@@ -648,8 +648,12 @@ def is_driven(store: SweepStore) -> bool:
     return False
 
 
-def _run_locked(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepStore,
-                on_event: Listener | None = None) -> SweepResult:
+def _run(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepStore,
+         on_event: Listener | None = None) -> SweepResult:
+    """The sweep on a connected Ray (left running: the caller stops a Ray it started), its driver lock held.
+
+    Afterwards MLflow is brought level with the sweep's records (`sweep.mlflow_runs.reconcile`), whatever
+    the live logging managed to send."""
     from sweep import export, tracking
     from sweep.ray_watch import RayNodeWatch
 

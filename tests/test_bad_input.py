@@ -306,7 +306,7 @@ CASES = [
     Case("list-storage-scheme-unsupported", ["list", "--storage", "mock://x"], ["--storage", "mock://"]),
     # a command that only reads the storage says it cannot read it (not "cannot write")
     Case("list-storage-is-a-file", ["list", "--storage", "{tmp}/afile"],
-         ["--storage", "cannot read", "not a directory", "the folder or s3://BUCKET/PREFIX the sweeps were run"],
+         ["--storage", "cannot read", "not a directory", "the folder or s3://BUCKET/PREFIX the sweeps"],
          {"afile": "x"}, absent=["cannot write", "writable"]),
     Case("show-storage-is-a-file", ["show", "foo", "--storage", "{tmp}/afile"],
          ["--storage", "cannot read", "the sweeps were run with"], {"afile": "x"}, absent=["cannot write"]),

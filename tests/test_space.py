@@ -38,6 +38,7 @@ def _sample(spec: SweepSpec, n: int, sampler: optuna.samplers.BaseSampler) -> li
     return out
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # group=True, as in the runner
 def test_conditional_params_only_for_the_chosen_model():
     spec = SweepSpec.model_validate(SPEC)
     configs = _sample(spec, 40, optuna.samplers.TPESampler(seed=0, multivariate=True, group=True,
