@@ -61,7 +61,8 @@ def test_resume_from_a_checkpoint_folder_continues_its_run(tmp_path: Path, monke
     assert code == 0, out
     again = json.loads((run / "metrics.json").read_text())["history"]
     assert trajectory(again) == trajectory(first)
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.json"]
+    assert sorted(p.name for p in run.iterdir()) == [".train.lock", "checkpoints", "config.yaml",
+                                                     "metrics.json"]
 
 
 @pytest.mark.parametrize(("file", "damage", "expect"), [
@@ -87,6 +88,37 @@ def test_a_damaged_checkpoint_is_one_clear_error_and_changes_nothing(
     assert all(word.lower() in flat for word in expect), out
     assert f"remove {newest}".lower() in flat and older.name in flat, out  # resume from the one before
     assert snapshot(run) == before, "a failed resume changed the run folder"
+
+
+def test_a_run_another_process_trains_is_not_resumed_beside_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`sweep train --resume DIR` (or a checkpoint in it) while another process trains DIR: exit 2 naming
+    the flag and the fix, the run folder unchanged (both trained it, loading, saving and pruning the same
+    checkpoints, until 2026-12-02). Once that process is gone the resume goes on."""
+    import sys
+
+    from conftest import snapshot
+
+    run = tmp_path / "run"
+    assert run_cli(["train", *TINY, "--epochs", "2", "--out", str(run)], monkeypatch, capsys)[0] == 0
+    hold = (f"from filelock import FileLock; import time; lock = FileLock({str(run / '.train.lock')!r}); "
+            "lock.acquire(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(run)
+        for target in (run, sorted((run / "checkpoints").iterdir())[0]):
+            code, out = run_cli(["train", "--resume", str(target), "--epochs", "3"], monkeypatch, capsys)
+            flat = " ".join(out.split())
+            assert code == 2 and "Traceback" not in out, out
+            assert "--resume" in flat and "is being trained by another process" in flat, out
+            assert f"sweep train --resume {run}" in flat, out
+            assert snapshot(run) == before, "a refused resume changed the run folder"
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out = run_cli(["train", "--resume", str(run), "--epochs", "3"], monkeypatch, capsys)
+    assert code == 0, out
+    assert [h["epoch"] for h in json.loads((run / "metrics.json").read_text())["history"]] == [1, 2, 3]
 
 
 def test_default_run_folder_under_fwsweep_home(tmp_path: Path, monkeypatch, capsys) -> None:

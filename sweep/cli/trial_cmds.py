@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shlex
@@ -10,6 +11,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -349,7 +351,38 @@ def _is_checkpoint_in_run(path: Path) -> bool:
     return is_checkpoint(path) and path.parent.name == CHECKPOINTS
 
 
+RUN_LOCK = ".train.lock"  # held (an OS file lock) by the process training a run folder; gone with it
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, flag: str) -> Iterator[None]:
+    """Held while this process trains `run_dir`: a second `sweep train --resume` of a run being trained
+    would load, save and prune the same checkpoints beside it."""
+    from filelock import FileLock, Timeout
+
+    lock: FileLock | None = FileLock(str(run_dir / RUN_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(Problem(flag, f"{run_dir} is being trained by another process (it holds the run's "
+                                f"{RUN_LOCK})", "let it finish, or stop it (Ctrl-C there), then "
+                                f"`sweep train --resume {shlex.quote(str(run_dir))}`")) from None
+    except OSError:
+        lock = None  # best effort: a folder that takes no lock (some network mounts)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore_from: Path | None) -> None:
+    with contextlib.ExitStack() as held:  # the run's lock, from the moment the folder exists
+        _train_holding(config, run_dir, resuming, config_yaml, restore_from, held)
+
+
+def _train_holding(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore_from: Path | None,
+                   held: contextlib.ExitStack) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sweep.checkpoint import find_checkpoint, load_resumable
@@ -359,6 +392,7 @@ def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore
     created = not run_dir.exists()
     restore, history = None, []
     if resuming:
+        held.enter_context(_run_lock(run_dir, "--resume"))  # before its checkpoints are read
         restore = restore_from or find_checkpoint(run_dir)
         if restore is None:
             raise UserError(
@@ -367,6 +401,8 @@ def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore
         history = load_resumable(restore)[1]["history"]  # a damaged checkpoint stops here: nothing written
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            held.enter_context(_run_lock(run_dir, "--out"))
         write_atomic(run_dir / "config.yaml", config_yaml)
     except OSError as err:
         if created:
