@@ -294,13 +294,16 @@ def run_comparison(spec: SweepSpec, *, address: str | None = None, tracking_uri:
     A rerun with the same name skips the tuning sweeps and seed runs already done (it resumes).
     `on_event` receives each tuning sweep's `sweep.events` (the live view).
     """
+    from sweep.runner import driver_lock
     from sweep.tracking import tracking_server
 
     if spec.compare is None:
         raise UserError(Problem("compare", "the spec has no compare: section",
                                 "add one (see docs/reports.md) or use `sweep run` for a single sweep"))
     check_workers_reach_tracking(address, tracking_uri or spec.tracking.uri)
-    with tracking_server(tracking_uri, spec_uri=spec.tracking.uri) as server:  # one for every sweep in it
+    again = f"sweep compare SPEC (the same spec, {spec.name})"  # a second driver: its seeds would run twice
+    with driver_lock(open_sweep(spec.name, spec.storage), again), \
+            tracking_server(tracking_uri, spec_uri=spec.tracking.uri) as server:  # one for every sweep in it
         return _compare(spec, server.url, address, log, on_event)
 
 

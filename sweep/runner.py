@@ -592,8 +592,9 @@ DRIVER_LOCK = ".driver.lock"  # held (an OS file lock) by the process driving th
 
 
 @contextlib.contextmanager
-def driver_lock(store: SweepStore) -> Any:
-    """Hold the sweep's driver lock while this process drives it (local folders; best effort)."""
+def driver_lock(store: SweepStore, again: str | None = None) -> Any:
+    """Hold the sweep's driver lock while this process drives it (local folders; best effort). `again`: the
+    command that continues it, when not `sweep resume NAME` (a comparison's)."""
     from filelock import FileLock, Timeout
 
     local = store.local_path()
@@ -604,7 +605,7 @@ def driver_lock(store: SweepStore) -> Any:
             lock = FileLock(str(local / DRIVER_LOCK))
             lock.acquire(timeout=0)
         except Timeout:  # another live driver took it since _check_start looked
-            raise _driven_error(store.name) from None
+            raise _driven_error(store.name, again) from None
         except OSError:
             lock = None  # best effort: a folder that takes no lock (some network mounts)
     try:
@@ -619,11 +620,11 @@ def driver_lock(store: SweepStore) -> Any:
                     local.rmdir()
 
 
-def _driven_error(name: str) -> UserError:
+def _driven_error(name: str, again: str | None = None) -> UserError:
     return UserError(Problem(
         name, f"this sweep is running: another process drives it (it holds the sweep's {DRIVER_LOCK})",
-        f"let it finish, or stop it (Ctrl-C there), then `sweep resume {name}`; two drivers would each run "
-        "trials and delete the other's checkpoints"))
+        f"let it finish, or stop it (Ctrl-C there), then `{again or f'sweep resume {name}'}`; two drivers "
+        "would each run trials and delete the other's checkpoints"))
 
 
 def is_driven(store: SweepStore) -> bool:

@@ -357,16 +357,22 @@ def test_a_start_that_fails_under_the_driver_lock_leaves_no_folder(tmp_path: Pat
     assert (kept / SPEC_FILE).exists()
 
 
-def test_a_second_driver_is_refused_before_ray_or_mlflow_start(tmp_path, monkeypatch, capsys):
-    """Two `sweep run` of one spec a few seconds apart: the first holds the sweep's driver lock from its
-    first step, so the second is exit 2 at once, without starting a Ray or a local MLflow server of its
-    own (it did both, 15 s, before it found the lock, until 2026-12-02)."""
+@pytest.mark.parametrize(("command", "spec_file", "again"), [
+    ("run", "search_spaces/tests/faults_tiny.yaml", "sweep resume {name}"),
+    ("compare", "search_spaces/compare_quick.yaml", "sweep compare SPEC"),
+])
+def test_a_second_driver_is_refused_before_ray_or_mlflow_start(command: str, spec_file: str, again: str,
+                                                               tmp_path: Path, monkeypatch, capsys) -> None:
+    """Two `sweep run` (or `sweep compare`) of one spec a few seconds apart: the first holds the sweep's
+    driver lock from its first step, so the second is exit 2 at once, without starting a Ray or a local
+    MLflow server of its own (a second run did both, 15 s, before it found the lock, and a second compare
+    found none: both would have run the same seeds, until 2026-12-02)."""
     import ray
-    from conftest import TINY_SPEC, run_cli_in_process, snapshot
+    from conftest import ROOT, run_cli_in_process, snapshot
 
     home = tmp_path / "home"
     monkeypatch.setenv("FWSWEEP_HOME", str(home))
-    name = SweepSpec.model_validate(yaml.safe_load(TINY_SPEC.read_text())).name
+    name = SweepSpec.model_validate(yaml.safe_load((ROOT / spec_file).read_text())).name
     lock_path = home / "sweeps" / name / ".driver.lock"  # the first driver's folder, so far only its lock
     lock_path.parent.mkdir(parents=True)
     hold = (f"from filelock import FileLock; import time; lock = FileLock({str(lock_path)!r}); "
@@ -375,9 +381,9 @@ def test_a_second_driver_is_refused_before_ray_or_mlflow_start(tmp_path, monkeyp
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(home)
-        code, output = run_cli_in_process(["run", str(TINY_SPEC)], monkeypatch, capsys)
+        code, output = run_cli_in_process([command, str(ROOT / spec_file)], monkeypatch, capsys)
         assert code == 2 and "this sweep is running" in " ".join(output.split()), output
-        assert f"sweep resume {name}" in output, output
+        assert again.format(name=name) in output, output
         assert not ray.is_initialized(), "a Ray was started before the lock was tried"
         assert snapshot(home) == before and not (home / "mlflow").exists(), "something was started or written"
     finally:
