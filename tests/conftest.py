@@ -178,6 +178,21 @@ def run_cli_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch,
     return (0 if code is None else int(code)), out.out + out.err
 
 
+@contextlib.contextmanager
+def lock_held_elsewhere(path: Path) -> Iterator[None]:
+    """`path`'s OS file lock held by another live process, as a sweep's driver or a training process
+    holds its folder's lock."""
+    hold = (f"from filelock import FileLock; import time; lock = FileLock({str(path)!r}); "
+            "lock.acquire(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every path under root, with size and modification time for files (a folder's own mtime moves
     when a probe file comes and goes, which changes nothing the user sees)."""

@@ -94,17 +94,11 @@ def test_a_run_another_process_trains_is_not_resumed_beside_it(tmp_path: Path, m
     """`sweep train --resume DIR` (or a checkpoint in it) while another process trains DIR: exit 2 naming
     the flag and the fix, the run folder unchanged (both trained it, loading, saving and pruning the same
     checkpoints, until 2026-12-02). Once that process is gone the resume goes on."""
-    import sys
-
-    from conftest import snapshot
+    from conftest import lock_held_elsewhere, snapshot
 
     run = tmp_path / "run"
     assert run_cli(["train", *TINY, "--epochs", "2", "--out", str(run)], monkeypatch, capsys)[0] == 0
-    hold = (f"from filelock import FileLock; import time; lock = FileLock({str(run / '.train.lock')!r}); "
-            "lock.acquire(); print('held', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run / ".train.lock"):
         before = snapshot(run)
         for target in (run, sorted((run / "checkpoints").iterdir())[0]):
             code, out = run_cli(["train", "--resume", str(target), "--epochs", "3"], monkeypatch, capsys)
@@ -113,9 +107,6 @@ def test_a_run_another_process_trains_is_not_resumed_beside_it(tmp_path: Path, m
             assert "--resume" in flat and "is being trained by another process" in flat, out
             assert f"sweep train --resume {run}" in flat, out
             assert snapshot(run) == before, "a refused resume changed the run folder"
-    finally:
-        holder.kill()
-        holder.wait()
     code, out = run_cli(["train", "--resume", str(run), "--epochs", "3"], monkeypatch, capsys)
     assert code == 0, out
     assert [h["epoch"] for h in json.loads((run / "metrics.json").read_text())["history"]] == [1, 2, 3]

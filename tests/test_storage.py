@@ -368,27 +368,20 @@ def test_a_second_driver_is_refused_before_ray_or_mlflow_start(command: str, spe
     MLflow server of its own (a second run did both, 15 s, before it found the lock, and a second compare
     found none: both would have run the same seeds, until 2026-12-02)."""
     import ray
-    from conftest import ROOT, run_cli_in_process, snapshot
+    from conftest import ROOT, lock_held_elsewhere, run_cli_in_process, snapshot
 
     home = tmp_path / "home"
     monkeypatch.setenv("FWSWEEP_HOME", str(home))
     name = SweepSpec.model_validate(yaml.safe_load((ROOT / spec_file).read_text())).name
     lock_path = home / "sweeps" / name / ".driver.lock"  # the first driver's folder, so far only its lock
     lock_path.parent.mkdir(parents=True)
-    hold = (f"from filelock import FileLock; import time; lock = FileLock({str(lock_path)!r}); "
-            "lock.acquire(); print('held', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(lock_path):
         before = snapshot(home)
         code, output = run_cli_in_process([command, str(ROOT / spec_file)], monkeypatch, capsys)
         assert code == 2 and "this sweep is running" in " ".join(output.split()), output
         assert again.format(name=name) in output, output
         assert not ray.is_initialized(), "a Ray was started before the lock was tried"
         assert snapshot(home) == before and not (home / "mlflow").exists(), "something was started or written"
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -310,7 +310,7 @@ def test_damaged_state_files_are_one_clear_error(home, mlflow_server, tmp_path, 
     naming the file and the fix, no traceback, nothing changed (resume checks before Ray or MLflow start)."""
     import shutil
 
-    from conftest import run_cli_in_process, snapshot
+    from conftest import lock_held_elsewhere, run_cli_in_process, snapshot
 
     data = TINY_SPEC | {"name": "e2e-damaged", "scheduler": {"name": "fifo"},
                         "budget": {"num_samples": 1, "max_epochs": 1, "max_concurrent": 1}}
@@ -334,18 +334,11 @@ def test_damaged_state_files_are_one_clear_error(home, mlflow_server, tmp_path, 
     held = tmp_path / "held"
     shutil.copytree(home / "sweeps" / "e2e-damaged", held / "sweeps" / "e2e-damaged")
     lock_path = held / "sweeps" / "e2e-damaged" / ".driver.lock"
-    hold = (f"from filelock import FileLock; import time; lock = FileLock({str(lock_path)!r}); "
-            "lock.acquire(); print('held', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(lock_path):
         monkeypatch.setenv("FWSWEEP_HOME", str(held))
         code, output = run_cli_in_process(["resume", "e2e-damaged"], monkeypatch, capsys)
         assert code == 2 and "this sweep is running" in " ".join(output.split()), output
         assert not (held / "mlflow").exists()
-    finally:
-        holder.kill()
-        holder.wait()
 
     # A torn read (the state read while a driver replaced it) is read again, not called damaged
     torn = tmp_path / "torn"
