@@ -25,6 +25,7 @@ from sweep import capacity, live_callbacks, outcome, paths, tune_snapshots
 from sweep.config import SweepSpec
 from sweep.errors import Problem, TrialDiverged, UserError
 from sweep.events import FINISHED_STATES, UNFINISHED, Listener, Phase, SweepEnded, SweepStarted, final_report
+from sweep.locks import LockHeld, is_locked_elsewhere, process_lock
 from sweep.space import MODEL_KEY, DefineByRun, trial_config
 from sweep.store import SPEC_FILE, SweepStore, TrialRecord, hush_missing_results, open_storage, trial_threads
 
@@ -595,29 +596,26 @@ DRIVER_LOCK = ".driver.lock"  # held (an OS file lock) by the process driving th
 def driver_lock(store: SweepStore, again: str | None = None) -> Any:
     """Hold the sweep's driver lock while this process drives it (local folders; best effort). `again`: the
     command that continues it, when not `sweep resume NAME` (a comparison's)."""
-    from filelock import FileLock, Timeout
-
     local = store.local_path()
-    lock, created = None, local is not None and not local.exists()
-    if local is not None:
+    created = local is not None and not local.exists()
+    with contextlib.ExitStack() as held:
+        if local is not None:
+            try:
+                local.mkdir(parents=True, exist_ok=True)
+                held.enter_context(process_lock(local / DRIVER_LOCK))
+            except LockHeld:  # another live driver holds it
+                raise _driven_error(store.name, again) from None
+            except OSError:
+                pass  # best effort: a folder that cannot be made here fails where the sweep writes to it
         try:
-            local.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(str(local / DRIVER_LOCK))
-            lock.acquire(timeout=0)
-        except Timeout:  # another live driver took it since _check_start looked
-            raise _driven_error(store.name, again) from None
-        except OSError:
-            lock = None  # best effort: a folder that takes no lock (some network mounts)
-    try:
-        yield
-    finally:
-        if lock is not None and lock.is_locked:
-            lock.release()
-        if created:  # a start that failed before writing anything leaves no folder holding only the lock
-            with contextlib.suppress(OSError):
-                if {p.name for p in local.iterdir()} <= {DRIVER_LOCK}:
-                    (local / DRIVER_LOCK).unlink(missing_ok=True)
-                    local.rmdir()
+            yield
+        finally:
+            held.close()  # the lock released first
+            if created:  # a start that failed before writing anything leaves no folder holding only the lock
+                with contextlib.suppress(OSError):
+                    if {p.name for p in local.iterdir()} <= {DRIVER_LOCK}:
+                        (local / DRIVER_LOCK).unlink(missing_ok=True)
+                        local.rmdir()
 
 
 def _driven_error(name: str, again: str | None = None) -> UserError:
@@ -630,23 +628,11 @@ def _driven_error(name: str, again: str | None = None) -> UserError:
 def is_driven(store: SweepStore) -> bool:
     """True while a live process drives the sweep: its lock is held (local), or (object storage) Tune
     saved its state in the last 30 s."""
-    from filelock import FileLock, Timeout
-
     local = store.local_path()
     if local is None:
         saved = store.state_mtime()
         return saved is not None and time.time() - saved < 30
-    if not (local / DRIVER_LOCK).exists():
-        return False
-    lock = FileLock(str(local / DRIVER_LOCK))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
-    except OSError:
-        return False
-    lock.release()
-    return False
+    return is_locked_elsewhere(local / DRIVER_LOCK)
 
 
 def _run(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepStore,

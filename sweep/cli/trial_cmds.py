@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -354,26 +353,17 @@ def _is_checkpoint_in_run(path: Path) -> bool:
 RUN_LOCK = ".train.lock"  # held (an OS file lock) by the process training a run folder; gone with it
 
 
-@contextlib.contextmanager
-def _run_lock(run_dir: Path, flag: str) -> Iterator[None]:
-    """Held while this process trains `run_dir`: a second `sweep train --resume` of a run being trained
-    would load, save and prune the same checkpoints beside it."""
-    from filelock import FileLock, Timeout
+def _hold_run_lock(held: contextlib.ExitStack, run_dir: Path, flag: str) -> None:
+    """Held (in `held`) while this process trains `run_dir`: a second `sweep train --resume` of a run being
+    trained would load, save and prune the same checkpoints beside it."""
+    from sweep.locks import LockHeld, process_lock
 
-    lock: FileLock | None = FileLock(str(run_dir / RUN_LOCK))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
+        held.enter_context(process_lock(run_dir / RUN_LOCK))
+    except LockHeld:
         raise UserError(Problem(flag, f"{run_dir} is being trained by another process (it holds the run's "
                                 f"{RUN_LOCK})", "let it finish, or stop it (Ctrl-C there), then "
                                 f"`sweep train --resume {shlex.quote(str(run_dir))}`")) from None
-    except OSError:
-        lock = None  # best effort: a folder that takes no lock (some network mounts)
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _train(config: Any, run_dir: Path, resuming: bool, config_yaml: str, restore_from: Path | None) -> None:
@@ -392,7 +382,7 @@ def _train_holding(config: Any, run_dir: Path, resuming: bool, config_yaml: str,
     created = not run_dir.exists()
     restore, history = None, []
     if resuming:
-        held.enter_context(_run_lock(run_dir, "--resume"))  # before its checkpoints are read
+        _hold_run_lock(held, run_dir, "--resume")  # before its checkpoints are read
         restore = restore_from or find_checkpoint(run_dir)
         if restore is None:
             raise UserError(
@@ -402,7 +392,7 @@ def _train_holding(config: Any, run_dir: Path, resuming: bool, config_yaml: str,
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resuming:
-            held.enter_context(_run_lock(run_dir, "--out"))
+            _hold_run_lock(held, run_dir, "--out")
         write_atomic(run_dir / "config.yaml", config_yaml)
     except OSError as err:
         if created:
