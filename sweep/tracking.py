@@ -528,6 +528,7 @@ def _reuse_or_launch(folder: Path) -> tuple[TrackingServer, subprocess.Popen | N
                 return TrackingServer(url=state["url"], started_here=False, pid=pid), None
             _kill_tree(pid)  # hung: replace it (a pid now owned by another program is left alone)
         (folder / STATE_FILE).unlink(missing_ok=True)
+    _stop_left_behind(folder)
     port = remembered_port(folder)
     proc, url = launch_server(folder, port=port if _port_is_free(port) else None)
     server = TrackingServer(url=url, started_here=True, pid=proc.pid)
@@ -696,8 +697,9 @@ def stop_local_server(folder: Path | None = None, meanwhile: Callable[[], object
     alive = _is_mlflow_process(state.get("pid"))
     if alive:
         _kill_tree(state["pid"], meanwhile=meanwhile)
+    left_behind = _stop_left_behind(folder)
     (folder / STATE_FILE).unlink(missing_ok=True)
-    return alive
+    return alive or bool(left_behind)
 
 
 def leave_local_server(folder: Path | None = None) -> None:
@@ -744,14 +746,52 @@ def stop_servers_under(folder: Path) -> list[int]:
     local server there, which would outlive the session.
     """
     marker = str(Path(folder).resolve())
+    launchers = [proc for proc in psutil.process_iter(["cmdline"])
+                 if _is_server_command(cmdline := " ".join(proc.info["cmdline"] or ())) and marker in cmdline]
+    for proc in launchers:
+        _kill_tree(proc.pid, grace_s=5.0)
+    return [proc.pid for proc in launchers + _stop(_server_processes(Path(folder), within=True), grace_s=5.0)]
+
+
+def _stop_left_behind(folder: Path) -> list[psutil.Process]:
+    """Stop the server processes still working in `folder` once its recorded server is gone or stopped.
+
+    Killing only a server's launcher (`kill PID`, the pid in server.json) leaves its uvicorn worker
+    serving the port and writing the store, named by no record: the next start would take another port,
+    and nothing would ever stop it. Returns what it stopped.
+    """
+    return _stop(_server_processes(folder))
+
+
+def _server_processes(folder: Path, within: bool = False) -> list[psutil.Process]:
+    """MLflow server processes (launcher or worker) working in `folder` (or, `within`, under it):
+    launch_server starts each local server there, and its worker inherits the folder."""
+    folder = folder.resolve()
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or ())
-        if _is_server_command(cmdline) and marker in cmdline:
-            found.append(proc.pid)
-    for pid in found:
-        _kill_tree(pid, grace_s=5.0)
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cwd, cmdline = proc.info["cwd"], " ".join(proc.info["cmdline"] or ())
+        if not cwd or proc.pid == os.getpid() or not _is_server_process(cmdline):
+            continue
+        if Path(cwd) == folder or (within and Path(cwd).is_relative_to(folder)):
+            found.append(proc)
     return found
+
+
+def _stop(procs: list[psutil.Process], grace_s: float = 10.0,
+          meanwhile: Callable[[], object] | None = None) -> list[psutil.Process]:
+    """SIGTERM `procs`, run `meanwhile`, SIGKILL what is left after `grace_s`; returns `procs`."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    try:
+        _call(meanwhile)
+    finally:
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)  # also reaps our own children
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5.0)
+    return procs
 
 
 def _port_of(url: str) -> int | None:
@@ -791,17 +831,7 @@ def _kill_tree(pid: int | None, grace_s: float = 10.0, meanwhile: Callable[[], o
     victims = [root]
     with contextlib.suppress(psutil.Error):
         victims += root.children(recursive=True)
-    for proc in victims:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    try:
-        _call(meanwhile)
-    finally:
-        _, alive = psutil.wait_procs(victims, timeout=grace_s)  # also reaps our own children
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=5.0)
+    _stop(victims, grace_s, meanwhile)
 
 
 def _process(pid: int | None) -> psutil.Process | None:
@@ -844,6 +874,12 @@ def _is_server_command(cmdline: str) -> bool:
     """`python -m sweep.local_mlflow server ...` (launch_server) or `mlflow server ...` (fwsweep before
     2026-12-02, still running after an upgrade): both hold "mlflow server "."""
     return "mlflow server " in cmdline
+
+
+def _is_server_process(cmdline: str) -> bool:
+    """A server's launcher, or its worker (`uvicorn ... mlflow.server.fastapi_app:app`; gunicorn's
+    `mlflow.server:app` in older MLflow)."""
+    return _is_server_command(cmdline) or "mlflow.server" in cmdline
 
 
 @contextlib.contextmanager

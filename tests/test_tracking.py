@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -176,6 +177,32 @@ def test_local_server_is_started_on_loopback_reused_and_stopped(home: Path) -> N
     assert read_state(paths.mlflow_dir()) is None
     assert stop_local_server() is False
     assert remembered_port() == port  # a clean stop forgets the process, not the port
+
+
+@pytest.mark.slow  # starts local MLflow servers
+def test_a_server_whose_launcher_alone_was_killed_leaves_no_worker_behind(home: Path) -> None:
+    """`kill PID` of the recorded pid (the launcher) leaves its uvicorn worker serving the port: the next
+    start stops it and takes the port back, and a stop stops it too; no server runs unrecorded."""
+    first = ensure_server(None)
+    workers = _descendants(first.pid)
+    assert workers
+    try:
+        os.kill(first.pid, signal.SIGKILL)
+        wait_until(lambda: not _exists(first.pid), timeout=10, what="the launcher to die")
+        assert all(_exists(pid) for pid in workers) and is_healthy(first.url)  # the worker serves on
+
+        second = ensure_server(None)
+        assert second.started_here and second.pid != first.pid
+        assert second.url == first.url  # the same port: links and running sweeps keep working
+        assert not any(_exists(pid) for pid in workers), "the killed launcher's worker still runs"
+
+        workers = _descendants(second.pid)
+        os.kill(second.pid, signal.SIGKILL)
+        wait_until(lambda: not _exists(second.pid), timeout=10, what="the launcher to die")
+    finally:
+        stopped = stop_local_server()
+    assert stopped  # `sweep ui --stop`, or the last command out, stops what was left behind
+    assert not any(_exists(pid) for pid in workers) and not is_healthy(first.url)
 
 
 @pytest.mark.slow  # starts a local MLflow server
