@@ -1298,7 +1298,7 @@ COMPILE_TIMEOUT_S = 600
 # icelake-server, sapphirerapids, ...) vectorises loops 256 bits wide; for AMD's it sets no preference, so
 # they run 512 bits wide. The explicit 64-byte vectors are 512 bits either way; the cells' loops (gates, layer
 # norm) were not: on an Intel Xeon with AVX-512, the flag made the fused steps 3-11% faster (FW-LSTM,
-# LN-LSTM; docs/benchmarks.md, "Intel Xeon"). Without AVX-512 it changes nothing.
+# LN-LSTM; docs/benchmarks.md, "An Intel Xeon with AVX-512"). Without AVX-512 it changes nothing.
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared",
          *(["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else [])]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
