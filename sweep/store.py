@@ -252,6 +252,7 @@ class TrialRecord:
     params: dict[str, Any] = field(default_factory=dict)  # the sampled Tune config
     path: str = ""  # the trial's folder in the sweep's storage (URI or local path)
     checkpoint: str = ""  # the newest checkpoint Tune's state names, relative to the sweep's folder
+    started: bool = False  # its result.json exists: Tune started it (one still waiting has an empty folder)
 
     @property
     def epochs(self) -> int:
@@ -515,10 +516,12 @@ class SweepStore:
         records = []
         for trial in analysis.trials:
             rel = posixpath.relpath(trial.storage.trial_fs_path, self.path)
-            history = parse_history(self.read_text(posixpath.join(rel, RESULT_FILE)) or "")
+            log = self.read_text(posixpath.join(rel, RESULT_FILE))
+            history = parse_history(log or "")
             metrics = dict(trial.last_result or {}) or (history[-1] if history else {})
             record = TrialRecord.of_trial(spec, trial.trial_id, dict(trial.config), metrics, history,
                                           trial.status, self.where(rel))
+            record.started = log is not None
             if trial.checkpoint is not None:
                 record.checkpoint = posixpath.join(rel, posixpath.basename(trial.checkpoint.path.rstrip("/")))
             records.append(record)

@@ -143,11 +143,14 @@ def test_show_and_list_tables_fit_80_columns_with_every_searched_parameter():
 
 
 def test_a_trial_that_tune_saved_as_pending_is_running_while_its_sweep_runs():
-    """Tune saves a RUNNING trial as PENDING; `sweep show` of a live sweep called it "interrupted"."""
+    """Tune saves a RUNNING trial as PENDING; `sweep show` of a live sweep called it "interrupted", or
+    "pending" before its first epoch ended. One that Tune has not started (no result log) is pending."""
+    started = _record("cccc0003", {"model": "lstm", "lr": 0.002, "hidden_size": 50}, "PENDING", {})
+    started.started = True
     records = [_record("aaaa0001", FW_PARAMS, "PENDING", {"val_accuracy": 0.5, "epoch": 3}),
-               _record("bbbb0002", {"model": "lstm", "lr": 0.001, "hidden_size": 50}, "PENDING", {})]
-    for status, expected in (("running", "1 running, 1 pending"),
-                             ("interrupted", "1 interrupted, 1 pending")):
+               _record("bbbb0002", {"model": "lstm", "lr": 0.001, "hidden_size": 50}, "PENDING", {}), started]
+    for status, expected in (("running", "2 running, 1 pending"),
+                             ("interrupted", "1 interrupted, 2 pending")):
         view = SweepOverview("view-test", SPEC, records, status, Counter(), None)
         view.states = Counter(view.state_of(r) for r in records)
         assert view.states_text() == expected

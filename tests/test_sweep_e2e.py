@@ -77,6 +77,7 @@ def test_sweep_end_to_end_tracks_stops_early_and_exports(home, mlflow_server):
     records = load_trials(spec.name)
     assert len(records) == n and len({r.trial_id for r in records}) == n
     assert {r.model for r in records} == {"lstm", "fw_lstm"}
+    assert all(r.started for r in records)  # each has its result log (`sweep show`: running, not pending)
     stopped = [r for r in records if r.stopped_early(spec.max_epochs)]
     assert stopped, "ASHA stopped no trial: " + str([(r.epochs, r.value("val_accuracy")) for r in records])
     assert any(r.epochs == spec.max_epochs for r in records)

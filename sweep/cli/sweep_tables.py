@@ -37,9 +37,9 @@ class SweepOverview:
 
     def state_of(self, record) -> str:  # noqa: ANN001  (sweep.export.TrialRecord)
         """The trial's state in users' words. Tune saves a RUNNING trial as PENDING (it would go on from its
-        checkpoint if restored), so while the sweep runs, one that has epochs is running, not interrupted."""
-        state = record.state(self.spec.max_epochs)
-        return events.RUNNING if state == events.INTERRUPTED and self.status == "running" else state
+        checkpoint if restored), so while the sweep runs, one that has epochs is running, not interrupted,
+        and so is one that Tune started (its result log exists) before its first epoch ended."""
+        return _state_of(record, self.spec.max_epochs, self.status == "running")
 
     def states_text(self) -> str:
         order = [*events.FINISHED_STATES, events.RUNNING, events.PAUSED, events.INTERRUPTED, events.PENDING]
@@ -62,9 +62,15 @@ def overview(store) -> SweepOverview:  # noqa: ANN001  (sweep.store.SweepStore)
     else:
         status = "not started"
     best = best_trials(records, spec.metric.name, spec.metric.mode)
-    view = SweepOverview(store.name, spec, records, status, states, best[0] if best else None)
-    view.states = Counter(view.state_of(r) for r in records)
-    return view
+    shown = Counter(_state_of(r, spec.max_epochs, status == "running") for r in records)
+    return SweepOverview(store.name, spec, records, status, shown, best[0] if best else None)
+
+
+def _state_of(record, max_epochs: int, sweep_runs: bool) -> str:  # noqa: ANN001  (sweep.store.TrialRecord)
+    state = record.state(max_epochs)
+    if sweep_runs and (state == events.INTERRUPTED or state == events.PENDING and record.started):
+        return events.RUNNING
+    return state
 
 
 def _is_running(store) -> bool:  # noqa: ANN001
