@@ -131,6 +131,8 @@ def test_sweep_end_to_end_tracks_stops_early_and_exports(home, mlflow_server):
     assert "best_lstm.yaml" in out and "best_fw_lstm.yaml" in out and "top2.yaml" in out
     out = _cli(["show", spec.name], width=80)
     assert best.trial_id in out and "stopped early" in out and "TERMINATED" not in out
+    # the states' counts on a line of their own, whole (in the header line they wrapped mid-count at 80)
+    assert re.search(r"^trials: \d+ [a-z ]+(, \d+ [a-z ]+)*$", out, re.M) and "trials ended" in out, out
     # only a path or URL ("folder: PATH", "MLflow: URL") may be longer: it is printed whole, never cut
     too_wide = [ln for ln in out.splitlines() if len(ln) > 80 and " " in ln.split(": ", 1)[-1].strip()]
     assert not too_wide and "…" not in out, out

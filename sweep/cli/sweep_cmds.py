@@ -359,7 +359,8 @@ def show(
     spec = store.load_spec()
     mlflow_url = running_server_url(None, spec.tracking.uri)  # a URI that cannot work: exit 2 first
     view = overview(store)
-    console.print(f"[bold]{name}[/]: {view.status} · {view.trials} trials ({view.states_text()})")
+    console.print(f"[bold]{name}[/]: {view.status} · {view.trials} trials ended")
+    console.print(f"trials: {view.states_text()}")  # a line of its own: at 80 columns it would wrap mid-count
     console.print(f"best {view.spec.metric.name}: {view.best_text(with_id=True)}")
     console.print(f"folder: {escape(store.uri)}", soft_wrap=True)
     console.print(trials_table(view, top))

@@ -43,7 +43,7 @@ class SweepOverview:
 
     def states_text(self) -> str:
         order = [*events.FINISHED_STATES, events.RUNNING, events.PAUSED, events.INTERRUPTED, events.PENDING]
-        return ", ".join(f"{self.states[s]} {s}" for s in order if self.states[s]) or "no trials yet"
+        return ", ".join(f"{self.states[s]} {s}" for s in order if self.states[s]) or "none yet"
 
 
 def overview(store) -> SweepOverview:  # noqa: ANN001  (sweep.store.SweepStore)
