@@ -121,16 +121,19 @@ def test_default_run_folder_under_fwsweep_home(tmp_path: Path, monkeypatch, caps
 
 
 @pytest.mark.slow  # a real `sweep train` process, interrupted
-def test_ctrl_c_saves_and_the_printed_command_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_and_the_printed_command_resumes(tmp_path: Path, sig: int, code: int) -> None:
+    """Ctrl-C, or `kill` (SIGTERM, as a batch scheduler sends: before, it ended the process unsaved)."""
     run = tmp_path / "run"
     args = [str(SWEEP), "train", *TINY, "--epochs", "4", "--set", "task.train_size=8000", "--out", str(run)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     deadline = time.monotonic() + 120
     while not list((run / "checkpoints").glob("step-*")) and time.monotonic() < deadline:  # epoch 1 done
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out
+    assert proc.returncode == code, out
     assert "Traceback" not in out and "state saved" in out
     command = next(line for line in out.splitlines() if line.startswith("resume with: "))
     assert command == f"resume with: sweep train --resume {run}"

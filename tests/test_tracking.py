@@ -552,6 +552,32 @@ def test_ui_prints_a_link_per_sweep_and_keeps_its_port(home: Path) -> None:
         stop_local_server()
 
 
+@pytest.mark.slow  # a real `sweep ui` process and its server
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_ui_stopped_by_a_signal_stops_its_server(home: Path, sig: int) -> None:
+    """`kill` (SIGTERM) or a closed terminal (SIGHUP) ends `sweep ui` as Ctrl-C does: its server stops too.
+    (Before: the process died on the spot and the server ran on, used by no command.) Started the way a
+    shell starts a background job, with SIGINT ignored, so Ctrl-C's own handler is not there to call."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([str(SWEEP), "ui"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        state = wait_until(lambda: read_state(paths.mlflow_dir()), timeout=120, what="the server's record")
+        wait_until(lambda: is_healthy(state["url"]), timeout=120, what="the server to answer")
+        tree = [state["pid"], *_descendants(state["pid"])]
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+        outlived = [pid for pid in tree if _exists(pid)]
+        record = read_state(paths.mlflow_dir())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_local_server()
+    assert "Traceback" not in out, out
+    assert not outlived, f"the server outlived `sweep ui`: {outlived}"
+    assert record is None
+
+
 def test_watchdog_sleeps_while_the_server_answers_and_probes_when_a_writer_suspects_it(
         tmp_path: Path) -> None:
     """A live, answering server is asked for /health once per PROBE_EVERY_S, not every WATCH_EVERY_S (the

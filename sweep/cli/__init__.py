@@ -11,6 +11,7 @@ import sys
 import typer
 
 from sweep.cli.output import console, is_usage_error, print_user_error, tidy_help, usage_error
+from sweep.cli.signals import interrupted_exit_code, stop_like_ctrl_c
 from sweep.errors import UserError
 
 app = typer.Typer(
@@ -45,7 +46,8 @@ from sweep.cli import report_cmds, sweep_cmds, trial_cmds  # noqa: E402,F401
 
 def main() -> None:
     """Console-script entry: every user mistake (a bad file or value, or a mistyped command line) is one
-    `error:` message and exit 2, never a traceback."""
+    `error:` message and exit 2, never a traceback. SIGTERM and SIGHUP stop it as Ctrl-C does."""
+    stop_like_ctrl_c()
     command = tidy_help(typer.main.get_command(app))
     if not console.is_terminal or console.no_color:  # piped or NO_COLOR: Ray's lines uncoloured too
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
@@ -54,8 +56,8 @@ def main() -> None:
     except UserError as err:
         print_user_error(err)
         code = 2
-    except typer.Abort:
-        code = 130
+    except typer.Abort:  # click's KeyboardInterrupt
+        code = interrupted_exit_code()
     except Exception as err:
         if not is_usage_error(err):
             raise

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +15,7 @@ from rich.markup import escape
 from sweep.cli import app
 from sweep.cli.live import SweepView, fmt_params
 from sweep.cli.output import console, err_console
+from sweep.cli.signals import interrupted_exit_code
 from sweep.errors import UserError
 
 SPEC_HELP = "search-space YAML (see search_spaces/ and docs/sweeps.md)"
@@ -80,12 +79,12 @@ def _ui_hint(spec, tracking_uri: str | None) -> None:  # noqa: ANN001
 TRACKING_BEHIND_EXIT = 3  # the sweep's results are safe on disk, MLflow lacks some: `sweep sync NAME`
 
 
-def _exit_code(result, terminated: bool) -> None:  # noqa: ANN001
+def _exit_code(result) -> None:  # noqa: ANN001
     if result.tracking_behind is not None:
         err_console.print(f"[red]not in MLflow yet[/]: {escape(result.tracking_behind.message(result.name))}",
                           soft_wrap=True)
     if result.interrupted:
-        raise typer.Exit(143 if terminated else 130)
+        raise typer.Exit(interrupted_exit_code())
     if result.best is None:  # no trial produced a result: the sweep failed
         raise typer.Exit(1)
     if result.tracking_behind is not None:
@@ -110,23 +109,6 @@ def _apply_sets(data: dict, sets: list[str]) -> dict:
             node = node.setdefault(part, {})
         node[last] = value
     return data
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[list[int]]:
-    """SIGTERM (a batch scheduler, `kill`) stops a sweep the way Ctrl-C does: Tune saves its state and the
-    open MLflow runs end KILLED. The list it yields fills when SIGTERM came (exit 143 rather than 130)."""
-    received: list[int] = []
-
-    def to_interrupt(signum: int, frame: object) -> None:
-        received.append(signum)
-        os.kill(os.getpid(), signal.SIGINT)  # Tune's own SIGINT handler does the orderly stop
-
-    previous = signal.signal(signal.SIGTERM, to_interrupt)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()
@@ -190,15 +172,15 @@ def _run_to_the_end(spec, address: str | None, tracking_uri: str | None, resume:
     from sweep.runner import run_sweep
 
     try:
-        with _stop_on_sigterm() as terminated, SweepView(console) as view:
+        with SweepView(console) as view:  # SIGTERM, SIGHUP: Tune's orderly stop too (sweep.cli.signals)
             result = run_sweep(spec, address=address, tracking_uri=tracking_uri, resume=resume,
                                announce=_announce, storage=storage, on_event=view)
     except KeyboardInterrupt:  # before Tune's own Ctrl-C handling began (Ray or Tune still starting)
         _interrupted_while_starting(spec, storage)
-        raise typer.Exit(143 if terminated else 130) from None
+        raise typer.Exit(interrupted_exit_code()) from None
     _summary(result, spec)
     _ui_hint(spec, tracking_uri)
-    _exit_code(result, bool(terminated))
+    _exit_code(result)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from sweep.cli import app
 from sweep.cli.output import console, err_console
+from sweep.cli.signals import interrupted_exit_code
 from sweep.config import read_yaml_value
 from sweep.errors import Problem, UserError, naming_flags
 from sweep.files import write_atomic
@@ -461,7 +462,7 @@ def _train_holding(config: Any, run_dir: Path, resuming: bool, config_yaml: str,
                 f"resume with: sweep train --resume {escape(shlex.quote(str(run_dir)))}",
                 soft_wrap=True,
             )
-            raise typer.Exit(130) from None
+            raise typer.Exit(interrupted_exit_code()) from None
         except TrialDiverged as err:
             reporter.status = "diverged"
             reporter.write()
