@@ -79,11 +79,14 @@ def in_chain(err: BaseException | None, match: Callable[[BaseException], bool]) 
 
 def exit_now(err: UserError) -> NoReturn:
     """End the process with `err` as the CLI prints it (exit code 2), from where an exception cannot
-    unwind: a thread, while the main thread is held inside a library that would end the process itself."""
-    sys.stderr.write(f"error: {err.render()}\n")
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(2)
+    unwind: a thread, while the main thread is held inside a library that would end the process itself.
+    It ends even when the message cannot be written (a terminal that was closed: EIO)."""
+    try:
+        sys.stderr.write(f"error: {err.render()}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+    finally:
+        os._exit(2)
 
 
 class TrialDiverged(RuntimeError):

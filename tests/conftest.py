@@ -271,20 +271,30 @@ def local_ray_process(driver: int, kind: str) -> int | None:
     return None
 
 
-def kill_processes_of(home: Path) -> list[int]:
-    """SIGKILL every process whose environment carries FWSWEEP_HOME=home: the sweep, its local Ray
-    (GCS, raylet, workers) and anything else it started. Matching on our own unique folder never touches
-    another helper's processes."""
+def processes_of(home: Path) -> list[int]:
+    """Every process whose environment carries FWSWEEP_HOME=home: the sweep, its local Ray (GCS, raylet,
+    workers), its local MLflow server and anything else it started. Matching on our own unique folder
+    never touches another helper's processes."""
     marker = f"FWSWEEP_HOME={home}".encode() + b"\0"
-    killed = []
+    found = []
     for env_file in glob.glob("/proc/[0-9]*/environ"):
         pid = int(env_file.split("/")[2])
         if pid == os.getpid():
             continue
         with contextlib.suppress(OSError):
-            if marker in Path(env_file).read_bytes() + b"\0":
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+            if marker in Path(env_file).read_bytes() + b"\0" and \
+                    Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(pid)
+    return found
+
+
+def kill_processes_of(home: Path) -> list[int]:
+    """SIGKILL every process of `processes_of(home)`."""
+    killed = []
+    for pid in processes_of(home):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
     return killed
 
 

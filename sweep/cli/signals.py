@@ -10,7 +10,10 @@ A signal the shell told the command to ignore (`nohup`: SIGHUP) stays ignored.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import stat
 from types import FrameType
 
 STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -26,11 +29,28 @@ def stop_like_ctrl_c() -> None:
 
 def _as_ctrl_c(signum: int, frame: FrameType | None) -> None:
     _received.append(signum)
+    if signum == signal.SIGHUP:
+        _leave_the_terminal()
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)
     else:  # SIGINT ignored (a background job of a non-interactive shell): stop all the same
         raise KeyboardInterrupt
+
+
+def _leave_the_terminal() -> None:
+    """After a hang-up every write to the terminal fails (EIO), and the orderly stop, which prints, would
+    end half-way (seen: the thread that ends a sweep whose local Ray the same hang-up stopped died on its
+    message, and the driver waited a minute on the dead GCS). Output that went to the terminal goes to
+    /dev/null from here on; output to a file or a pipe is kept."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                if stat.S_ISCHR(os.fstat(fd).st_mode):  # a terminal (fstat works on a hung-up one)
+                    os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def interrupted_exit_code() -> int:
