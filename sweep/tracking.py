@@ -745,12 +745,7 @@ def stop_servers_under(folder: Path) -> list[int]:
     For test sessions: a test that runs a sweep with FWSWEEP_HOME in a temporary folder starts a detached
     local server there, which would outlive the session.
     """
-    marker = str(Path(folder).resolve())
-    launchers = [proc for proc in psutil.process_iter(["cmdline"])
-                 if _is_server_command(cmdline := " ".join(proc.info["cmdline"] or ())) and marker in cmdline]
-    for proc in launchers:
-        _kill_tree(proc.pid, grace_s=5.0)
-    return [proc.pid for proc in launchers + _stop(_server_processes(Path(folder), within=True), grace_s=5.0)]
+    return [proc.pid for proc in _stop(_trees(_server_processes(Path(folder), within=True)), grace_s=5.0)]
 
 
 def _stop_left_behind(folder: Path) -> list[psutil.Process]:
@@ -764,17 +759,29 @@ def _stop_left_behind(folder: Path) -> list[psutil.Process]:
 
 
 def _server_processes(folder: Path, within: bool = False) -> list[psutil.Process]:
-    """MLflow server processes (launcher or worker) working in `folder` (or, `within`, under it):
-    launch_server starts each local server there, and its worker inherits the folder."""
+    """MLflow server processes (launcher or worker) working in `folder`: launch_server starts each local
+    server there, and its worker inherits the folder. `within`: also those working under it, or whose
+    command line names a store under it (a launcher whose folder was since deleted)."""
     folder = folder.resolve()
     found = []
     for proc in psutil.process_iter(["cmdline", "cwd"]):
         cwd, cmdline = proc.info["cwd"], " ".join(proc.info["cmdline"] or ())
-        if not cwd or proc.pid == os.getpid() or not _is_server_process(cmdline):
+        if proc.pid == os.getpid() or not _is_server_process(cmdline):
             continue
-        if Path(cwd) == folder or (within and Path(cwd).is_relative_to(folder)):
+        working_in = cwd is not None and (Path(cwd).is_relative_to(folder) if within else Path(cwd) == folder)
+        names_store = within and _is_server_command(cmdline) and str(folder) in cmdline
+        if working_in or names_store:
             found.append(proc)
     return found
+
+
+def _trees(roots: list[psutil.Process]) -> list[psutil.Process]:
+    """`roots` and all their descendants, each once."""
+    procs = list(roots)
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            procs += [child for child in root.children(recursive=True) if child not in procs]
+    return procs
 
 
 def _stop(procs: list[psutil.Process], grace_s: float = 10.0,
@@ -826,12 +833,8 @@ def stop_process_tree(pid: int, grace_s: float = 10.0) -> None:
 
 def _kill_tree(pid: int | None, grace_s: float = 10.0, meanwhile: Callable[[], object] | None = None) -> None:
     root = _process(pid)
-    if root is None:
-        return
-    victims = [root]
-    with contextlib.suppress(psutil.Error):
-        victims += root.children(recursive=True)
-    _stop(victims, grace_s, meanwhile)
+    if root is not None:
+        _stop(_trees([root]), grace_s, meanwhile)
 
 
 def _process(pid: int | None) -> psutil.Process | None:
