@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import psutil
 from filelock import FileLock
 
-from sweep import local_mlflow, paths
+from sweep import local_mlflow, paths, tracking_probe
 from sweep.errors import Problem, UserError
 
 if TYPE_CHECKING:
@@ -103,12 +103,7 @@ def check_tracking_uri(uri: str, setting: str = "--tracking-uri") -> str:
     if scheme in ("http", "https"):
         if not parsed.hostname:
             raise UserError(Problem(setting, f"{uri!r} names no host", URI_FIX))
-        if not is_healthy(uri):
-            raise UserError(Problem(
-                setting, f"no MLflow server answers at {uri} (GET {uri.rstrip('/')}/health failed; also "
-                "checked: --tracking-uri / MLFLOW_TRACKING_URI)",
-                "start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`), correct the URL, or unset "
-                "--tracking-uri / MLFLOW_TRACKING_URI so fwsweep starts its own local server"))
+        tracking_probe.check_server(uri, setting, redacted(uri), HEALTH_TIMEOUT_S)
         return uri.rstrip("/")
     folder = scheme == "file" or (not scheme and ":" not in uri and not any(c.isspace() for c in uri))
     if folder and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
@@ -195,13 +190,26 @@ def _opened(uri: str, setting: str) -> str:
 # ---------------------------------------------------------------------------------------------- health
 
 
+HEALTHY = (200, 401, 403)  # 401/403: up, behind authentication (MLflow's client sends the credentials)
+
+
 def is_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
-    """True when a server answers `GET <url>/health` with 200 (or asks for credentials)."""
+    """True when a server answers `GET <url>/health` with 200 (or asks for credentials). HTTPS is asked as
+    MLflow's client asks, with its TLS settings (a server with a private CA answers here as it does for
+    logging); plain HTTP (the local server, polled while it boots) with urllib, which needs no second of
+    importing MLflow first."""
+    if url.lower().startswith("https://"):
+        import requests
+
+        try:
+            return tracking_probe.get(url, "/health", timeout).status_code in HEALTHY
+        except (requests.exceptions.RequestException, ValueError):
+            return False
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
-            return resp.status == 200
+            return resp.status in HEALTHY
     except urllib.error.HTTPError as err:
-        return err.code in (401, 403)  # up, behind authentication (MLflow's client sends the credentials)
+        return err.code in HEALTHY
     except (OSError, ValueError):
         return False
 

@@ -13,6 +13,7 @@ import typer
 from sweep.cli.output import console, is_usage_error, print_user_error, tidy_help, usage_error
 from sweep.cli.signals import interrupted_exit_code, stop_like_ctrl_c
 from sweep.errors import UserError
+from sweep.tracking_probe import failed_request
 
 app = typer.Typer(
     name="sweep",
@@ -46,7 +47,8 @@ from sweep.cli import report_cmds, sweep_cmds, trial_cmds  # noqa: E402,F401
 
 def main() -> None:
     """Console-script entry: every user mistake (a bad file or value, or a mistyped command line) is one
-    `error:` message and exit 2, never a traceback. SIGTERM and SIGHUP stop it as Ctrl-C does."""
+    `error:` message and exit 2, never a traceback; so is an MLflow server that refuses a request (exit 2)
+    or stops answering mid-command (exit 3). SIGTERM and SIGHUP stop it as Ctrl-C does."""
     stop_like_ctrl_c()
     command = tidy_help(typer.main.get_command(app))
     if not console.is_terminal or console.no_color:  # piped or NO_COLOR: Ray's lines uncoloured too
@@ -59,6 +61,11 @@ def main() -> None:
     except typer.Abort:  # click's KeyboardInterrupt
         code = interrupted_exit_code()
     except Exception as err:
+        failed = None if is_usage_error(err) else failed_request(err)
+        if failed is not None:  # the MLflow server refused or stopped answering mid-command
+            code, problem = failed
+            print_user_error(UserError(problem))
+            sys.exit(code)
         if not is_usage_error(err):
             raise
         if type(err).__name__ == "NoArgsIsHelpError":  # `sweep` alone, or a command without its arguments

@@ -28,6 +28,7 @@ from sweep.mlflow_runs import content, identity
 from sweep.mlflow_runs.writer import LiveWriter, Row, RunWriter, sha
 from sweep.space import MODEL_KEY, trial_config
 from sweep.store import TrialRecord
+from sweep.tracking_probe import TrackingRefused
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,10 @@ class MlflowSweepCallback(LiveCallback):
     def setup(self, **info: Any) -> None:
         self._setup_ms = content.now_ms()  # the run may be made later: MLflow still booting
         self.live.submit(self._parent, "the sweep's parent run")
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.live.refused is not None:  # out of Tune's loop: the sweep stops, Tune's state is kept
+            raise TrackingRefused(self.tracking_uri, self.spec, self.live.refused)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tid = trial.trial_id

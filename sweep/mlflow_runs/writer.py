@@ -102,6 +102,28 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, ConnectionError | TimeoutError)
 
 
+REFUSED_STATUSES = (401, 403)  # credentials not accepted, or this user may not write there
+
+
+def refusal_status(err: BaseException) -> int | None:
+    """401 or 403 when MLflow refused the request for who made it: not an outage (waiting does not help) and
+    not one bad value (every later write is refused too)."""
+    status: int | None = None
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+    else:
+        response = getattr(err, "response", None)  # requests.HTTPError (artifact uploads)
+        status = getattr(response, "status_code", None)
+    return status if status in REFUSED_STATUSES else None
+
+
+def said(err: BaseException) -> str:
+    """What the server answered (MLflow's client words it "... Response body: '...'")."""
+    text = str(err)
+    body = text.partition("Response body: ")[2].strip().strip("'\"") if "Response body: " in text else text
+    return (body.splitlines() or [type(err).__name__])[0][:200]
+
+
 def sha(text: str | bytes) -> str:
     return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:16]
 
@@ -305,7 +327,8 @@ class LiveWriter:
     While the server does not answer, ops wait (the oldest first) and are retried with a back-off
     (`retry_after_s` doubling to `max_retry_after_s`). Beyond `max_pending` waiting ops the oldest
     metric ops are dropped and counted (`unsent_reports`): `sweep sync` backfills them from the sweep's
-    records. A permanent failure (4xx) skips its op with a warning.
+    records. A permanent failure (4xx) skips its op with a warning, except a refusal of who is asking (401,
+    403): the first is kept in `refused`, for the sweep to stop on (nothing of it would reach MLflow).
     """
 
     def __init__(self, writer: RunWriter, *, retry_after_s: float = 2.0, max_retry_after_s: float = 30.0,
@@ -321,6 +344,7 @@ class LiveWriter:
         self._closed = False
         self._down_since: float | None = None
         self._thread: threading.Thread | None = None
+        self.refused: str | None = None  # the first op refused with 401/403, and why
 
     @property
     def unsent_reports(self) -> int:
@@ -419,7 +443,11 @@ class LiveWriter:
                         self._cond.wait(backoff)
                     backoff = min(backoff * 2, self.max_retry_after_s)
                     continue
-                log.warning("MLflow rejected %s; skipped: %s", op.what, str(err).splitlines()[0][:300])
+                status = refusal_status(err)
+                if status is None:
+                    log.warning("MLflow rejected %s; skipped: %s", op.what, str(err).splitlines()[0][:300])
+                elif self.refused is None:  # the sweep's callback stops the sweep with this (exit 2)
+                    self.refused = f"HTTP {status} for {op.what}: {said(err)}"
             if self._down_since is not None:
                 log.warning("MLflow at %s answers again", self.writer.tracking_uri)
                 self._down_since = None
