@@ -49,9 +49,9 @@ def _events() -> list[events.Event]:
     ]
 
 
-def _console(terminal: bool) -> tuple[Console, io.StringIO]:
+def _console(terminal: bool, width: int = 80) -> tuple[Console, io.StringIO]:
     out = io.StringIO()
-    return Console(file=out, width=80, force_terminal=terminal, color_system=None, highlight=False), out
+    return Console(file=out, width=width, force_terminal=terminal, color_system=None, highlight=False), out
 
 
 def test_piped_view_prints_one_plain_line_per_event():
@@ -93,6 +93,26 @@ def test_terminal_view_updates_one_display_in_place_at_80_columns():
     assert "started  " not in text  # running trials are in the display, not in the scrollback
     assert text.count("stopped early") == 1 and "lr=0.001" in text and "new best" in text
     assert view._live is None  # SweepEnded closed the display
+
+
+def test_trial_end_lines_in_a_narrow_terminal_break_between_fields_not_inside_them():
+    """At 56 columns `done  fw_lstm ID  val_accuracy 0.9700  epoch 6/6` does not fit: it broke at the last
+    space that did, `epoch` at the end of one line and `6/6` alone on the next (`new` / `best` alike)."""
+    console, _ = _console(terminal=True, width=56)
+    printed, out = _console(terminal=False, width=56)  # what the view prints above its display, as laid out
+    with SweepView(console) as view:
+        view._line = lambda markup: printed.print(markup, highlight=False)  # noqa: SLF001
+        for event in _events():
+            view(event)
+    lines = [line.rstrip() for line in out.getvalue().splitlines()]
+    assert all(len(line) <= 56 for line in lines), lines
+    for field in ("stopped early", "lstm bbbb0002", "val_accuracy 0.2200", "epoch 1/6", "by ASHA",
+                  "epoch 6/6", "lr=0.004322", "decay=0.9123", "new best", "RuntimeError: CUDA out of memory"):
+        assert any(field in line for line in lines), (field, lines)
+    done = next(i for i, line in enumerate(lines) if line.startswith("done"))
+    under = " " * 15  # under the model, as the parameters' line
+    assert lines[done + 1:done + 4] == [f"{under}epoch 6/6", f"{under}lr=0.004322 fast_lr=0.52 decay=0.9123",
+                                        f"{under}new best"], lines
 
 
 def test_trial_states_in_users_words():

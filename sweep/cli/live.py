@@ -33,6 +33,23 @@ def fmt_metric(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+ENDED_INDENT = 15  # a trial-end line's parameters, under its model (after `stopped early  `)
+
+
+def _packed(fields: list[tuple[str, str]], width: int, indent: int, lead: int = 0) -> str:
+    """(separator before it, markup) fields on lines of at most `width` cells: the first line indented by
+    `lead`, the others by `indent`. A line breaks between two fields, never inside one (`epoch` / `6/6`)."""
+    out, used = f"{'':{lead}}", lead
+    for i, (sep, item) in enumerate(fields):
+        cells = Text.from_markup(item).cell_len
+        if i and used + len(sep) + cells > width:
+            out, used = f"{out}\n{'':{indent}}{item}", indent + cells
+        else:
+            sep = sep if i else ""
+            out, used = f"{out}{sep}{item}", used + len(sep) + cells
+    return out
+
+
 @dataclass
 class _Running:
     model: str
@@ -127,13 +144,17 @@ class SweepView:
         style = STATE_STYLE.get(e.state, "")
         head = f"[{style}]{e.state:<13}[/]" if style else f"{e.state:<13}"
         value = f"{metric} {fmt_metric(e.value)}" if e.value is not None else "no result"
-        reason = f"  {escape(e.reason)}" if e.reason else ""
-        sep = f"\n{'':15}" if self.live_mode else "  "
+        first = [head, f"{e.model} {e.trial_id}", value, f"epoch {e.epochs}/{max_epochs}"]
+        first += [escape(e.reason)] if e.reason else []
+        best = ["[bold green]new best[/]"] if new_best else []
+        if self.live_mode:  # no field split across two lines, however narrow the terminal
+            params = [(" ", escape(f"{k}={fmt_value(v)}")) for k, v in e.params.items() if k != "model"]
+            width = self.console.width
+            return (f"{_packed([('  ', f) for f in first], width, ENDED_INDENT)}\n"
+                    f"{_packed(params + [('  ', b) for b in best], width, ENDED_INDENT, lead=ENDED_INDENT)}")
         c = self.state.counts
-        tally = f"  [dim][{c.done}/{c.total}][/]" if c and not self.live_mode else ""
-        best = "  [bold green]new best[/]" if new_best else ""
-        return (f"{head}  {e.model} {e.trial_id}  {value}  epoch {e.epochs}/{max_epochs}{reason}"
-                f"{sep}{escape(fmt_params(e.params))}{best}{tally}")
+        tally = [f"[dim][{c.done}/{c.total}][/]"] if c else []
+        return "  ".join([*first, escape(fmt_params(e.params)), *best, *tally])
 
     def _summary_line(self) -> str:
         s = self.state
