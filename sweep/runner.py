@@ -681,15 +681,17 @@ def _run(spec: SweepSpec, resume: bool, tracking_url: str, store: SweepStore,
             if isinstance(callback, RayNodeWatch):
                 callback.stop()
         live_callbacks.unregister(callbacks)
+    answering = None
     if tracker is not None:  # live logging ends before the reconcile, which then owns every write
         tracking.wait_ready(tracking_url, tracking.START_TIMEOUT_S)  # a sweep shorter than the server's boot
-        unsent = tracker.close()
+        answering = tracking.answers_within(tracking_url, tracking.END_PROBE_S)
+        unsent = tracker.close(timeout_s=30.0 if answering else 2.0)
     with storage_faults(spec, store):
         records = store.load_trials(spec)
         best = export.best_trials(records, spec.metric.name, spec.metric.mode, k=1)
         exported = export.write_exports(spec.name, records=records, storage=store.storage.uri) if best else []
     writer = tracker.settled_writer() if tracker is not None else None
-    mlflow_url, behind = sync_after(spec, tracking_url, store, records, unsent, writer)
+    mlflow_url, behind = sync_after(spec, tracking_url, store, records, unsent, writer, answering)
     if behind is None:
         from sweep.tracking import sweep_link
 
@@ -789,23 +791,30 @@ def _end_held_driver(spec: SweepSpec, tracking_url: str, store: SweepStore, trac
 
 
 def sync_after(spec: SweepSpec, tracking_url: str, store: SweepStore, records: list[Any] | None = None,
-               unsent: int = 0, writer: Any = None) -> tuple[str | None, TrackingBehind | None]:
+               unsent: int = 0, writer: Any = None, answering: bool | None = None
+               ) -> tuple[str | None, TrackingBehind | None]:
     """The reconcile that ends run/resume/compare: (parent run URL, None), or (None, what MLflow lacks)
     when the server does not answer (or refuses); the results stay in the sweep's records. `writer`: the
-    live logging's, once settled (what it sent need not be asked for again)."""
+    live logging's, once settled (what it sent need not be asked for again). `answering`: whether the server
+    answered `/health` just now (None: asked here); one that does not is not waited for."""
     import logging
 
+    from sweep import tracking
     from sweep.mlflow_runs.content import git_commit
     from sweep.mlflow_runs.reconcile import sync_sweep
 
     records = store.load_trials(spec) if records is None else records
-    try:
-        report = sync_sweep(store, tracking_url, spec=spec, records=records, writer=writer, git=git_commit())
-    except Exception as err:  # noqa: BLE001 - the sweep's results are safe on disk: say so, exit non-zero
-        logging.getLogger(__name__).debug("reconcile failed", exc_info=True)
-        from sweep.tracking import failing_reason
-
-        why = failing_reason(tracking_url)  # the local server cannot start: that, not the refused request
-        error = f"the local MLflow server cannot start: {why}" if why else str(err).splitlines()[0][:300]
-        return None, TrackingBehind(tracking_url, unsent, len(records), error)
-    return report.url, None
+    if answering is None:
+        answering = tracking.answers_within(tracking_url, tracking.END_PROBE_S)
+    failure = None
+    if answering:
+        try:
+            return sync_sweep(store, tracking_url, spec=spec, records=records, writer=writer,
+                              git=git_commit()).url, None
+        except Exception as err:  # noqa: BLE001 - the sweep's results are safe on disk: say so, exit non-zero
+            logging.getLogger(__name__).debug("reconcile failed", exc_info=True)
+            failure = str(err).splitlines()[0][:300]
+    why = tracking.failing_reason(tracking_url)  # the local server cannot start: that, not a refusal
+    error = (f"the local MLflow server cannot start: {why}" if why else failure
+             or f"no answer to GET /health for {tracking.END_PROBE_S:.0f} s")
+    return None, TrackingBehind(tracking_url, unsent, len(records), error)

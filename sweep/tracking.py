@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 3.0  # one /health probe of a given server
+END_PROBE_S = 10.0  # at a command's end, a server silent this long is not waited for (`answers_within`)
 STORE_OPEN_TIMEOUT_S = 30.0  # opening a given database store (sqlite creates its tables on first use)
 START_TIMEOUT_S = 180.0  # a fresh local server is healthy in 4-10 s when idle; 35-70 s measured at load 15
 WATCH_EVERY_S = 2.0  # the watchdog checks that the server's process lives this often (no request)
@@ -212,6 +213,19 @@ def is_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
         return err.code in HEALTHY
     except (OSError, ValueError):
         return False
+
+
+def answers_within(url: str, seconds: float) -> bool:
+    """Whether the server at `url` answers `/health` within `seconds` (asked every few seconds meanwhile).
+    For the end of a command: a server that hangs (stopped, a network that drops packets) would hold each
+    request of a reconcile for a minute of the client's retries; this says so in seconds."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if is_healthy(url, timeout=min(HEALTH_TIMEOUT_S, max(deadline - time.monotonic(), 0.5))):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
 
 
 _readiness: dict[str, threading.Event] = {}  # url -> set while this process knows it to answer

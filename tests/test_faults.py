@@ -495,6 +495,49 @@ def test_tracking_server_outage_loses_no_metric(own_mlflow: MlflowServer, home: 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_hung_tracking_server_is_not_waited_for_at_the_end(own_mlflow: MlflowServer, home: Path,
+                                                              tmp_path: Path) -> None:
+    """The server's processes stopped (SIGSTOP: it accepts connections and never answers, as behind a
+    network that drops packets) mid-sweep: the sweep ends soon after its trials, exit 3 with the `sweep
+    sync` to run. Before, its end waited ~95 s on one request's retries (15 s timeouts, 3 retries) after the
+    last trial; then `sweep sync` with the server back makes MLflow level."""
+    import psutil
+
+    name, epochs = "faults-hung", 3
+    spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2},
+                      train={"epochs": epochs})
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    hold = faults / testing_faults.HOLD_FILE
+    hold.touch()
+    run = SweepProcess(["run", str(spec), "--tracking-uri", own_mlflow.url], home,
+                       {"FWSWEEP_FAULT": f"hold@{epochs}", "FWSWEEP_FAULT_STATE": str(faults)})
+    server = psutil.Process(own_mlflow.pid)
+    tree = [server, *server.children(recursive=True)]
+    try:
+        wait_until(lambda: any(logged_steps(own_mlflow.url, name).values()) or run.proc.poll() is not None,
+                   150, "a first metric in MLflow")
+        assert run.proc.poll() is None, run.output()[-3000:]
+        for proc in tree:
+            proc.suspend()
+        hold.unlink()
+        released = time.monotonic()
+        assert run.wait(120) == 3, run.output()[-4000:]
+        ended_s = time.monotonic() - released
+    finally:
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                proc.resume()
+    assert ended_s < 60, f"the sweep's end waited {ended_s:.0f} s on a hung server"
+    out = run.output()
+    assert "no answer to GET /health for 10 s" in out and f"sweep sync {name}" in out, out[-3000:]
+    run_to_end(["sync", name, "--tracking-uri", own_mlflow.url], home)
+    assert logged_steps(own_mlflow.url, name) == {tid: epoch_steps(epochs) for tid in tune_trials(home, name)}
+    print(f"ended {ended_s:.0f} s after the last epoch was released")
+
+
+@pytest.mark.slow
 def test_unreachable_tracking_server_refuses_to_start(home: Path, tmp_path: Path) -> None:
     """An explicit tracking URI nobody answers: exit 2 before Ray starts or anything is written."""
     spec = write_spec(tmp_path, "faults-nosrv")
