@@ -163,6 +163,14 @@ def test_help_names_placeholders_in_words(command: str, monkeypatch, capsys) -> 
         assert python_type not in output, f"{python_type} in `sweep {command} -h`:\n{output}"
 
 
+def test_help_text_wraps_at_the_terminal_not_at_the_docstrings_line_breaks(monkeypatch, capsys) -> None:
+    """`resume`'s docstring breaks after "finished trials": the help showed that break at any width."""
+    code, output = run_cli_in_process(["resume", "--help"], monkeypatch, capsys)  # 200 columns
+    assert code == 0 and "storage): finished trials are kept, unfinished ones go on" in output, output
+    code, output = run_cli_in_process(["--help"], monkeypatch, capsys)
+    assert code == 0 and "finished trials are kept" in output, output
+
+
 @pytest.mark.parametrize(("command", "choices"), [
     ("export", "yaml|json"), ("train", "fw_lstm|fw_rnn|ln_lstm|lstm"), ("train", "art|mart"),
     ("train", "auto|cpu|cuda")])

@@ -59,8 +59,10 @@ def _hint(text: str) -> str:
 def tidy_help(command: Any) -> Any:
     """Help placeholders in words: an argument shows its metavar (SPEC) without a Python type beside it
     (`<path>`), a flag (`--help` too) shows nothing rather than `<bool>`, and a required argument reads
-    `SPEC`, not `{SPEC}`."""
+    `SPEC`, not `{SPEC}`; a command's help text wraps at the terminal's width, not at its docstring's."""
     for cmd in [command, *getattr(command, "commands", {}).values()]:
+        if cmd.help:  # a docstring's line breaks are its source's, not the terminal's: paragraphs rewrap
+            cmd.help = "\n\n".join(" ".join(part.split()) for part in cmd.help.strip().split("\n\n"))
         for param in cmd.params:
             _tidy_param(param)
         make_help = cmd.get_help_option
