@@ -61,9 +61,11 @@ def check_name(value: str, what: str = "name") -> str:
 
 class Strict(BaseModel):
     """Unknown keys are errors: a typo must not silently fall back to a default. A yes/no value is not a
-    number (YAML reads `yes` as true, which pydantic would otherwise take as 1)."""
+    number (YAML reads `yes` as true, which pydantic would otherwise take as 1), and neither is NaN or
+    infinity (`.nan`, `inf`: a field without bounds took them, and a bounded one said "should be less than
+    or equal to 10" of a NaN)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

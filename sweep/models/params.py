@@ -15,7 +15,7 @@ from sweep.strict_numbers import refuse_yes_no
 class ModelParams(BaseModel):
     """Fields every model has. `name` picks the registry entry."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # as Strict
 
     @field_validator("*", mode="before")
     @classmethod
