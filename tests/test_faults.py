@@ -451,6 +451,25 @@ def logged_steps(url: str, name: str) -> dict[str, list[int]]:
         return {}
 
 
+def sweep_holding_its_last_epoch(url: str, name: str, epochs: int, faults: str, home: Path, tmp_path: Path
+                                 ) -> tuple[SweepProcess, Path]:
+    """`sweep run` of 2 tiny trials logging to `url`, their last epoch held back until the test deletes the
+    returned hold file, once a first metric is in MLflow; `faults`: more FWSWEEP_FAULT directives."""
+    spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2},
+                      train={"epochs": epochs})
+    state = tmp_path / "faults"
+    state.mkdir()
+    hold = state / testing_faults.HOLD_FILE
+    hold.touch()
+    directives = ";".join(d for d in (faults, f"hold@{epochs}") if d)
+    run = SweepProcess(["run", str(spec), "--tracking-uri", url], home,
+                       {"FWSWEEP_FAULT": directives, "FWSWEEP_FAULT_STATE": str(state)})
+    wait_until(lambda: any(logged_steps(url, name).values()) or run.proc.poll() is not None, 150,
+               "a first metric in MLflow")
+    assert run.proc.poll() is None, run.output()[-3000:]
+    return run, hold
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tracking_server_outage_loses_no_metric(own_mlflow: MlflowServer, home: Path, tmp_path: Path) -> None:
@@ -461,17 +480,7 @@ def test_tracking_server_outage_loses_no_metric(own_mlflow: MlflowServer, home: 
     # server is back, so the sweep is still running then however long a loaded machine takes to restart it
     # (under load the sweep had ended and given up on MLflow while the server was still booting).
     name, epochs, outage_s = "faults-mlflow", 16, 20  # epochs: room to train on during the outage
-    spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2},
-                      train={"epochs": epochs})
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    hold = faults / testing_faults.HOLD_FILE
-    hold.touch()
-    run = SweepProcess(["run", str(spec), "--tracking-uri", own_mlflow.url], home,
-                       {"FWSWEEP_FAULT": f"slow=3;hold@{epochs}", "FWSWEEP_FAULT_STATE": str(faults)})
-    wait_until(lambda: any(logged_steps(own_mlflow.url, name).values()) or run.proc.poll() is not None, 150,
-               "a first metric in MLflow")
-    assert run.proc.poll() is None, run.output()[-3000:]
+    run, hold = sweep_holding_its_last_epoch(own_mlflow.url, name, epochs, "slow=3", home, tmp_path)
     own_mlflow.stop()
     down_at = time.monotonic()
     rows_at_stop = {tid: len(rows) for tid, rows in trial_rows(home, name).items()}
@@ -505,20 +514,10 @@ def test_a_hung_tracking_server_is_not_waited_for_at_the_end(own_mlflow: MlflowS
     import psutil
 
     name, epochs = "faults-hung", 3
-    spec = write_spec(tmp_path, name, budget={"num_samples": 2, "max_concurrent": 2},
-                      train={"epochs": epochs})
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    hold = faults / testing_faults.HOLD_FILE
-    hold.touch()
-    run = SweepProcess(["run", str(spec), "--tracking-uri", own_mlflow.url], home,
-                       {"FWSWEEP_FAULT": f"hold@{epochs}", "FWSWEEP_FAULT_STATE": str(faults)})
     server = psutil.Process(own_mlflow.pid)
     tree = [server, *server.children(recursive=True)]
     try:
-        wait_until(lambda: any(logged_steps(own_mlflow.url, name).values()) or run.proc.poll() is not None,
-                   150, "a first metric in MLflow")
-        assert run.proc.poll() is None, run.output()[-3000:]
+        run, hold = sweep_holding_its_last_epoch(own_mlflow.url, name, epochs, "", home, tmp_path)
         for proc in tree:
             proc.suspend()
         hold.unlink()
